@@ -1,0 +1,40 @@
+# The two commands a newcomer types (README): `make demo` runs the main job, `make test` the tests.
+# Each sets everything up itself: a .venv, a CPU torch if none is there, the build tools and an
+# editable install whose CMake build dir (build/) persists, so rebuilds are incremental.
+PY      ?= python3
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+PIP     := $(PYTHON) -m pip
+# On this project's machines torch==2.13.0 is a local CPU wheel. Elsewhere, to avoid a multi-GB
+# CUDA download, add: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: demo test bench build clean
+
+demo: bench
+
+test: $(VENV)/.built
+	$(PYTHON) -m pytest -q
+
+bench: $(VENV)/.built
+	$(PYTHON) benchmarks/bench_ops.py
+
+build: $(VENV)/.built
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+
+# torch is installed only when the venv has none, so a user's own (e.g. CUDA) torch is kept.
+$(VENV)/.deps: $(PYTHON)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.18"
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf build $(VENV)
