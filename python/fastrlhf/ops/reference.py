@@ -28,3 +28,170 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
     returns = advantages + values
     zero = torch.zeros((), dtype=rewards.dtype)
     return torch.where(mask, advantages, zero), torch.where(mask, returns, zero)
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    """float64 stays float64; every other float type is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def attention_mask(Tq: int, Tk: int, segment_ids: Tensor | None, device: torch.device) -> Tensor:
+    """(Tq, Tk) or (B, Tq, Tk) bool: query i sits at position p = i + Tk - Tq and sees key j iff
+    j <= p and, with segment_ids (B, Tk), segment_ids[b, j] == segment_ids[b, p]."""
+    pos = torch.arange(Tq, device=device) + (Tk - Tq)  # (Tq,)
+    allowed = torch.arange(Tk, device=device)[None, :] <= pos[:, None]  # (Tq, Tk)
+    if segment_ids is None:
+        return allowed
+    seg_q = segment_ids[:, Tk - Tq :]  # (B, Tq)
+    return allowed[None] & (seg_q[:, :, None] == segment_ids[:, None, :])  # (B, Tq, Tk)
+
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, segment_ids: Tensor | None = None
+) -> Tensor:
+    """softmax(q k^T * scale + mask) v with grouped-query heads; q (B, H, Tq, D), k, v (B, Hkv, Tk, D)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    dt = _math_dtype(q)
+    k = k.to(dt).repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
+    v = v.to(dt).repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
+    scores = (q.to(dt) @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    allowed = attention_mask(Tq, Tk, segment_ids, q.device)
+    allowed = allowed[:, None] if allowed.dim() == 3 else allowed  # (B, 1, Tq, Tk) or (Tq, Tk)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)  # (B, H, Tq, D)
+
+
+def _per_row(x: float | int | Tensor, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device=device, dtype=dtype).expand(B)
+    return torch.full((B,), x, dtype=dtype, device=device)
+
+
+def sample_filter(
+    logits: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    top_k: int | Tensor = 0,
+    top_p: float | Tensor = 1.0,
+    min_p: float | Tensor = 0.0,
+) -> Tensor:
+    """(B, V) log-probs of the distribution `sample` draws from; -inf outside the allowed set.
+
+    Filters apply in this order, each keeping ties: temperature; top_k (keep tokens whose scaled logit
+    is >= the k-th largest; 0 = off); top_p over the top-k survivors renormalised (keep token i iff the
+    mass of survivors strictly more likely than i is < top_p; 1 = off); min_p (keep p_i >= min_p * p_max;
+    0 = off). A row with temperature 0 puts all mass on its first argmax.
+    """
+    B, V = logits.shape
+    dev = logits.device
+    temp = _per_row(temperature, B, torch.float64, dev)
+    k = _per_row(top_k, B, torch.int64, dev)
+    p = _per_row(top_p, B, torch.float64, dev)
+    mp = _per_row(min_p, B, torch.float64, dev)
+    x = logits.double()
+    scaled = x / torch.where(temp > 0, temp, 1.0)[:, None]  # (B, V)
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    kth = torch.sort(scaled, dim=1, descending=True).values.gather(1, (k.clamp(1, V) - 1)[:, None])  # (B, 1)
+    keep &= torch.where((k > 0)[:, None], scaled >= kth, True)
+    probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=1)  # (B, V) top-k renormalised
+    # mass of tokens strictly more likely than each token
+    above = (probs[:, None, :] * (probs[:, None, :] > probs[:, :, None])).sum(-1) if V <= 4096 else None
+    if above is None:  # same quantity without a (B, V, V) temporary
+        sp, idx = torch.sort(probs, dim=1, descending=True)
+        csum = torch.cumsum(sp, dim=1) - sp
+        # ties: the first of a run of equal probabilities carries the mass strictly above the run
+        first = torch.searchsorted(-sp, -sp, right=False)
+        above = torch.empty_like(probs).scatter_(1, idx, csum.gather(1, first))
+    keep &= torch.where((p < 1)[:, None], above < p[:, None], True)
+    keep &= probs >= mp[:, None] * probs.amax(dim=1, keepdim=True)
+    out = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=1)
+    greedy = torch.full_like(out, float("-inf")).scatter_(1, x.argmax(dim=1, keepdim=True), 0.0)
+    return torch.where((temp == 0)[:, None], greedy, out)
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    top_k: int | Tensor = 0,
+    top_p: float | Tensor = 1.0,
+    min_p: float | Tensor = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """tokens (B,) int64 drawn from sample_filter's distribution, and logprobs (B,) float32: the log-prob
+    of each token under the *unfiltered* softmax(logits / temperature) (temperature 1 for greedy rows)."""
+    B = logits.shape[0]
+    filtered = sample_filter(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    tokens = torch.multinomial(filtered.exp(), 1, generator=generator).squeeze(1)  # (B,)
+    temp = _per_row(temperature, B, torch.float64, logits.device)
+    scaled = logits.double() / torch.where(temp > 0, temp, 1.0)[:, None]
+    logprobs = torch.log_softmax(scaled, dim=1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs.float()
+
+
+def token_logprobs(
+    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log softmax(logits / temperature)[target] over the last dim, and that distribution's entropy."""
+    logp = torch.log_softmax(logits.to(_math_dtype(logits)) / temperature, dim=-1)  # (..., V)
+    out = logp.gather(-1, targets[..., None]).squeeze(-1).to(logits.dtype)  # (...)
+    if not return_entropy:
+        return out
+    entropy = -(logp.exp() * logp).sum(-1)  # (...)
+    return out, entropy.to(logits.dtype)
+
+
+PPO_STATS = ("pg_loss", "v_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "entropy")
+
+
+def ppo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip_range: float = 0.2,
+    clip_range_value: float = 0.2,
+    vf_coef: float = 0.1,
+    entropy: Tensor | None = None,
+    ent_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate + clipped value loss (arXiv 1707.06347; TRL/lm-human-preferences form), masked
+    token means over (B, T). loss = pg_loss + vf_coef * v_loss - ent_coef * mean(entropy)."""
+    dt = _math_dtype(logprobs)
+    m = mask.to(dt)
+    n = m.sum().clamp(min=1)
+
+    def masked_mean(x: Tensor) -> Tensor:
+        return (x.to(dt) * m).sum() / n
+
+    log_ratio = logprobs.to(dt) - old_logprobs.to(dt)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(dt)
+    pg_losses = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    pg_loss = masked_mean(torch.maximum(pg_losses, pg_losses2))
+    vals, old_vals, ret = values.to(dt), old_values.to(dt), returns.to(dt)
+    v_clipped = old_vals + torch.clamp(vals - old_vals, -clip_range_value, clip_range_value)
+    vf_losses1, vf_losses2 = (vals - ret) ** 2, (v_clipped - ret) ** 2
+    v_loss = 0.5 * masked_mean(torch.maximum(vf_losses1, vf_losses2))
+    ent = masked_mean(entropy) if entropy is not None else torch.zeros((), dtype=dt)
+    loss = pg_loss + vf_coef * v_loss - ent_coef * ent
+    with torch.no_grad():
+        live = mask.bool()
+        stats = {
+            "pg_loss": pg_loss.detach(),
+            "v_loss": v_loss.detach(),
+            "clipfrac": masked_mean((pg_losses2 > pg_losses).to(dt)),
+            "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).to(dt)),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio),  # k3, http://joschu.net/blog/kl-approx.html
+            "ratio_mean": masked_mean(ratio),
+            "ratio_max": ratio[live].max() if live.any() else torch.zeros((), dtype=dt),
+            "entropy": ent.detach(),
+        }
+    return loss.to(logprobs.dtype), stats
