@@ -20,18 +20,18 @@ from typing import Any
 
 __all__ = [
     "FormatError",
-    "SFTExample",
-    "Ranking",
-    "ranking_problem",
-    "iter_sft",
-    "read_sft",
-    "write_sft",
-    "iter_rankings",
-    "numbered_rankings",
-    "read_rankings",
-    "write_rankings",
     "JsonlAppender",
+    "Ranking",
     "RankingLog",
+    "SFTExample",
+    "iter_rankings",
+    "iter_sft",
+    "numbered_rankings",
+    "ranking_problem",
+    "read_rankings",
+    "read_sft",
+    "write_rankings",
+    "write_sft",
 ]
 
 PathLike = str | os.PathLike
@@ -76,7 +76,7 @@ class SFTExample:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.response, str):
-            raise ValueError("prompt and response must be strings")
+            raise TypeError("prompt and response must be strings")
         if _empty(self.response):
             raise ValueError("response is empty")
 
@@ -94,7 +94,7 @@ class Ranking:
         object.__setattr__(self, "responses", tuple(self.responses))
         object.__setattr__(self, "ranking", tuple(self.ranking))
         if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string; got {type(self.prompt).__name__}")
+            raise TypeError(f"prompt must be a string; got {type(self.prompt).__name__}")
         problem = ranking_problem(self.responses, self.ranking)
         if problem:
             raise ValueError(problem)
@@ -135,7 +135,9 @@ def _iter_objects(path: PathLike) -> Iterator[tuple[int, int, bytes, dict[str, A
             yield lineno, start, raw, obj
 
 
-def _check_fields(path: PathLike, lineno: int, obj: dict[str, Any], fields: dict[str, type], what: str) -> None:
+def _check_fields(
+    path: PathLike, lineno: int, obj: dict[str, Any], fields: dict[str, type], what: str
+) -> None:
     missing = [k for k in fields if k not in obj]
     extra = sorted(k for k in obj if k not in fields)
     expected = ", ".join(fields)
@@ -206,8 +208,7 @@ def _line(obj: dict[str, Any]) -> bytes:
 def _write_all(path: PathLike, objs: Iterable[dict[str, Any]]) -> None:
     tmp = Path(f"{os.fspath(path)}.tmp")
     with open(tmp, "wb") as f:
-        for obj in objs:
-            f.write(_line(obj))
+        f.writelines(_line(obj) for obj in objs)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # all or nothing: a reader never sees half a file
