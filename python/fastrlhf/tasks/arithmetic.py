@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from fastrlhf.data.formats import SFTExample
 
 __all__ = [
-    "OPS",
     "HELDOUT_EVERY",
-    "Problem",
+    "OPS",
     "ArithmeticTask",
+    "Problem",
     "make_problems",
     "parse_answer",
     "parse_problem",
