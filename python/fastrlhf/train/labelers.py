@@ -171,9 +171,6 @@ def parse_typed_ranking(text: str, k: int) -> list[int]:
     return ranking
 
 
-HELP = "Type the answer numbers best first (e.g. '{ex}' or '{compact}'), Enter.  u = undo previous prompt, q = save and quit"
-
-
 def _printable(text: str) -> str:
     # model output may hold escape sequences: show them, never let them drive the terminal
     return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
@@ -206,10 +203,10 @@ class TerminalLabeler(Labeler):
         w(f"=== prompt ===\n{_printable(prompt)}\n=== {len(responses)} answers ===\n")
         for i, r in enumerate(responses, start=1):
             w(f"[{i}] " + _printable(r).replace("\n", "\n    ") + "\n")
-        k = len(responses)
-        order = [2, 1, *range(3, k + 1)]
-        compact = "".join(map(str, order)) if k <= 9 else " ".join(map(str, order))
-        w(HELP.format(ex=" ".join(map(str, order)), compact=compact) + "\n")
+        order = [str(i) for i in [2, 1, *range(3, len(responses) + 1)]]
+        example = f"'{' '.join(order)}'" + (f" or '{''.join(order)}'" if len(order) <= 9 else "")
+        w(f"Type the answer numbers best first, e.g. {example}, then Enter.\n")
+        w("u = undo the previous prompt, q = save and quit\n")
         if error:
             w(f"! {error}\n")
         w("> ")
