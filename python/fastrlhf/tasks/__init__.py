@@ -1,0 +1,1 @@
+"""Built-in tasks: prompts, demonstrations and held-out splits with a scripted labeler."""

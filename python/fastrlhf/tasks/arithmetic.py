@@ -1,0 +1,161 @@
+"""The arithmetic task: seeded synthetic problems ("What is 37+45?" -> "82"), exactly checkable.
+
+The problem space (every operator x every pair of operands with the allowed digit counts) is numbered
+0..N-1 and permuted by a fixed affine bijection; every HELDOUT_EVERY-th position of that permutation is
+held out. The split depends on the space alone, never on a seed, so train and held-out never overlap
+whatever seeds draw from them, and sampling without replacement is O(n) even when N is in the millions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+from fastrlhf.data.formats import SFTExample
+
+__all__ = [
+    "HELDOUT_EVERY",
+    "OPS",
+    "ArithmeticTask",
+    "Problem",
+    "make_problems",
+    "parse_answer",
+    "parse_problem",
+]
+
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+HELDOUT_EVERY = 10
+_MIX = 1_000_003  # multiplier of the bijection; bumped until coprime with N, which makes it one
+_PROBLEM = re.compile(r"What is (\d+)([+\-*])(\d+)\?")
+_ANSWER = re.compile(r"[-+]?\d{1,64}")  # 64 digits bounds int() work on junk
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str
+    b: int
+
+    @property
+    def value(self) -> int:
+        return OPS[self.op](self.a, self.b)
+
+    @property
+    def prompt(self) -> str:
+        return f"What is {self.a}{self.op}{self.b}?"
+
+    @property
+    def answer(self) -> str:
+        return str(self.value)
+
+
+def parse_problem(prompt: str) -> Problem:
+    """The problem a prompt states; ValueError naming the prompt when it is not one of ours."""
+    m = _PROBLEM.fullmatch(prompt.strip())
+    if not m:
+        raise ValueError(f"not an arithmetic prompt (expected e.g. 'What is 37+45?'); got {prompt!r}")
+    return Problem(int(m.group(1)), m.group(2), int(m.group(3)))
+
+
+def parse_answer(response: str) -> int | None:
+    """The integer a response gives as its first line, or None when that line is not just an integer
+    ("82", " -4 ", "82\\nWhat is..." parse; "eighty-two", "82 apples", "" do not)."""
+    lines = response.strip().splitlines()
+    m = _ANSWER.fullmatch(lines[0].strip()) if lines else None
+    return int(m.group()) if m else None
+
+
+def _check(ops: tuple[str, ...], digits: tuple[int, ...]) -> None:
+    if not ops or any(op not in OPS for op in ops) or len(set(ops)) != len(ops):
+        raise ValueError(f"ops must be distinct operators from {sorted(OPS)}; got {ops!r}")
+    bad_digit = any(isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 6 for d in digits)
+    if not digits or bad_digit or len(set(digits)) != len(digits):
+        raise ValueError(f"digits must be distinct digit counts in 1..6; got {digits!r}")
+
+
+class _Space:
+    """Problems numbered 0..N-1: index = (op * M + a_index) * M + b_index over M operand values."""
+
+    def __init__(self, ops: tuple[str, ...], digits: tuple[int, ...]) -> None:
+        _check(ops, digits)
+        self.ops = ops
+        # operand ranges: 1 digit is 0..9, d digits is 10^(d-1)..10^d - 1
+        self.ranges = [range(0 if d == 1 else 10 ** (d - 1), 10**d) for d in sorted(digits)]
+        self.m = sum(len(r) for r in self.ranges)
+        self.n = len(ops) * self.m * self.m
+        self.mix = _MIX
+        while math.gcd(self.mix, self.n) != 1:
+            self.mix += 2
+        self.n_heldout = -(-self.n // HELDOUT_EVERY)  # positions 0, 10, 20, ... < n
+
+    def operand(self, i: int) -> int:
+        for r in self.ranges:
+            if i < len(r):
+                return r[i]
+            i -= len(r)
+        raise IndexError(i)
+
+    def problem(self, position: int) -> Problem:
+        index = (position * self.mix + 12345) % self.n  # the fixed bijection
+        op, rest = divmod(index, self.m * self.m)
+        return Problem(self.operand(rest // self.m), self.ops[op], self.operand(rest % self.m))
+
+    def position(self, split: str, j: int) -> int:
+        """The j-th position of a split: held-out takes multiples of HELDOUT_EVERY, train the rest."""
+        if split == "heldout":
+            return j * HELDOUT_EVERY
+        q, r = divmod(j, HELDOUT_EVERY - 1)
+        return q * HELDOUT_EVERY + r + 1
+
+    def size(self, split: str) -> int:
+        return self.n_heldout if split == "heldout" else self.n - self.n_heldout
+
+
+def make_problems(
+    n: int,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    ops: tuple[str, ...] = ("+", "-", "*"),
+    digits: tuple[int, ...] = (1, 2),
+) -> list[Problem]:
+    """n distinct problems of one split ("train" or "heldout"), the same for the same arguments."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout'; got {split!r}")
+    space = _Space(tuple(ops), tuple(digits))
+    size = space.size(split)
+    if not 0 <= n <= size:
+        raise ValueError(f"n must be in 0..{size} (the {split} split of ops={ops}, digits={digits}); got {n}")
+    rng = random.Random(f"arithmetic/{seed}/{split}")  # str seeds hash the same in every process
+    return [space.problem(space.position(split, j)) for j in rng.sample(range(size), n)]
+
+
+@dataclass
+class ArithmeticTask:
+    """Train prompts + demonstrations and held-out prompts; ranked by the `arithmetic` labeler."""
+
+    n_train: int = 2000
+    """number of train problems (prompts and SFT demonstrations)"""
+    n_heldout: int = 200
+    """number of held-out problems (evaluation prompts)"""
+    seed: int = 0
+    """which problems are drawn (the split itself does not depend on it)"""
+    ops: tuple[str, ...] = ("+", "-", "*")
+    """operators used"""
+    digits: tuple[int, ...] = (1, 2)
+    """allowed digit counts of each operand"""
+
+    name = "arithmetic"
+    labeler = "arithmetic"
+
+    def problems(self, split: str) -> list[Problem]:
+        n = self.n_heldout if split == "heldout" else self.n_train
+        return make_problems(n, seed=self.seed, split=split, ops=self.ops, digits=self.digits)
+
+    def prompts(self, split: str) -> list[str]:
+        return [p.prompt for p in self.problems(split)]
+
+    def demonstrations(self) -> list[SFTExample]:
+        return [SFTExample(p.prompt, p.answer) for p in self.problems("train")]

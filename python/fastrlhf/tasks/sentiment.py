@@ -1,0 +1,101 @@
+"""The sentiment task: continue the opening of a Shakespeare line positively.
+
+Prompts are the first few words of corpus lines; SFT demonstrations are the corpus's own continuations
+of train prompts that the SentimentLabeler (VADER) scores positive; the labeler ranks sampled
+continuations by the same score. The corpus loader lives elsewhere: this module takes lines.
+A prompt is held out when the CRC-32 of its text is divisible by HELDOUT_EVERY, so the split depends on
+the text alone (not on corpus order or a seed), and every line sharing an opening lands on the same side.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from fastrlhf.data.formats import SFTExample
+
+__all__ = ["HELDOUT_EVERY", "SentimentTask", "make_sentiment_task", "split_line"]
+
+HELDOUT_EVERY = 10
+
+
+def split_line(line: str, prompt_words: int, min_response_words: int = 1) -> tuple[str, str] | None:
+    """(first prompt_words words, the rest with its leading space), whitespace collapsed, or None when
+    the line has fewer than prompt_words + min_response_words words."""
+    words = line.split()
+    if len(words) < prompt_words + min_response_words:
+        return None
+    # the response starts with the space, so prompt + response is the line and generation continues it
+    return " ".join(words[:prompt_words]), " " + " ".join(words[prompt_words:])
+
+
+def _held_out(prompt: str) -> bool:
+    return zlib.crc32(prompt.encode("utf-8")) % HELDOUT_EVERY == 0
+
+
+@dataclass(frozen=True)
+class SentimentTask:
+    """Train/held-out prompts and positive demonstrations; ranked by the `sentiment` labeler."""
+
+    train_prompts: tuple[str, ...]
+    heldout_prompts: tuple[str, ...]
+    demos: tuple[SFTExample, ...]
+
+    name = "sentiment"
+    labeler = "sentiment"
+
+    def prompts(self, split: str) -> list[str]:
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout'; got {split!r}")
+        return list(self.train_prompts if split == "train" else self.heldout_prompts)
+
+    def demonstrations(self) -> list[SFTExample]:
+        return list(self.demos)
+
+
+def make_sentiment_task(
+    lines: Iterable[str],
+    *,
+    prompt_words: int = 4,
+    min_response_words: int = 2,
+    threshold: float = 0.05,
+    score: Callable[[str], float] | None = None,
+) -> SentimentTask:
+    """Build the task from corpus lines. Prompts are distinct openings (first appearance order) of lines
+    with at least prompt_words + min_response_words words; a continuation is a demonstration when its
+    score (default: VADER compound) is >= threshold (0.05 is VADER's own positive cut-off)."""
+    if isinstance(lines, str):
+        raise TypeError("lines must be an iterable of corpus lines, not one string (use text.splitlines())")
+    if prompt_words < 1 or min_response_words < 1:
+        raise ValueError(
+            f"prompt_words and min_response_words must be >= 1; got {prompt_words}, {min_response_words}"
+        )
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [-1, 1] (VADER compound scale); got {threshold}")
+    if score is None:
+        from fastrlhf.train.labelers import SentimentLabeler  # imported here: labelers imports tasks
+
+        score = SentimentLabeler().score
+    splits: dict[str, list[str]] = {"train": [], "heldout": []}
+    seen: set[str] = set()
+    demos = []
+    n_lines = 0
+    for line in lines:
+        n_lines += 1
+        parts = split_line(line, prompt_words, min_response_words)
+        if parts is None:
+            continue
+        prompt, response = parts
+        heldout = _held_out(prompt)
+        if prompt not in seen:
+            seen.add(prompt)
+            splits["heldout" if heldout else "train"].append(prompt)
+        if not heldout and score(response) >= threshold:
+            demos.append(SFTExample(prompt, response))
+    if not splits["train"] or not splits["heldout"]:
+        raise ValueError(
+            f"the corpus gives {len(splits['train'])} train and {len(splits['heldout'])} held-out prompts from "
+            f"{n_lines} lines (a line needs >= {prompt_words + min_response_words} words); both must be non-empty"
+        )
+    return SentimentTask(tuple(splits["train"]), tuple(splits["heldout"]), tuple(demos))

@@ -1,0 +1,1 @@
+"""Trainers for each InstructGPT step, labelers and shared training helpers."""
