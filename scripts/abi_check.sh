@@ -4,7 +4,7 @@
 # machines). Usage: scripts/abi_check.sh [OTHER_VENV] [TORCH_SPEC]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-other=${1:-.venv-abi}
+other=$(realpath -m "${1:-.venv-abi}")
 spec=${2:-torch==2.14.1}
 make build
 rm -rf dist && .venv/bin/python -m pip wheel -q --no-build-isolation --no-deps -w dist .
@@ -14,5 +14,5 @@ rm -rf dist && .venv/bin/python -m pip wheel -q --no-build-isolation --no-deps -
 "$other/bin/python" -m pip install -q --force-reinstall --no-deps dist/fastrlhf-*.whl
 built=$(.venv/bin/python -c "import torch; print(torch.__version__)")
 # Run from outside the checkout so the installed wheel, not python/, is imported.
-cd tests && "../$other/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. ops \
-  && echo "ABI check: wheel built against torch $built passed the op tests with torch $("../$other/bin/python" -c 'import torch; print(torch.__version__)')"
+cd tests && "$other/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. ops \
+  && echo "ABI check: wheel built against torch $built passed the op tests with torch $("$other/bin/python" -c 'import torch; print(torch.__version__)')"
