@@ -184,3 +184,31 @@ def load_checkpoint(
             if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
     return meta
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder (whose `latest` is used)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} holds neither a checkpoint ({STATE_FILE}) nor a run ({LATEST})")
+    return latest
+
+
+def load_gpt(path: str | os.PathLike, name: str = "model"):
+    """(GPT, tokenizer or None) from a checkpoint or run folder written by a fastrlhf trainer."""
+    from fastrlhf.data import load_tokenizer
+    from fastrlhf.model import GPT, GPTConfig
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_state(ckpt)
+    try:
+        model_cfg = meta["state"]["config"]["model"]
+    except KeyError:
+        raise ValueError(f"{ckpt / STATE_FILE} records no model config (state.config.model)") from None
+    model = GPT(GPTConfig.from_dict(model_cfg))
+    model.load_weights(read_verified(ckpt, f"{name}.safetensors", meta), source=str(ckpt / f"{name}.safetensors"))
+    tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
+    return model.eval(), tok
