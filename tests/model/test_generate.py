@@ -39,7 +39,7 @@ def test_greedy_equals_argmax_without_cache(m):
 
 
 def test_seeded_runs_repeat_and_differ_across_seeds(m):
-    run = lambda s: generate(m, PROMPTS, 10, generator=torch.Generator().manual_seed(s)).responses  # noqa: E731
+    run = lambda s: generate(m, PROMPTS, 10, generator=torch.Generator().manual_seed(s)).responses
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
 

@@ -27,7 +27,7 @@ def full_run(data_dir, tmp_path_factory):
 
 
 def test_loss_falls_and_every_parameter_changes(full_run):
-    out, c, init, last = full_run
+    out, _, init, last = full_run
     log = read_jsonl(out / "log.jsonl")
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 16 and all(torch.isfinite(torch.tensor(losses)))
@@ -47,7 +47,7 @@ def test_resume_gives_identical_numbers(full_run, tmp_path):
                  "model.dropout=0.1"), quiet=True)
     want = [r for r in read_jsonl(out / "log.jsonl") if r["step"] > 8]
     got = read_jsonl(tmp_path / "log.jsonl")
-    key = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}  # noqa: E731
+    key = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}
     assert [key(r) for r in got] == [key(r) for r in want]
     a, b = ckpt.load_gpt(out)[0].weights(), ckpt.load_gpt(tmp_path)[0].weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -107,3 +107,9 @@ def test_bad_data_config(data_dir, tmp_path):
         pretrain(cfg(data_dir, tmp_path, "train.block_size=64"), quiet=True)
     with pytest.raises(FileNotFoundError, match="train.bin does not exist"):
         pretrain(cfg(tmp_path, tmp_path), quiet=True)
+
+
+def test_time_budget_stops_early_with_a_checkpoint(data_dir, tmp_path):
+    last = pretrain(cfg(data_dir, tmp_path, "train.max_steps=1000", "train.max_minutes=1e-6"), quiet=True)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_0000001"
+    assert "val_loss" in last and read_jsonl(tmp_path / "log.jsonl")[0]["step"] == 1

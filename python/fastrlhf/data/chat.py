@@ -33,4 +33,4 @@ def decode_response(tok: Tokenizer, ids: list[int]) -> str:
     if tok.eot_id in ids:
         ids = ids[: ids.index(tok.eot_id)]
     text = tok.decode(ids)
-    return text[1:] if text.startswith(" ") else text
+    return text.removeprefix(" ")

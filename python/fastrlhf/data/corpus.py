@@ -111,7 +111,7 @@ def prepare(docs: list[str], tok: Tokenizer, out: str | os.PathLike, val_fractio
     write_tokens(out / "train.bin", ids[:-n_val], tok.vocab_size)
     write_tokens(out / "val.bin", ids[-n_val:], tok.vocab_size)
     tok.save(out / "tokenizer")
-    meta = {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": int(len(ids)),
+    meta = {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": len(ids),
             "train_tokens": int(len(ids) - n_val), "val_tokens": n_val, "vocab_size": tok.vocab_size,
             "tokenizer": tok.kind}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -78,7 +78,7 @@ def gpt2_mergeable_ranks() -> dict[bytes, int]:
     """tiktoken's {token bytes: rank} built from encoder.json, cross-checked against the merges in vocab.bpe.
     Cached: building it takes about a second."""
     dec = _byte_decoder()
-    to_bytes = lambda s: bytes(dec[c] for c in s)  # noqa: E731
+    to_bytes = lambda s: bytes(dec[c] for c in s)
     encoder = json.loads(_gpt2_file("encoder.json"))
     ranks = {to_bytes(k): v for k, v in encoder.items() if k != EOT}
     merges = _gpt2_file("vocab.bpe").decode().split("\n")[1:-1]  # first line is a version comment

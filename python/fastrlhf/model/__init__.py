@@ -6,6 +6,13 @@ from fastrlhf.model.gpt import GPT, IGNORE_INDEX, KVCache, left_pad_layout
 from fastrlhf.model.heads import ScalarHeadModel, last_token_index
 
 __all__ = [
-    "GPT", "GPTConfig", "Generation", "IGNORE_INDEX", "KVCache", "ScalarHeadModel", "generate",
-    "last_token_index", "left_pad_layout",
+    "GPT",
+    "IGNORE_INDEX",
+    "GPTConfig",
+    "Generation",
+    "KVCache",
+    "ScalarHeadModel",
+    "generate",
+    "last_token_index",
+    "left_pad_layout",
 ]

@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastrlhf import ops
 from fastrlhf.model.config import GPTConfig

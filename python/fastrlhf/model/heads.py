@@ -5,8 +5,7 @@ replaced by a scalar projection; arXiv 2203.02155, section 3.5)."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastrlhf.model.config import GPTConfig
 from fastrlhf.model.gpt import GPT, TIED, load_checked

@@ -56,6 +56,8 @@ class TrainConfig:
     """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
+    max_minutes: float = 0.0
+    """Wall-clock budget for this invocation: stop early (evaluate, checkpoint) when spent; 0 = none."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
@@ -129,25 +131,31 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
 
     model.train()
     last: dict[str, float] = {}
-    t_log, tok_per_step = time.perf_counter(), t.batch_size * T * t.grad_accum
+    t_start, tok_per_step = time.perf_counter(), t.batch_size * T * t.grad_accum
+    deadline = time.perf_counter() + t.max_minutes * 60 if t.max_minutes > 0 else float("inf")
     while step < t.max_steps:
         lr = lr_at(step, cfg.optim, t.max_steps)
         loss, norm = optimizer_step(model, optimizer, micro_loss, t.grad_accum, lr, cfg.optim.grad_clip)
         step += 1
         rate = progress.update(tok_per_step, loss=loss)
         last["loss"] = loss
-        if step % t.log_interval == 0 or step == t.max_steps:
-            dt = time.perf_counter() - t_log
+        final = step == t.max_steps or time.perf_counter() > deadline
+        if final and step < t.max_steps:
+            say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
+        if step % t.log_interval == 0 or final:
+            dt = time.perf_counter() - t_start
             logger.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate, time_s=dt)
             say(f"step {step:>6}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm:.3f}  {rate:,.0f} tok/s")
-        if step % t.eval_interval == 0 or step == t.max_steps:
+        if step % t.eval_interval == 0 or final:
             last["val_loss"] = evaluate(model, val_tokens.tokens, t, T, device)
             logger.log(step=step, val_loss=last["val_loss"])
             say(f"step {step:>6}  val_loss {last['val_loss']:.4f}")
-        if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == t.max_steps:
+        if (t.ckpt_interval and step % t.ckpt_interval == 0) or final:
             ckpt.save_checkpoint(out, step, models={"model": model}, optimizers={"optim": optimizer},
                                  generators={"data": data_gen}, state={"config": to_dict(cfg)},
                                  tokenizer=tokenizer, keep=t.keep_checkpoints)
+        if final:
+            break
     progress.close()
     logger.close()
     return last
