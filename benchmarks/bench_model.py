@@ -5,14 +5,29 @@ in this process. Ratio = HF time / our time (higher is better)."""
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 import transformers
 
-from _common import median_ms, report
+from _common import report
 from fastrlhf.model import GPT, GPTConfig, generate
 from fastrlhf.model.hf import to_hf_model
 from fastrlhf.train.optim import OptimConfig, make_adamw
+
+
+def interleaved_ms(base: Callable[[], object], ours: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Median ms of each, timed alternately so that load from other processes hits both alike."""
+    base(), ours()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for fn, out in ((base, times[0]), (ours, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def train_rows(args) -> list[dict]:
@@ -37,8 +52,7 @@ def train_rows(args) -> list[dict]:
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
-    reps = max(3, args.reps // 2)
-    base, mine = median_ms(step_hf, reps=reps, warmup=1), median_ms(step_ours, reps=reps, warmup=1)
+    base, mine = interleaved_ms(step_hf, step_ours, args.reps)
     shape = f"L4 C256 B{B} T{T} V{cfg.vocab_size}"
     return [dict(op="train step", shape=shape, baseline="HF GPT2LMHeadModel sdpa", base_ms=base, ours_ms=mine,
                  goal=">= 1.3x", tokens_per_s_ours=B * T / mine * 1e3, tokens_per_s_hf=B * T / base * 1e3)]
@@ -66,8 +80,8 @@ def gen_rows(args) -> list[dict]:
     # fp32 summation order differs between the two models; a near-tie argmax may flip and then diverge
     assert match > 0.9, f"greedy tokens agree on only {match:.0%} of positions"
     sampling = dict(top_k=50, top_p=0.9)
-    base = median_ms(lambda: run_hf(do_sample=True, temperature=1.0, **sampling), reps=args.reps, warmup=1)
-    mine = median_ms(lambda: generate(ours, prompts, new, **sampling, generator=g), reps=args.reps, warmup=1)
+    base, mine = interleaved_ms(lambda: run_hf(do_sample=True, temperature=1.0, **sampling),
+                                lambda: generate(ours, prompts, new, **sampling, generator=g), args.reps)
     tokens = n_prompts * new
     return [dict(op="generate", shape=f"{n_prompts} prompts x {new} new, V{cfg.vocab_size}",
                  baseline="HF generate top-k/top-p", base_ms=base, ours_ms=mine, goal=">= 3x",
@@ -78,7 +92,7 @@ def gen_rows(args) -> list[dict]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions; the median is reported")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions; the median is reported")
     ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
     ap.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2: 50257)")
     ap.add_argument("--only", choices=("train", "generate"), help="run one of the two")

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from conftest import TINY, make_text
+from pretrain_helpers import TINY, make_text
 from fastrlhf.cli import main
 from fastrlhf.data import TokenFile
 

@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY
+from pretrain_helpers import TINY
 from fastrlhf.model import GPT
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train.config import load_config
