@@ -98,3 +98,14 @@ def test_bad_input(m, prompts, max_new, match):
 def test_bad_eos_id(m):
     with pytest.raises(ValueError, match=r"eos_token_id must be in \[0, 89\)"):
         generate(m, PROMPTS, 3, eos_token_id=89)
+
+
+@pytest.mark.gpu
+def test_generate_on_gpu_matches_rescoring(m):
+    gpu = GPT(CFG).eval().cuda()
+    gpu.load_weights(m.weights())
+    g = generate(gpu, PROMPTS, 8, top_k=10, generator=torch.Generator("cuda").manual_seed(0))
+    assert g.responses.is_cuda
+    torch.testing.assert_close(g.logprobs, rescore(gpu, g), atol=1e-4, rtol=1e-4)
+    assert torch.equal(generate(gpu, PROMPTS, 8, temperature=0.0).responses.cpu(),
+                       generate(m, PROMPTS, 8, temperature=0.0).responses)

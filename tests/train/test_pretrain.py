@@ -113,3 +113,11 @@ def test_time_budget_stops_early_with_a_checkpoint(data_dir, tmp_path):
     last = pretrain(cfg(data_dir, tmp_path, "train.max_steps=1000", "train.max_minutes=1e-6"), quiet=True)
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_0000001"
     assert "val_loss" in last and read_jsonl(tmp_path / "log.jsonl")[0]["step"] == 1
+
+
+@pytest.mark.gpu
+def test_pretrain_on_gpu_with_bf16_autocast(data_dir, tmp_path):
+    last = pretrain(cfg(data_dir, tmp_path, "train.max_steps=6", "train.device=cuda", "train.dtype=bf16"), quiet=True)
+    assert torch.isfinite(torch.tensor([last["loss"], last["val_loss"]])).all()
+    model, _ = ckpt.load_gpt(tmp_path)
+    assert next(model.parameters()).dtype == torch.float32
