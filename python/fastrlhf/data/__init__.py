@@ -1,1 +1,10 @@
-"""Data: tokenizers, corpora, JSONL formats, collators."""
+"""Tokenizers, corpora, token files and the chat format."""
+
+from fastrlhf.data.chat import decode_response, encode_chat, encode_prompt, format_prompt
+from fastrlhf.data.tokenizer import EOT, ByteBPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+from fastrlhf.data.tokens import TokenFile, random_batch, write_tokens
+
+__all__ = [
+    "EOT", "ByteBPETokenizer", "GPT2Tokenizer", "TokenFile", "Tokenizer", "decode_response", "encode_chat",
+    "encode_prompt", "format_prompt", "load_tokenizer", "random_batch", "write_tokens",
+]

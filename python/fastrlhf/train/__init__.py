@@ -1,1 +1,1 @@
-"""Trainers for each InstructGPT step, labelers and shared training helpers."""
+"""Trainers (pretrain now; SFT, reward model and PPO next) and the helpers they share."""

@@ -1,0 +1,38 @@
+"""`python -m fastrlhf <command>`. A command is a module with add_arguments(parser) and run(args),
+listed in COMMANDS; it is imported only when chosen, so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("fastrlhf.data.cli", "fetch/read text, train a tokenizer, write train/val token files"),
+    "pretrain": ("fastrlhf.train.pretrain", "next-token pretraining from a TOML config"),
+    "generate": ("fastrlhf.model.cli", "sample completions from a checkpoint"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fastrlhf", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage (or the help) and exits
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    cmd = argparse.ArgumentParser(prog=f"python -m fastrlhf {argv[0]}", description=module.__doc__)
+    module.add_arguments(cmd)
+    args, extra = cmd.parse_known_args(argv[1:])
+    if extra and hasattr(args, "overrides"):
+        args.overrides += extra  # --section.field=value overrides
+    elif extra:
+        cmd.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        module.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

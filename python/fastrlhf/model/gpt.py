@@ -1,0 +1,206 @@
+"""The GPT-2 architecture (arXiv 2005.14165 / Radford et al. 2019) in the shape of nanoGPT's model.py:
+learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied input/output embeddings.
+
+Attention goes through ops.causal_attention with explicit positions and segment ids, so one forward
+serves training (Tq == Tk), packed documents (one segment per document), left-padded batches (pads in
+their own segment, positions counted from each row's first real token) and KV-cache decoding (Tq < Tk).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastrlhf import ops
+from fastrlhf.model.config import GPTConfig
+
+TIED = "lm_head.weight"  # the output matrix is transformer.wte.weight; checkpoints store it once
+IGNORE_INDEX = -100  # targets equal to this are left out of the loss (torch's and HF's convention)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, H, max_len, D). A forward with a cache
+    writes its new keys at [length, length + T) and attends over [0, length + T); no concatenation."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
+        if max_len > config.block_size:
+            raise ValueError(f"KVCache max_len must be <= block_size ({config.block_size}); got {max_len}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            end = cache.length + T
+            cache.k[layer, :, :, cache.length : end] = k
+            cache.v[layer, :, :, cache.length : end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, H, end, D) views
+        y = ops.causal_attention(q, k, v, segment_ids=segment_ids)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # GPT-2's "gelu_new" is the tanh approximation; HF weights only match with it.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.attn(self.ln_1(x), segment_ids, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def left_pad_layout(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """positions, segment_ids (B, T) for a left-padded batch whose real tokens are attention_mask == 1:
+    each row counts positions from its first real token, and pads sit in segment 0 of their own."""
+    mask = attention_mask.long()
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    return positions, mask
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied (Press & Wolf 2017), as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied matrix counts once
+
+    def _check_inputs(self, idx: Tensor, positions: Tensor | None, segment_ids: Tensor | None, past: int) -> None:
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) int64 tensor; got {tuple(idx.shape)} {idx.dtype}")
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("idx must hold at least one token per row; got T = 0")
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {past + T} (cached {past} + new {T}) exceeds block_size {self.config.block_size}"
+            )
+        lo, hi = torch.aminmax(idx)
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got ids in [{int(lo)}, {int(hi)}]")
+        if positions is not None and positions.shape not in ((B, T), (T,)):
+            raise ValueError(f"positions must be (B, T) = {(B, T)} or (T,); got {tuple(positions.shape)}")
+        if segment_ids is not None and tuple(segment_ids.shape) != (B, past + T):
+            raise ValueError(f"segment_ids must be (B, cached + T) = {(B, past + T)}; got {tuple(segment_ids.shape)}")
+
+    def hidden(
+        self,
+        idx: Tensor,
+        *,
+        positions: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """The trunk: final-LayerNorm hidden states (B, T, C) for tokens idx (B, T).
+
+        positions (B, T) or (T,): defaults to cache.length + arange(T). segment_ids (B, cached + T): a key
+        is visible only to queries of its own segment (left pads, packed documents); None = one segment.
+        """
+        past = cache.length if cache is not None else 0
+        self._check_inputs(idx, positions, segment_ids, past)
+        if positions is None:
+            positions = torch.arange(past, past + idx.shape[1], device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, segment_ids, cache, layer)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        positions: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """logits (B, T, V) and, given targets (B, T) (IGNORE_INDEX = skip), the mean next-token loss."""
+        logits = self.lm_head(self.hidden(idx, positions=positions, segment_ids=segment_ids, cache=cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def weights(self) -> dict[str, Tensor]:
+        """Parameters by name, the tied lm_head left out (it is transformer.wte.weight)."""
+        return {k: v for k, v in self.state_dict().items() if not k.endswith(TIED)}
+
+    def load_weights(self, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
+        """Copy tensors in; every name and shape must match this model's config, or ValueError says which."""
+        load_checked(self, {k: v for k, v in tensors.items() if not k.endswith(TIED)}, source)
+
+
+def load_checked(module: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """module.load_state_dict with errors that name the missing/unexpected/mis-shaped tensors."""
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith(TIED)}
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(tensors[k].shape)}" for k in own
+             if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                 f"wrong shapes: {'; '.join(wrong[:5])}" if wrong else ""]
+        raise ValueError(f"{source} does not match the model config: " + ", ".join(p for p in parts if p))
+    module.load_state_dict(tensors, strict=False)

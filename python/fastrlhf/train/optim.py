@@ -1,0 +1,86 @@
+"""Optimizer pieces every trainer shares: AdamW with weight decay on matrices only, a warmup + cosine
+learning rate, and one optimizer step with gradient accumulation and clipping."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 over this many optimizer steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices (>= 2-D parameters) only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim needs 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError(f"optim.warmup_steps and grad_clip must be >= 0; got {self.warmup_steps}, {self.grad_clip}")
+
+
+def make_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Decay matrices (embeddings, linear weights); leave biases and LayerNorm gains alone (GPT-2/nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied matrix appears once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on GPU; plain fp32 on CPU (bf16 matmuls are far slower there)."""
+    if device.type == "cuda" and dtype in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_losses: Callable[[int], Tensor],
+    grad_accum: int,
+    lr: float,
+    grad_clip: float,
+) -> tuple[float, float]:
+    """One update: backward of micro_losses(i) / grad_accum for i < grad_accum, clip, step.
+    Returns (mean loss, gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for i in range(grad_accum):
+        loss = micro_losses(i)
+        (loss / grad_accum).backward()
+        total += loss.item()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / grad_accum, float(norm)

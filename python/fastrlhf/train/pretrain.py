@@ -1,0 +1,170 @@
+"""Step 0 of the recipe: next-token pretraining on a token file.
+
+    python -m fastrlhf pretrain --config configs/pretrain_shakespeare.toml [section.field=value ...]
+
+AdamW (decay on matrices), warmup + cosine, clipping, gradient accumulation, bf16 autocast on GPU,
+periodic validation, a JSONL log + progress bar, and checkpoints a run resumes from bit-for-bit."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastrlhf.data import TokenFile, load_tokenizer, random_batch
+from fastrlhf.model import GPT, GPTConfig
+from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train.config import from_dict, load_config, to_dict
+from fastrlhf.train.log import JSONLLogger, Progress
+from fastrlhf.train.optim import OptimConfig, autocast_for, lr_at, make_adamw, optimizer_step
+
+
+@dataclass
+class TrainConfig:
+    """The loop around the model: data, batch, length, evaluation, checkpoints."""
+
+    data_dir: str = "data/shakespeare"
+    """Folder written by `python -m fastrlhf data` (train.bin, val.bin, tokenizer/)."""
+    out_dir: str = "runs/pretrain"
+    """Checkpoints and log.jsonl go here; an existing run there is resumed."""
+    max_steps: int = 1000
+    """Optimizer steps in the whole run (the cosine schedule ends here)."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    block_size: int = 0
+    """Tokens per sequence; 0 = the model's block_size."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    eval_interval: int = 100
+    """Validation loss every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Micro-batches averaged for a validation loss (always the same windows)."""
+    log_interval: int = 10
+    """Print and log training stats every this many steps."""
+    ckpt_interval: int = 200
+    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+    seed: int = 1337
+    """Seeds the weights, the batch sampler and dropout."""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda when available)."""
+    dtype: str = "bf16"
+    """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+    max_minutes: float = 0.0
+    """Wall-clock budget for this invocation: stop early (evaluate, checkpoint) when spent; 0 = none."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"train.dtype must be 'bf16', 'fp16' or 'fp32'; got {self.dtype!r}")
+
+
+@dataclass
+class PretrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens, cfg: TrainConfig, T: int, device: torch.device) -> float:
+    """Mean loss over the same eval_batches windows every time (a fixed generator), in eval mode."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    total = 0.0
+    for _ in range(cfg.eval_batches):
+        x, y = random_batch(tokens, cfg.batch_size, T, gen)
+        with autocast_for(device, cfg.dtype):
+            total += model(x.to(device), y.to(device))[1].item()
+    model.train()
+    return total / cfg.eval_batches
+
+
+def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
+    """Train (or resume) the run cfg describes; returns the last train and val losses."""
+    t = cfg.train
+    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if t.device == "auto" else t.device))
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    data = Path(t.data_dir)
+    train_tokens, val_tokens = TokenFile(data / "train.bin"), TokenFile(data / "val.bin")
+    if train_tokens.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocab "
+                         f"({train_tokens.vocab_size}, {data})")
+    T = t.block_size or cfg.model.block_size
+    if T > cfg.model.block_size:
+        raise ValueError(f"train.block_size ({T}) must be <= model.block_size ({cfg.model.block_size})")
+    tokenizer = load_tokenizer(data / "tokenizer")
+
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = make_adamw(model, cfg.optim)
+    data_gen = torch.Generator().manual_seed(t.seed)
+    out = Path(t.out_dir)
+    step = 0
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:
+        saved = from_dict(PretrainConfig, ckpt.read_state(latest)["state"]["config"])
+        if saved.model != cfg.model:
+            raise ValueError(f"{latest} was trained with model config {saved.model}, not {cfg.model}")
+        step = ckpt.load_checkpoint(latest, models={"model": model}, optimizers={"optim": optimizer},
+                                    generators={"data": data_gen})["step"]
+    logger = JSONLLogger(out / "log.jsonl")
+    progress = Progress(t.max_steps, initial=step, desc="pretrain", enabled=None if not quiet else False)
+    say = (lambda s: None) if quiet else progress.say
+    say(f"model: {model.num_params():,} parameters; {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
+        + (f"; resumed at step {step}" if step else ""))
+
+    def micro_loss(_: int) -> torch.Tensor:
+        x, y = random_batch(train_tokens.tokens, t.batch_size, T, data_gen)
+        with autocast_for(device, t.dtype):
+            return model(x.to(device), y.to(device))[1]
+
+    model.train()
+    last: dict[str, float] = {}
+    t_start, tok_per_step = time.perf_counter(), t.batch_size * T * t.grad_accum
+    deadline = time.perf_counter() + t.max_minutes * 60 if t.max_minutes > 0 else float("inf")
+    while step < t.max_steps:
+        lr = lr_at(step, cfg.optim, t.max_steps)
+        loss, norm = optimizer_step(model, optimizer, micro_loss, t.grad_accum, lr, cfg.optim.grad_clip)
+        step += 1
+        rate = progress.update(tok_per_step, loss=loss)
+        last["loss"] = loss
+        final = step == t.max_steps or time.perf_counter() > deadline
+        if final and step < t.max_steps:
+            say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
+        if step % t.log_interval == 0 or final:
+            dt = time.perf_counter() - t_start
+            logger.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate, time_s=dt)
+            say(f"step {step:>6}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm:.3f}  {rate:,.0f} tok/s")
+        if step % t.eval_interval == 0 or final:
+            last["val_loss"] = evaluate(model, val_tokens.tokens, t, T, device)
+            logger.log(step=step, val_loss=last["val_loss"])
+            say(f"step {step:>6}  val_loss {last['val_loss']:.4f}")
+        if (t.ckpt_interval and step % t.ckpt_interval == 0) or final:
+            ckpt.save_checkpoint(out, step, models={"model": model}, optimizers={"optim": optimizer},
+                                 generators={"data": data_gen}, state={"config": to_dict(cfg)},
+                                 tokenizer=tokenizer, keep=t.keep_checkpoints)
+        if final:
+            break
+    progress.close()
+    logger.close()
+    return last
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with [model], [optim], [train] tables")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=200")
+
+
+def run(args: argparse.Namespace) -> None:
+    pretrain(load_config(PretrainConfig, args.config, args.overrides))
