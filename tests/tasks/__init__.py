@@ -1,1 +1,0 @@
-"""Tests for fastrlhf.tasks."""
