@@ -276,6 +276,7 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
   mean_scaled = contig(mean_scaled);
   const std::vector<int64_t> offsets = row_offsets(logits);
   Tensor d_logits = torch::stable::new_empty(logits, logits.sizes());
+  fr::advise_huge_pages(d_logits.mutable_data_ptr(), size_t(d_logits.numel()) * d_logits.element_size());
   fr::TokenLogprobsBwdParams p{dtype,
                                logits.const_data_ptr(),
                                offsets.data(),
