@@ -18,6 +18,7 @@
 #include "common/runtime.h"
 #include "gae/gae.h"
 #include "logprobs/logprobs.h"
+#include "ppo_loss/ppo_loss.h"
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
@@ -293,6 +294,101 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
   return d_logits;
 }
 
+// ---- ppo_loss ---------------------------------------------------------------------------------
+// Checks the (B, T) inputs and fills the kernel's view of them (contiguous copies are kept alive
+// in `hold`). Tensors other than logprobs must have its shape and dtype; mask is bool or weights.
+fr::PpoLossInputs ppo_inputs(std::vector<Tensor>& hold, const Tensor& logprobs, const Tensor& old_logprobs,
+                             const Tensor& advantages, const Tensor& values, const Tensor& old_values,
+                             const Tensor& returns, const Tensor& mask, const std::optional<Tensor>& entropy,
+                             double clip_range, double clip_range_value, double vf_coef, double ent_coef) {
+  const bool has_ent = entropy.has_value() && entropy->defined();
+  check_cpu({{&logprobs, "logprobs"}, {&old_logprobs, "old_logprobs"}, {&advantages, "advantages"},
+             {&values, "values"}, {&old_values, "old_values"}, {&returns, "returns"}, {&mask, "mask"}});
+  if (has_ent) check_cpu({{&logprobs, "logprobs"}, {&*entropy, "entropy"}});
+  check_dim(logprobs, "logprobs", 2, "(B, T)");
+  const fr::DType dtype = float_dtype(logprobs, "logprobs");
+  std::vector<std::pair<const Tensor*, const char*>> floats = {
+      {&old_logprobs, "old_logprobs"}, {&advantages, "advantages"}, {&values, "values"},
+      {&old_values, "old_values"}, {&returns, "returns"}};
+  if (has_ent) floats.push_back({&*entropy, "entropy"});
+  for (auto [t, name] : floats) {
+    check_same_shape(*t, name, logprobs, "logprobs");
+    float_dtype(*t, name);
+    check_same_dtype(*t, name, logprobs, "logprobs");
+  }
+  check_same_shape(mask, "mask", logprobs, "logprobs");
+  const bool mask_is_bool = mask.scalar_type() == ScalarType::Bool;
+  FR_CHECK(mask_is_bool || mask.scalar_type() == logprobs.scalar_type(),
+           "mask must be bool or have the dtype of logprobs (", dtype_name(logprobs.scalar_type()), "); got ",
+           dtype_name(mask.scalar_type()));
+  FR_CHECK(clip_range > 0.0, "clip_range must be > 0; got ", clip_range);
+  FR_CHECK(clip_range_value > 0.0, "clip_range_value must be > 0; got ", clip_range_value);
+  FR_CHECK(vf_coef >= 0.0, "vf_coef must be >= 0; got ", vf_coef);
+  FR_CHECK(ent_coef >= 0.0, "ent_coef must be >= 0; got ", ent_coef);
+  auto ptr = [&hold](const Tensor& t) {
+    hold.push_back(contig(t));
+    return hold.back().const_data_ptr();
+  };
+  hold.reserve(8);
+  return {dtype,
+          ptr(logprobs),
+          ptr(old_logprobs),
+          ptr(advantages),
+          ptr(values),
+          ptr(old_values),
+          ptr(returns),
+          has_ent ? ptr(*entropy) : nullptr,
+          ptr(mask),
+          mask_is_bool,
+          logprobs.numel(),
+          clip_range,
+          clip_range_value,
+          vf_coef,
+          ent_coef};
+}
+
+std::tuple<Tensor, Tensor> ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values,
+                                        Tensor old_values, Tensor returns, Tensor mask, std::optional<Tensor> entropy,
+                                        double clip_range, double clip_range_value, double vf_coef,
+                                        double ent_coef) {
+  std::vector<Tensor> hold;
+  const fr::PpoLossInputs in = ppo_inputs(hold, logprobs, old_logprobs, advantages, values, old_values, returns,
+                                          mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
+  Tensor loss = torch::stable::new_empty(logprobs, {});
+  Tensor stats = torch::stable::new_empty(logprobs, {int64_t(fr::kNumPpoStats)}, acc_scalar_type(in.dtype));
+  fr::ppo_loss_fwd_cpu(fr::PpoLossFwdParams{in, loss.mutable_data_ptr(), stats.mutable_data_ptr()});
+  return {loss, stats};
+}
+
+double scalar_value(const Tensor& t, const char* name) {
+  FR_CHECK(t.numel() == 1, name, " must hold one value; got shape ", shape_of(t));
+  const void* d = t.const_data_ptr();
+  switch (float_dtype(t, name)) {
+    case fr::DType::f32: return *static_cast<const float*>(d);
+    case fr::DType::f64: return *static_cast<const double*>(d);
+    case fr::DType::bf16: return fr::to_acc(*static_cast<const fr::bf16_t*>(d));
+    case fr::DType::f16: return fr::to_acc(*static_cast<const fr::f16_t*>(d));
+  }
+  return 0.0;
+}
+
+std::tuple<Tensor, Tensor, Tensor> ppo_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs,
+                                                Tensor advantages, Tensor values, Tensor old_values, Tensor returns,
+                                                Tensor mask, std::optional<Tensor> entropy, double clip_range,
+                                                double clip_range_value, double vf_coef, double ent_coef) {
+  std::vector<Tensor> hold;
+  const fr::PpoLossInputs in = ppo_inputs(hold, logprobs, old_logprobs, advantages, values, old_values, returns,
+                                          mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
+  check_cpu({{&logprobs, "logprobs"}, {&grad_loss, "grad_loss"}});
+  const double g = scalar_value(grad_loss, "grad_loss");
+  Tensor d_logprobs = torch::stable::new_empty(logprobs, logprobs.sizes());
+  Tensor d_values = torch::stable::new_empty(logprobs, logprobs.sizes());
+  Tensor d_entropy = torch::stable::new_empty(logprobs, in.entropy ? logprobs.sizes() : torch::headeronly::IntHeaderOnlyArrayRef(int64_t(0)));
+  fr::ppo_loss_bwd_cpu(fr::PpoLossBwdParams{in, g, d_logprobs.mutable_data_ptr(), d_values.mutable_data_ptr(),
+                                            in.entropy ? d_entropy.mutable_data_ptr() : nullptr});
+  return {d_logprobs, d_values, d_entropy};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
@@ -301,10 +397,18 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor targets, "
         "Tensor lse, Tensor mean_scaled, float temperature) -> Tensor");
+  m.def("ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, Tensor old_values, "
+        "Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, float vf_coef, "
+        "float ent_coef) -> (Tensor, Tensor)");
+  m.def("ppo_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, "
+        "Tensor old_values, Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, "
+        "float vf_coef, float ent_coef) -> (Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("gae", TORCH_BOX(&gae));
   m.impl("token_logprobs_fwd", TORCH_BOX(&token_logprobs_fwd));
   m.impl("token_logprobs_bwd", TORCH_BOX(&token_logprobs_bwd));
+  m.impl("ppo_loss_fwd", TORCH_BOX(&ppo_loss_fwd));
+  m.impl("ppo_loss_bwd", TORCH_BOX(&ppo_loss_bwd));
 }
