@@ -155,7 +155,7 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   std::ostringstream s;
   s << "(";
   for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << (shape.size() == 1 ? ",)" : ")");
+  s << ")";  // as shape_of
   return s.str();
 }
 

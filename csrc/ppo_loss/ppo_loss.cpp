@@ -36,6 +36,8 @@ template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
 inline V eq(V a, V b) { return V(a == b); }
 template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
 inline V in_range(V x, V lo, V hi) { return V(x >= lo && x <= hi); }
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V pick(V cond01, V a, V b) { return cond01 != V(0) ? a : b; }
 
 #if defined(FR_HAVE_AVX2)
 struct F8 {
@@ -54,6 +56,9 @@ inline F8 eq(F8 a, F8 b) { return ones(_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)); }
 inline F8 in_range(F8 x, F8 lo, F8 hi) {
   return ones(_mm256_and_ps(_mm256_cmp_ps(x.v, lo.v, _CMP_GE_OQ), _mm256_cmp_ps(x.v, hi.v, _CMP_LE_OQ)));
 }
+inline F8 pick(F8 cond01, F8 a, F8 b) {
+  return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(cond01.v, _mm256_setzero_ps(), _CMP_NEQ_OQ))};
+}
 #endif
 
 template <class V>
@@ -65,7 +70,7 @@ template <class V>
 struct Token {
   V log_ratio, ratio;
   V pg1, pg2;        // -A r, -A clamp(r)
-  V v_delta;         // v - v_old
+  V v_in;            // 1 where |v - v_old| <= c_v, else 0
   V v_err, vc_err;   // v - R, v_c - R
 };
 
@@ -76,9 +81,12 @@ inline Token<V> token(V lp, V olp, V adv, V v, V ov, V ret, const Consts<V>& c) 
   t.ratio = vexp(t.log_ratio);
   t.pg1 = -adv * t.ratio;
   t.pg2 = -adv * vmin(vmax(t.ratio, c.lo), c.hi);
-  t.v_delta = v - ov;
+  const V v_delta = v - ov;
+  t.v_in = in_range(v_delta, c.cv_lo, c.cv_hi);
   t.v_err = v - ret;
-  t.vc_err = ov + vmin(vmax(t.v_delta, c.cv_lo), c.cv_hi) - ret;
+  // v_c is v itself inside the clip range: v_old + (v - v_old) would round away from v and turn
+  // exact ties of the two value losses into spurious "clipped" tokens.
+  t.vc_err = pick(t.v_in, t.v_err, ov + vmin(vmax(v_delta, c.cv_lo), c.cv_hi) - ret);
   return t;
 }
 
@@ -90,7 +98,7 @@ inline void token_grads(const Token<V>& t, V w_pg, V w_v, const Consts<V>& c, V&
   const V vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err, vtie = c.half * eq(vl1, vl2);
   // 0.5 d(x^2) = x: the 0.5 of v_loss cancels the 2
   d_v = w_v * ((gt(vl1, vl2) + vtie) * t.v_err +
-               (gt(vl2, vl1) + vtie) * t.vc_err * in_range(t.v_delta, c.cv_lo, c.cv_hi));
+               (gt(vl2, vl1) + vtie) * t.vc_err * t.v_in);
 }
 
 template <class V>

@@ -235,7 +235,7 @@ def test_rejects_targets_out_of_range_with_position():
 
 
 def test_rejects_negative_target():
-    with pytest.raises(ValueError, match=r"got -1 at position \(0,\)"):
+    with pytest.raises(ValueError, match=r"got -1 at position \(0\)"):
         token_logprobs(torch.randn(2, 5), torch.tensor([-1, 0]))
 
 
