@@ -42,18 +42,25 @@ def validate(logits, targets):
                  fwd_bwd(eager, logits, targets), rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
 def peak_extra_mb(which: str, N: int, V: int) -> float:
-    """Peak resident-set growth of one forward+backward with entropy, in a fresh process (MB)."""
+    """Peak resident-set growth of one forward+backward with entropy, in a fresh process (MB):
+    the high-water mark (VmHWM) is reset just before the call, so nothing earlier counts."""
     code = (
-        f"import resource, torch, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        f"import torch, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
         "import bench_logprobs as b\n"
         "from fastrlhf.ops import token_logprobs\n"
         f"x = torch.randn({N}, {V}); t = torch.randint(0, {V}, ({N},))\n"
         f"fn = {'token_logprobs' if which == 'ours' else 'b.eager'}\n"
-        "b.fwd_bwd(fn, x[:2], t[:2])  # warm up allocators and lazy init\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "b.fwd_bwd(fn, x[:2], t[:2])  # lazy initialisation happens here, not below\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset VmHWM to the current RSS\n"
+        "before = b._status_mb('VmRSS')\n"
         "out = b.fwd_bwd(fn, x, t)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print(b._status_mb('VmHWM') - before)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

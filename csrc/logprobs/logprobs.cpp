@@ -82,7 +82,7 @@ RowStats row_stats_avx2(const T* x, int64_t V, float inv_t) {
     const __m256 vM = _mm256_set1_ps(Mn);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, t0 = s0, t1 = s0;
     auto step = [&](__m256 xv, __m256& s, __m256& t) {
-      const __m256 d = _mm256_fmsub_ps(xv, vinv, vM), e = exp8(d);
+      const __m256 d = _mm256_fmsub_ps(xv, vinv, vM), e = exp8<true>(d);
       s = _mm256_add_ps(s, e);
       if (kMean) t = _mm256_fmadd_ps(e, _mm256_max_ps(d, lowest), t);  // e == 0 at -inf: 0, not NaN
     };
@@ -112,7 +112,7 @@ void row_grad_avx2(const T* x, T* dx, int64_t V, float inv_t, float lse, float m
   const __m256 a = _mm256_set1_ps(-g_lp * inv_t), b = _mm256_set1_ps(-g_h * inv_t);
   const __m256 lowest = _mm256_set1_ps(-FLT_MAX);
   auto grad = [&](__m256 xv) {  // without the target's +g_lp / T
-    const __m256 p = exp8(_mm256_fmsub_ps(xv, vinv, vlse));
+    const __m256 p = exp8<true>(_mm256_fmsub_ps(xv, vinv, vlse));
     if (!kEnt) return _mm256_mul_ps(a, p);
     const __m256 pd = _mm256_mul_ps(p, _mm256_max_ps(_mm256_fmsub_ps(xv, vinv, vmean), lowest));
     return _mm256_fmadd_ps(a, p, _mm256_mul_ps(b, pd));

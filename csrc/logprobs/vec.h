@@ -77,11 +77,15 @@ inline double hsum_d(__m256 v) {
 // exp(x) for fp32 lanes: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), a degree-7
 // minimax polynomial for e^r (the classic Cephes expf coefficients), then scale by 2^n built in
 // the exponent bits. Results below FLT_MIN flush to exactly 0 (so -inf -> 0); NaN stays NaN.
+// kNonPositive: the caller guarantees x <= ~0 (x - max, x - logsumexp), so no overflow clamp is
+// needed; lanes below ln(FLT_MIN) produce garbage exponents that the final mask zeroes anyway.
+template <bool kNonPositive = false>
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3365448f);  // ln(FLT_MIN)
   const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  // Clamp so that n lies in [-126, 127] (exp(88) is the largest result); NaN passes through.
-  x = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.0f), x));
+  if (!kNonPositive) {  // clamp so that n lies in [-126, 127] (exp(88) is the largest result)
+    x = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.0f), x));  // NaN passes through
+  }
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
