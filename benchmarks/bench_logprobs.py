@@ -66,6 +66,12 @@ def peak_extra_mb(which: str, N: int, V: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def time_fwd_bwd(logits, targets, ent: bool, reps: int) -> tuple[float, float]:
+    base = median_ms(lambda: fwd_bwd(eager, logits, targets, ent), reps=reps, warmup=1)
+    ours = median_ms(lambda: fwd_bwd(token_logprobs, logits, targets, ent), reps=reps, warmup=1)
+    return base, ours
+
+
 def run(args) -> list[dict]:
     N, V = (256, 50304) if args.quick else (2048, 50304)
     logits, targets = torch.randn(N, V), torch.randint(0, V, (N,))
@@ -74,15 +80,24 @@ def run(args) -> list[dict]:
     reps = min(args.reps, 5)  # the eager baseline takes seconds per call
     rows = []
     for ent, goal in ((True, ">= 4x"), (False, "")):
-        base = median_ms(lambda: fwd_bwd(eager, logits, targets, ent), reps=reps, warmup=1)
-        ours = median_ms(lambda: fwd_bwd(token_logprobs, logits, targets, ent), reps=reps, warmup=1)
+        base, ours = time_fwd_bwd(logits, targets, ent, reps)
         name = "fwd+bwd, entropy" if ent else "fwd+bwd, logprobs"
-        rows.append(dict(op=f"token_logprobs {name}", shape=shape, baseline="eager + autograd", base_ms=base,
-                         ours_ms=ours, goal=goal))  # fmt: skip
+        rows.append(
+            {"op": f"token_logprobs {name}", "shape": shape, "baseline": "eager + autograd", "base_ms": base,
+             "ours_ms": ours, "goal": goal}
+        )  # fmt: skip
     with torch.no_grad():
         base = median_ms(lambda: eager(logits, targets), reps=reps, warmup=1)
         ours = median_ms(lambda: token_logprobs(logits, targets, return_entropy=True), reps=reps, warmup=1)
-    rows.append(dict(op="token_logprobs fwd only", shape=shape, baseline="eager, no_grad", base_ms=base, ours_ms=ours))
+    rows.append(
+        {
+            "op": "token_logprobs fwd only",
+            "shape": shape,
+            "baseline": "eager, no_grad",
+            "base_ms": base,
+            "ours_ms": ours,
+        }
+    )
     grad_mb = N * V * 4 / 2**20
     mem = {w: peak_extra_mb(w, N, V) for w in ("ours", "eager")}
     rows[0].update(peak_extra_mb_ours=round(mem["ours"]), peak_extra_mb_eager=round(mem["eager"]),

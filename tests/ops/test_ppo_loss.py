@@ -38,7 +38,7 @@ def as64(g):
     return {k: v.double() for k, v in g.items()}
 
 
-KW = dict(clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, ent_coef=0.01)
+KW = {"clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1, "ent_coef": 0.01}
 
 
 def check_against_reference(g, mask, entropy=True, rtol=2e-6, atol=1e-7, **kw):
@@ -74,8 +74,13 @@ def test_float64_matches_reference_to_rounding():
     check_against_reference(g, mask, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("kw", [dict(clip_range=0.05, clip_range_value=0.5, vf_coef=1.0, ent_coef=0.0),
-                                dict(clip_range=1.5, clip_range_value=0.01, vf_coef=0.0, ent_coef=0.3)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"clip_range": 0.05, "clip_range_value": 0.5, "vf_coef": 1.0, "ent_coef": 0.0},
+        {"clip_range": 1.5, "clip_range_value": 0.01, "vf_coef": 0.0, "ent_coef": 0.3},
+    ],
+)
 def test_other_coefficients(kw):
     g, mask = make(4, 50)
     check_against_reference(g, mask, **kw)
@@ -99,7 +104,7 @@ def test_first_minibatch_ratio_is_one_and_ties_match_autograd():
     g, mask = make(4, 33)
     g["old_logprobs"] = g["logprobs"].clone()
     g["old_values"] = g["values"].clone()
-    loss, stats, _ = run(ppo_loss, g, mask)
+    _loss, stats, _ = run(ppo_loss, g, mask)
     assert stats["ratio_mean"].item() == 1.0 and stats["approx_kl"].item() == 0.0
     assert stats["clipfrac"].item() == 0.0
     check_against_reference(g, mask)
@@ -108,8 +113,15 @@ def test_first_minibatch_ratio_is_one_and_ties_match_autograd():
 def test_value_tie_outside_clip_range_splits_gradient_like_torch_maximum():
     # v - R = 1 and v_c - R = -1: equal squared errors, v outside the clip range
     one = torch.ones(1, 2, dtype=torch.float64)
-    g = dict(logprobs=0 * one, old_logprobs=0 * one, advantages=one, values=one, old_values=-1.25 * one,
-             returns=0 * one, entropy=one)
+    g = {
+        "logprobs": 0 * one,
+        "old_logprobs": 0 * one,
+        "advantages": one,
+        "values": one,
+        "old_values": -1.25 * one,
+        "returns": 0 * one,
+        "entropy": one,
+    }
     check_against_reference(g, torch.ones(1, 2, dtype=torch.bool), clip_range_value=0.25, rtol=0, atol=0)
 
 
@@ -117,10 +129,22 @@ def test_gradcheck():
     g, mask = make(3, 11, torch.float64)
     weights = mask * torch.rand(3, 11, dtype=torch.float64)
     for m in (mask, weights):
-        def f(lp, v, ent):
-            loss, _ = ppo_loss(lp, g["old_logprobs"], g["advantages"], v, g["old_values"], g["returns"], m,
-                               entropy=ent, ent_coef=0.05, vf_coef=0.5)
+
+        def f(lp, v, ent, m=m):
+            loss, _ = ppo_loss(
+                lp,
+                g["old_logprobs"],
+                g["advantages"],
+                v,
+                g["old_values"],
+                g["returns"],
+                m,
+                entropy=ent,
+                ent_coef=0.05,
+                vf_coef=0.5,
+            )
             return loss
+
         inputs = tuple(g[k].clone().requires_grad_() for k in DIFF)
         assert torch.autograd.gradcheck(f, inputs)
 
@@ -155,7 +179,7 @@ def test_mixed_float_dtypes_follow_the_reference():
     g, mask = make(4, 30)
     g["values"] = g["values"].double()  # float64 values with float32 logprobs: computed in float32
     loss, stats, grads = run(ppo_loss, g, mask, **KW)
-    ref_loss, ref_stats, _ = run(reference.ppo_loss, g, mask, **KW)
+    ref_loss, _ref_stats, _ = run(reference.ppo_loss, g, mask, **KW)
     assert loss.dtype == torch.float32 and stats["v_loss"].dtype == torch.float32
     assert grads["values"].dtype == torch.float64
     torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=1e-7)
@@ -191,7 +215,9 @@ def test_opcheck(entropy):
     args = [g[n].clone().requires_grad_(n in DIFF) for n in NAMES]
     ent = g["entropy"].clone().requires_grad_() if entropy else None
     torch.library.opcheck(torch.ops.fastrlhf.ppo_loss_fwd.default, (*args, mask, ent, 0.2, 0.3, 0.1, 0.01))
-    torch.library.opcheck(torch.ops.fastrlhf.ppo_loss_fwd.default, (*args, mask.float(), ent, 0.2, 0.3, 0.1, 0.01))
+    torch.library.opcheck(
+        torch.ops.fastrlhf.ppo_loss_fwd.default, (*args, mask.float(), ent, 0.2, 0.3, 0.1, 0.01)
+    )
 
 
 def test_compile_fullgraph():
@@ -221,7 +247,9 @@ def args(B=2, T=3, **over):
 
 def test_rejects_wrong_ndim():
     with pytest.raises(ValueError, match=r"logprobs must be \(B, T\); got shape \(2, 3, 4\)"):
-        ppo_loss(*args(**{n: torch.randn(2, 3, 4) for n in NAMES}, mask=torch.ones(2, 3, 4, dtype=torch.bool)))
+        ppo_loss(
+            *args(**{n: torch.randn(2, 3, 4) for n in NAMES}, mask=torch.ones(2, 3, 4, dtype=torch.bool))
+        )
 
 
 @pytest.mark.parametrize("name", NAMES[1:])
@@ -246,12 +274,16 @@ def test_rejects_integer_logprobs():
 
 
 def test_rejects_integer_advantages():
-    with pytest.raises(ValueError, match="advantages must be float32, float64, bfloat16 or float16; got int32"):
+    with pytest.raises(
+        ValueError, match="advantages must be float32, float64, bfloat16 or float16; got int32"
+    ):
         ppo_loss(*args(advantages=torch.ones(2, 3, dtype=torch.int32)))
 
 
 def test_rejects_integer_mask():
-    with pytest.raises(ValueError, match=r"mask must be bool or have the dtype of logprobs \(float32\); got int64"):
+    with pytest.raises(
+        ValueError, match=r"mask must be bool or have the dtype of logprobs \(float32\); got int64"
+    ):
         ppo_loss(*args(mask=torch.ones(2, 3, dtype=torch.long)))
 
 

@@ -28,7 +28,9 @@ def test_extension_is_loaded():
     assert fastrlhf.HAS_EXT, "the tests must exercise the compiled ops, not the fallback"
 
 
-@pytest.mark.parametrize("shape,V", [((1,), 1), ((1,), 7), ((3,), 7), ((2, 5), 97), ((4,), 4100), ((2,), 50257)])
+@pytest.mark.parametrize(
+    "shape,V", [((1,), 1), ((1,), 7), ((3,), 7), ((2, 5), 97), ((4,), 4100), ((2,), 50257)]
+)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_float32_values_and_grads_match_float64_reference(shape, V, temperature):
     logits, targets = make(shape, V)
@@ -76,7 +78,10 @@ def test_gradient_through_one_output_only(which):
 def test_gradcheck_with_entropy_and_temperature():
     logits, targets = make((3, 2), 11, torch.float64)
     for T in (1.0, 0.6):
-        fn = lambda x: token_logprobs(x, targets, temperature=T, return_entropy=True)  # noqa: E731
+
+        def fn(x, T=T):
+            return token_logprobs(x, targets, temperature=T, return_entropy=True)
+
         assert torch.autograd.gradcheck(fn, (logits.requires_grad_(),))
 
 
@@ -96,7 +101,9 @@ def test_last_dim_strided_logits():
     base, targets = make((4,), 64)
     strided = torch.randn(4, 128)[:, ::2].copy_(base)  # (4, 64) with stride 2 along V
     assert strided.stride(-1) == 2
-    torch.testing.assert_close(token_logprobs(strided, targets), token_logprobs(base, targets), rtol=0, atol=0)
+    torch.testing.assert_close(
+        token_logprobs(strided, targets), token_logprobs(base, targets), rtol=0, atol=0
+    )
     d1 = grads(token_logprobs, strided, targets, torch.ones(4), torch.ones(4))
     d2 = grads(token_logprobs, base, targets, torch.ones(4), torch.ones(4))
     torch.testing.assert_close(d1, d2, rtol=0, atol=0)
@@ -218,7 +225,9 @@ def test_compile_fullgraph_forward_and_backward():
 
 # ---- bad input: one test per case -------------------------------------------------------------
 def test_rejects_targets_shape():
-    with pytest.raises(ValueError, match=r"targets must have the shape of logits.shape\[:-1\] \(2, 3\); got \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"targets must have the shape of logits.shape\[:-1\] \(2, 3\); got \(2, 4\)"
+    ):
         token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
 
 
@@ -230,7 +239,9 @@ def test_rejects_int32_targets():
 def test_rejects_targets_out_of_range_with_position():
     targets = torch.zeros(2, 3, dtype=torch.long)
     targets[1, 2] = 5
-    with pytest.raises(ValueError, match=r"targets must be in \[0, V\) = \[0, 5\); got 5 at position \(1, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"targets must be in \[0, V\) = \[0, 5\); got 5 at position \(1, 2\)"
+    ):
         token_logprobs(torch.randn(2, 3, 5), targets)
 
 
@@ -251,7 +262,9 @@ def test_rejects_nonpositive_temperature(temperature):
 
 
 def test_rejects_empty_vocabulary():
-    with pytest.raises(ValueError, match=r"logits must have V >= 1 classes in its last dim; got shape \(2, 0\)"):
+    with pytest.raises(
+        ValueError, match=r"logits must have V >= 1 classes in its last dim; got shape \(2, 0\)"
+    ):
         token_logprobs(torch.randn(2, 0), torch.zeros(2, dtype=torch.long))
 
 

@@ -57,7 +57,9 @@ if HAS_EXT:
 
     def _backward(ctx, grad_loss, _grad_stats):  # type: ignore[no-untyped-def]
         *tensors, entropy = ctx.saved_tensors
-        d_logprobs, d_values, d_entropy = torch.ops.fastrlhf.ppo_loss_bwd(grad_loss, *tensors, entropy, *ctx.coefs)
+        d_logprobs, d_values, d_entropy = torch.ops.fastrlhf.ppo_loss_bwd(
+            grad_loss, *tensors, entropy, *ctx.coefs
+        )
         return (
             d_logprobs, None, None, d_values, None, None, None,
             d_entropy if entropy is not None else None, None, None, None, None,
