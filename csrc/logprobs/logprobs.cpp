@@ -59,13 +59,16 @@ void row_grad_scalar(const T* x, T* dx, int64_t V, acc_t<T> inv_t, acc_t<T> lse,
 
 #if defined(FR_HAVE_AVX2)
 constexpr int64_t kChunk = 2048;  // elements: 8 KiB of fp32, re-read from L1 after the max pass
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 
+// As row_stats_scalar, in base-2 units: z = x log2(e) / T, so each lane needs 2^(z - M) only.
 template <class T, bool kMean>
-RowStats row_stats_avx2(const T* x, int64_t V, float inv_t) {
+RowStats row_stats_avx2(const T* x, int64_t V, double inv_t) {
   using namespace vec;
-  const __m256 vinv = _mm256_set1_ps(inv_t), lowest = _mm256_set1_ps(-FLT_MAX);
+  const float c2 = float(inv_t * kLog2e);
+  const __m256 vc2 = _mm256_set1_ps(c2), lowest = _mm256_set1_ps(-FLT_MAX);
   const __m256 ninf = _mm256_set1_ps(-INFINITY);
-  double M = -INFINITY, S = 0, Tm = 0;
+  double M = -INFINITY, S = 0, Tm = 0;  // running max of z, sum 2^(z - M), sum 2^(z - M) (z - M)
   for (int64_t c = 0; c < V; c += kChunk) {
     const T* xc = x + c;
     const int64_t len = std::min(kChunk, V - c), full = len & ~int64_t(7);
@@ -77,14 +80,14 @@ RowStats row_stats_avx2(const T* x, int64_t V, float inv_t) {
     }
     if (i < full) m0 = _mm256_max_ps(m0, load8(xc + i));
     if (full < len) m1 = _mm256_max_ps(m1, load_tail(xc + full, len - full, -INFINITY));
-    const float Mn = std::max(float(M), hmax(_mm256_max_ps(m0, m1)) * inv_t);  // x -> x/T is monotone
+    const float Mn = std::max(float(M), hmax(_mm256_max_ps(m0, m1)) * c2);  // x -> x c2 is monotone
     if (Mn == -INFINITY) continue;  // all -inf so far: nothing to add
     const __m256 vM = _mm256_set1_ps(Mn);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, t0 = s0, t1 = s0;
     auto step = [&](__m256 xv, __m256& s, __m256& t) {
-      const __m256 d = _mm256_fmsub_ps(xv, vinv, vM), e = exp8<true>(d);
+      const __m256 z = _mm256_fmsub_ps(xv, vc2, vM), e = exp2_8_nonpos(z);
       s = _mm256_add_ps(s, e);
-      if (kMean) t = _mm256_fmadd_ps(e, _mm256_max_ps(d, lowest), t);  // e == 0 at -inf: 0, not NaN
+      if (kMean) t = _mm256_fmadd_ps(e, _mm256_max_ps(z, lowest), t);  // e == 0 at -inf: 0, not NaN
     };
     for (i = 0; i + 16 <= full; i += 16) {
       step(load8(xc + i), s0, t0);
@@ -93,7 +96,7 @@ RowStats row_stats_avx2(const T* x, int64_t V, float inv_t) {
     if (i < full) step(load8(xc + i), s0, t0);
     if (full < len) step(load_tail(xc + full, len - full, -INFINITY), s1, t1);
     if (M != -INFINITY && M != Mn) {  // the max grew: move the running sums to the new max
-      const double shift = M - Mn, a = std::exp(shift);
+      const double shift = M - Mn, a = std::exp2(shift);
       Tm = a * (Tm + shift * S);
       S *= a;
     }
@@ -101,18 +104,21 @@ RowStats row_stats_avx2(const T* x, int64_t V, float inv_t) {
     Tm += hsum_d(_mm256_add_ps(t0, t1));
     M = Mn;
   }
-  return finish(M, S, Tm);
+  // back to natural units: lse = ln2 M + ln S, E[y] = ln2 (M + Tm / S)
+  return {kLn2 * M + std::log(S), kLn2 * (M + Tm / S), std::log(S) - kLn2 * Tm / S};
 }
 
 template <class T, bool kEnt>
-void row_grad_avx2(const T* x, T* dx, int64_t V, float inv_t, float lse, float mean, float g_lp,
+void row_grad_avx2(const T* x, T* dx, int64_t V, double inv_t, double lse, float mean, float g_lp,
                    float g_h, int64_t target) {
   using namespace vec;
-  const __m256 vinv = _mm256_set1_ps(inv_t), vlse = _mm256_set1_ps(lse), vmean = _mm256_set1_ps(mean);
-  const __m256 a = _mm256_set1_ps(-g_lp * inv_t), b = _mm256_set1_ps(-g_h * inv_t);
+  const float inv_f = float(inv_t);
+  const __m256 vinv = _mm256_set1_ps(inv_f), vmean = _mm256_set1_ps(mean);
+  const __m256 vc2 = _mm256_set1_ps(float(inv_t * kLog2e)), vlse2 = _mm256_set1_ps(float(lse * kLog2e));
+  const __m256 a = _mm256_set1_ps(-g_lp * inv_f), b = _mm256_set1_ps(-g_h * inv_f);
   const __m256 lowest = _mm256_set1_ps(-FLT_MAX);
-  auto grad = [&](__m256 xv) {  // without the target's +g_lp / T
-    const __m256 p = exp8<true>(_mm256_fmsub_ps(xv, vinv, vlse));
+  auto grad = [&](__m256 xv) {  // without the target's +g_lp / T; p = 2^((x / T - lse) log2 e)
+    const __m256 p = exp2_8_nonpos(_mm256_fmsub_ps(xv, vc2, vlse2));
     if (!kEnt) return _mm256_mul_ps(a, p);
     const __m256 pd = _mm256_mul_ps(p, _mm256_max_ps(_mm256_fmsub_ps(xv, vinv, vmean), lowest));
     return _mm256_fmadd_ps(a, p, _mm256_mul_ps(b, pd));
@@ -126,14 +132,14 @@ void row_grad_avx2(const T* x, T* dx, int64_t V, float inv_t, float lse, float m
   if (i < full) store8(dx + i, grad(load8(x + i)));
   if (full < V) store_tail(dx + full, V - full, grad(load_tail(x + full, V - full, -INFINITY)));
   const float gt = _mm256_cvtss_f32(grad(_mm256_set1_ps(to_acc(x[target]))));
-  dx[target] = from_acc<T>(gt + g_lp * inv_t);
+  dx[target] = from_acc<T>(gt + g_lp * inv_f);
 }
 #endif
 
 template <class T, bool kMean>
 RowStats row_stats(const T* x, int64_t V, double inv_t) {
 #if defined(FR_HAVE_AVX2)
-  if constexpr (!std::is_same_v<T, double>) return row_stats_avx2<T, kMean>(x, V, float(inv_t));
+  if constexpr (!std::is_same_v<T, double>) return row_stats_avx2<T, kMean>(x, V, inv_t);
 #endif
   return row_stats_scalar<T>(x, V, acc_t<T>(inv_t));
 }
@@ -177,7 +183,7 @@ void bwd_rows(const TokenLogprobsBwdParams& p, int64_t r0, int64_t r1) {
     const int64_t t = std::clamp<int64_t>(p.targets[n], 0, p.V - 1);  // validated by the forward
 #if defined(FR_HAVE_AVX2)
     if constexpr (!std::is_same_v<T, double>) {
-      const float inv_t = float(p.inv_temperature);
+      const double inv_t = p.inv_temperature;
       if (p.grad_entropy) row_grad_avx2<T, true>(x, dx, p.V, inv_t, lse, mean, g_lp, g_h, t);
       else row_grad_avx2<T, false>(x, dx, p.V, inv_t, lse, mean, g_lp, g_h, t);
       continue;
