@@ -81,9 +81,9 @@ def run(args) -> list[dict]:
     rows = []
     for ent, goal in ((True, ">= 4x"), (False, "")):
         base, ours = time_fwd_bwd(logits, targets, ent, reps)
-        name = "fwd+bwd, entropy" if ent else "fwd+bwd, logprobs"
+        name = "logprobs+ent fwd+bwd" if ent else "logprobs fwd+bwd"
         rows.append(
-            {"op": f"token_logprobs {name}", "shape": shape, "baseline": "eager + autograd", "base_ms": base,
+            {"op": name, "shape": shape, "baseline": "eager + autograd", "base_ms": base,
              "ours_ms": ours, "goal": goal}
         )  # fmt: skip
     with torch.no_grad():
@@ -91,7 +91,7 @@ def run(args) -> list[dict]:
         ours = median_ms(lambda: token_logprobs(logits, targets, return_entropy=True), reps=reps, warmup=1)
     rows.append(
         {
-            "op": "token_logprobs fwd only",
+            "op": "logprobs+ent fwd",
             "shape": shape,
             "baseline": "eager, no_grad",
             "base_ms": base,
