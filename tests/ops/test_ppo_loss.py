@@ -302,3 +302,34 @@ def test_rejects_negative_coef(name):
 def test_rejects_tensors_on_different_devices():
     with pytest.raises(ValueError, match="returns must be on the same device as logprobs"):
         ppo_loss(*args(returns=torch.randn(2, 3, device="meta")))
+
+
+def test_baseline_isa_path_matches(tmp_path):
+    """FASTRLHF_CPU_PATH=base (a fresh process) runs the portable kernels; they agree with this one's."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, fastrlhf\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from test_ppo_loss import KW, make, run\n"
+        "from fastrlhf.ops import ppo_loss\n"
+        "torch.manual_seed(0)\n"
+        "g, mask = make(5, 203)\n"
+        "loss, stats, grads = run(ppo_loss, g, mask * torch.rand(5, 203), **KW)\n"
+        "torch.save((fastrlhf.build_info()['cpu_path'], loss, stats, grads), sys.argv[1])\n"
+    )
+    out, here = tmp_path / "base.pt", os.path.dirname(os.path.abspath(__file__))
+    subprocess.run(
+        [sys.executable, "-c", script, str(out), here],
+        check=True,
+        env={**os.environ, "FASTRLHF_CPU_PATH": "base"},
+    )
+    path, *base = torch.load(out)
+    assert path == "base"
+    torch.manual_seed(0)
+    g, mask = make(5, 203)
+    torch.testing.assert_close(
+        base, list(run(ppo_loss, g, mask * torch.rand(5, 203), **KW)), rtol=1e-5, atol=1e-7
+    )
