@@ -1,5 +1,5 @@
 // 8-lane fp32 helpers for the AVX2 build of the logprobs and ppo_loss kernels: loads that
-// widen bf16/fp16 to fp32, stores that round back, and an expf accurate to ~1 ulp.
+// widen bf16/fp16 to fp32, stores that round back, and exp / exp2 accurate to about 1 ulp.
 // Only included from kernel .cpp files, and only under FR_HAVE_AVX2.
 #pragma once
 #if defined(FR_HAVE_AVX2)
@@ -74,18 +74,14 @@ inline double hsum_d(__m256 v) {
   return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-// exp(x) for fp32 lanes: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), a degree-7
-// minimax polynomial for e^r (the classic Cephes expf coefficients), then scale by 2^n built in
-// the exponent bits. Results below FLT_MIN flush to exactly 0 (so -inf -> 0); NaN stays NaN.
-// kNonPositive: the caller guarantees x <= ~0 (x - max, x - logsumexp), so no overflow clamp is
-// needed; lanes below ln(FLT_MIN) produce garbage exponents that the final mask zeroes anyway.
-template <bool kNonPositive = false>
+// exp(x) for fp32 lanes (ppo_loss's ratio): x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of
+// ln2), a degree-7 minimax polynomial for e^r (the classic Cephes expf coefficients), then scale by
+// 2^n built in the exponent bits. Results below FLT_MIN flush to exactly 0 (so -inf -> 0), x > 88
+// gives exp(88); NaN stays NaN.
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3365448f);  // ln(FLT_MIN)
   const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  if (!kNonPositive) {  // clamp so that n lies in [-126, 127] (exp(88) is the largest result)
-    x = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.0f), x));  // NaN passes through
-  }
+  x = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.0f), x));  // n in [-126, 127]; NaN passes
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
