@@ -8,6 +8,8 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <initializer_list>
+#include <optional>
+#include <vector>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -15,6 +17,8 @@
 
 #include "common/runtime.h"
 #include "gae/gae.h"
+#include "logprobs/logprobs.h"
+#include "ppo_loss/ppo_loss.h"
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
@@ -140,10 +144,271 @@ std::tuple<Tensor, Tensor> gae(Tensor rewards, Tensor values, Tensor mask, doubl
   return {advantages, returns};
 }
 
+// ---- token_logprobs ---------------------------------------------------------------------------
+std::vector<int64_t> leading_shape(const Tensor& t) {  // t.shape[:-1]
+  std::vector<int64_t> s;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) s.push_back(t.size(i));
+  return s;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << ")";  // as shape_of
+  return s.str();
+}
+
+// Element offset of each (V,) row of logits (..., V) whose last dim has stride 1: leading dims may
+// be strided (e.g. logits[:, :-1]), so such views are read in place instead of copied.
+std::vector<int64_t> row_offsets(const Tensor& logits) {
+  const std::vector<int64_t> lead = leading_shape(logits);
+  int64_t N = 1;
+  for (int64_t s : lead) N *= s;
+  std::vector<int64_t> offsets(size_t(N > 0 ? N : 0));
+  std::vector<int64_t> idx(lead.size(), 0);
+  int64_t off = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    offsets[size_t(n)] = off;
+    for (int64_t d = int64_t(lead.size()) - 1; d >= 0; --d) {  // odometer over the leading dims
+      off += logits.stride(d);
+      if (++idx[size_t(d)] < lead[size_t(d)]) break;
+      off -= logits.stride(d) * lead[size_t(d)];
+      idx[size_t(d)] = 0;
+    }
+  }
+  return offsets;
+}
+
+ScalarType acc_scalar_type(fr::DType dtype) {
+  return dtype == fr::DType::f64 ? ScalarType::Double : ScalarType::Float;
+}
+
+fr::DType check_logits(const Tensor& logits) {
+  FR_CHECK(logits.dim() >= 1, "logits must be (..., V); got shape ", shape_of(logits));
+  const fr::DType dtype = float_dtype(logits, "logits");
+  FR_CHECK(logits.size(logits.dim() - 1) >= 1, "logits must have V >= 1 classes in its last dim; got shape ",
+           shape_of(logits));
+  return dtype;
+}
+
+void check_lead_shape(const Tensor& t, const char* name, const Tensor& logits) {
+  const std::vector<int64_t> lead = leading_shape(logits);
+  bool same = t.dim() == int64_t(lead.size());
+  for (int64_t i = 0; same && i < t.dim(); ++i) same = t.size(i) == lead[size_t(i)];
+  FR_CHECK(same, name, " must have the shape of logits.shape[:-1] ", shape_str(lead), "; got ", shape_of(t));
+}
+
+// Logits are read in place when their last dim has stride 1.
+Tensor rows_readable(const Tensor& logits) {
+  return logits.stride(logits.dim() - 1) == 1 ? logits : torch::stable::contiguous(logits);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Tensor targets, double temperature,
+                                                              bool return_entropy) {
+  check_cpu({{&logits, "logits"}, {&targets, "targets"}});
+  const fr::DType dtype = check_logits(logits);
+  check_dtype(targets, "targets", ScalarType::Long);
+  check_lead_shape(targets, "targets", logits);
+  FR_CHECK(temperature > 0.0, "temperature must be > 0; got ", temperature);
+  logits = rows_readable(logits);
+  targets = contig(targets);
+  const std::vector<int64_t> lead = leading_shape(logits), offsets = row_offsets(logits);
+  const std::vector<int64_t> ent_shape = return_entropy ? lead : std::vector<int64_t>{0};
+  const ScalarType acc = acc_scalar_type(dtype);
+  Tensor logprobs = torch::stable::new_empty(logits, lead);
+  Tensor entropy = torch::stable::new_empty(logits, ent_shape);
+  Tensor lse = torch::stable::new_empty(logits, lead, acc);
+  Tensor mean_scaled = torch::stable::new_empty(logits, ent_shape, acc);
+  const int64_t V = logits.size(logits.dim() - 1);
+  int64_t bad_row = -1;
+  fr::TokenLogprobsFwdParams p{dtype,
+                               logits.const_data_ptr(),
+                               offsets.data(),
+                               static_cast<const int64_t*>(targets.const_data_ptr()),
+                               logprobs.mutable_data_ptr(),
+                               return_entropy ? entropy.mutable_data_ptr() : nullptr,
+                               lse.mutable_data_ptr(),
+                               return_entropy ? mean_scaled.mutable_data_ptr() : nullptr,
+                               int64_t(offsets.size()),
+                               V,
+                               1.0 / temperature,
+                               &bad_row};
+  fr::token_logprobs_fwd_cpu(p);
+  if (bad_row >= 0) {  // name the value and its position in targets
+    std::vector<int64_t> pos(lead.size());
+    for (int64_t d = int64_t(lead.size()) - 1, r = bad_row; d >= 0; --d) {
+      pos[size_t(d)] = r % lead[size_t(d)];
+      r /= lead[size_t(d)];
+    }
+    FR_CHECK(false, "targets must be in [0, V) = [0, ", V, "); got ",
+             static_cast<const int64_t*>(targets.const_data_ptr())[bad_row], " at position ", shape_str(pos));
+  }
+  return {logprobs, entropy, lse, mean_scaled};
+}
+
+Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Tensor> grad_entropy, Tensor logits,
+                          Tensor targets, Tensor lse, Tensor mean_scaled, double temperature) {
+  check_cpu({{&logits, "logits"}, {&targets, "targets"}, {&lse, "lse"}, {&mean_scaled, "mean_scaled"}});
+  const fr::DType dtype = check_logits(logits);
+  check_dtype(targets, "targets", ScalarType::Long);
+  check_lead_shape(targets, "targets", logits);
+  check_lead_shape(lse, "lse", logits);
+  check_dtype(lse, "lse", acc_scalar_type(dtype));
+  FR_CHECK(temperature > 0.0, "temperature must be > 0; got ", temperature);
+  for (auto* g : {&grad_logprobs, &grad_entropy}) {
+    if (!g->has_value() || !(*g)->defined()) {
+      g->reset();
+      continue;
+    }
+    const char* name = g == &grad_logprobs ? "grad_logprobs" : "grad_entropy";
+    check_cpu({{&logits, "logits"}, {&**g, name}});
+    check_same_dtype(**g, name, logits, "logits");
+    check_lead_shape(**g, name, logits);
+    **g = contig(**g);
+  }
+  if (grad_entropy) {
+    check_lead_shape(mean_scaled, "mean_scaled", logits);
+    check_dtype(mean_scaled, "mean_scaled", acc_scalar_type(dtype));
+  }
+  logits = rows_readable(logits);
+  targets = contig(targets);
+  lse = contig(lse);
+  mean_scaled = contig(mean_scaled);
+  const std::vector<int64_t> offsets = row_offsets(logits);
+  Tensor d_logits = torch::stable::new_empty(logits, logits.sizes());
+  fr::advise_huge_pages(d_logits.mutable_data_ptr(), size_t(d_logits.numel()) * d_logits.element_size());
+  fr::TokenLogprobsBwdParams p{dtype,
+                               logits.const_data_ptr(),
+                               offsets.data(),
+                               static_cast<const int64_t*>(targets.const_data_ptr()),
+                               lse.const_data_ptr(),
+                               grad_entropy ? mean_scaled.const_data_ptr() : nullptr,
+                               grad_logprobs ? grad_logprobs->const_data_ptr() : nullptr,
+                               grad_entropy ? grad_entropy->const_data_ptr() : nullptr,
+                               d_logits.mutable_data_ptr(),
+                               int64_t(offsets.size()),
+                               logits.size(logits.dim() - 1),
+                               1.0 / temperature};
+  fr::token_logprobs_bwd_cpu(p);
+  return d_logits;
+}
+
+// ---- ppo_loss ---------------------------------------------------------------------------------
+// Checks the (B, T) inputs and fills the kernel's view of them (contiguous copies are kept alive
+// in `hold`). Tensors other than logprobs must have its shape and dtype; mask is bool or weights.
+fr::PpoLossInputs ppo_inputs(std::vector<Tensor>& hold, const Tensor& logprobs, const Tensor& old_logprobs,
+                             const Tensor& advantages, const Tensor& values, const Tensor& old_values,
+                             const Tensor& returns, const Tensor& mask, const std::optional<Tensor>& entropy,
+                             double clip_range, double clip_range_value, double vf_coef, double ent_coef) {
+  const bool has_ent = entropy.has_value() && entropy->defined();
+  check_cpu({{&logprobs, "logprobs"}, {&old_logprobs, "old_logprobs"}, {&advantages, "advantages"},
+             {&values, "values"}, {&old_values, "old_values"}, {&returns, "returns"}, {&mask, "mask"}});
+  if (has_ent) check_cpu({{&logprobs, "logprobs"}, {&*entropy, "entropy"}});
+  check_dim(logprobs, "logprobs", 2, "(B, T)");
+  const fr::DType dtype = float_dtype(logprobs, "logprobs");
+  std::vector<std::pair<const Tensor*, const char*>> floats = {
+      {&old_logprobs, "old_logprobs"}, {&advantages, "advantages"}, {&values, "values"},
+      {&old_values, "old_values"}, {&returns, "returns"}};
+  if (has_ent) floats.push_back({&*entropy, "entropy"});
+  for (auto [t, name] : floats) {
+    check_same_shape(*t, name, logprobs, "logprobs");
+    float_dtype(*t, name);
+    check_same_dtype(*t, name, logprobs, "logprobs");
+  }
+  check_same_shape(mask, "mask", logprobs, "logprobs");
+  const bool mask_is_bool = mask.scalar_type() == ScalarType::Bool;
+  FR_CHECK(mask_is_bool || mask.scalar_type() == logprobs.scalar_type(),
+           "mask must be bool or have the dtype of logprobs (", dtype_name(logprobs.scalar_type()), "); got ",
+           dtype_name(mask.scalar_type()));
+  FR_CHECK(clip_range > 0.0, "clip_range must be > 0; got ", clip_range);
+  FR_CHECK(clip_range_value > 0.0, "clip_range_value must be > 0; got ", clip_range_value);
+  FR_CHECK(vf_coef >= 0.0, "vf_coef must be >= 0; got ", vf_coef);
+  FR_CHECK(ent_coef >= 0.0, "ent_coef must be >= 0; got ", ent_coef);
+  auto ptr = [&hold](const Tensor& t) {
+    hold.push_back(contig(t));
+    return hold.back().const_data_ptr();
+  };
+  hold.reserve(8);
+  return {dtype,
+          ptr(logprobs),
+          ptr(old_logprobs),
+          ptr(advantages),
+          ptr(values),
+          ptr(old_values),
+          ptr(returns),
+          has_ent ? ptr(*entropy) : nullptr,
+          ptr(mask),
+          mask_is_bool,
+          logprobs.numel(),
+          clip_range,
+          clip_range_value,
+          vf_coef,
+          ent_coef};
+}
+
+std::tuple<Tensor, Tensor> ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values,
+                                        Tensor old_values, Tensor returns, Tensor mask, std::optional<Tensor> entropy,
+                                        double clip_range, double clip_range_value, double vf_coef,
+                                        double ent_coef) {
+  std::vector<Tensor> hold;
+  const fr::PpoLossInputs in = ppo_inputs(hold, logprobs, old_logprobs, advantages, values, old_values, returns,
+                                          mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
+  Tensor loss = torch::stable::new_empty(logprobs, {});
+  Tensor stats = torch::stable::new_empty(logprobs, {int64_t(fr::kNumPpoStats)}, acc_scalar_type(in.dtype));
+  fr::ppo_loss_fwd_cpu(fr::PpoLossFwdParams{in, loss.mutable_data_ptr(), stats.mutable_data_ptr()});
+  return {loss, stats};
+}
+
+double scalar_value(const Tensor& t, const char* name) {
+  FR_CHECK(t.numel() == 1, name, " must hold one value; got shape ", shape_of(t));
+  const void* d = t.const_data_ptr();
+  switch (float_dtype(t, name)) {
+    case fr::DType::f32: return *static_cast<const float*>(d);
+    case fr::DType::f64: return *static_cast<const double*>(d);
+    case fr::DType::bf16: return fr::to_acc(*static_cast<const fr::bf16_t*>(d));
+    case fr::DType::f16: return fr::to_acc(*static_cast<const fr::f16_t*>(d));
+  }
+  return 0.0;
+}
+
+std::tuple<Tensor, Tensor, Tensor> ppo_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs,
+                                                Tensor advantages, Tensor values, Tensor old_values, Tensor returns,
+                                                Tensor mask, std::optional<Tensor> entropy, double clip_range,
+                                                double clip_range_value, double vf_coef, double ent_coef) {
+  std::vector<Tensor> hold;
+  const fr::PpoLossInputs in = ppo_inputs(hold, logprobs, old_logprobs, advantages, values, old_values, returns,
+                                          mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
+  check_cpu({{&logprobs, "logprobs"}, {&grad_loss, "grad_loss"}});
+  const double g = scalar_value(grad_loss, "grad_loss");
+  Tensor d_logprobs = torch::stable::new_empty(logprobs, logprobs.sizes());
+  Tensor d_values = torch::stable::new_empty(logprobs, logprobs.sizes());
+  Tensor d_entropy = torch::stable::new_empty(logprobs, in.entropy ? logprobs.sizes() : torch::headeronly::IntHeaderOnlyArrayRef(int64_t(0)));
+  fr::ppo_loss_bwd_cpu(fr::PpoLossBwdParams{in, g, d_logprobs.mutable_data_ptr(), d_values.mutable_data_ptr(),
+                                            in.entropy ? d_entropy.mutable_data_ptr() : nullptr});
+  return {d_logprobs, d_values, d_entropy};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def("token_logprobs_fwd(Tensor logits, Tensor targets, float temperature, bool return_entropy) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor targets, "
+        "Tensor lse, Tensor mean_scaled, float temperature) -> Tensor");
+  m.def("ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, Tensor old_values, "
+        "Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, float vf_coef, "
+        "float ent_coef) -> (Tensor, Tensor)");
+  m.def("ppo_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, "
+        "Tensor old_values, Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, "
+        "float vf_coef, float ent_coef) -> (Tensor, Tensor, Tensor)");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) { m.impl("gae", TORCH_BOX(&gae)); }
+STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
+  m.impl("gae", TORCH_BOX(&gae));
+  m.impl("token_logprobs_fwd", TORCH_BOX(&token_logprobs_fwd));
+  m.impl("token_logprobs_bwd", TORCH_BOX(&token_logprobs_bwd));
+  m.impl("ppo_loss_fwd", TORCH_BOX(&ppo_loss_fwd));
+  m.impl("ppo_loss_bwd", TORCH_BOX(&ppo_loss_bwd));
+}

@@ -7,7 +7,7 @@ from fastrlhf.ops.gae import gae
 # Public names whose fused kernels have not landed yet are served by the reference twin.
 from fastrlhf.ops.reference import causal_attention
 from fastrlhf.ops.reference import sample
-from fastrlhf.ops.reference import token_logprobs
-from fastrlhf.ops.reference import ppo_loss
+from fastrlhf.ops.logprobs import token_logprobs
+from fastrlhf.ops.ppo_loss import ppo_loss
 
 __all__ = ["causal_attention", "gae", "ppo_loss", "sample", "token_logprobs"]

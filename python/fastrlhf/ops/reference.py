@@ -139,7 +139,9 @@ def token_logprobs(
     out = logp.gather(-1, targets[..., None]).squeeze(-1).to(logits.dtype)  # (...)
     if not return_entropy:
         return out
-    entropy = -(logp.exp() * logp).sum(-1)  # (...)
+    # p log p -> 0 where p == 0 (logit -inf, e.g. a padded vocabulary): 0 * -inf would be NaN, and
+    # filling logp (not the product) keeps the gradient finite too.
+    entropy = -(logp.exp() * logp.masked_fill(logp == float("-inf"), 0.0)).sum(-1)  # (...)
     return out, entropy.to(logits.dtype)
 
 

@@ -1,0 +1,60 @@
+// Per-token log-probabilities and entropies of softmax(logits / T), forward and backward,
+// streaming each row of V logits once without an (N, V) temporary.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "common/dtype.h"
+#include "common/runtime.h"
+
+namespace fr {
+// Row n of the logits is V contiguous elements at logits + row_offset[n] (leading dims may be
+// strided, e.g. logits[:, :-1]). Statistics are in acc_t of the dtype (double for f64, else float).
+struct TokenLogprobsFwdParams {
+  DType dtype;                // of logits, logprobs, entropy
+  const void* logits;         // rows of (V,)
+  const int64_t* row_offset;  // (N,) element offset of each row
+  const int64_t* targets;     // (N,)
+  void* logprobs;             // (N,) out: log p[target]
+  void* entropy;              // (N,) out, or nullptr when not requested
+  void* lse;                  // (N,) out, acc_t: logsumexp(logits / T)
+  void* mean_scaled;          // (N,) out, acc_t: E_p[logits / T]; nullptr when no entropy
+  int64_t N, V;
+  double inv_temperature;
+  int64_t* bad_row;  // out: the first row whose target is outside [0, V), else -1
+};
+
+struct TokenLogprobsBwdParams {
+  DType dtype;                    // of logits, grads, d_logits
+  const void* logits;             // rows of (V,) as in the forward
+  const int64_t* row_offset;      // (N,)
+  const int64_t* targets;         // (N,) already validated by the forward
+  const void* lse;                // (N,) acc_t, from the forward
+  const void* mean_scaled;        // (N,) acc_t, or nullptr when grad_entropy is nullptr
+  const void* grad_logprobs;      // (N,) or nullptr (= 0)
+  const void* grad_entropy;       // (N,) or nullptr (= 0)
+  void* d_logits;                 // (N, V) out, contiguous
+  int64_t N, V;
+  double inv_temperature;
+};
+
+// Asks Linux to back a fresh, large output buffer with 2 MiB pages before the kernel first
+// writes it: faulting in (2048, 50304) fp32 with 4 KiB pages costs more than computing it.
+// Only whole 2 MiB blocks inside [p, p + bytes) are affected; a no-op elsewhere.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+}  // namespace fr
+
+FR_DECLARE_CPU_KERNEL(token_logprobs_fwd_cpu, TokenLogprobsFwdParams)
+FR_DECLARE_CPU_KERNEL(token_logprobs_bwd_cpu, TokenLogprobsBwdParams)

@@ -1,0 +1,318 @@
+// ppo_loss: per token (m = mask weight, n = max(sum m, 1), r = exp(logp - old_logp)):
+//   pg  = max(-A r, -A clamp(r, 1 - c, 1 + c))          clipped  = [second term > first]
+//   vl  = max((v - R)^2, (v_c - R)^2),  v_c = v_old + clamp(v - v_old, -c_v, c_v)
+//   loss = sum m pg / n + vf_coef * 0.5 sum m vl / n - ent_coef * sum m H / n
+// The forward sums fixed 1024-token chunks in parallel and adds the chunk partials (doubles) in
+// chunk order, so results do not depend on the thread count. The backward follows autograd's
+// rules for the reference exactly: torch.maximum sends half the gradient to each side of a tie,
+// torch.clamp passes it where min <= x <= max.
+#include "ppo_loss/ppo_loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "logprobs/vec.h"
+
+namespace fr::FR_ISA_NS {
+namespace {
+
+constexpr int64_t kChunk = 1024;  // tokens per partial sum
+enum Slot : int { kSumPg = 0, kSumVl, kSumClip, kSumVclip, kSumK3, kSumRatio, kSumEnt, kNumSums };
+
+// ---- per-token math, written once for scalars (float, double) and 8 fp32 lanes ---------------
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V vmax(V a, V b) { return a > b ? a : b; }
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V vmin(V a, V b) { return a < b ? a : b; }
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V vexp(V a) { return std::exp(a); }
+// Comparisons as 0/1 factors.
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V gt(V a, V b) { return V(a > b); }
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V eq(V a, V b) { return V(a == b); }
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V in_range(V x, V lo, V hi) { return V(x >= lo && x <= hi); }
+template <class V, std::enable_if_t<std::is_floating_point_v<V>, int> = 0>
+inline V pick(V cond01, V a, V b) { return cond01 != V(0) ? a : b; }
+
+#if defined(FR_HAVE_AVX2)
+struct F8 {
+  __m256 v;
+};
+inline F8 operator+(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline F8 operator-(F8 a, F8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline F8 operator-(F8 a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; }
+inline F8 vmax(F8 a, F8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline F8 vmin(F8 a, F8 b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline F8 vexp(F8 a) { return {vec::exp8(a.v)}; }
+inline F8 ones(__m256 bits) { return {_mm256_and_ps(bits, _mm256_set1_ps(1.0f))}; }
+inline F8 gt(F8 a, F8 b) { return ones(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)); }
+inline F8 eq(F8 a, F8 b) { return ones(_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)); }
+inline F8 in_range(F8 x, F8 lo, F8 hi) {
+  return ones(_mm256_and_ps(_mm256_cmp_ps(x.v, lo.v, _CMP_GE_OQ), _mm256_cmp_ps(x.v, hi.v, _CMP_LE_OQ)));
+}
+inline F8 pick(F8 cond01, F8 a, F8 b) {
+  return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(cond01.v, _mm256_setzero_ps(), _CMP_NEQ_OQ))};
+}
+#endif
+
+template <class V>
+struct Consts {
+  V lo, hi, cv_lo, cv_hi, half;  // 1 - c, 1 + c, -c_v, c_v, 0.5
+};
+
+template <class V>
+struct Token {
+  V log_ratio, ratio;
+  V pg1, pg2;        // -A r, -A clamp(r)
+  V v_in;            // 1 where |v - v_old| <= c_v, else 0
+  V v_err, vc_err;   // v - R, v_c - R
+};
+
+template <class V>
+inline Token<V> token(V lp, V olp, V adv, V v, V ov, V ret, const Consts<V>& c) {
+  Token<V> t;
+  t.log_ratio = lp - olp;
+  t.ratio = vexp(t.log_ratio);
+  t.pg1 = -adv * t.ratio;
+  t.pg2 = -adv * vmin(vmax(t.ratio, c.lo), c.hi);
+  const V v_delta = v - ov;
+  t.v_in = in_range(v_delta, c.cv_lo, c.cv_hi);
+  t.v_err = v - ret;
+  // v_c is v itself inside the clip range: v_old + (v - v_old) would round away from v and turn
+  // exact ties of the two value losses into spurious "clipped" tokens.
+  t.vc_err = pick(t.v_in, t.v_err, ov + vmin(vmax(v_delta, c.cv_lo), c.cv_hi) - ret);
+  return t;
+}
+
+// d loss / d logp and d loss / d v of one token, given w_pg = g m / n and w_v = vf_coef g m / n.
+template <class V>
+inline void token_grads(const Token<V>& t, V w_pg, V w_v, const Consts<V>& c, V& d_lp, V& d_v) {
+  const V tie = c.half * eq(t.pg1, t.pg2);
+  d_lp = w_pg * t.pg1 * (gt(t.pg1, t.pg2) + tie + (gt(t.pg2, t.pg1) + tie) * in_range(t.ratio, c.lo, c.hi));
+  const V vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err, vtie = c.half * eq(vl1, vl2);
+  // 0.5 d(x^2) = x: the 0.5 of v_loss cancels the 2
+  d_v = w_v * ((gt(vl1, vl2) + vtie) * t.v_err +
+               (gt(vl2, vl1) + vtie) * t.vc_err * t.v_in);
+}
+
+template <class V>
+Consts<V> make_consts(const PpoLossInputs& p, V (*bc)(double)) {
+  return {bc(1.0 - p.clip_range), bc(1.0 + p.clip_range), bc(-p.clip_range_value), bc(p.clip_range_value),
+          bc(0.5)};
+}
+
+template <class X> const X* at(const void* base, int64_t i) { return static_cast<const X*>(base) + i; }
+// Element i as acc_t (a bool mask byte as 0.0 / 1.0).
+template <class X> auto val(const void* base, int64_t i) {
+  if constexpr (std::is_same_v<X, uint8_t>) return float(*at<X>(base, i));
+  else return to_acc(*at<X>(base, i));
+}
+
+// ---- forward: partial sums of one chunk [b, e) ---------------------------------------------
+// part: kNumSums masked sums, then the max ratio over tokens with m != 0 (-inf if none).
+template <class T, class M>
+void fwd_chunk_scalar(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
+  using acc = acc_t<T>;
+  const Consts<acc> c = make_consts<acc>(p, [](double x) { return acc(x); });
+  double s[kNumSums] = {};
+  double rmax = -INFINITY;
+  for (int64_t i = b; i < e; ++i) {
+    const acc m = acc(val<M>(p.mask, i));
+    const Token<acc> t = token<acc>(val<T>(p.logprobs, i), val<T>(p.old_logprobs, i),
+                                    val<T>(p.advantages, i), val<T>(p.values, i),
+                                    val<T>(p.old_values, i), val<T>(p.returns, i), c);
+    const acc vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
+    s[kSumPg] += m * vmax(t.pg1, t.pg2);
+    s[kSumVl] += m * vmax(vl1, vl2);
+    s[kSumClip] += m * gt(t.pg2, t.pg1);
+    s[kSumVclip] += m * gt(vl2, vl1);
+    s[kSumK3] += m * ((t.ratio - acc(1)) - t.log_ratio);  // k3, http://joschu.net/blog/kl-approx.html
+    s[kSumRatio] += m * t.ratio;
+    if (p.entropy) s[kSumEnt] += m * val<T>(p.entropy, i);
+    if (m != acc(0)) rmax = std::max(rmax, double(t.ratio));
+  }
+  std::copy(s, s + kNumSums, part);
+  part[kNumSums] = rmax;
+}
+
+#if defined(FR_HAVE_AVX2)
+template <class X> inline F8 ld(const void* base, int64_t i, int64_t n) {
+  const X* ptr = at<X>(base, i);
+  return {n == 8 ? vec::load8(ptr) : vec::load_tail(ptr, n, 0.0f)};  // pads: m = 0, finite terms
+}
+
+template <class T, class M>
+void fwd_chunk_avx2(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
+  const Consts<F8> c = make_consts<F8>(p, [](double x) { return F8{_mm256_set1_ps(float(x))}; });
+  const F8 one{_mm256_set1_ps(1.0f)}, zero{_mm256_setzero_ps()};
+  double s[kNumSums] = {};
+  __m256 rmax = _mm256_set1_ps(-INFINITY);
+  for (int64_t blk = b; blk < e; blk += 64) {  // 8 vectors summed in fp32, then added in double
+    F8 bs[kNumSums] = {zero, zero, zero, zero, zero, zero, zero};
+    for (int64_t i = blk, end = std::min(e, blk + 64); i < end; i += 8) {
+      const int64_t n = std::min<int64_t>(8, end - i);
+      const F8 m = ld<M>(p.mask, i, n);
+      const Token<F8> t = token<F8>(ld<T>(p.logprobs, i, n), ld<T>(p.old_logprobs, i, n),
+                                    ld<T>(p.advantages, i, n), ld<T>(p.values, i, n),
+                                    ld<T>(p.old_values, i, n), ld<T>(p.returns, i, n), c);
+      const F8 vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
+      bs[kSumPg] = bs[kSumPg] + m * vmax(t.pg1, t.pg2);
+      bs[kSumVl] = bs[kSumVl] + m * vmax(vl1, vl2);
+      bs[kSumClip] = bs[kSumClip] + m * gt(t.pg2, t.pg1);
+      bs[kSumVclip] = bs[kSumVclip] + m * gt(vl2, vl1);
+      bs[kSumK3] = bs[kSumK3] + m * ((t.ratio - one) - t.log_ratio);
+      bs[kSumRatio] = bs[kSumRatio] + m * t.ratio;
+      if (p.entropy) bs[kSumEnt] = bs[kSumEnt] + m * ld<T>(p.entropy, i, n);
+      const __m256 live = _mm256_cmp_ps(m.v, zero.v, _CMP_NEQ_OQ);
+      rmax = _mm256_max_ps(rmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), t.ratio.v, live));
+    }
+    for (int k = 0; k < kNumSums; ++k) s[k] += vec::hsum_d(bs[k].v);
+  }
+  std::copy(s, s + kNumSums, part);
+  part[kNumSums] = vec::hmax(rmax);
+}
+#endif
+
+template <class T, class M>
+void fwd_chunk(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
+#if defined(FR_HAVE_AVX2)
+  if constexpr (!std::is_same_v<T, double>) return fwd_chunk_avx2<T, M>(p, b, e, part);
+#endif
+  fwd_chunk_scalar<T, M>(p, b, e, part);
+}
+
+// ---- backward: gradients of one chunk ---------------------------------------------------------
+template <class T, class M>
+void bwd_chunk(const PpoLossBwdParams& p, double g_over_n, int64_t b, int64_t e) {
+  const PpoLossInputs& in = p.in;
+  T* d_lp = static_cast<T*>(p.d_logprobs);
+  T* d_v = static_cast<T*>(p.d_values);
+  T* d_ent = static_cast<T*>(p.d_entropy);
+  int64_t i = b;
+#if defined(FR_HAVE_AVX2)
+  if constexpr (!std::is_same_v<T, double>) {
+    const Consts<F8> c = make_consts<F8>(in, [](double x) { return F8{_mm256_set1_ps(float(x))}; });
+    const F8 s_pg{_mm256_set1_ps(float(g_over_n))}, s_v{_mm256_set1_ps(float(g_over_n * in.vf_coef))};
+    const F8 s_ent{_mm256_set1_ps(float(-g_over_n * in.ent_coef))};
+    for (; i < e; i += 8) {
+      const int64_t n = std::min<int64_t>(8, e - i);
+      const F8 m = ld<M>(in.mask, i, n);
+      const Token<F8> t = token<F8>(ld<T>(in.logprobs, i, n), ld<T>(in.old_logprobs, i, n),
+                                    ld<T>(in.advantages, i, n), ld<T>(in.values, i, n),
+                                    ld<T>(in.old_values, i, n), ld<T>(in.returns, i, n), c);
+      F8 g_lp, g_v;
+      token_grads<F8>(t, m * s_pg, m * s_v, c, g_lp, g_v);
+      if (n == 8) {
+        vec::store8(d_lp + i, g_lp.v);
+        vec::store8(d_v + i, g_v.v);
+        if (d_ent) vec::store8(d_ent + i, (m * s_ent).v);
+      } else {
+        vec::store_tail(d_lp + i, n, g_lp.v);
+        vec::store_tail(d_v + i, n, g_v.v);
+        if (d_ent) vec::store_tail(d_ent + i, n, (m * s_ent).v);
+      }
+    }
+    return;
+  }
+#endif
+  using acc = acc_t<T>;
+  const Consts<acc> c = make_consts<acc>(in, [](double x) { return acc(x); });
+  for (; i < e; ++i) {
+    const acc m = acc(val<M>(in.mask, i));
+    const Token<acc> t = token<acc>(val<T>(in.logprobs, i), val<T>(in.old_logprobs, i),
+                                    val<T>(in.advantages, i), val<T>(in.values, i),
+                                    val<T>(in.old_values, i), val<T>(in.returns, i), c);
+    acc g_lp, g_v;
+    token_grads<acc>(t, acc(m * g_over_n), acc(m * g_over_n * in.vf_coef), c, g_lp, g_v);
+    d_lp[i] = from_acc<T>(g_lp);
+    d_v[i] = from_acc<T>(g_v);
+    if (d_ent) d_ent[i] = from_acc<T>(acc(-m * g_over_n * in.ent_coef));
+  }
+}
+
+// sum of the mask in a fixed order: 0/1 counts are exact; weights use 8 interleaved doubles.
+template <class M>
+double mask_sum(const PpoLossInputs& p) {
+  const M* m = static_cast<const M*>(p.mask);
+  if constexpr (std::is_same_v<M, uint8_t>) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < p.N; ++i) count += m[i];
+    return double(count);
+  } else {
+    double s[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= p.N; i += 8)
+      for (int j = 0; j < 8; ++j) s[j] += double(to_acc(m[i + j]));
+    for (; i < p.N; ++i) s[0] += double(to_acc(m[i]));
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  }
+}
+
+// Dispatches T over the float dtypes and M over {bool mask, weight mask of dtype T}.
+#define FR_PPO_DISPATCH(in, ...)                                                          \
+  FR_DISPATCH_FLOAT((in).dtype, if ((in).mask_is_bool) {                                   \
+    using mask_t = uint8_t;                                                                \
+    __VA_ARGS__;                                                                           \
+  } else {                                                                                 \
+    using mask_t = scalar_t;                                                               \
+    __VA_ARGS__;                                                                           \
+  })
+
+// Tokens per task >= 64k: a (64, 512) batch runs on the calling thread. Waking a second thread costs
+// more than its share of ~50 us of work, and far more on a busy machine.
+constexpr int64_t kGrainChunks = 64;
+
+template <class T, class M>
+void ppo_fwd(const PpoLossFwdParams& p) {
+  using acc = acc_t<T>;
+  const PpoLossInputs& in = p.in;
+  const int64_t chunks = (in.N + kChunk - 1) / kChunk;
+  std::vector<double> parts(size_t(chunks) * (kNumSums + 1));  // (chunks, kNumSums + 1)
+  parallel_for(0, chunks, kGrainChunks, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch)
+      fwd_chunk<T, M>(in, ch * kChunk, std::min(in.N, (ch + 1) * kChunk), &parts[size_t(ch) * (kNumSums + 1)]);
+  });
+  double s[kNumSums] = {}, rmax = -INFINITY;
+  for (int64_t ch = 0; ch < chunks; ++ch) {  // chunk order: the same sums for any thread count
+    const double* part = &parts[size_t(ch) * (kNumSums + 1)];
+    for (int k = 0; k < kNumSums; ++k) s[k] += part[k];
+    rmax = std::max(rmax, part[kNumSums]);
+  }
+  const double n = std::max(mask_sum<M>(in), 1.0);
+  double st[kNumPpoStats];
+  st[kPgLoss] = s[kSumPg] / n;
+  st[kVLoss] = 0.5 * s[kSumVl] / n;
+  st[kClipfrac] = s[kSumClip] / n;
+  st[kVfClipfrac] = s[kSumVclip] / n;
+  st[kApproxKl] = s[kSumK3] / n;
+  st[kRatioMean] = s[kSumRatio] / n;
+  st[kRatioMax] = rmax == -INFINITY ? 0.0 : rmax;  // no live token: 0, as the reference
+  st[kEntropy] = s[kSumEnt] / n;
+  acc* stats = static_cast<acc*>(p.stats);
+  for (int k = 0; k < kNumPpoStats; ++k) stats[k] = acc(st[k]);
+  const double loss = st[kPgLoss] + in.vf_coef * st[kVLoss] - in.ent_coef * st[kEntropy];
+  *static_cast<T*>(p.loss) = from_acc<T>(acc(loss));
+}
+
+template <class T, class M>
+void ppo_bwd(const PpoLossBwdParams& p) {
+  const double g_over_n = p.grad_loss / std::max(mask_sum<M>(p.in), 1.0);
+  const int64_t chunks = (p.in.N + kChunk - 1) / kChunk;
+  parallel_for(0, chunks, kGrainChunks, [&](int64_t c0, int64_t c1) {
+    bwd_chunk<T, M>(p, g_over_n, c0 * kChunk, std::min(p.in.N, c1 * kChunk));
+  });
+}
+
+}  // namespace
+
+void ppo_loss_fwd_cpu(const PpoLossFwdParams& p) { FR_PPO_DISPATCH(p.in, ppo_fwd<scalar_t, mask_t>(p)); }
+
+void ppo_loss_bwd_cpu(const PpoLossBwdParams& p) { FR_PPO_DISPATCH(p.in, ppo_bwd<scalar_t, mask_t>(p)); }
+
+}  // namespace fr::FR_ISA_NS
