@@ -9,6 +9,16 @@ from fastrlhf.train.label_cli import sample_answers
 from fastrlhf.train.labelers import ArithmeticLabeler
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and a loaded 2-core machine makes two threads spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def label(sft_run, out, *extra):
     return main(["label", "--sft", str(sft_run), "--out", str(out), "--max-new-tokens", "6", *extra])
 
@@ -64,7 +74,8 @@ def test_bad_prompts_file(sft_run, tmp_path, capsys):
     assert "p.jsonl:2: expected an object with a string field 'prompt'" in capsys.readouterr().err
     assert label(sft_run, tmp_path / "r.jsonl", "--prompts", str(tmp_path / "nope.txt"), "--labeler", "x") == 2
     assert "neither a task" in capsys.readouterr().err
-    assert label(sft_run, tmp_path / "r.jsonl", "--prompts", str(tmp_path / "p.jsonl")) == 2
+    (tmp_path / "ok.txt").write_text("What is 1+1?\n")
+    assert label(sft_run, tmp_path / "r.jsonl", "--prompts", str(tmp_path / "ok.txt")) == 2
     assert "--labeler is required when --prompts is a file" in capsys.readouterr().err
 
 

@@ -25,10 +25,20 @@ from sft_helpers import arithmetic_rankings, write_ranking_file
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and a loaded 2-core machine makes two threads spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def rm_config(sft_run, train, out, *extra):
     return load_config(RMConfig, None, [f"train.sft={sft_run}", f"data.train={train}", f"train.out_dir={out}",
-                                        "train.device=cpu", "train.batch_size=4", "train.log_interval=1",
-                                        "optim.lr=3e-3", "optim.warmup_steps=3", *extra])
+                                        "train.device=cpu", "train.batch_size=8", "train.log_interval=1",
+                                        "optim.lr=2e-3", "optim.warmup_steps=3", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,16 @@ from fastrlhf.train.sft import collate, encode_examples, pack, sft, token_losses
 from sft_helpers import sft_config, write_demos
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and a loaded 2-core machine makes two threads spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     return write_demos(tmp_path_factory.mktemp("sft") / "demos.jsonl")
