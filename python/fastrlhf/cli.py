@@ -11,6 +11,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("fastrlhf.data.cli", "fetch/read text, train a tokenizer, write train/val token files"),
     "pretrain": ("fastrlhf.train.pretrain", "next-token pretraining from a TOML config"),
     "generate": ("fastrlhf.model.cli", "sample completions from a checkpoint"),
+    "sft": ("fastrlhf.train.sft", "supervised fine-tuning on demonstrations (packed, response-only loss)"),
+    "label": ("fastrlhf.train.label_cli", "sample K answers per prompt from an SFT model and rank them"),
+    "rm": ("fastrlhf.train.reward", "train a K-wise reward model on rankings"),
 }
 
 

@@ -10,3 +10,17 @@ def data_dir(tmp_path_factory):
     docs = [make_text(300, s) for s in range(4)]
     corpus.prepare(docs, corpus.build_tokenizer("bpe", docs, 300), out, val_fraction=0.1)
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """A tiny SFT model trained for 30 steps on one-digit arithmetic (shared by reward and label tests)."""
+    from fastrlhf.train.sft import sft
+    from sft_helpers import sft_config, write_demos
+
+    root = tmp_path_factory.mktemp("sft_shared")
+    demos = write_demos(root / "demos.jsonl")
+    out = root / "run"
+    sft(sft_config(f"data.source={demos}", f"train.out_dir={out}", "train.max_steps=30", "train.eval_interval=30"),
+        quiet=True)
+    return out

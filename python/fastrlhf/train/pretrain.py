@@ -8,7 +8,6 @@ periodic validation, a JSONL log + progress bar, and checkpoints a run resumes f
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from fastrlhf.model import GPT, GPTConfig
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train.config import from_dict, load_config, to_dict
 from fastrlhf.train.log import JSONLLogger, Progress
-from fastrlhf.train.optim import OptimConfig, autocast_for, lr_at, make_adamw, optimizer_step
+from fastrlhf.train.loop import resolve_device, run_loop
+from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
 
 @dataclass
@@ -91,10 +91,7 @@ def evaluate(model: GPT, tokens, cfg: TrainConfig, T: int, device: torch.device)
 def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
     """Train (or resume) the run cfg describes; returns the last train and val losses."""
     t = cfg.train
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if t.device == "auto" else t.device))
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    device = resolve_device(t)
     data = Path(t.data_dir)
     train_tokens, val_tokens = TokenFile(data / "train.bin"), TokenFile(data / "val.bin")
     if train_tokens.vocab_size > cfg.model.vocab_size:
@@ -124,41 +121,19 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
     say(f"model: {model.num_params():,} parameters; {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
         + (f"; resumed at step {step}" if step else ""))
 
-    def micro_loss(_: int) -> torch.Tensor:
+    def micro_loss(_step: int, _i: int) -> torch.Tensor:
         x, y = random_batch(train_tokens.tokens, t.batch_size, T, data_gen)
         with autocast_for(device, t.dtype):
             return model(x.to(device), y.to(device))[1]
 
-    model.train()
-    last: dict[str, float] = {}
-    t_start, tok_per_step = time.perf_counter(), t.batch_size * T * t.grad_accum
-    deadline = time.perf_counter() + t.max_minutes * 60 if t.max_minutes > 0 else float("inf")
-    while step < t.max_steps:
-        lr = lr_at(step, cfg.optim, t.max_steps)
-        loss, norm = optimizer_step(model, optimizer, micro_loss, t.grad_accum, lr, cfg.optim.grad_clip)
-        step += 1
-        rate = progress.update(tok_per_step, loss=loss)
-        last["loss"] = loss
-        final = step == t.max_steps or time.perf_counter() > deadline
-        if final and step < t.max_steps:
-            say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
-        if step % t.log_interval == 0 or final:
-            dt = time.perf_counter() - t_start
-            logger.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate, time_s=dt)
-            say(f"step {step:>6}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm:.3f}  {rate:,.0f} tok/s")
-        if step % t.eval_interval == 0 or final:
-            last["val_loss"] = evaluate(model, val_tokens.tokens, t, T, device)
-            logger.log(step=step, val_loss=last["val_loss"])
-            say(f"step {step:>6}  val_loss {last['val_loss']:.4f}")
-        if (t.ckpt_interval and step % t.ckpt_interval == 0) or final:
-            ckpt.save_checkpoint(out, step, models={"model": model}, optimizers={"optim": optimizer},
-                                 generators={"data": data_gen}, state={"config": to_dict(cfg)},
-                                 tokenizer=tokenizer, keep=t.keep_checkpoints)
-        if final:
-            break
-    progress.close()
-    logger.close()
-    return last
+    def save(at: int) -> None:
+        ckpt.save_checkpoint(out, at, models={"model": model}, optimizers={"optim": optimizer},
+                             generators={"data": data_gen}, state={"config": to_dict(cfg)},
+                             tokenizer=tokenizer, keep=t.keep_checkpoints)
+
+    return run_loop(model=model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
+                    evaluate=lambda: {"val_loss": evaluate(model, val_tokens.tokens, t, T, device)}, save=save,
+                    logger=logger, progress=progress, say=say, tokens_per_step=t.batch_size * T * t.grad_accum)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,88 @@
+"""Reward-model training step: K-wise batching (one ranking = K sequences, loss over its C(K, 2) pairs)
+vs the same rankings flattened into independent pairs (2 * C(K, 2) sequences), as the usual trainers
+do. Same model, same rankings, same AdamW step. Validates first (with K fixed the two losses are equal at
+the same weights), then times both alternately in this process. Ratio = pairs time / K-wise time per
+ranking (goal >= 2x at K = 4).
+
+    .venv/bin/python benchmarks/bench_reward.py [--k 4] [--rankings 4] [--seq 64] [--quick]"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from _common import report
+from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
+from fastrlhf.train.optim import OptimConfig, make_adamw
+from fastrlhf.train.reward import as_pairs, kwise_loss, score_batch
+
+
+def interleaved_ms(fns: list, reps: int) -> list[float]:
+    """Median ms of each fn, timed alternately so load from other processes hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--rankings", type=int, default=4, help="rankings per training step")
+    ap.add_argument("--seq", type=int, default=64, help="tokens per response sequence (prompt + response)")
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    R, K, T = (2, args.k, 32) if args.quick else (args.rankings, args.k, args.seq)
+    reps = 3 if args.quick else args.reps
+    cfg = GPTConfig(vocab_size=args.vocab, block_size=max(T, 32), n_layer=4, n_head=4, n_embd=256)
+    torch.manual_seed(0)
+    rm = ScalarHeadModel.from_gpt(GPT(cfg)).train()
+    gen = torch.Generator().manual_seed(0)
+    rankings = []
+    for _ in range(R):  # K responses of a shared prompt, lengths T - 7 .. T, best-first order shuffled
+        prompt = torch.randint(0, cfg.vocab_size, (T // 2,), generator=gen).tolist()
+        seqs = [prompt + torch.randint(0, cfg.vocab_size, (T - T // 2 - j % 8,), generator=gen).tolist() for j in range(K)]
+        order = torch.randperm(K, generator=gen).tolist()
+        rankings.append((seqs, [(order[a], order[b]) for a in range(K) for b in range(a + 1, K)]))
+    pairs = as_pairs(rankings)
+    cpu = torch.device("cpu")
+
+    def loss_of(batch):
+        return kwise_loss(*score_batch(rm, batch, 0, cpu))
+
+    with torch.no_grad():  # validation: K fixed, so mean over rankings of pair means = mean over all pairs
+        a, b = loss_of(rankings), loss_of(pairs)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    print(f"all results match: K-wise loss {a.item():.6f} == independent-pairs loss {b.item():.6f}")
+
+    opt = make_adamw(rm, OptimConfig(lr=1e-5, min_lr=0.0))
+
+    def step(batch):
+        def run():
+            loss_of(batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    base_ms, ours_ms = interleaved_ms([step(pairs), step(rankings)], reps)
+    n_pairs = len(pairs)
+    report("reward model training step per ranking (fwd + bwd + AdamW), n_layer 4, n_embd 256", [dict(
+        op=f"rm_step K={K}", shape=f"R={R} T={T} pairs={n_pairs}", baseline="independent pairs",
+        base_ms=base_ms / R, ours_ms=ours_ms / R, goal=">= 2x", seqs_kwise=R * K, seqs_pairs=2 * n_pairs)])
+
+
+if __name__ == "__main__":
+    main()

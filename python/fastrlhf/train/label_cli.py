@@ -1,0 +1,130 @@
+"""`python -m fastrlhf label`: sample K answers per prompt from an SFT model and rank them.
+
+    python -m fastrlhf label --sft runs/sft --prompts arithmetic --k 4 --labeler arithmetic --out rankings.jsonl
+
+Prompts are a built-in task's (--split train|heldout) or a file: one prompt per line, or JSONL objects
+with a "prompt" field. Answers come from batched KV-cache generation (ops.sample); every ranking is
+appended to --out the moment it is made (train.labelers.label_prompts), and a rerun resumes: prompts
+already in --out are neither sampled nor shown again."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fastrlhf.data import Tokenizer, decode_response, encode_prompt
+from fastrlhf.model import GPT, generate
+
+
+def read_prompts(source: str, split: str, corpus: str = "") -> tuple[list[str], str | None]:
+    """(prompts, the task's labeler name or None) of a task name or a prompts file."""
+    from fastrlhf.tasks.registry import TASKS
+
+    if source in TASKS:
+        from fastrlhf.train.sft import load_task
+
+        task = load_task(source, corpus)
+        return task.prompts(split), task.labeler
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {source!r} is neither a task ({', '.join(TASKS)}) nor a file")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string field 'prompt'")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return list(dict.fromkeys(prompts)), None  # each prompt once, in file order
+
+
+def sample_answers(model: GPT, tok: Tokenizer, prompts: list[str], k: int, max_new_tokens: int, *,
+                   retries: int = 3, generator: torch.Generator | None = None, **sampling) -> list[list[str] | None]:
+    """K decoded answers per prompt from one batched generate call (B = len(prompts) * K); empty answers
+    are resampled up to `retries` times, and a prompt that still has one gets None (rankings need text)."""
+    ids = [encode_prompt(tok, p) for p in prompts]
+    room = model.config.block_size - max(map(len, ids))
+    if room < 1:
+        raise ValueError(f"a prompt fills the whole context ({model.config.block_size} tokens); shorten it")
+    answers: list[list[str]] = [[""] * k for _ in prompts]
+    todo = [(i, j) for i in range(len(prompts)) for j in range(k)]
+    for _ in range(1 + retries):
+        if not todo:
+            break
+        g = generate(model, [ids[i] for i, _ in todo], min(max_new_tokens, room), eos_token_id=tok.eot_id,
+                     generator=generator, **sampling)
+        for (i, j), row, mask in zip(todo, g.responses.tolist(), g.response_mask.tolist()):
+            answers[i][j] = decode_response(tok, [t for t, m in zip(row, mask) if m])
+        todo = [(i, j) for i, j in todo if not answers[i][j].strip()]
+    return [None if any(not a.strip() for a in row) else row for row in answers]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sft", required=True, help="SFT checkpoint or run folder")
+    p.add_argument("--prompts", required=True, help="a task name (arithmetic, sentiment) or a prompts file")
+    p.add_argument("--k", type=int, default=4, help="answers per prompt (K >= 2; default: %(default)s)")
+    p.add_argument("--labeler", help="arithmetic, sentiment, terminal or jsonl (default: the task's)")
+    p.add_argument("--labeler-file", help="rankings JSONL the jsonl labeler reads")
+    p.add_argument("--out", required=True, help="rankings JSONL to append to (resumed if it exists)")
+    p.add_argument("--split", choices=("train", "heldout"), default="train", help="task prompts to use")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
+    p.add_argument("--corpus", default="", help="sentiment: corpus text file (default: Shakespeare)")
+    p.add_argument("--batch-prompts", type=int, default=16, help="prompts sampled together (x K rows)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> None:
+    from fastrlhf.data.formats import read_rankings
+    from fastrlhf.train.checkpoint import load_gpt
+    from fastrlhf.train.labelers import label_prompts, make_labeler
+
+    if args.k < 2:
+        raise ValueError(f"--k must be >= 2 (a ranking needs two answers); got {args.k}")
+    if args.batch_prompts < 1 or args.max_new_tokens < 1 or args.limit < 0:
+        raise ValueError("--batch-prompts and --max-new-tokens must be >= 1 and --limit >= 0")
+    prompts, task_labeler = read_prompts(args.prompts, args.split, args.corpus)
+    name = args.labeler or task_labeler
+    if name is None:
+        raise ValueError("--labeler is required when --prompts is a file")
+    labeler = make_labeler(name, **({"path": args.labeler_file} if name == "jsonl" else {}))
+    prompts = prompts[: args.limit] if args.limit else prompts
+    model, tok = load_gpt(args.sft)
+    if tok is None:
+        raise ValueError(f"{args.sft} has no tokenizer/ folder")
+    done = {r.prompt for r in read_rankings(args.out)} if Path(args.out).is_file() else set()
+    todo = [p for p in prompts if p not in done]
+    gen = torch.Generator().manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    no_answer = [0]
+
+    def items() -> Iterator[tuple[str, list[str]]]:
+        for i in range(0, len(todo), args.batch_prompts):
+            chunk = todo[i : i + args.batch_prompts]
+            for prompt, answers in zip(chunk, sample_answers(model, tok, chunk, args.k, args.max_new_tokens,
+                                                             generator=gen, **sampling)):
+                if answers is None:
+                    no_answer[0] += 1
+                else:
+                    yield prompt, answers
+
+    stats = label_prompts(labeler, items(), args.out)
+    print(f"{stats.labeled} prompts ranked, {len(prompts) - len(todo)} already in {args.out}, "
+          f"{no_answer[0]} skipped (an answer stayed empty), {stats.undone} undone"
+          + (", quit early" if stats.quit else "") + f"; {stats.total} rankings in {args.out}")

@@ -1,0 +1,130 @@
+"""The optimisation loop every trainer shares (pretrain, SFT, reward model): learning-rate schedule,
+accumulated and clipped steps, a progress bar, JSONL log lines, periodic evaluation and checkpoints,
+an optional wall-clock budget. A trainer supplies the model, `micro_loss` and `evaluate`; the loop owns
+the step counter. Data streams that are a pure function of (step, micro-batch) — see `EpochStream` —
+make a resumed run repeat an uninterrupted one exactly (the checkpoint restores torch's RNG for dropout)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from fastrlhf.train.log import JSONLLogger, Progress
+from fastrlhf.train.optim import OptimConfig, lr_at, optimizer_step
+
+T = TypeVar("T")
+
+
+class LoopSettings(Protocol):
+    """The fields of a trainer's [train] table the loop reads (pretrain's TrainConfig has them all)."""
+
+    max_steps: int
+    grad_accum: int
+    log_interval: int
+    eval_interval: int
+    ckpt_interval: int
+    max_minutes: float
+    device: str
+    threads: int
+
+
+def resolve_device(t: LoopSettings) -> torch.device:
+    """train.device ('auto' = cuda when available) as a torch.device; applies train.threads."""
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(t.device)
+
+
+def run_loop(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    optim: OptimConfig,
+    t: LoopSettings,
+    step: int,
+    micro_loss: Callable[[int, int], Tensor],
+    evaluate: Callable[[], dict[str, float]],
+    save: Callable[[int], None],
+    logger: JSONLLogger,
+    progress: Progress,
+    say: Callable[[str], None],
+    tokens_per_step: int | Callable[[], int],
+) -> dict[str, float]:
+    """Train from `step` to t.max_steps (or until t.max_minutes is spent). micro_loss(step, i) is the
+    loss of micro-batch i < grad_accum of optimizer step `step` (0-based); evaluate() returns named
+    validation metrics (logged, printed, and returned with the last train loss); save(step) checkpoints."""
+    model.train()
+    last: dict[str, float] = {}
+    t_start = time.perf_counter()
+    deadline = t_start + t.max_minutes * 60 if t.max_minutes > 0 else float("inf")
+    while step < t.max_steps:
+        lr = lr_at(step, optim, t.max_steps)
+        s = step
+        loss, norm = optimizer_step(model, optimizer, lambda i: micro_loss(s, i), t.grad_accum, lr, optim.grad_clip)
+        step += 1
+        rate = progress.update(tokens_per_step() if callable(tokens_per_step) else tokens_per_step, loss=loss)
+        last["loss"] = loss
+        final = step == t.max_steps or time.perf_counter() > deadline
+        if final and step < t.max_steps:
+            say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
+        if step % t.log_interval == 0 or final:
+            dt = time.perf_counter() - t_start
+            logger.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate, time_s=dt)
+            say(f"step {step:>6}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm:.3f}  {rate:,.0f} tok/s")
+        if step % t.eval_interval == 0 or final:
+            metrics = evaluate()
+            model.train()
+            last.update(metrics)
+            logger.log(step=step, **metrics)
+            say(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if (t.ckpt_interval and step % t.ckpt_interval == 0) or final:
+            save(step)
+        if final:
+            break
+    progress.close()
+    logger.close()
+    return last
+
+
+class EpochStream(Generic[T]):
+    """An endless stream of items, epoch after epoch, each epoch a fresh list made by make_epoch(epoch)
+    (e.g. a seeded shuffle, then packing). take(start, n) is items [start, start + n) of the stream: a
+    pure function of its arguments, so a trainer reads micro-batch (step, i) without carrying state."""
+
+    def __init__(self, make_epoch: Callable[[int], Sequence[T]]):
+        self._make = make_epoch
+        self._epochs: dict[int, Sequence[T]] = {}
+        self._starts = [0]  # _starts[e] = stream index of epoch e's first item
+
+    def _epoch(self, e: int) -> Sequence[T]:
+        if e not in self._epochs:
+            items = self._make(e)
+            if not items:
+                raise ValueError(f"epoch {e} of the training data is empty")
+            self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}  # keep memory flat
+            self._epochs[e] = items
+        return self._epochs[e]
+
+    def take(self, start: int, n: int) -> list[T]:
+        while len(self._starts) < 2 or self._starts[-1] <= start + n:  # learn epoch boundaries as needed
+            e = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + len(self._epoch(e)))
+        out: list[T] = []
+        for i in range(start, start + n):
+            e = next(k for k in range(len(self._starts) - 1) if self._starts[k] <= i < self._starts[k + 1])
+            out.append(self._epoch(e)[i - self._starts[e]])
+        return out
+
+
+def shuffled(items: Sequence[T], seed: int, epoch: int) -> list[T]:
+    """items in the order of epoch `epoch` of run seed `seed` (the same in every process)."""
+    order = list(items)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order

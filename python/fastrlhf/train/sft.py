@@ -1,0 +1,304 @@
+"""Step 1 of the recipe: supervised fine-tuning on demonstrations (InstructGPT, arXiv 2203.02155, 3.5).
+
+    python -m fastrlhf sft --config configs/sft_arithmetic.toml [section.field=value ...]
+
+Each example is `Prompt: {prompt}\\nResponse: {response}<|endoftext|>` (data.chat); the loss counts the
+response tokens (and the EOT) only. Several examples are packed into one row of block_size tokens: each
+gets its own segment id (no attention across examples) and positions that restart at 0, so a packed
+row computes exactly what the examples would alone (tested). The optimisation loop, log, checkpoints and
+resume are the ones pretraining uses (train.loop)."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastrlhf.data import ByteBPETokenizer, Tokenizer, encode_chat, format_prompt, load_tokenizer
+from fastrlhf.data.formats import SFTExample, read_sft
+from fastrlhf.model import GPT, IGNORE_INDEX, GPTConfig
+from fastrlhf.tasks.registry import TASKS, Task, get_task
+from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train.config import from_dict, load_config, to_dict
+from fastrlhf.train.log import JSONLLogger, Progress
+from fastrlhf.train.loop import EpochStream, resolve_device, run_loop, shuffled
+from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
+
+Encoded = tuple[list[int], list[bool]]  # token ids of one example, True on the tokens the loss counts
+
+
+@dataclass
+class SFTDataConfig:
+    """Where the demonstrations come from and what to do with those that do not fit."""
+
+    source: str = "arithmetic"
+    """A built-in task name (arithmetic, sentiment) or an SFT JSONL file ({"prompt", "response"} lines)."""
+    corpus: str = ""
+    """sentiment only: a UTF-8 text file whose lines make the task; "" = Shakespeare (fetched once)."""
+    val_file: str = ""
+    """SFT JSONL of validation examples; "" = hold out val_fraction of the source (seeded)."""
+    val_fraction: float = 0.05
+    """Share of the source held out for the validation loss when val_file is empty."""
+    overlong: str = "drop"
+    """Examples longer than the context: 'drop' them, or 'truncate' the response (both are counted)."""
+
+    def __post_init__(self) -> None:
+        if self.overlong not in ("drop", "truncate"):
+            raise ValueError(f"data.overlong must be 'drop' or 'truncate'; got {self.overlong!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
+
+
+@dataclass
+class SFTTrainConfig:
+    """The loop: initial weights, batches of packed rows, evaluation, checkpoints."""
+
+    out_dir: str = "runs/sft"
+    """Checkpoints and log.jsonl go here; an existing run there is resumed."""
+    init_from: str = ""
+    """A pretrain checkpoint or run folder to start from (its model config and tokenizer are used);
+    "" = random weights of [model] and a byte-level BPE of model.vocab_size trained on the examples."""
+    max_steps: int = 300
+    """Optimizer steps in the whole run."""
+    batch_size: int = 8
+    """Packed rows per micro-batch."""
+    block_size: int = 0
+    """Tokens per packed row; 0 = the model's block_size."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    eval_interval: int = 100
+    """Validation loss every this many steps (and at the end)."""
+    log_interval: int = 10
+    """Print and log training stats every this many steps."""
+    ckpt_interval: int = 100
+    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+    seed: int = 1337
+    """Seeds the weights (when not initialised from a checkpoint), the data order and dropout."""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda when available)."""
+    dtype: str = "bf16"
+    """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+    max_minutes: float = 0.0
+    """Wall-clock budget for this invocation (stop early with a checkpoint when spent); 0 = none."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"train.dtype must be 'bf16', 'fp16' or 'fp32'; got {self.dtype!r}")
+
+
+@dataclass
+class SFTConfig:
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=512, block_size=64, n_embd=128))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20))
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def load_task(name: str, corpus: str = "") -> Task:
+    """A built-in task; sentiment reads the lines of `corpus` (default: Shakespeare, fetched once)."""
+    if name != "sentiment":
+        return get_task(name)
+    from fastrlhf.data import corpus as corpora
+
+    paths = [corpus] if corpus else corpora.fetch_shakespeare()
+    lines = [line for doc in corpora.read_texts(paths) for line in doc.splitlines()]
+    return get_task("sentiment", lines=lines)
+
+
+def load_demonstrations(source: str, corpus: str = "") -> list[SFTExample]:
+    """The SFT examples of a built-in task or an SFT JSONL file."""
+    if source in TASKS:
+        return load_task(source, corpus).demonstrations()
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"data.source {source!r} is neither a task ({', '.join(TASKS)}) nor a file")
+    return read_sft(source)
+
+
+def encode_examples(tok: Tokenizer, examples: list[SFTExample], T: int, overlong: str) -> tuple[list[Encoded], int, int]:
+    """(encoded examples, dropped, truncated). An example longer than T is dropped, or with overlong =
+    'truncate' cut to T tokens; one whose prompt leaves no response token inside T is always dropped."""
+    out, dropped, truncated = [], 0, 0
+    for ex in examples:
+        ids, mask = encode_chat(tok, ex.prompt, ex.response)
+        if len(ids) > T:
+            # a target is a response token at index >= 1 inside the window
+            if overlong == "drop" or not any(mask[1:T]):
+                dropped += 1
+                continue
+            ids, mask = ids[:T], mask[:T]
+            truncated += 1
+        out.append((ids, mask))
+    return out, dropped, truncated
+
+
+def pack(examples: list[Encoded], T: int) -> list[list[Encoded]]:
+    """Next-fit packing in the given order: a row takes examples while their total length is <= T."""
+    rows: list[list[Encoded]] = []
+    used = T + 1
+    for ex in examples:
+        if used + len(ex[0]) > T:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += len(ex[0])
+    return rows
+
+
+def collate(rows: list[list[Encoded]], T: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """idx, targets, positions, segment_ids, each (B, T) int64, for packed rows. Example j of a row is
+    segment j + 1 with positions 0..n-1; padding is segment 0. targets[t] is the token after t when that
+    token is a response token of the same example, IGNORE_INDEX otherwise."""
+    B = len(rows)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    positions = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    segments = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        o = 0
+        for j, (ids, mask) in enumerate(row):
+            n = len(ids)
+            x, m = torch.tensor(ids), torch.tensor(mask)
+            idx[b, o : o + n] = x
+            targets[b, o : o + n - 1] = torch.where(m[1:], x[1:], IGNORE_INDEX)
+            positions[b, o : o + n] = torch.arange(n)
+            segments[b, o : o + n] = j + 1
+            o += n
+    return idx, targets, positions, segments
+
+
+def token_losses(model: GPT, batch: tuple[Tensor, Tensor, Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(summed cross-entropy over the counted tokens, number of counted tokens) of one packed batch."""
+    idx, targets, positions, segments = (x.to(device) for x in batch)
+    logits = model(idx, positions=positions, segment_ids=segments)[0]  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def split_validation(examples: list[SFTExample], fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """(train, val): a seeded share `fraction` (at least one example) held out."""
+    if len(examples) < 2:
+        raise ValueError(f"need at least 2 SFT examples to hold some out for validation; got {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(f"sft-val/{seed}").shuffle(order)
+    n_val = max(1, int(len(examples) * fraction))
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]:
+    """The model (random, or from train.init_from) and the tokenizer (the checkpoint's or a new BPE)."""
+    t = cfg.train
+    if t.init_from:
+        model, tok = ckpt.load_gpt(t.init_from)
+        if tok is None:
+            raise ValueError(f"train.init_from {t.init_from} has no tokenizer/ folder")
+        cfg.model = model.config  # the checkpoint decides the shape; recorded with the run
+        return model.train(), tok
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None and (latest / "tokenizer").is_dir():
+        tok = load_tokenizer(latest / "tokenizer")  # a resumed run keeps its tokenizer
+    else:
+        tok = ByteBPETokenizer.train(texts, cfg.model.vocab_size)
+    torch.manual_seed(t.seed)
+    return GPT(cfg.model), tok
+
+
+def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
+    """Train (or resume) the SFT run cfg describes; returns the last train and val losses."""
+    t, d = cfg.train, cfg.data
+    device = resolve_device(t)
+    out = Path(t.out_dir)
+    examples = load_demonstrations(d.source, d.corpus)
+    if d.val_file:
+        train_ex, val_ex = examples, read_sft(d.val_file)
+    else:
+        train_ex, val_ex = split_validation(examples, d.val_fraction, t.seed)
+    model, tok = _setup(cfg, out, [format_prompt(e.prompt) + " " + e.response for e in examples])
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+    T = t.block_size or cfg.model.block_size
+    if T > cfg.model.block_size:
+        raise ValueError(f"train.block_size ({T}) must be <= model.block_size ({cfg.model.block_size})")
+    train_enc, dropped, truncated = encode_examples(tok, train_ex, T, d.overlong)
+    val_enc, val_dropped, _ = encode_examples(tok, val_ex, T, d.overlong)
+    if not train_enc or not val_enc:
+        raise ValueError(f"no SFT example fits the context of {T} tokens ({dropped} train and {val_dropped} "
+                         f"validation examples dropped as too long)")
+    model = model.to(device)
+    optimizer = make_adamw(model, cfg.optim)
+    step = 0
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:
+        saved = from_dict(SFTConfig, ckpt.read_state(latest)["state"]["config"])
+        if saved.model != cfg.model:
+            raise ValueError(f"{latest} was trained with model config {saved.model}, not {cfg.model}")
+        step = ckpt.load_checkpoint(latest, models={"model": model}, optimizers={"optim": optimizer})["step"]
+
+    stream = EpochStream(lambda e: pack(shuffled(train_enc, t.seed, e), T))
+    val_rows = pack(val_enc, T)
+    logger = JSONLLogger(out / "log.jsonl")
+    progress = Progress(t.max_steps, initial=step, desc="sft", enabled=None if not quiet else False)
+    say = (lambda s: None) if quiet else progress.say
+    if not step:
+        logger.log(step=0, train_examples=len(train_enc), val_examples=len(val_enc), dropped=dropped,
+                   truncated=truncated, val_dropped=val_dropped)
+    say(f"model: {model.num_params():,} parameters; {len(train_enc)} train / {len(val_enc)} val examples; "
+        f"{dropped} dropped and {truncated} truncated (longer than {T} tokens, data.overlong={d.overlong})"
+        + (f"; resumed at step {step}" if step else ""))
+    counted = [0]
+
+    def micro_loss(s: int, i: int) -> Tensor:
+        rows = stream.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)
+        with autocast_for(device, t.dtype):
+            total, n = token_losses(model, collate(rows, T, tok.eot_id), device)
+        counted[0] += int(n)
+        return total / n.clamp(min=1)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        total, n = 0.0, 0
+        for i in range(0, len(val_rows), t.batch_size):
+            with autocast_for(device, t.dtype):
+                s, c = token_losses(model, collate(val_rows[i : i + t.batch_size], T, tok.eot_id), device)
+            total, n = total + s.item(), n + int(c)
+        return {"val_loss": total / n}
+
+    def tokens_per_step() -> int:
+        n, counted[0] = counted[0], 0
+        return n
+
+    def save(at: int) -> None:
+        ckpt.save_checkpoint(out, at, models={"model": model}, optimizers={"optim": optimizer},
+                             state={"config": to_dict(cfg)}, tokenizer=tok, keep=t.keep_checkpoints)
+
+    return run_loop(model=model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
+                    evaluate=evaluate, save=save, logger=logger, progress=progress, say=say,
+                    tokens_per_step=tokens_per_step)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with [model], [optim], [data], [train] tables")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.source=sft.jsonl")
+
+
+def run(args: argparse.Namespace) -> None:
+    sft(load_config(SFTConfig, args.config, args.overrides))

@@ -1,0 +1,183 @@
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastrlhf.data.formats import FormatError, Ranking, read_sft
+from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train.config import load_config
+from fastrlhf.train.log import read_jsonl
+from fastrlhf.train.reward import (
+    RMConfig,
+    as_pairs,
+    collate,
+    encode_rankings,
+    kwise_loss,
+    load_reward_model,
+    rm_metrics,
+    score_batch,
+    train_rm,
+)
+from sft_helpers import arithmetic_rankings, write_ranking_file
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and a loaded 2-core machine makes two threads spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+def rm_config(sft_run, train, out, *extra):
+    return load_config(RMConfig, None, [f"train.sft={sft_run}", f"data.train={train}", f"train.out_dir={out}",
+                                        "train.device=cpu", "train.batch_size=8", "train.log_interval=1",
+                                        "optim.lr=2e-3", "optim.warmup_steps=3", *extra])
+
+
+@pytest.fixture(scope="module")
+def rankings_file(tmp_path_factory):
+    return write_ranking_file(tmp_path_factory.mktemp("rm") / "r.jsonl", arithmetic_rankings(80, ks=(4, 2, 3)))
+
+
+@pytest.fixture(scope="module")
+def full_run(sft_run, rankings_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm_full")
+    extra = ["train.max_steps=12", "train.ckpt_interval=6", "train.eval_interval=6"]
+    last = train_rm(rm_config(sft_run, rankings_file, out, *extra), quiet=True)
+    return out, extra, last
+
+
+def test_kwise_loss_is_the_mean_of_the_explicit_pair_losses():
+    torch.manual_seed(0)
+    rankings = [Ranking("p", ["a", "b", "c", "d"], [2, 0, 3, 1]), Ranking("q", ["x", "y"], [1, 0]),
+                Ranking("r", ["u", "v", "w"], [0, 2, 1])]
+    enc = [([[1] * (i + 2) for i in range(r.k)], r.pairs()) for r in rankings]
+    idx, last, better, worse, owner = collate(enc, 0)
+    assert idx.shape[0] == 4 + 2 + 3 and len(better) == 6 + 1 + 3  # K passes, C(K, 2) pairs
+    rewards = torch.randn(9, dtype=torch.float64)
+    for margin in (0.0, 0.5):
+        per_ranking, base = [], 0
+        for r in rankings:
+            pair = [-math.log(1 / (1 + math.exp(-(rewards[base + b] - rewards[base + w] - margin).item())))
+                    for b, w in r.pairs()]
+            per_ranking.append(sum(pair) / len(pair))
+            base += r.k
+        want = sum(per_ranking) / len(per_ranking)
+        assert kwise_loss(rewards, better, worse, owner, margin).item() == pytest.approx(want, rel=1e-12)
+    # the same rankings as independent pairs: 2 * C(K, 2) sequences, each pair its own batch element
+    pairs = as_pairs(enc)
+    assert len(pairs) == 10 and sum(len(s) for s, _ in pairs) == 20
+    flat = torch.stack([rewards[better], rewards[worse]], 1).flatten()  # (2P,) the pair rewards in order
+    _, _, pb, pw, po = collate(pairs, 0)
+    pair_mean = -F.logsigmoid(rewards[better] - rewards[worse]).mean()
+    torch.testing.assert_close(kwise_loss(flat, pb, pw, po), pair_mean)
+
+
+def test_loss_falls_every_parameter_changes_and_metrics(full_run, sft_run):
+    out, _, last = full_run
+    log = read_jsonl(out / "log.jsonl")
+    assert log[0]["step"] == 0 and log[0]["dropped"] == 0 and log[0]["train_rankings"] + log[0]["val_rankings"] == 80
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    evals = [r for r in log if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert {"val_loss", "val_margin", "val_acc_k2", "val_acc_k3", "val_acc_k4"} <= set(evals[-1])
+    rm, _ = load_reward_model(out)
+    gpt, _ = ckpt.load_gpt(sft_run)
+    init = {f"trunk.{k}": v for k, v in gpt.weights().items()}
+    for name, w in rm.weights().items():
+        if name in init:
+            assert not torch.equal(w, init[name]), f"{name} did not change"
+    assert set(rm.weights()) - set(init) == {"head.weight", "head.bias"}
+
+
+def test_metrics_match_a_direct_computation(full_run, rankings_file, sft_run):
+    out, _, last = full_run
+    rm, tok = load_reward_model(out)
+    enc, _, _ = encode_rankings(tok, arithmetic_rankings(12, seed=5, ks=(4, 2)), 32, "drop")
+    m = rm_metrics(rm, enc, tok.eot_id, CPU, batch_size=5)
+    with torch.no_grad():
+        rewards, better, worse, owner = score_batch(rm, enc, tok.eot_id, CPU)
+    diff = rewards[better] - rewards[worse]
+    assert m["val_accuracy"] == pytest.approx((diff > 0).float().mean().item())
+    assert m["val_margin"] == pytest.approx(diff.mean().item(), abs=1e-5)
+    k = torch.tensor([len(enc[j][0]) for j in owner.tolist()])
+    assert m["val_acc_k2"] == pytest.approx((diff[k == 2] > 0).float().mean().item())
+
+
+def test_bias_makes_the_sft_demonstrations_score_zero(full_run, sft_run):
+    out, _, _ = full_run
+    rm, tok = load_reward_model(out)
+    demos = read_sft(sft_run.parent / "demos.jsonl")[:512]
+    enc = [([s], []) for s in (encode_rankings(tok, [Ranking(d.prompt, [d.response, "x"], [0, 1])], 32, "drop")[0][0][0][0]
+                               for d in demos)]
+    idx, last, *_ = collate(enc, tok.eot_id)
+    with torch.no_grad():
+        assert rm.score(idx, last).mean().item() == pytest.approx(0.0, abs=1e-4)
+    shifts = [r["demo_reward_before_shift"] for r in read_jsonl(out / "log.jsonl") if "demo_reward_before_shift" in r]
+    assert len(shifts) == 2 and abs(shifts[0]) > 1e-3  # the untrained head does not score them 0 by itself
+
+
+def test_resume_gives_identical_numbers(full_run, sft_run, rankings_file, tmp_path):
+    out, extra, _ = full_run
+    shutil.copytree(out / "step_0000006", tmp_path / "step_0000006")
+    (tmp_path / "latest").write_text("step_0000006\n")
+    train_rm(rm_config(sft_run, rankings_file, tmp_path, *extra), quiet=True)
+    key = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}
+    want = [key(r) for r in read_jsonl(out / "log.jsonl") if r["step"] > 6]
+    assert [key(r) for r in read_jsonl(tmp_path / "log.jsonl")] == want
+    a, b = load_reward_model(out)[0].weights(), load_reward_model(tmp_path)[0].weights()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pairwise_mode_trains_on_flattened_pairs(sft_run, rankings_file, tmp_path):
+    last = train_rm(rm_config(sft_run, rankings_file, tmp_path, "train.max_steps=2", "train.pairwise=true",
+                              "data.demos=none"), quiet=True)
+    assert math.isfinite(last["loss"]) and 0.0 <= last["val_accuracy"] <= 1.0
+
+
+def test_ranking_that_is_not_a_permutation(sft_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "responses": ["2", "3"], "ranking": [0, 1]}\n'
+                   '{"prompt": "What is 1+2?", "responses": ["3", "4", "5"], "ranking": [0, 0, 2]}\n')
+    with pytest.raises(FormatError, match=r"bad.jsonl:2: ranking must be a permutation of range\(3\)"):
+        train_rm(rm_config(sft_run, bad, tmp_path / "o"), quiet=True)
+
+
+def test_k_below_two(sft_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "responses": ["2"], "ranking": [0]}\n')
+    with pytest.raises(FormatError, match=r"bad.jsonl:1: a ranking needs K >= 2 responses; got K = 1"):
+        train_rm(rm_config(sft_run, bad, tmp_path / "o"), quiet=True)
+
+
+def test_empty_response(sft_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "chosen": "2", "rejected": " "}\n')
+    with pytest.raises(FormatError, match=r"bad.jsonl:1: rejected is empty"):
+        train_rm(rm_config(sft_run, bad, tmp_path / "o"), quiet=True)
+
+
+def test_malformed_line(sft_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}\n{"prompt": "x", \n')
+    with pytest.raises(FormatError, match=r"bad.jsonl:2: malformed JSON"):
+        train_rm(rm_config(sft_run, bad, tmp_path / "o"), quiet=True)
+
+
+def test_overlong_rankings_dropped_or_truncated(sft_run):
+    _, tok = ckpt.load_gpt(sft_run)
+    rankings = [Ranking("What is 1+1?", ["2", "3 " * 40], [0, 1]), Ranking("What is 1+2?", ["3", "4"], [0, 1]),
+                Ranking("long " * 40, ["a", "b"], [0, 1])]
+    enc, dropped, truncated = encode_rankings(tok, rankings, 32, "drop")
+    assert (len(enc), dropped, truncated) == (1, 2, 0)
+    enc, dropped, truncated = encode_rankings(tok, rankings, 32, "truncate")
+    assert (len(enc), dropped, truncated) == (2, 1, 1) and max(len(s) for s in enc[0][0]) == 32
