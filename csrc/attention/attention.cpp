@@ -1,0 +1,73 @@
+// Attention forward: one task per (b, h, query tile) walks the key tiles up to the diagonal with an
+// online softmax (FlashAttention-2, arXiv 2307.08691, alg. 1), so no (T, T) buffer exists.
+// Scores are kept in log2 units (q pre-multiplied by scale * log2 e) so the softmax needs only exp2.
+#include "attention/attention.h"
+
+#include "attention/tiles.h"
+
+namespace fr::FR_ISA_NS {
+using namespace attn;
+
+template <class S>
+static void attention_fwd(const AttnFwdParams& p) {
+  using T = acc_t<S>;
+  const Geom g(p.B, p.H, p.Hkv, p.Tq, p.Tk, p.D, p.seg);
+  const S* q = static_cast<const S*>(p.q);  // (B, H, Tq, D)
+  S* out = static_cast<S*>(p.out);          // (B, H, Tq, D)
+  T* lse = static_cast<T*>(p.lse);          // (B, H, Tq)
+  const Buf<T> kt = pack_transposed<S, T>(g, static_cast<const S*>(p.k));  // (B * Hkv, nKt, D, kBk)
+  Buf<T> v_hold;
+  const T* v = padded_rows<S, T>(g, static_cast<const S*>(p.v), g.B * g.Hkv * g.Tk, v_hold);  // (B, Hkv, Tk, Dp)
+  const T c = T(p.scale * 1.4426950408889634);  // scale * log2(e)
+
+  // scratch: Q tile (kBq, D) | scores (kBq, kBk) | O accumulator (kBq, Dp) | row max | row sum
+  const int64_t n_scratch = kBq * g.D + kBq * kBk + kBq * g.Dp + 2 * kBq;
+  const int64_t BH = g.B * g.H;
+  run_tasks<T>(g.nQt * BH, n_scratch, [&](int64_t t, T* scratch) {
+    const int64_t qt = g.nQt - 1 - t / BH, bh = t % BH;  // longest rows first
+    const int64_t b = bh / g.H, kvh = (bh % g.H) / g.G;
+    const QTile qi = q_tile(g, b, qt);
+    T* Qs = scratch;             // (M, D)
+    T* Sc = Qs + kBq * g.D;      // (M, kBk)
+    T* O = Sc + kBq * kBk;       // (M, Dp)
+    T* m = O + kBq * g.Dp;       // (M,)
+    T* l = m + kBq;              // (M,)
+    load_row(q + (bh * g.Tq + qi.i0) * g.D, Qs, qi.M * g.D, c);
+    std::fill(O, O + qi.M * g.Dp, T(0));
+    std::fill(m, m + qi.M, -std::numeric_limits<T>::infinity());
+    std::fill(l, l + qi.M, T(0));
+    for (int64_t j0 = 0; j0 <= qi.p_last; j0 += kBk) {
+      const int64_t kn = std::min(kBk, g.Tk - j0), N = round8(kn);
+      const Cover cov = cover(g, qi, b, j0, kn);
+      if (cov == Cover::none) continue;
+      const T* ktile = kt.get() + ((b * g.Hkv + kvh) * g.nKt + j0 / kBk) * g.D * kBk;  // (D, kBk)
+      gemm(qi.M, N, g.D, Qs, g.D, 1, ktile, kBk, Sc, kBk, false);  // S = (c q) k^T
+      if (cov == Cover::masked) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, -std::numeric_limits<T>::infinity());
+      for (int64_t r = 0; r < qi.M; ++r) {
+        T* s = Sc + r * kBk;  // (N,)
+        const T m_new = std::max(m[r], row_max(s, N));
+        // A row that has seen no key yet keeps m = -inf; subtracting 0 then gives P = 0, not NaN.
+        const T m_use = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;
+        const T row_sum = exp2_sub_sum(s, N, m_use);
+        if (m_new != m[r] && l[r] != T(0)) {
+          const T alpha = exp2_scalar(m[r] - m_use);
+          l[r] *= alpha;
+          scale_row(O + r * g.Dp, g.Dp, alpha);
+        }
+        l[r] += row_sum;
+        m[r] = m_new;
+      }
+      const T* vt = v + ((b * g.Hkv + kvh) * g.Tk + j0) * g.Dp;  // (kn, Dp)
+      gemm(qi.M, g.Dp, kn, Sc, kBk, 1, vt, g.Dp, O, g.Dp, true);  // O += P v
+    }
+    for (int64_t r = 0; r < qi.M; ++r) {  // every row sees at least its own key, so l > 0
+      const int64_t row = bh * g.Tq + qi.i0 + r;
+      store_row(O + r * g.Dp, out + row * g.D, g.D, T(1) / l[r]);
+      lse[row] = (m[r] + std::log2(l[r])) * T(0.6931471805599453);
+    }
+  });
+}
+
+void attention_fwd_cpu(const AttnFwdParams& p) { FR_DISPATCH_FLOAT(p.dtype, attention_fwd<scalar_t>(p)); }
+
+}  // namespace fr::FR_ISA_NS

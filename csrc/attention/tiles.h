@@ -1,0 +1,145 @@
+// Tile geometry, masking, operand packing and task scheduling shared by the attention forward and
+// backward. Included only from csrc/attention/*.cpp (compiled once per ISA).
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "attention/micro.h"
+#include "common/runtime.h"
+
+namespace fr::FR_ISA_NS::attn {
+
+// Rows per query tile and keys per key tile: a 64 x 64 fp32 score tile is 16 KiB, so the working
+// set of a task (Q, K^T, V, S and O tiles at D = 64) stays in L2.
+constexpr int64_t kBq = 64, kBk = 64;
+inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
+
+template <class T> using Buf = std::unique_ptr<T[]>;
+template <class T> inline Buf<T> alloc(int64_t n) { return Buf<T>(new T[size_t(std::max<int64_t>(n, 1))]); }
+
+struct Geom {
+  int64_t B, H, Hkv, G, Tq, Tk, D;
+  int64_t Dp;              // D rounded up to a multiple of 8: the row stride of padded tiles
+  int64_t off;             // Tk - Tq: query i sits at position i + off
+  int64_t nQt, nKt;        // number of query / key tiles
+  const int64_t* seg;      // (B, Tk) or nullptr
+  Geom(int64_t B_, int64_t H_, int64_t Hkv_, int64_t Tq_, int64_t Tk_, int64_t D_, const int64_t* seg_)
+      : B(B_), H(H_), Hkv(Hkv_), G(H_ / Hkv_), Tq(Tq_), Tk(Tk_), D(D_), Dp(round8(D_)), off(Tk_ - Tq_),
+        nQt((Tq_ + kBq - 1) / kBq), nKt((Tk_ + kBk - 1) / kBk), seg(seg_) {}
+};
+
+// A query tile: rows [i0, i0 + M), positions [p_first, p_last], segment ids in [seg_lo, seg_hi].
+struct QTile {
+  int64_t i0, M, p_first, p_last, seg_lo, seg_hi;
+};
+inline QTile q_tile(const Geom& g, int64_t b, int64_t qt) {
+  QTile q;
+  q.i0 = qt * kBq;
+  q.M = std::min(kBq, g.Tq - q.i0);
+  q.p_first = q.i0 + g.off;
+  q.p_last = q.p_first + q.M - 1;
+  q.seg_lo = q.seg_hi = 0;
+  if (g.seg) {
+    const int64_t* s = g.seg + b * g.Tk;  // (Tk,)
+    q.seg_lo = q.seg_hi = s[q.p_first];
+    for (int64_t p = q.p_first + 1; p <= q.p_last; ++p) {
+      q.seg_lo = std::min(q.seg_lo, s[p]);
+      q.seg_hi = std::max(q.seg_hi, s[p]);
+    }
+  }
+  return q;
+}
+
+// How the key tile [j0, j0 + kn) meets a query tile: not at all (skip it), entirely (no mask), or
+// partly (diagonal tiles, mixed segments, a short last tile): apply the element mask.
+enum class Cover { none, full, masked };
+inline Cover cover(const Geom& g, const QTile& q, int64_t b, int64_t j0, int64_t kn) {
+  if (j0 > q.p_last) return Cover::none;
+  bool full = j0 + kn - 1 <= q.p_first && kn == kBk;
+  if (g.seg) {
+    const int64_t* s = g.seg + b * g.Tk + j0;  // (kn,)
+    int64_t lo = s[0], hi = s[0];
+    for (int64_t j = 1; j < kn; ++j) {
+      lo = std::min(lo, s[j]);
+      hi = std::max(hi, s[j]);
+    }
+    if (hi < q.seg_lo || lo > q.seg_hi) return Cover::none;
+    full = full && lo == hi && q.seg_lo == q.seg_hi && lo == q.seg_lo;
+  }
+  return full ? Cover::full : Cover::masked;
+}
+
+// Writes `fill` into S (M, N) (row stride ld) wherever query row r may not see key column c
+// (c >= kn included: the zero padding of a short tile).
+template <class T>
+inline void apply_mask(const Geom& g, const QTile& q, int64_t b, int64_t j0, int64_t kn, T* S, int64_t ld,
+                       int64_t N, T fill) {
+  const int64_t* sk = g.seg ? g.seg + b * g.Tk + j0 : nullptr;  // (kn,)
+  for (int64_t r = 0; r < q.M; ++r) {
+    const int64_t p = q.p_first + r;
+    const int64_t vis = std::clamp<int64_t>(p - j0 + 1, 0, kn);  // causally visible: [0, vis)
+    T* s = S + r * ld;                                             // (N,)
+    for (int64_t c = vis; c < N; ++c) s[c] = fill;
+    if (sk) {
+      const int64_t sp = g.seg[b * g.Tk + p];
+      for (int64_t c = 0; c < vis; ++c)
+        if (sk[c] != sp) s[c] = fill;
+    }
+  }
+}
+
+// K^T (or V^T) of every key tile, in the math type: (B * Hkv, nKt, D, kBk), zero past Tk. The
+// score GEMM broadcasts query elements against rows of this, so it is packed once per call.
+template <class S, class T>
+Buf<T> pack_transposed(const Geom& g, const S* k /* (B * Hkv, Tk, D) */) {
+  Buf<T> kt = alloc<T>(g.B * g.Hkv * g.nKt * g.D * kBk);
+  parallel_for(0, g.B * g.Hkv * g.nKt, 1, [&](int64_t t0, int64_t t1) {
+    T row[256];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / g.nKt, j0 = (t % g.nKt) * kBk, kn = std::min(kBk, g.Tk - j0);
+      T* dst = kt.get() + t * g.D * kBk;  // (D, kBk)
+      for (int64_t j = 0; j < kn; ++j) {
+        load_row(k + (bh * g.Tk + j0 + j) * g.D, row, g.D, T(1));
+        for (int64_t d = 0; d < g.D; ++d) dst[d * kBk + j] = row[d];
+      }
+      for (int64_t d = 0; d < g.D; ++d) std::fill(dst + d * kBk + kn, dst + (d + 1) * kBk, T(0));
+    }
+  });
+  return kt;
+}
+
+// Rows (n, D) as (n, Dp) in the math type with zero padding; the input itself when it already is.
+template <class S, class T>
+const T* padded_rows(const Geom& g, const S* src /* (n, D) */, int64_t n, Buf<T>& holder) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (g.D == g.Dp) return src;
+  }
+  holder = alloc<T>(n * g.Dp);
+  T* dst = holder.get();  // (n, Dp)
+  parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      load_row(src + r * g.D, dst + r * g.Dp, g.D, T(1));
+      std::fill(dst + r * g.Dp + g.D, dst + (r + 1) * g.Dp, T(0));
+    }
+  });
+  return dst;
+}
+
+// Runs task(t, scratch) for t in [0, n): workers take tasks in order from a shared counter, so
+// when callers order tasks largest first the triangular work balances. Each task writes only its
+// own outputs in a fixed order, so results do not depend on the thread count.
+template <class T, class F>
+void run_tasks(int64_t n, int64_t scratch_elems, const F& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads(), n));
+  parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Buf<T> scratch = alloc<T>(scratch_elems);
+    for (int64_t t; (t = next.fetch_add(1)) < n;) task(t, scratch.get());
+  });
+}
+
+}  // namespace fr::FR_ISA_NS::attn
