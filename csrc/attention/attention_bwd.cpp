@@ -65,40 +65,70 @@ struct BwdInputs {
 };
 }  // namespace
 
+// The key tile [j0, j0 + kn) of (b, kv head): dK, dV over the group's query heads, and, when dq_acc
+// is given ((G, Tq, Dp) for this (b, kv head)), dQ += dS k as well: the one-pass schedule.
+template <class S>
+static void key_tile(const BwdInputs<S>& in, const AttnBwdParams& p, int64_t bk, int64_t j0, acc_t<S>* scratch,
+                     acc_t<S>* dq_acc) {
+  using T = acc_t<S>;
+  const Geom& g = in.g;
+  const int64_t b = bk / g.Hkv, kvh = bk % g.Hkv, kn = std::min(kBk, g.Tk - j0);
+  T* Sc = scratch;              // (kBq, kBk)
+  T* dP = Sc + kBq * kBk;       // (kBq, kBk)
+  T* dK = dP + kBq * kBk;       // (kn, Dp)
+  T* dV = dK + kBk * g.Dp;      // (kn, Dp)
+  std::fill(dK, dK + 2 * kBk * g.Dp, T(0));
+  const T* kr = in.k + (bk * g.Tk + j0) * g.Dp;  // (kn, Dp)
+  for (int64_t hh = 0; hh < g.G; ++hh) {
+    const int64_t bh = b * g.H + kvh * g.G + hh;
+    for (int64_t qt = std::max<int64_t>(0, (j0 - g.off) / kBq); qt < g.nQt; ++qt) {
+      const QTile qi = q_tile(g, b, qt);
+      const Cover cov = cover(g, qi, b, j0, kn);
+      if (cov == Cover::none) continue;
+      in.probs_and_grad(qi, b, bh, kvh, j0, kn, cov, Sc, dP, true, dV);
+      const T* qr = in.q + (bh * g.Tq + qi.i0) * g.Dp;  // (M, Dp)
+      gemm(kn, g.Dp, qi.M, Sc, 1, kBk, qr, g.Dp, dK, g.Dp, true);  // dK += dS^T q
+      if (dq_acc) {
+        T* dq = dq_acc + (hh * g.Tq + qi.i0) * g.Dp;  // (M, Dp)
+        gemm(qi.M, g.Dp, kn, Sc, kBk, 1, kr, g.Dp, dq, g.Dp, true);  // dQ += dS k
+      }
+    }
+  }
+  S* dk = static_cast<S*>(p.dk) + (bk * g.Tk + j0) * g.D;  // (kn, D)
+  S* dv = static_cast<S*>(p.dv) + (bk * g.Tk + j0) * g.D;  // (kn, D)
+  for (int64_t j = 0; j < kn; ++j) {
+    store_row(dK + j * g.Dp, dk + j * g.D, g.D, T(p.scale));
+    store_row(dV + j * g.Dp, dv + j * g.D, g.D, T(1));
+  }
+}
+
+// Two schedules with bit-identical results (every dQ tile sums the same dS k products in the same
+// key order): one pass per (b, kv head) does 5 tile GEMMs per (query, key) tile pair; two passes
+// do 7 (S and dP are recomputed for dQ) but split the work finely enough to keep every thread busy.
 template <class S>
 static void attention_bwd(const AttnBwdParams& p) {
   using T = acc_t<S>;
   const BwdInputs<S> in(p);
   const Geom& g = in.g;
   const T scale = T(p.scale);
+  const int64_t BK = g.B * g.Hkv, threads = std::max(1, num_threads());
+  const int64_t rounds = (BK + threads - 1) / threads;  // one-pass tasks per thread, the last round partly idle
+  const int64_t n_tile = 2 * kBq * kBk + 2 * kBk * g.Dp;
+
+  if (rounds * threads * 5 < BK * 7) {
+    run_tasks<T>(BK, n_tile + g.G * g.Tq * g.Dp, [&](int64_t bk, T* scratch) {
+      T* dq_acc = scratch + n_tile;  // (G, Tq, Dp)
+      std::fill(dq_acc, dq_acc + g.G * g.Tq * g.Dp, T(0));
+      for (int64_t j0 = 0; j0 < g.Tk; j0 += kBk) key_tile(in, p, bk, j0, scratch, dq_acc);
+      S* dq = static_cast<S*>(p.dq) + bk * g.G * g.Tq * g.D;  // (G * Tq, D)
+      for (int64_t r = 0; r < g.G * g.Tq; ++r) store_row(dq_acc + r * g.Dp, dq + r * g.D, g.D, scale);
+    });
+    return;
+  }
 
   // pass 1: dK, dV per (b, kv head, key tile); low key tiles see the most queries, so they go first.
-  const int64_t BK = g.B * g.Hkv;
-  run_tasks<T>(g.nKt * BK, 2 * kBq * kBk + 2 * kBk * g.Dp, [&](int64_t t, T* scratch) {
-    const int64_t j0 = (t / BK) * kBk, bk = t % BK, b = bk / g.Hkv, kvh = bk % g.Hkv;
-    const int64_t kn = std::min(kBk, g.Tk - j0);
-    T* Sc = scratch;              // (kBq, kBk)
-    T* dP = Sc + kBq * kBk;       // (kBq, kBk)
-    T* dK = dP + kBq * kBk;       // (kn, Dp)
-    T* dV = dK + kBk * g.Dp;      // (kn, Dp)
-    std::fill(dK, dK + 2 * kBk * g.Dp, T(0));
-    for (int64_t h = kvh * g.G; h < (kvh + 1) * g.G; ++h) {
-      const int64_t bh = b * g.H + h;
-      for (int64_t qt = std::max<int64_t>(0, (j0 - g.off) / kBq); qt < g.nQt; ++qt) {
-        const QTile qi = q_tile(g, b, qt);
-        const Cover cov = cover(g, qi, b, j0, kn);
-        if (cov == Cover::none) continue;
-        in.probs_and_grad(qi, b, bh, kvh, j0, kn, cov, Sc, dP, true, dV);
-        const T* qr = in.q + (bh * g.Tq + qi.i0) * g.Dp;  // (M, Dp)
-        gemm(kn, g.Dp, qi.M, Sc, 1, kBk, qr, g.Dp, dK, g.Dp, true);  // dK += dS^T q
-      }
-    }
-    S* dk = static_cast<S*>(p.dk) + (bk * g.Tk + j0) * g.D;  // (kn, D)
-    S* dv = static_cast<S*>(p.dv) + (bk * g.Tk + j0) * g.D;  // (kn, D)
-    for (int64_t j = 0; j < kn; ++j) {
-      store_row(dK + j * g.Dp, dk + j * g.D, g.D, scale);
-      store_row(dV + j * g.Dp, dv + j * g.D, g.D, T(1));
-    }
+  run_tasks<T>(g.nKt * BK, n_tile, [&](int64_t t, T* scratch) {
+    key_tile(in, p, t % BK, (t / BK) * kBk, scratch, nullptr);
   });
 
   // pass 2: dQ per (b, h, query tile), longest rows first.

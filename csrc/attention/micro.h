@@ -111,20 +111,27 @@ template <> inline float exp2_scalar<float>(float x) {
 template <int R, int NV>
 inline void gemm_block(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t ldb,
                        float* C, int64_t ldc, bool accumulate) {
+  // Full unrolling (the pragmas) lets the compiler keep the accumulator array in registers.
   __m256 c[R][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v)
-      c[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m256 b[NV];
+#pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
     const float* a = A + k * a_ks;
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 ar = _mm256_broadcast_ss(a + r * a_rs);
+#pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(ar, b[v], c[r][v]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, c[r][v]);
 }
 
