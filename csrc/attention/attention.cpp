@@ -23,7 +23,7 @@ static void attention_fwd(const AttnFwdParams& p) {
   // scratch: Q tile (kBq, D) | scores (kBq, kBk) | O accumulator (kBq, Dp) | row max | row sum
   const int64_t n_scratch = kBq * g.D + kBq * kBk + kBq * g.Dp + 2 * kBq;
   const int64_t BH = g.B * g.H;
-  run_tasks<T>(g.nQt * BH, n_scratch, [&](int64_t t, T* scratch) {
+  run_tasks<T>(g.nQt * BH, n_scratch, attn_flops(g), [&](int64_t t, T* scratch) {
     const int64_t qt = g.nQt - 1 - t / BH, bh = t % BH;  // longest rows first
     const int64_t b = bh / g.H, kvh = (bh % g.H) / g.G;
     const QTile qi = q_tile(g, b, qt);

@@ -34,7 +34,7 @@ struct BwdInputs {
     lse2_hold = alloc<T>(nq);
     const S* o = static_cast<const S*>(p.out);  // (B, H, Tq, D)
     const T* lse = static_cast<const T*>(p.lse);  // (B, H, Tq)
-    parallel_for(0, nq, 256, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, nq, std::max<int64_t>(1, 32768 / g.D), [&](int64_t r0, int64_t r1) {
       T row[256];
       for (int64_t r = r0; r < r1; ++r) {
         load_row(o + r * g.D, row, g.D, T(1));
@@ -116,7 +116,7 @@ static void attention_bwd(const AttnBwdParams& p) {
   const int64_t n_tile = 2 * kBq * kBk + 2 * kBk * g.Dp;
 
   if (rounds * threads * 5 < BK * 7) {
-    run_tasks<T>(BK, n_tile + g.G * g.Tq * g.Dp, [&](int64_t bk, T* scratch) {
+    run_tasks<T>(BK, n_tile + g.G * g.Tq * g.Dp, 2.5 * attn_flops(g), [&](int64_t bk, T* scratch) {
       T* dq_acc = scratch + n_tile;  // (G, Tq, Dp)
       std::fill(dq_acc, dq_acc + g.G * g.Tq * g.Dp, T(0));
       for (int64_t j0 = 0; j0 < g.Tk; j0 += kBk) key_tile(in, p, bk, j0, scratch, dq_acc);
@@ -127,13 +127,13 @@ static void attention_bwd(const AttnBwdParams& p) {
   }
 
   // pass 1: dK, dV per (b, kv head, key tile); low key tiles see the most queries, so they go first.
-  run_tasks<T>(g.nKt * BK, n_tile, [&](int64_t t, T* scratch) {
+  run_tasks<T>(g.nKt * BK, n_tile, 2 * attn_flops(g), [&](int64_t t, T* scratch) {
     key_tile(in, p, t % BK, (t / BK) * kBk, scratch, nullptr);
   });
 
   // pass 2: dQ per (b, h, query tile), longest rows first.
   const int64_t BH = g.B * g.H;
-  run_tasks<T>(g.nQt * BH, 2 * kBq * kBk + kBq * g.Dp, [&](int64_t t, T* scratch) {
+  run_tasks<T>(g.nQt * BH, 2 * kBq * kBk + kBq * g.Dp, 1.5 * attn_flops(g), [&](int64_t t, T* scratch) {
     const int64_t qt = g.nQt - 1 - t / BH, bh = t % BH, b = bh / g.H, kvh = (bh % g.H) / g.G;
     const QTile qi = q_tile(g, b, qt);
     T* Sc = scratch;              // (kBq, kBk)

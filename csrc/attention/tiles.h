@@ -97,7 +97,8 @@ inline void apply_mask(const Geom& g, const QTile& q, int64_t b, int64_t j0, int
 template <class S, class T>
 Buf<T> pack_transposed(const Geom& g, const S* k /* (B * Hkv, Tk, D) */) {
   Buf<T> kt = alloc<T>(g.B * g.Hkv * g.nKt * g.D * kBk);
-  parallel_for(0, g.B * g.Hkv * g.nKt, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / (g.D * kBk));  // small inputs: one chunk, no pool wake-up
+  parallel_for(0, g.B * g.Hkv * g.nKt, grain, [&](int64_t t0, int64_t t1) {
     T row[256];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / g.nKt, j0 = (t % g.nKt) * kBk, kn = std::min(kBk, g.Tk - j0);
@@ -120,7 +121,7 @@ const T* padded_rows(const Geom& g, const S* src /* (n, D) */, int64_t n, Buf<T>
   }
   holder = alloc<T>(n * g.Dp);
   T* dst = holder.get();  // (n, Dp)
-  parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, n, std::max<int64_t>(1, 32768 / g.D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       load_row(src + r * g.D, dst + r * g.Dp, g.D, T(1));
       std::fill(dst + r * g.Dp + g.D, dst + (r + 1) * g.Dp, T(0));
@@ -131,15 +132,21 @@ const T* padded_rows(const Geom& g, const S* src /* (n, D) */, int64_t n, Buf<T>
 
 // Runs task(t, scratch) for t in [0, n): workers take tasks in order from a shared counter, so
 // when callers order tasks largest first the triangular work balances. Each task writes only its
-// own outputs in a fixed order, so results do not depend on the thread count.
+// own outputs in a fixed order, so results do not depend on the thread count. Problems under
+// ~1 MFLOP (`flops`) run on the calling thread: waking the pool costs more than they do.
 template <class T, class F>
-void run_tasks(int64_t n, int64_t scratch_elems, const F& task) {
+void run_tasks(int64_t n, int64_t scratch_elems, double flops, const F& task) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads(), n));
-  parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  auto worker = [&](int64_t, int64_t) {
     Buf<T> scratch = alloc<T>(scratch_elems);
     for (int64_t t; (t = next.fetch_add(1)) < n;) task(t, scratch.get());
-  });
+  };
+  const int64_t workers = flops < 1e6 ? 1 : std::max<int64_t>(1, std::min<int64_t>(num_threads(), n));
+  if (workers == 1) worker(0, 1);
+  else parallel_for(0, workers, 1, worker);
 }
+
+// Flops of the causal score and value GEMMs of one pass (half the Tq x Tk rectangle).
+inline double attn_flops(const Geom& g) { return 2.0 * g.B * g.H * g.Tq * double(g.Tk) * g.D; }
 
 }  // namespace fr::FR_ISA_NS::attn
