@@ -13,25 +13,27 @@ static void attention_fwd(const AttnFwdParams& p) {
   using T = acc_t<S>;
   const Geom g(p.B, p.H, p.Hkv, p.Tq, p.Tk, p.D, p.seg);
   const S* q = static_cast<const S*>(p.q);  // (B, H, Tq, D)
+  const S* k = static_cast<const S*>(p.k);  // (B, Hkv, Tk, D)
+  const S* v = static_cast<const S*>(p.v);  // (B, Hkv, Tk, D)
   S* out = static_cast<S*>(p.out);          // (B, H, Tq, D)
   T* lse = static_cast<T*>(p.lse);          // (B, H, Tq)
-  const Buf<T> kt = pack_transposed<S, T>(g, static_cast<const S*>(p.k));  // (B * Hkv, nKt, D, kBk)
-  Buf<T> v_hold;
-  const T* v = padded_rows<S, T>(g, static_cast<const S*>(p.v), g.B * g.Hkv * g.Tk, v_hold);  // (B, Hkv, Tk, Dp)
   const T c = T(p.scale * 1.4426950408889634);  // scale * log2(e)
+  const int64_t nv = needs_copy<S, T>(g) ? kBk * g.Dp : 0;
 
-  // scratch: Q tile (kBq, D) | scores (kBq, kBk) | O accumulator (kBq, Dp) | row max | row sum
-  const int64_t n_scratch = kBq * g.D + kBq * kBk + kBq * g.Dp + 2 * kBq;
+  // scratch: Q (kBq, D) | K^T (D, kBk) | V (kBk, Dp) if converted | S (kBq, kBk) | O (kBq, Dp) | m, l (kBq)
+  const int64_t n_scratch = kBq * g.D + g.D * kBk + nv + kBq * kBk + kBq * g.Dp + 2 * kBq;
   const int64_t BH = g.B * g.H;
   run_tasks<T>(g.nQt * BH, n_scratch, attn_flops(g), [&](int64_t t, T* scratch) {
     const int64_t qt = g.nQt - 1 - t / BH, bh = t % BH;  // longest rows first
-    const int64_t b = bh / g.H, kvh = (bh % g.H) / g.G;
+    const int64_t b = bh / g.H, bk = b * g.Hkv + (bh % g.H) / g.G;
     const QTile qi = q_tile(g, b, qt);
-    T* Qs = scratch;             // (M, D)
-    T* Sc = Qs + kBq * g.D;      // (M, kBk)
-    T* O = Sc + kBq * kBk;       // (M, Dp)
-    T* m = O + kBq * g.Dp;       // (M,)
-    T* l = m + kBq;              // (M,)
+    T* Qs = scratch;              // (M, D)
+    T* Kt = Qs + kBq * g.D;       // (D, kBk)
+    T* Vc = Kt + g.D * kBk;       // (kBk, Dp)
+    T* Sc = Vc + nv;              // (M, kBk)
+    T* O = Sc + kBq * kBk;        // (M, Dp)
+    T* m = O + kBq * g.Dp;        // (M,)
+    T* l = m + kBq;               // (M,)
     load_row(q + (bh * g.Tq + qi.i0) * g.D, Qs, qi.M * g.D, c);
     std::fill(O, O + qi.M * g.Dp, T(0));
     std::fill(m, m + qi.M, -std::numeric_limits<T>::infinity());
@@ -40,8 +42,8 @@ static void attention_fwd(const AttnFwdParams& p) {
       const int64_t kn = std::min(kBk, g.Tk - j0), N = round8(kn);
       const Cover cov = cover(g, qi, b, j0, kn);
       if (cov == Cover::none) continue;
-      const T* ktile = kt.get() + ((b * g.Hkv + kvh) * g.nKt + j0 / kBk) * g.D * kBk;  // (D, kBk)
-      gemm(qi.M, N, g.D, Qs, g.D, 1, ktile, kBk, Sc, kBk, false);  // S = (c q) k^T
+      pack_transposed(k + (bk * g.Tk + j0) * g.D, kn, g.D, Kt);
+      gemm(qi.M, N, g.D, Qs, g.D, 1, Kt, kBk, Sc, kBk, false);  // S = (c q) k^T
       if (cov == Cover::masked) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, -std::numeric_limits<T>::infinity());
       for (int64_t r = 0; r < qi.M; ++r) {
         T* s = Sc + r * kBk;  // (N,)
@@ -57,8 +59,8 @@ static void attention_fwd(const AttnFwdParams& p) {
         l[r] += row_sum;
         m[r] = m_new;
       }
-      const T* vt = v + ((b * g.Hkv + kvh) * g.Tk + j0) * g.Dp;  // (kn, Dp)
-      gemm(qi.M, g.Dp, kn, Sc, kBk, 1, vt, g.Dp, O, g.Dp, true);  // O += P v
+      const T* vt = padded_rows(g, v + (bk * g.Tk + j0) * g.D, kn, Vc);  // (kn, Dp)
+      gemm(qi.M, g.Dp, kn, Sc, kBk, 1, vt, g.Dp, O, g.Dp, true);        // O += P v
     }
     for (int64_t r = 0; r < qi.M; ++r) {  // every row sees at least its own key, so l > 0
       const int64_t row = bh * g.Tq + qi.i0 + r;

@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "attention/micro.h"
 #include "common/runtime.h"
@@ -92,42 +93,47 @@ inline void apply_mask(const Geom& g, const QTile& q, int64_t b, int64_t j0, int
   }
 }
 
-// K^T (or V^T) of every key tile, in the math type: (B * Hkv, nKt, D, kBk), zero past Tk. The
-// score GEMM broadcasts query elements against rows of this, so it is packed once per call.
+// A key tile's K^T (or V^T) in the math type: dst (D, kBk) from src rows (kn, D); columns
+// [kn, round8(kn)) are zeroed so a GEMM may read whole 8-wide column blocks.
 template <class S, class T>
-Buf<T> pack_transposed(const Geom& g, const S* k /* (B * Hkv, Tk, D) */) {
-  Buf<T> kt = alloc<T>(g.B * g.Hkv * g.nKt * g.D * kBk);
-  const int64_t grain = std::max<int64_t>(1, 32768 / (g.D * kBk));  // small inputs: one chunk, no pool wake-up
-  parallel_for(0, g.B * g.Hkv * g.nKt, grain, [&](int64_t t0, int64_t t1) {
-    T row[256];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / g.nKt, j0 = (t % g.nKt) * kBk, kn = std::min(kBk, g.Tk - j0);
-      T* dst = kt.get() + t * g.D * kBk;  // (D, kBk)
-      for (int64_t j = 0; j < kn; ++j) {
-        load_row(k + (bh * g.Tk + j0 + j) * g.D, row, g.D, T(1));
-        for (int64_t d = 0; d < g.D; ++d) dst[d * kBk + j] = row[d];
+inline void pack_transposed(const S* src, int64_t kn, int64_t D, T* dst) {
+  int64_t j0 = 0;
+#if defined(FR_HAVE_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j0 + 8 <= kn; j0 += 8) {
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = load8(src + (j0 + i) * D + d);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (d + i) * kBk + j0, r[i]);
       }
-      for (int64_t d = 0; d < g.D; ++d) std::fill(dst + d * kBk + kn, dst + (d + 1) * kBk, T(0));
+      for (; d < D; ++d)
+        for (int64_t j = j0; j < j0 + 8; ++j) dst[d * kBk + j] = to_acc(src[j * D + d]);
     }
-  });
-  return kt;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = j0; j < kn; ++j) dst[d * kBk + j] = T(to_acc(src[j * D + d]));
+    for (int64_t j = kn; j < round8(kn); ++j) dst[d * kBk + j] = T(0);
+  }
 }
 
-// Rows (n, D) as (n, Dp) in the math type with zero padding; the input itself when it already is.
+// Rows (n, D) as (n, Dp) in the math type, zero padded: the input itself when it already is that,
+// else a converted copy in `scratch`.
 template <class S, class T>
-const T* padded_rows(const Geom& g, const S* src /* (n, D) */, int64_t n, Buf<T>& holder) {
+inline const T* padded_rows(const Geom& g, const S* src, int64_t n, T* scratch) {
   if constexpr (std::is_same_v<S, T>) {
     if (g.D == g.Dp) return src;
   }
-  holder = alloc<T>(n * g.Dp);
-  T* dst = holder.get();  // (n, Dp)
-  parallel_for(0, n, std::max<int64_t>(1, 32768 / g.D), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      load_row(src + r * g.D, dst + r * g.Dp, g.D, T(1));
-      std::fill(dst + r * g.Dp + g.D, dst + (r + 1) * g.Dp, T(0));
-    }
-  });
-  return dst;
+  for (int64_t r = 0; r < n; ++r) {
+    load_row(src + r * g.D, scratch + r * g.Dp, g.D, T(1));
+    std::fill(scratch + r * g.Dp + g.D, scratch + (r + 1) * g.Dp, T(0));
+  }
+  return scratch;
+}
+template <class S, class T> inline bool needs_copy(const Geom& g) {
+  return !std::is_same_v<S, T> || g.D != g.Dp;
 }
 
 // Runs task(t, scratch) for t in [0, n): workers take tasks in order from a shared counter, so

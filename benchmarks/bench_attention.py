@@ -1,0 +1,103 @@
+"""causal_attention: the fused CPU kernel vs F.scaled_dot_product_attention(is_causal=True), fp32.
+
+Forward alone (no grad) and forward + backward. Validates against ops.reference first. With --memory,
+also measures the peak RSS growth of one forward + backward in fresh processes at growing T: it
+should grow linearly in T (the kernel's scratch is O(T * D), never O(T^2)).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from _common import assert_close, median_ms, parse_args, report
+from fastrlhf.ops import causal_attention, reference
+
+GOALS = {  # (B, H, T, D): (forward goal, forward + backward goal) as ratios SDPA / ours
+    (4, 12, 1024, 64): (">= 1.0x", ">= 1.0x"),
+    (1, 12, 2048, 64): (">= 1.0x", ">= 1.0x"),
+    (8, 6, 256, 64): (">= 1.0x", ">= 1.3x"),
+}
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    def step():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dout)
+
+    return step
+
+
+def validate(q, k, v, dout) -> None:
+    """ours and SDPA, forward and gradients, against the fp32 reference."""
+    want = [reference.causal_attention(q, k, v)]
+    want += torch.autograd.grad(want[0], (q, k, v), dout)
+    for name, fn in (("causal_attention", causal_attention), ("sdpa", sdpa)):
+        got = [fn(q, k, v)]
+        got += torch.autograd.grad(got[0], (q, k, v), dout)
+        for part, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert_close(f"{name} {part}", a, b, rtol=1e-4, atol=1e-5)
+
+
+def run(args) -> list[dict]:
+    rows = []
+    shapes = [(2, 4, 256, 64), (2, 2, 512, 64)] if args.quick else list(GOALS)
+    for B, H, T, D in shapes:
+        q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+        dout = torch.randn(B, H, T, D)
+        validate(q, k, v, dout)
+        goal_f, goal_fb = GOALS.get((B, H, T, D), ("", ""))
+        shape = f"({B}, {H}, {T}, {D})"
+        with torch.no_grad():
+            base = median_ms(lambda: sdpa(q, k, v), reps=args.reps)
+            ours = median_ms(lambda: causal_attention(q, k, v), reps=args.reps)
+        rows.append(dict(op="attention fwd", shape=shape, baseline="SDPA is_causal", base_ms=base, ours_ms=ours,
+                         goal=goal_f))
+        base = median_ms(fwd_bwd(sdpa, q, k, v, dout), reps=args.reps)
+        ours = median_ms(fwd_bwd(causal_attention, q, k, v, dout), reps=args.reps)
+        rows.append(dict(op="attention fwd+bwd", shape=shape, baseline="SDPA is_causal", base_ms=base,
+                         ours_ms=ours, goal=goal_fb))
+    return rows
+
+
+def peak_rss_growth_mb(T: int, B: int = 1, H: int = 4, D: int = 64) -> float:
+    """Peak RSS growth of one forward + backward at sequence length T, in a fresh process."""
+    code = f"""
+import resource, torch
+from fastrlhf.ops import causal_attention
+q, k, v = (torch.randn({B}, {H}, {T}, {D}, requires_grad=True) for _ in range(3))
+dout = torch.randn({B}, {H}, {T}, {D})
+causal_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64]).sum().backward()  # load everything first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+causal_attention(q, k, v).backward(dout)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip())
+
+
+def memory_table() -> None:
+    print("\npeak RSS growth of one fwd+bwd, B=1, H=4, D=64 (inputs+grads+out = 7 x T x 1 KiB)")
+    print(f"{'T':>6} {'MiB':>8} {'MiB per 1k T':>14}")
+    for T in (2048, 4096, 8192, 16384):
+        mb = peak_rss_growth_mb(T)
+        print(f"{T:>6} {mb:>8.1f} {mb / T * 1024:>14.2f}")
+        print("JSON " + json.dumps({"op": "attention memory", "T": T, "peak_rss_growth_mib": mb}))
+
+
+if __name__ == "__main__":
+    sys.argv, memory = [a for a in sys.argv if a != "--memory"], "--memory" in sys.argv
+    args = parse_args(__doc__)
+    rows = run(args)
+    print("all results match the reference")
+    report("causal_attention vs SDPA (fp32; ratio = SDPA / ours)", rows)
+    if memory:
+        memory_table()
