@@ -43,14 +43,20 @@ static void attention_fwd(const AttnFwdParams& p) {
       const Cover cov = cover(g, qi, b, j0, kn);
       if (cov == Cover::none) continue;
       pack_transposed(k + (bk * g.Tk + j0) * g.D, kn, g.D, Kt);
-      gemm(qi.M, N, g.D, Qs, g.D, 1, Kt, kBk, Sc, kBk, false);  // S = (c q) k^T
+      // diagonal tiles skip the blocks above the diagonal in both GEMMs
+      const Tri tri_s = cov == Cover::masked ? Tri::cols : Tri::none, tri_o = cov == Cover::masked ? Tri::k_hi : Tri::none;
+      const int64_t lim = diag_lim(qi, j0);
+      gemm(qi.M, N, g.D, Qs, g.D, 1, Kt, kBk, Sc, kBk, false, tri_s, lim);  // S = (c q) k^T
       if (cov == Cover::masked) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, -std::numeric_limits<T>::infinity());
       for (int64_t r = 0; r < qi.M; ++r) {
         T* s = Sc + r * kBk;  // (N,)
-        const T m_new = std::max(m[r], row_max(s, N));
+        const int64_t Nr = cov == Cover::masked ? row_cols(r, lim, kn) : N;
+        std::fill(s + Nr, s + N, T(0));  // P = 0 past what the row sees
+        if (Nr == 0) continue;
+        const T m_new = std::max(m[r], row_max(s, Nr));
         // A row that has seen no key yet keeps m = -inf; subtracting 0 then gives P = 0, not NaN.
         const T m_use = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;
-        const T row_sum = exp2_sub_sum(s, N, m_use);
+        const T row_sum = exp2_sub_sum(s, Nr, m_use);
         if (m_new != m[r] && l[r] != T(0)) {
           const T alpha = exp2_scalar(m[r] - m_use);
           l[r] *= alpha;
@@ -60,7 +66,7 @@ static void attention_fwd(const AttnFwdParams& p) {
         m[r] = m_new;
       }
       const T* vt = padded_rows(g, v + (bk * g.Tk + j0) * g.D, kn, Vc);  // (kn, Dp)
-      gemm(qi.M, g.Dp, kn, Sc, kBk, 1, vt, g.Dp, O, g.Dp, true);        // O += P v
+      gemm(qi.M, g.Dp, kn, Sc, kBk, 1, vt, g.Dp, O, g.Dp, true, tri_o, lim);  // O += P v
     }
     for (int64_t r = 0; r < qi.M; ++r) {  // every row sees at least its own key, so l > 0
       const int64_t row = bh * g.Tq + qi.i0 + r;

@@ -62,15 +62,21 @@ struct Backward {
   // columns end up 0.
   void probs_and_grad(const QTile& qi, int64_t b, int64_t j0, int64_t kn, Cover cov, const T* qr, const T* dor,
                       T* w, T* dv) const {
-    const int64_t N = round8(kn);
+    const int64_t N = round8(kn), lim = diag_lim(qi, j0);
+    const bool diag = cov == Cover::masked;  // diagonal tiles skip the blocks above the diagonal
     T *Sc = w + o_s, *dP = w + o_dp;
-    gemm(qi.M, N, g.D, qr, g.Dp, 1, w + o_kt, kBk, Sc, kBk, false);  // S = q k^T
-    for (int64_t r = 0; r < qi.M; ++r) exp2_fms(Sc + r * kBk, N, c, w[o_lse2 + r]);
+    gemm(qi.M, N, g.D, qr, g.Dp, 1, w + o_kt, kBk, Sc, kBk, false, diag ? Tri::cols : Tri::none, lim);  // S = q k^T
+    for (int64_t r = 0; r < qi.M; ++r) {
+      const int64_t Nr = diag ? row_cols(r, lim, kn) : N;
+      exp2_fms(Sc + r * kBk, Nr, c, w[o_lse2 + r]);
+      std::fill(Sc + r * kBk + Nr, Sc + (r + 1) * kBk, T(0));
+    }
     // The mask goes on P (not on S) so that it does not depend on the sign of the scale.
-    if (cov == Cover::masked) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, T(0));
-    if (dv) gemm(kn, g.Dp, qi.M, Sc, 1, kBk, dor, g.Dp, dv, g.Dp, true);  // dV += P^T dO
-    gemm(qi.M, N, g.D, dor, g.Dp, 1, w + o_vt, kBk, dP, kBk, false);     // dP = dO v^T
-    for (int64_t r = 0; r < qi.M; ++r) softmax_grad(Sc + r * kBk, dP + r * kBk, N, w[o_delta + r]);
+    if (diag) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, T(0));
+    if (dv) gemm(kn, g.Dp, qi.M, Sc, 1, kBk, dor, g.Dp, dv, g.Dp, true, diag ? Tri::k_lo : Tri::none, lim);  // dV += P^T dO
+    gemm(qi.M, N, g.D, dor, g.Dp, 1, w + o_vt, kBk, dP, kBk, false, diag ? Tri::cols : Tri::none, lim);  // dP = dO v^T
+    for (int64_t r = 0; r < qi.M; ++r)
+      softmax_grad(Sc + r * kBk, dP + r * kBk, diag ? row_cols(r, lim, kn) : N, w[o_delta + r]);
   }
 
   // dK, dV of key tile j0 of bk over the group's query heads; with dq_acc ((G, Tq, Dp) for bk),
@@ -90,10 +96,12 @@ struct Backward {
         const T* dor;
         const T* qr = load_queries(qi, bh, w, &dor);  // (M, Dp) each
         probs_and_grad(qi, b, j0, kn, cov, qr, dor, w, dV);
-        gemm(kn, g.Dp, qi.M, w + o_s, 1, kBk, qr, g.Dp, dK, g.Dp, true);  // dK += dS^T q
+        const bool diag = cov == Cover::masked;
+        const int64_t lim = diag_lim(qi, j0);
+        gemm(kn, g.Dp, qi.M, w + o_s, 1, kBk, qr, g.Dp, dK, g.Dp, true, diag ? Tri::k_lo : Tri::none, lim);  // dK += dS^T q
         if (dq_acc) {
-          T* dq = dq_acc + (hh * g.Tq + qi.i0) * g.Dp;                   // (M, Dp)
-          gemm(qi.M, g.Dp, kn, w + o_s, kBk, 1, kr, g.Dp, dq, g.Dp, true);  // dQ += dS k
+          T* dq = dq_acc + (hh * g.Tq + qi.i0) * g.Dp;  // (M, Dp)
+          gemm(qi.M, g.Dp, kn, w + o_s, kBk, 1, kr, g.Dp, dq, g.Dp, true, diag ? Tri::k_hi : Tri::none, lim);  // dQ += dS k
         }
       }
     }
@@ -119,7 +127,8 @@ struct Backward {
       if (cov == Cover::none) continue;
       const T* kr = load_keys(bk, j0, kn, w);  // (kn, Dp)
       probs_and_grad(qi, b, j0, kn, cov, qr, dor, w, nullptr);
-      gemm(qi.M, g.Dp, kn, w + o_s, kBk, 1, kr, g.Dp, dQ, g.Dp, true);  // dQ += dS k
+      gemm(qi.M, g.Dp, kn, w + o_s, kBk, 1, kr, g.Dp, dQ, g.Dp, true,
+           cov == Cover::masked ? Tri::k_hi : Tri::none, diag_lim(qi, j0));  // dQ += dS k
     }
     S* dq = static_cast<S*>(p.dq) + (bh * g.Tq + qi.i0) * g.D;  // (M, D)
     for (int64_t r = 0; r < qi.M; ++r) store_row(dQ + r * g.Dp, dq + r * g.D, g.D, T(p.scale));

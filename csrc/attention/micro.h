@@ -15,12 +15,24 @@
 
 namespace fr::FR_ISA_NS::attn {
 
+inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
+
+// Which part of a GEMM a causal diagonal tile needs, given lim = (first query position) - (first
+// key) + 1, so that query row r sees key columns c < r + lim:
+//   cols: C = S-like (rows = queries, columns = keys): row m needs columns n < m + lim only; the
+//         other entries of C are left unwritten (the caller masks them);
+//   k_hi: C = P @ rows-of-keys (reduction over keys): row m needs k < m + lim (the rest of P is 0);
+//   k_lo: C = P^T @ rows-of-queries (rows = keys): row m needs k > m - lim.
+// The skipped products are exact zeros, so skipping changes no bit of the result.
+enum class Tri { none, cols, k_hi, k_lo };
+
 // ---- generic (any element type; the float64 path and the baseline build) ---------------------
 // C (M, N) = [C +] A (M, K) @ B (K, N). A is read one element at a time at A[m * a_rs + k * a_ks]
 // (so P^T is just a_rs = 1, a_ks = ld); B rows are contiguous with stride ldb; C rows stride ldc.
+// This version computes every product (tri is only a hint).
 template <class T>
 inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
-                 int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+                 int64_t ldb, T* C, int64_t ldc, bool accumulate, Tri = Tri::none, int64_t = 0) {
   for (int64_t m = 0; m < M; ++m) {
     T* c = C + m * ldc;  // (N,)
     if (!accumulate) std::fill(c, c + N, T(0));
@@ -136,18 +148,25 @@ inline void gemm_block(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, co
 }
 
 // As the generic gemm, but N must be a multiple of 8 (callers pad tiles; padded columns of C are
-// garbage-free only if B's padding is zero, and are never stored to outputs).
+// garbage-free only if B's padding is zero, and are never stored to outputs), and the blocks a
+// causal diagonal tile does not need (tri, lim) are skipped.
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate, Tri tri = Tri::none, int64_t lim = 0) {
   using Fn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
   static constexpr Fn table[2][6] = {
       {gemm_block<1, 1>, gemm_block<2, 1>, gemm_block<3, 1>, gemm_block<4, 1>, gemm_block<5, 1>, gemm_block<6, 1>},
       {gemm_block<1, 2>, gemm_block<2, 2>, gemm_block<3, 2>, gemm_block<4, 2>, gemm_block<5, 2>, gemm_block<6, 2>}};
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
-    const int nv = N - n0 >= 16 ? 2 : 1;
     for (int64_t m0 = 0; m0 < M; m0 += 6) {
       const int r = int(std::min<int64_t>(6, M - m0));
-      table[nv - 1][r - 1](K, A + m0 * a_rs, a_rs, a_ks, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+      int64_t n_end = N, k0 = 0, k1 = K;
+      if (tri == Tri::cols) n_end = std::min(N, round8(m0 + r - 1 + lim));
+      if (tri == Tri::k_hi) k1 = std::clamp<int64_t>(m0 + r - 1 + lim, 0, K);
+      if (tri == Tri::k_lo) k0 = std::clamp<int64_t>(m0 - lim + 1, 0, K);
+      if (n0 >= n_end) continue;
+      const int nv = n_end - n0 >= 16 ? 2 : 1;
+      table[nv - 1][r - 1](std::max<int64_t>(k1 - k0, 0), A + m0 * a_rs + k0 * a_ks, a_rs, a_ks, B + k0 * ldb + n0,
+                           ldb, C + m0 * ldc + n0, ldc, accumulate);
     }
   }
 }

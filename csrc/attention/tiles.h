@@ -17,7 +17,6 @@ namespace fr::FR_ISA_NS::attn {
 // Rows per query tile and keys per key tile: a 64 x 64 fp32 score tile is 16 KiB, so the working
 // set of a task (Q, K^T, V, S and O tiles at D = 64) stays in L2.
 constexpr int64_t kBq = 64, kBk = 64;
-inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
 
 template <class T> using Buf = std::unique_ptr<T[]>;
 template <class T> inline Buf<T> alloc(int64_t n) { return Buf<T>(new T[size_t(std::max<int64_t>(n, 1))]); }
@@ -73,6 +72,11 @@ inline Cover cover(const Geom& g, const QTile& q, int64_t b, int64_t j0, int64_t
   }
   return full ? Cover::full : Cover::masked;
 }
+
+// Causal diagonal geometry of a (query tile, key tile) pair: row r sees columns c < r + lim.
+inline int64_t diag_lim(const QTile& q, int64_t j0) { return q.p_first - j0 + 1; }
+// Columns of row r that a masked tile needs, rounded to whole 8-wide blocks.
+inline int64_t row_cols(int64_t r, int64_t lim, int64_t kn) { return round8(std::clamp<int64_t>(r + lim, 0, kn)); }
 
 // Writes `fill` into S (M, N) (row stride ld) wherever query row r may not see key column c
 // (c >= kn included: the zero padding of a short tile).
