@@ -8,6 +8,9 @@
 namespace fr::FR_ISA_NS {
 using namespace attn;
 
+// Query tiles of at most this many rows (decode steps) take scores by dot products with the key rows.
+constexpr int64_t kFewRows = 4;
+
 template <class S>
 static void attention_fwd(const AttnFwdParams& p) {
   using T = acc_t<S>;
@@ -20,16 +23,17 @@ static void attention_fwd(const AttnFwdParams& p) {
   const T c = T(p.scale * 1.4426950408889634);  // scale * log2(e)
   const int64_t nv = needs_copy<S, T>(g) ? kBk * g.Dp : 0;
 
-  // scratch: Q (kBq, D) | K^T (D, kBk) | V (kBk, Dp) if converted | S (kBq, kBk) | O (kBq, Dp) | m, l (kBq)
-  const int64_t n_scratch = kBq * g.D + g.D * kBk + nv + kBq * kBk + kBq * g.Dp + 2 * kBq;
+  // scratch: Q (kBq, D) | K^T (D, kBk) or K (kBk, Dp) | V (kBk, Dp) if converted | S (kBq, kBk) |
+  //          O (kBq, Dp) | m, l (kBq)
+  const int64_t n_scratch = kBq * g.D + kBk * g.Dp + nv + kBq * kBk + kBq * g.Dp + 2 * kBq;
   const int64_t BH = g.B * g.H;
   run_tasks<T>(g.nQt * BH, n_scratch, attn_flops(g), [&](int64_t t, T* scratch) {
     const int64_t qt = g.nQt - 1 - t / BH, bh = t % BH;  // longest rows first
     const int64_t b = bh / g.H, bk = b * g.Hkv + (bh % g.H) / g.G;
     const QTile qi = q_tile(g, b, qt);
     T* Qs = scratch;              // (M, D)
-    T* Kt = Qs + kBq * g.D;       // (D, kBk)
-    T* Vc = Kt + g.D * kBk;       // (kBk, Dp)
+    T* Kt = Qs + kBq * g.D;       // (D, kBk), or (kBk, Dp) for few rows
+    T* Vc = Kt + kBk * g.Dp;      // (kBk, Dp)
     T* Sc = Vc + nv;              // (M, kBk)
     T* O = Sc + kBq * kBk;        // (M, Dp)
     T* m = O + kBq * g.Dp;        // (M,)
@@ -42,11 +46,16 @@ static void attention_fwd(const AttnFwdParams& p) {
       const int64_t kn = std::min(kBk, g.Tk - j0), N = round8(kn);
       const Cover cov = cover(g, qi, b, j0, kn);
       if (cov == Cover::none) continue;
-      pack_transposed(k + (bk * g.Tk + j0) * g.D, kn, g.D, Kt);
       // diagonal tiles skip the blocks above the diagonal in both GEMMs
       const Tri tri_s = cov == Cover::masked ? Tri::cols : Tri::none, tri_o = cov == Cover::masked ? Tri::k_hi : Tri::none;
       const int64_t lim = diag_lim(qi, j0);
-      gemm(qi.M, N, g.D, Qs, g.D, 1, Kt, kBk, Sc, kBk, false, tri_s, lim);  // S = (c q) k^T
+      const S* kr = k + (bk * g.Tk + j0) * g.D;  // (kn, D)
+      if (qi.M <= kFewRows) {  // decode: dot products with the key rows; columns >= kn are masked
+        gemm_nt(qi.M, kn, g.D, Qs, g.D, padded_rows(g, kr, kn, Kt), g.Dp, Sc, kBk);
+      } else {
+        pack_transposed(kr, kn, g.D, Kt);
+        gemm(qi.M, N, g.D, Qs, g.D, 1, Kt, kBk, Sc, kBk, false, tri_s, lim);  // S = (c q) k^T
+      }
       if (cov == Cover::masked) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, -std::numeric_limits<T>::infinity());
       for (int64_t r = 0; r < qi.M; ++r) {
         T* s = Sc + r * kBk;  // (N,)

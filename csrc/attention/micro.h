@@ -44,6 +44,19 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   }
 }
 
+// C (M, N) = A (M, K) @ B^T with B rows (N, K) contiguous (ldb): scores straight from key rows,
+// for the few query rows of a decode step, where transposing the keys would cost as much as using them.
+template <class T>
+inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                    int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      T s = 0;
+      for (int64_t k = 0; k < K; ++k) s += A[m * lda + k] * B[n * ldb + k];
+      C[m * ldc + n] = s;
+    }
+}
+
 template <class T> inline T exp2_scalar(T x) { return std::exp2(x); }
 
 template <class T> inline T row_max(const T* x, int64_t n) {
@@ -167,6 +180,41 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, 
       const int nv = n_end - n0 >= 16 ? 2 : 1;
       table[nv - 1][r - 1](std::max<int64_t>(k1 - k0, 0), A + m0 * a_rs + k0 * a_ks, a_rs, a_ks, B + k0 * ldb + n0,
                            ldb, C + m0 * ldc + n0, ldc, accumulate);
+    }
+  }
+}
+
+// gemm_nt, AVX2: four keys at a time, each an 8-wide dot product over K, reduced together.
+inline void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    float* C, int64_t ldc) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * lda;  // (K,)
+    int64_t n = 0;
+    for (; n + 4 <= N; n += 4) {
+      const float* b = B + n * ldb;  // (4, K)
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 av = _mm256_loadu_ps(a + k);
+        s0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + k), s0);
+        s1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + ldb + k), s1);
+        s2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 2 * ldb + k), s2);
+        s3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 3 * ldb + k), s3);
+      }
+      // (s0 s1 s2 s3) -> their four horizontal sums in one vector
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+      __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      for (int64_t k = K8; k < K; ++k)
+        r = _mm_add_ps(r, _mm_mul_ps(_mm_set1_ps(a[k]), _mm_setr_ps(b[k], b[ldb + k], b[2 * ldb + k], b[3 * ldb + k])));
+      _mm_storeu_ps(C + m * ldc + n, r);
+    }
+    for (; n < N; ++n) {
+      __m256 s0 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(B + n * ldb + k), s0);
+      float t = hsum(s0);
+      for (int64_t k = K8; k < K; ++k) t += a[k] * B[n * ldb + k];
+      C[m * ldc + n] = t;
     }
   }
 }
