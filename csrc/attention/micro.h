@@ -96,15 +96,16 @@ template <class T, class S> inline void store_row(const T* src, S* dst, int64_t 
 
 #if defined(FR_HAVE_AVX2)
 // ---- AVX2 + FMA fp32 -------------------------------------------------------------------------
-// 2^x to ~1 ulp: x = n + f, f in [-0.5, 0.5]; 2^f by a degree-6 minimax polynomial (coefficients
-// fitted for this file by iteratively reweighted least squares), 2^n built in the exponent bits.
-// Inputs below -126 (including -inf from masking) give exactly 0.
+// 2^x to ~1 ulp for x <= 127: x = n + f with n = round(x), f in [-0.5, 0.5]; 2^f by a degree-6
+// minimax polynomial (coefficients fitted for this file by iteratively reweighted least squares);
+// 2^n built in the exponent bits. Adding 1.5 * 2^23 + 127 rounds x to an integer whose low bits are
+// the biased exponent n + 127; x is clamped at -127, where that exponent is 0 and the result
+// exactly 0 (so -inf from masking gives 0; values below 2^-126.5 flush to 0).
 inline __m256 exp2_ps(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-126.0f);
-  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
+  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+  const __m256 t = _mm256_add_ps(x, magic);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
   __m256 p = _mm256_set1_ps(1.5353362e-4f);
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3398875e-3f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6184369e-3f));
@@ -112,8 +113,7 @@ inline __m256 exp2_ps(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022648e-1f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
 
 inline float hsum(__m256 v) {

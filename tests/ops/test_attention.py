@@ -56,6 +56,7 @@ SHAPES = [  # B, H, Hkv, Tq, Tk, D
     (1, 2, 2, 70, 70, 256),
     (2, 4, 2, 65, 150, 64),  # a chunk of queries after a KV cache
     (1, 6, 1, 1, 300, 64),  # decode
+    (2, 6, 2, 3, 70, 59),  # a few decode rows, odd D, a short last key tile
     (1, 2, 1, 200, 200, 64),  # several tiles in both directions
 ]
 
