@@ -7,13 +7,13 @@ should grow linearly in T (the kernel's scratch is O(T * D), never O(T^2)).
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
-
 from _common import assert_close, median_ms, parse_args, report
 from fastrlhf.ops import causal_attention, reference
 
@@ -57,14 +57,13 @@ def run(args) -> list[dict]:
         goal_f, goal_fb = GOALS.get((B, H, T, D), ("", ""))
         shape = f"({B}, {H}, {T}, {D})"
         with torch.no_grad():
-            base = median_ms(lambda: sdpa(q, k, v), reps=args.reps)
-            ours = median_ms(lambda: causal_attention(q, k, v), reps=args.reps)
-        rows.append(dict(op="attention fwd", shape=shape, baseline="SDPA is_causal", base_ms=base, ours_ms=ours,
-                         goal=goal_f))
+            base = median_ms(functools.partial(sdpa, q, k, v), reps=args.reps)
+            ours = median_ms(functools.partial(causal_attention, q, k, v), reps=args.reps)
+        row = {"shape": shape, "baseline": "SDPA is_causal"}
+        rows.append({"op": "attention fwd", **row, "base_ms": base, "ours_ms": ours, "goal": goal_f})
         base = median_ms(fwd_bwd(sdpa, q, k, v, dout), reps=args.reps)
         ours = median_ms(fwd_bwd(causal_attention, q, k, v, dout), reps=args.reps)
-        rows.append(dict(op="attention fwd+bwd", shape=shape, baseline="SDPA is_causal", base_ms=base,
-                         ours_ms=ours, goal=goal_fb))
+        rows.append({"op": "attention fwd+bwd", **row, "base_ms": base, "ours_ms": ours, "goal": goal_fb})
     return rows
 
 

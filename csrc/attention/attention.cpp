@@ -15,11 +15,11 @@ template <class S>
 static void attention_fwd(const AttnFwdParams& p) {
   using T = acc_t<S>;
   const Geom g(p.B, p.H, p.Hkv, p.Tq, p.Tk, p.D, p.seg);
-  const S* q = static_cast<const S*>(p.q);  // (B, H, Tq, D)
-  const S* k = static_cast<const S*>(p.k);  // (B, Hkv, Tk, D)
-  const S* v = static_cast<const S*>(p.v);  // (B, Hkv, Tk, D)
-  S* out = static_cast<S*>(p.out);          // (B, H, Tq, D)
-  T* lse = static_cast<T*>(p.lse);          // (B, H, Tq)
+  const S* q = static_cast<const S*>(p.q);      // (B, H, Tq, D)
+  const S* k = static_cast<const S*>(p.k);      // (B, Hkv, Tk, D)
+  const S* v = static_cast<const S*>(p.v);      // (B, Hkv, Tk, D)
+  S* out = static_cast<S*>(p.out);              // (B, H, Tq, D)
+  T* lse = static_cast<T*>(p.lse);              // (B, H, Tq)
   const T c = T(p.scale * 1.4426950408889634);  // scale * log2(e)
   const int64_t nv = needs_copy<S, T>(g) ? kBk * g.Dp : 0;
 
@@ -31,13 +31,13 @@ static void attention_fwd(const AttnFwdParams& p) {
     const int64_t qt = g.nQt - 1 - t / BH, bh = t % BH;  // longest rows first
     const int64_t b = bh / g.H, bk = b * g.Hkv + (bh % g.H) / g.G;
     const QTile qi = q_tile(g, b, qt);
-    T* Qs = scratch;              // (M, D)
-    T* Kt = Qs + kBq * g.D;       // (D, kBk), or (kBk, Dp) for few rows
-    T* Vc = Kt + kBk * g.Dp;      // (kBk, Dp)
-    T* Sc = Vc + nv;              // (M, kBk)
-    T* O = Sc + kBq * kBk;        // (M, Dp)
-    T* m = O + kBq * g.Dp;        // (M,)
-    T* l = m + kBq;               // (M,)
+    T* Qs = scratch;          // (M, D)
+    T* Kt = Qs + kBq * g.D;   // (D, kBk), or (kBk, Dp) for few rows
+    T* Vc = Kt + kBk * g.Dp;  // (kBk, Dp)
+    T* Sc = Vc + nv;          // (M, kBk)
+    T* O = Sc + kBq * kBk;    // (M, Dp)
+    T* m = O + kBq * g.Dp;    // (M,)
+    T* l = m + kBq;           // (M,)
     load_row(q + (bh * g.Tq + qi.i0) * g.D, Qs, qi.M * g.D, c);
     std::fill(O, O + qi.M * g.Dp, T(0));
     std::fill(m, m + qi.M, -std::numeric_limits<T>::infinity());
@@ -47,7 +47,8 @@ static void attention_fwd(const AttnFwdParams& p) {
       const Cover cov = cover(g, qi, b, j0, kn);
       if (cov == Cover::none) continue;
       // diagonal tiles skip the blocks above the diagonal in both GEMMs
-      const Tri tri_s = cov == Cover::masked ? Tri::cols : Tri::none, tri_o = cov == Cover::masked ? Tri::k_hi : Tri::none;
+      const Tri tri_s = cov == Cover::masked ? Tri::cols : Tri::none,
+                tri_o = cov == Cover::masked ? Tri::k_hi : Tri::none;
       const int64_t lim = diag_lim(qi, j0);
       const S* kr = k + (bk * g.Tk + j0) * g.D;  // (kn, D)
       if (qi.M <= kFewRows) {  // decode: dot products with the key rows; columns >= kn are masked
@@ -74,7 +75,7 @@ static void attention_fwd(const AttnFwdParams& p) {
         l[r] += row_sum;
         m[r] = m_new;
       }
-      const T* vt = padded_rows(g, v + (bk * g.Tk + j0) * g.D, kn, Vc);  // (kn, Dp)
+      const T* vt = padded_rows(g, v + (bk * g.Tk + j0) * g.D, kn, Vc);       // (kn, Dp)
       gemm(qi.M, g.Dp, kn, Sc, kBk, 1, vt, g.Dp, O, g.Dp, true, tri_o, lim);  // O += P v
     }
     for (int64_t r = 0; r < qi.M; ++r) {  // every row sees at least its own key, so l > 0

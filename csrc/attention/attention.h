@@ -9,29 +9,29 @@
 
 namespace fr {
 struct AttnFwdParams {
-  DType dtype;          // of q, k, v, out
-  const void* q;        // (B, H, Tq, D)
-  const void* k;        // (B, Hkv, Tk, D)
-  const void* v;        // (B, Hkv, Tk, D)
-  const int64_t* seg;   // (B, Tk) segment ids, or nullptr
-  void* out;            // (B, H, Tq, D) out
-  void* lse;            // (B, H, Tq) out: natural-log sum of exp of the scaled scores; fp32 (fp64 for f64)
+  DType dtype;         // of q, k, v, out
+  const void* q;       // (B, H, Tq, D)
+  const void* k;       // (B, Hkv, Tk, D)
+  const void* v;       // (B, Hkv, Tk, D)
+  const int64_t* seg;  // (B, Tk) segment ids, or nullptr
+  void* out;           // (B, H, Tq, D) out
+  void* lse;           // (B, H, Tq) out: natural-log sum of exp of the scaled scores; fp32 (fp64 for f64)
   int64_t B, H, Hkv, Tq, Tk, D;
   double scale;
 };
 
 struct AttnBwdParams {
-  DType dtype;          // of every tensor except seg and lse
-  const void* dout;     // (B, H, Tq, D)
-  const void* q;        // (B, H, Tq, D)
-  const void* k;        // (B, Hkv, Tk, D)
-  const void* v;        // (B, Hkv, Tk, D)
-  const void* out;      // (B, H, Tq, D) the forward's output
-  const void* lse;      // (B, H, Tq) the forward's lse
-  const int64_t* seg;   // (B, Tk) or nullptr
-  void* dq;             // (B, H, Tq, D) out
-  void* dk;             // (B, Hkv, Tk, D) out
-  void* dv;             // (B, Hkv, Tk, D) out
+  DType dtype;         // of every tensor except seg and lse
+  const void* dout;    // (B, H, Tq, D)
+  const void* q;       // (B, H, Tq, D)
+  const void* k;       // (B, Hkv, Tk, D)
+  const void* v;       // (B, Hkv, Tk, D)
+  const void* out;     // (B, H, Tq, D) the forward's output
+  const void* lse;     // (B, H, Tq) the forward's lse
+  const int64_t* seg;  // (B, Tk) or nullptr
+  void* dq;            // (B, H, Tq, D) out
+  void* dk;            // (B, Hkv, Tk, D) out
+  void* dv;            // (B, Hkv, Tk, D) out
   int64_t B, H, Hkv, Tq, Tk, D;
   double scale;
 };

@@ -6,7 +6,6 @@
 //   dQ (7 GEMMs: S and dP are recomputed), when B * Hkv is too small to keep the threads busy.
 // Both give bit-identical results: every dQ tile sums the same dS k products in the same key order.
 #include "attention/attention.h"
-
 #include "attention/tiles.h"
 
 namespace fr::FR_ISA_NS {
@@ -24,14 +23,17 @@ struct Backward {
   int64_t o_kt, o_vt, o_kc, o_dk, o_dv, o_s, o_dp, o_qc, o_doc, o_dq, o_delta, o_lse2, o_tmp, size;
 
   explicit Backward(const AttnBwdParams& p_)
-      : p(p_), g(p_.B, p_.H, p_.Hkv, p_.Tq, p_.Tk, p_.D, p_.seg), c(T(p_.scale * 1.4426950408889634)),
+      : p(p_),
+        g(p_.B, p_.H, p_.Hkv, p_.Tq, p_.Tk, p_.D, p_.seg),
+        c(T(p_.scale * 1.4426950408889634)),
         copy(needs_copy<S, T>(g)) {
     const int64_t rows_k = copy ? kBk * g.Dp : 0, rows_q = copy ? kBq * g.Dp : 0;
     int64_t o = 0;
     auto take = [&](int64_t n) { return std::exchange(o, o + n); };
     o_kt = take(g.D * kBk), o_vt = take(g.D * kBk), o_kc = take(rows_k), o_dk = take(kBk * g.Dp);
     o_dv = take(kBk * g.Dp), o_s = take(kBq * kBk), o_dp = take(kBq * kBk), o_qc = take(rows_q);
-    o_doc = take(rows_q), o_dq = take(kBq * g.Dp), o_delta = take(kBq), o_lse2 = take(kBq), o_tmp = take(g.Dp);
+    o_doc = take(rows_q), o_dq = take(kBq * g.Dp), o_delta = take(kBq), o_lse2 = take(kBq),
+    o_tmp = take(g.Dp);
     size = o;
   }
 
@@ -60,12 +62,13 @@ struct Backward {
 
   // P, then dS, into the S scratch (M, kBk); with dv, also dV += P^T dO. Padded and masked
   // columns end up 0.
-  void probs_and_grad(const QTile& qi, int64_t b, int64_t j0, int64_t kn, Cover cov, const T* qr, const T* dor,
-                      T* w, T* dv) const {
+  void probs_and_grad(const QTile& qi, int64_t b, int64_t j0, int64_t kn, Cover cov, const T* qr,
+                      const T* dor, T* w, T* dv) const {
     const int64_t N = round8(kn), lim = diag_lim(qi, j0);
     const bool diag = cov == Cover::masked;  // diagonal tiles skip the blocks above the diagonal
     T *Sc = w + o_s, *dP = w + o_dp;
-    gemm(qi.M, N, g.D, qr, g.Dp, 1, w + o_kt, kBk, Sc, kBk, false, diag ? Tri::cols : Tri::none, lim);  // S = q k^T
+    gemm(qi.M, N, g.D, qr, g.Dp, 1, w + o_kt, kBk, Sc, kBk, false, diag ? Tri::cols : Tri::none,
+         lim);  // S = q k^T
     for (int64_t r = 0; r < qi.M; ++r) {
       const int64_t Nr = diag ? row_cols(r, lim, kn) : N;
       exp2_fms(Sc + r * kBk, Nr, c, w[o_lse2 + r]);
@@ -73,8 +76,11 @@ struct Backward {
     }
     // The mask goes on P (not on S) so that it does not depend on the sign of the scale.
     if (diag) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, T(0));
-    if (dv) gemm(kn, g.Dp, qi.M, Sc, 1, kBk, dor, g.Dp, dv, g.Dp, true, diag ? Tri::k_lo : Tri::none, lim);  // dV += P^T dO
-    gemm(qi.M, N, g.D, dor, g.Dp, 1, w + o_vt, kBk, dP, kBk, false, diag ? Tri::cols : Tri::none, lim);  // dP = dO v^T
+    if (dv)
+      gemm(kn, g.Dp, qi.M, Sc, 1, kBk, dor, g.Dp, dv, g.Dp, true, diag ? Tri::k_lo : Tri::none,
+           lim);  // dV += P^T dO
+    gemm(qi.M, N, g.D, dor, g.Dp, 1, w + o_vt, kBk, dP, kBk, false, diag ? Tri::cols : Tri::none,
+         lim);  // dP = dO v^T
     for (int64_t r = 0; r < qi.M; ++r)
       softmax_grad(Sc + r * kBk, dP + r * kBk, diag ? row_cols(r, lim, kn) : N, w[o_delta + r]);
   }
@@ -98,10 +104,12 @@ struct Backward {
         probs_and_grad(qi, b, j0, kn, cov, qr, dor, w, dV);
         const bool diag = cov == Cover::masked;
         const int64_t lim = diag_lim(qi, j0);
-        gemm(kn, g.Dp, qi.M, w + o_s, 1, kBk, qr, g.Dp, dK, g.Dp, true, diag ? Tri::k_lo : Tri::none, lim);  // dK += dS^T q
+        gemm(kn, g.Dp, qi.M, w + o_s, 1, kBk, qr, g.Dp, dK, g.Dp, true, diag ? Tri::k_lo : Tri::none,
+             lim);  // dK += dS^T q
         if (dq_acc) {
           T* dq = dq_acc + (hh * g.Tq + qi.i0) * g.Dp;  // (M, Dp)
-          gemm(qi.M, g.Dp, kn, w + o_s, kBk, 1, kr, g.Dp, dq, g.Dp, true, diag ? Tri::k_hi : Tri::none, lim);  // dQ += dS k
+          gemm(qi.M, g.Dp, kn, w + o_s, kBk, 1, kr, g.Dp, dq, g.Dp, true, diag ? Tri::k_hi : Tri::none,
+               lim);  // dQ += dS k
         }
       }
     }
@@ -142,7 +150,8 @@ static void attention_bwd(const AttnBwdParams& p) {
   const Backward<S> bw(p);
   const Geom& g = bw.g;
   const int64_t BK = g.B * g.Hkv, threads = std::max(1, num_threads());
-  const int64_t rounds = (BK + threads - 1) / threads;  // one-pass tasks per thread, the last round partly idle
+  const int64_t rounds =
+      (BK + threads - 1) / threads;  // one-pass tasks per thread, the last round partly idle
   if (rounds * threads * 5 < BK * 7) {
     run_tasks<T>(BK, bw.size + g.G * g.Tq * g.Dp, 2.5 * attn_flops(g), [&](int64_t bk, T* w) {
       T* dq_acc = w + bw.size;  // (G, Tq, Dp)

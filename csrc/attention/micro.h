@@ -57,40 +57,51 @@ inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
     }
 }
 
-template <class T> inline T exp2_scalar(T x) { return std::exp2(x); }
+template <class T>
+inline T exp2_scalar(T x) {
+  return std::exp2(x);
+}
 
-template <class T> inline T row_max(const T* x, int64_t n) {
+template <class T>
+inline T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
   return m;
 }
 // x = exp2(x - sub) in place; returns the sum.
-template <class T> inline T exp2_sub_sum(T* x, int64_t n, T sub) {
+template <class T>
+inline T exp2_sub_sum(T* x, int64_t n, T sub) {
   T s = 0;
   for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar(x[i] - sub));
   return s;
 }
 // x = exp2(x * c - sub) in place (backward: recompute P from the saved log-sum-exp).
-template <class T> inline void exp2_fms(T* x, int64_t n, T c, T sub) {
+template <class T>
+inline void exp2_fms(T* x, int64_t n, T c, T sub) {
   for (int64_t i = 0; i < n; ++i) x[i] = exp2_scalar(x[i] * c - sub);
 }
-template <class T> inline void scale_row(T* x, int64_t n, T a) {
+template <class T>
+inline void scale_row(T* x, int64_t n, T a) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 // p = p * (dp - delta): dS of softmax from dP (FlashAttention-2, arXiv 2307.08691, alg. 2).
-template <class T> inline void softmax_grad(T* p, const T* dp, int64_t n, T delta) {
+template <class T>
+inline void softmax_grad(T* p, const T* dp, int64_t n, T delta) {
   for (int64_t i = 0; i < n; ++i) p[i] *= dp[i] - delta;
 }
-template <class T> inline T dot(const T* a, const T* b, int64_t n) {
+template <class T>
+inline T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 // dst (n,) = src * mul converted to the math type; src of any storage type.
-template <class S, class T> inline void load_row(const S* src, T* dst, int64_t n, T mul) {
+template <class S, class T>
+inline void load_row(const S* src, T* dst, int64_t n, T mul) {
   for (int64_t i = 0; i < n; ++i) dst[i] = T(to_acc(src[i])) * mul;
 }
-template <class T, class S> inline void store_row(const T* src, S* dst, int64_t n, T mul) {
+template <class T, class S>
+inline void store_row(const T* src, S* dst, int64_t n, T mul) {
   for (int64_t i = 0; i < n; ++i) dst[i] = from_acc<S>(src[i] * mul);
 }
 
@@ -127,7 +138,8 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-template <> inline float exp2_scalar<float>(float x) {
+template <>
+inline float exp2_scalar<float>(float x) {
   return _mm_cvtss_f32(_mm256_castps256_ps128(exp2_ps(_mm256_set1_ps(x))));
 }
 
@@ -141,7 +153,8 @@ inline void gemm_block(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, co
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m256 b[NV];
 #pragma GCC unroll 2
@@ -166,9 +179,10 @@ inline void gemm_block(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, co
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate, Tri tri = Tri::none, int64_t lim = 0) {
   using Fn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
-  static constexpr Fn table[2][6] = {
-      {gemm_block<1, 1>, gemm_block<2, 1>, gemm_block<3, 1>, gemm_block<4, 1>, gemm_block<5, 1>, gemm_block<6, 1>},
-      {gemm_block<1, 2>, gemm_block<2, 2>, gemm_block<3, 2>, gemm_block<4, 2>, gemm_block<5, 2>, gemm_block<6, 2>}};
+  static constexpr Fn table[2][6] = {{gemm_block<1, 1>, gemm_block<2, 1>, gemm_block<3, 1>, gemm_block<4, 1>,
+                                      gemm_block<5, 1>, gemm_block<6, 1>},
+                                     {gemm_block<1, 2>, gemm_block<2, 2>, gemm_block<3, 2>, gemm_block<4, 2>,
+                                      gemm_block<5, 2>, gemm_block<6, 2>}};
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     for (int64_t m0 = 0; m0 < M; m0 += 6) {
       const int r = int(std::min<int64_t>(6, M - m0));
@@ -178,8 +192,8 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, 
       if (tri == Tri::k_lo) k0 = std::clamp<int64_t>(m0 - lim + 1, 0, K);
       if (n0 >= n_end) continue;
       const int nv = n_end - n0 >= 16 ? 2 : 1;
-      table[nv - 1][r - 1](std::max<int64_t>(k1 - k0, 0), A + m0 * a_rs + k0 * a_ks, a_rs, a_ks, B + k0 * ldb + n0,
-                           ldb, C + m0 * ldc + n0, ldc, accumulate);
+      table[nv - 1][r - 1](std::max<int64_t>(k1 - k0, 0), A + m0 * a_rs + k0 * a_ks, a_rs, a_ks,
+                           B + k0 * ldb + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
     }
   }
 }
@@ -205,7 +219,8 @@ inline void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
       const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
       __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
       for (int64_t k = K8; k < K; ++k)
-        r = _mm_add_ps(r, _mm_mul_ps(_mm_set1_ps(a[k]), _mm_setr_ps(b[k], b[ldb + k], b[2 * ldb + k], b[3 * ldb + k])));
+        r = _mm_add_ps(
+            r, _mm_mul_ps(_mm_set1_ps(a[k]), _mm_setr_ps(b[k], b[ldb + k], b[2 * ldb + k], b[3 * ldb + k])));
       _mm_storeu_ps(C + m * ldc + n, r);
     }
     for (; n < N; ++n) {
@@ -247,7 +262,8 @@ inline void scale_row(float* x, int64_t n, float a) {
 inline void softmax_grad(float* p, const float* dp, int64_t n, float delta) {
   const __m256 dv = _mm256_set1_ps(delta);
   for (int64_t i = 0; i < n; i += 8)
-    _mm256_storeu_ps(p + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), _mm256_sub_ps(_mm256_loadu_ps(dp + i), dv)));
+    _mm256_storeu_ps(p + i,
+                     _mm256_mul_ps(_mm256_loadu_ps(p + i), _mm256_sub_ps(_mm256_loadu_ps(dp + i), dv)));
 }
 
 // Loads of 8 elements of each storage type as fp32 (bf16: the high half of an fp32; f16: F16C).
@@ -256,7 +272,9 @@ inline __m256 load8(const bf16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const f16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 
 // In-register 8x8 transpose: r[i][j] <- r[j][i].
 inline void transpose8(__m256 r[8]) {
@@ -277,7 +295,8 @@ inline void transpose8(__m256 r[8]) {
   }
 }
 
-template <class S> inline void load_row(const S* src, float* dst, int64_t n, float mul) {
+template <class S>
+inline void load_row(const S* src, float* dst, int64_t n, float mul) {
   const __m256 mv = _mm256_set1_ps(mul);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(load8(src + i), mv));

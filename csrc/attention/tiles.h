@@ -18,18 +18,32 @@ namespace fr::FR_ISA_NS::attn {
 // set of a task (Q, K^T, V, S and O tiles at D = 64) stays in L2.
 constexpr int64_t kBq = 64, kBk = 64;
 
-template <class T> using Buf = std::unique_ptr<T[]>;
-template <class T> inline Buf<T> alloc(int64_t n) { return Buf<T>(new T[size_t(std::max<int64_t>(n, 1))]); }
+template <class T>
+using Buf = std::unique_ptr<T[]>;
+template <class T>
+inline Buf<T> alloc(int64_t n) {
+  return Buf<T>(new T[size_t(std::max<int64_t>(n, 1))]);
+}
 
 struct Geom {
   int64_t B, H, Hkv, G, Tq, Tk, D;
-  int64_t Dp;              // D rounded up to a multiple of 8: the row stride of padded tiles
-  int64_t off;             // Tk - Tq: query i sits at position i + off
-  int64_t nQt, nKt;        // number of query / key tiles
-  const int64_t* seg;      // (B, Tk) or nullptr
+  int64_t Dp;          // D rounded up to a multiple of 8: the row stride of padded tiles
+  int64_t off;         // Tk - Tq: query i sits at position i + off
+  int64_t nQt, nKt;    // number of query / key tiles
+  const int64_t* seg;  // (B, Tk) or nullptr
   Geom(int64_t B_, int64_t H_, int64_t Hkv_, int64_t Tq_, int64_t Tk_, int64_t D_, const int64_t* seg_)
-      : B(B_), H(H_), Hkv(Hkv_), G(H_ / Hkv_), Tq(Tq_), Tk(Tk_), D(D_), Dp(round8(D_)), off(Tk_ - Tq_),
-        nQt((Tq_ + kBq - 1) / kBq), nKt((Tk_ + kBk - 1) / kBk), seg(seg_) {}
+      : B(B_),
+        H(H_),
+        Hkv(Hkv_),
+        G(H_ / Hkv_),
+        Tq(Tq_),
+        Tk(Tk_),
+        D(D_),
+        Dp(round8(D_)),
+        off(Tk_ - Tq_),
+        nQt((Tq_ + kBq - 1) / kBq),
+        nKt((Tk_ + kBk - 1) / kBk),
+        seg(seg_) {}
 };
 
 // A query tile: rows [i0, i0 + M), positions [p_first, p_last], segment ids in [seg_lo, seg_hi].
@@ -76,7 +90,9 @@ inline Cover cover(const Geom& g, const QTile& q, int64_t b, int64_t j0, int64_t
 // Causal diagonal geometry of a (query tile, key tile) pair: row r sees columns c < r + lim.
 inline int64_t diag_lim(const QTile& q, int64_t j0) { return q.p_first - j0 + 1; }
 // Columns of row r that a masked tile needs, rounded to whole 8-wide blocks.
-inline int64_t row_cols(int64_t r, int64_t lim, int64_t kn) { return round8(std::clamp<int64_t>(r + lim, 0, kn)); }
+inline int64_t row_cols(int64_t r, int64_t lim, int64_t kn) {
+  return round8(std::clamp<int64_t>(r + lim, 0, kn));
+}
 
 // Writes `fill` into S (M, N) (row stride ld) wherever query row r may not see key column c
 // (c >= kn included: the zero padding of a short tile).
@@ -87,7 +103,7 @@ inline void apply_mask(const Geom& g, const QTile& q, int64_t b, int64_t j0, int
   for (int64_t r = 0; r < q.M; ++r) {
     const int64_t p = q.p_first + r;
     const int64_t vis = std::clamp<int64_t>(p - j0 + 1, 0, kn);  // causally visible: [0, vis)
-    T* s = S + r * ld;                                             // (N,)
+    T* s = S + r * ld;                                           // (N,)
     for (int64_t c = vis; c < N; ++c) s[c] = fill;
     if (sk) {
       const int64_t sp = g.seg[b * g.Tk + p];
@@ -136,7 +152,8 @@ inline const T* padded_rows(const Geom& g, const S* src, int64_t n, T* scratch) 
   }
   return scratch;
 }
-template <class S, class T> inline bool needs_copy(const Geom& g) {
+template <class S, class T>
+inline bool needs_copy(const Geom& g) {
   return !std::is_same_v<S, T> || g.D != g.Dp;
 }
 
@@ -152,8 +169,10 @@ void run_tasks(int64_t n, int64_t scratch_elems, double flops, const F& task) {
     for (int64_t t; (t = next.fetch_add(1)) < n;) task(t, scratch.get());
   };
   const int64_t workers = flops < 1e6 ? 1 : std::max<int64_t>(1, std::min<int64_t>(num_threads(), n));
-  if (workers == 1) worker(0, 1);
-  else parallel_for(0, workers, 1, worker);
+  if (workers == 1)
+    worker(0, 1);
+  else
+    parallel_for(0, workers, 1, worker);
 }
 
 // Flops of the causal score and value GEMMs of one pass (half the Tq x Tk rectangle).

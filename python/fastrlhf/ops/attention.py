@@ -15,7 +15,9 @@ from fastrlhf.ops._checks import same_device
 if HAS_EXT:
 
     @torch.library.register_fake("fastrlhf::causal_attention_fwd")
-    def _fwd_fake(q: Tensor, k: Tensor, v: Tensor, scale: float, segment_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _fwd_fake(
+        q: Tensor, k: Tensor, v: Tensor, scale: float, segment_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         B, H, Tq, _ = q.shape
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=lse_dtype)  # out, lse (B, H, Tq)
