@@ -194,11 +194,10 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
   k = contig(k);
   v = contig(v);
   Tensor out = torch::stable::empty_like(q);
-  // lse in the math type: fp32, or fp64 so that float64 gradients stay exact
-  Tensor lse = torch::stable::new_empty(
-      q, {s.B, s.H, s.Tq}, dtype == fr::DType::f64 ? ScalarType::Double : ScalarType::Float);
+  // lse in fp64 for every dtype: the backward recomputes P from it (see attention.cpp)
+  Tensor lse = torch::stable::new_empty(q, {s.B, s.H, s.Tq}, ScalarType::Double);
   fr::AttnFwdParams p{dtype, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), seg_ptr(segment_ids),
-                      out.mutable_data_ptr(), lse.mutable_data_ptr(), s.B, s.H, s.Hkv, s.Tq, s.Tk, s.D, scale};
+                      out.mutable_data_ptr(), static_cast<double*>(lse.mutable_data_ptr()), s.B, s.H, s.Hkv, s.Tq, s.Tk, s.D, scale};
   fr::attention_fwd_cpu(p);
   return {out, lse};
 }
@@ -216,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
   check_same_dtype(out, "out", q, "q");
   FR_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.H && lse.size(2) == s.Tq,
            "lse must be (B, H, Tq) = (", s.B, ", ", s.H, ", ", s.Tq, "); got shape ", shape_of(lse));
-  check_dtype(lse, "lse", dtype == fr::DType::f64 ? ScalarType::Double : ScalarType::Float);
+  check_dtype(lse, "lse", ScalarType::Double);
   dout = contig(dout);
   q = contig(q);
   k = contig(k);
@@ -232,7 +231,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
                       k.const_data_ptr(),
                       v.const_data_ptr(),
                       out.const_data_ptr(),
-                      lse.const_data_ptr(),
+                      static_cast<const double*>(lse.const_data_ptr()),
                       seg_ptr(segment_ids),
                       dq.mutable_data_ptr(),
                       dk.mutable_data_ptr(),

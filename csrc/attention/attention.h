@@ -15,7 +15,7 @@ struct AttnFwdParams {
   const void* v;       // (B, Hkv, Tk, D)
   const int64_t* seg;  // (B, Tk) segment ids, or nullptr
   void* out;           // (B, H, Tq, D) out
-  void* lse;           // (B, H, Tq) out: natural-log sum of exp of the scaled scores; fp32 (fp64 for f64)
+  double* lse;         // (B, H, Tq) out: natural-log sum of exp of the scaled scores (fp64: see .cpp)
   int64_t B, H, Hkv, Tq, Tk, D;
   double scale;
 };
@@ -27,7 +27,7 @@ struct AttnBwdParams {
   const void* k;       // (B, Hkv, Tk, D)
   const void* v;       // (B, Hkv, Tk, D)
   const void* out;     // (B, H, Tq, D) the forward's output
-  const void* lse;     // (B, H, Tq) the forward's lse
+  const double* lse;   // (B, H, Tq) the forward's lse
   const int64_t* seg;  // (B, Tk) or nullptr
   void* dq;            // (B, H, Tq, D) out
   void* dk;            // (B, Hkv, Tk, D) out

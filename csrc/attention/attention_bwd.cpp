@@ -20,7 +20,8 @@ struct Backward {
   T c;        // scale * log2(e)
   bool copy;  // rows must be converted / padded to (n, Dp) in the math type
   // scratch layout (T elements): per key tile, then per query tile
-  int64_t o_kt, o_vt, o_kc, o_dk, o_dv, o_s, o_dp, o_qc, o_doc, o_dq, o_delta, o_lse2, o_tmp, size;
+  int64_t o_kt, o_vt, o_kc, o_dk, o_dv, o_s, o_dp, o_qs, o_qc, o_doc, o_dq, o_delta, o_lse2, o_lse2lo, o_tmp,
+      size;
 
   explicit Backward(const AttnBwdParams& p_)
       : p(p_),
@@ -31,9 +32,10 @@ struct Backward {
     int64_t o = 0;
     auto take = [&](int64_t n) { return std::exchange(o, o + n); };
     o_kt = take(g.D * kBk), o_vt = take(g.D * kBk), o_kc = take(rows_k), o_dk = take(kBk * g.Dp);
-    o_dv = take(kBk * g.Dp), o_s = take(kBq * kBk), o_dp = take(kBq * kBk), o_qc = take(rows_q);
+    o_dv = take(kBk * g.Dp), o_s = take(kBq * kBk), o_dp = take(kBq * kBk), o_qs = take(kBq * g.D),
+    o_qc = take(rows_q);
     o_doc = take(rows_q), o_dq = take(kBq * g.Dp), o_delta = take(kBq), o_lse2 = take(kBq),
-    o_tmp = take(g.Dp);
+    o_lse2lo = take(kBq), o_tmp = take(g.Dp);
     size = o;
   }
 
@@ -45,36 +47,42 @@ struct Backward {
     return padded_rows(g, k, kn, w + o_kc);
   }
 
-  // Query tile qi of head bh: returns q rows and fills dO rows (M, Dp), Delta and lse * log2 e.
+  // Query tile qi of head bh: returns q rows and fills dO rows (M, Dp), the forward's scaled rows
+  // c q (M, D), Delta, and lse * log2 e as hi + lo in the math type.
   const T* load_queries(const QTile& qi, int64_t bh, T* w, const T** dor) const {
     const int64_t row0 = bh * g.Tq + qi.i0;
-    const T* qr = padded_rows(g, static_cast<const S*>(p.q) + row0 * g.D, qi.M, w + o_qc);
+    const S* q = static_cast<const S*>(p.q) + row0 * g.D;  // (M, D)
+    load_row(q, w + o_qs, qi.M * g.D, c);
+    const T* qr = padded_rows(g, q, qi.M, w + o_qc);
     *dor = padded_rows(g, static_cast<const S*>(p.dout) + row0 * g.D, qi.M, w + o_doc);
     const S* o = static_cast<const S*>(p.out) + row0 * g.D;  // (M, D)
-    const T* lse = static_cast<const T*>(p.lse) + row0;      // (M,)
+    const double* lse = p.lse + row0;                        // (M,)
     for (int64_t r = 0; r < qi.M; ++r) {
       load_row(o + r * g.D, w + o_tmp, g.D, T(1));
       w[o_delta + r] = dot(*dor + r * g.Dp, w + o_tmp, g.D);
-      w[o_lse2 + r] = lse[r] * T(1.4426950408889634);
+      const double lse2 = lse[r] * 1.4426950408889634;
+      w[o_lse2 + r] = T(lse2);
+      w[o_lse2lo + r] = T(lse2 - double(T(lse2)));
     }
     return qr;
   }
 
   // P, then dS, into the S scratch (M, kBk); with dv, also dV += P^T dO. Padded and masked
-  // columns end up 0.
-  void probs_and_grad(const QTile& qi, int64_t b, int64_t j0, int64_t kn, Cover cov, const T* qr,
-                      const T* dor, T* w, T* dv) const {
+  // columns end up 0. P = exp2(S - hi - lo) with S = (c q) k^T computed exactly as the forward did:
+  // at logits ~100 any other rounding of S (or of lse) is an fp32 error of ~1e-5 relative in P.
+  void probs_and_grad(const QTile& qi, int64_t b, int64_t j0, int64_t kn, Cover cov, const T* dor, T* w,
+                      T* dv) const {
     const int64_t N = round8(kn), lim = diag_lim(qi, j0);
     const bool diag = cov == Cover::masked;  // diagonal tiles skip the blocks above the diagonal
     T *Sc = w + o_s, *dP = w + o_dp;
-    gemm(qi.M, N, g.D, qr, g.Dp, 1, w + o_kt, kBk, Sc, kBk, false, diag ? Tri::cols : Tri::none,
-         lim);  // S = q k^T
+    gemm(qi.M, N, g.D, w + o_qs, g.D, 1, w + o_kt, kBk, Sc, kBk, false, diag ? Tri::cols : Tri::none,
+         lim);  // S = (c q) k^T
     for (int64_t r = 0; r < qi.M; ++r) {
       const int64_t Nr = diag ? row_cols(r, lim, kn) : N;
-      exp2_fms(Sc + r * kBk, Nr, c, w[o_lse2 + r]);
+      exp2_sub2(Sc + r * kBk, Nr, w[o_lse2 + r], w[o_lse2lo + r]);
       std::fill(Sc + r * kBk + Nr, Sc + (r + 1) * kBk, T(0));
     }
-    // The mask goes on P (not on S) so that it does not depend on the sign of the scale.
+    // masked entries of S are finite (of any sign): mask P
     if (diag) apply_mask(g, qi, b, j0, kn, Sc, kBk, N, T(0));
     if (dv)
       gemm(kn, g.Dp, qi.M, Sc, 1, kBk, dor, g.Dp, dv, g.Dp, true, diag ? Tri::k_lo : Tri::none,
@@ -101,7 +109,7 @@ struct Backward {
         if (cov == Cover::none) continue;
         const T* dor;
         const T* qr = load_queries(qi, bh, w, &dor);  // (M, Dp) each
-        probs_and_grad(qi, b, j0, kn, cov, qr, dor, w, dV);
+        probs_and_grad(qi, b, j0, kn, cov, dor, w, dV);
         const bool diag = cov == Cover::masked;
         const int64_t lim = diag_lim(qi, j0);
         gemm(kn, g.Dp, qi.M, w + o_s, 1, kBk, qr, g.Dp, dK, g.Dp, true, diag ? Tri::k_lo : Tri::none,
@@ -134,7 +142,7 @@ struct Backward {
       const Cover cov = cover(g, qi, b, j0, kn);
       if (cov == Cover::none) continue;
       const T* kr = load_keys(bk, j0, kn, w);  // (kn, Dp)
-      probs_and_grad(qi, b, j0, kn, cov, qr, dor, w, nullptr);
+      probs_and_grad(qi, b, j0, kn, cov, dor, w, nullptr);
       gemm(qi.M, g.Dp, kn, w + o_s, kBk, 1, kr, g.Dp, dQ, g.Dp, true,
            cov == Cover::masked ? Tri::k_hi : Tri::none, diag_lim(qi, j0));  // dQ += dS k
     }

@@ -75,10 +75,10 @@ inline T exp2_sub_sum(T* x, int64_t n, T sub) {
   for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar(x[i] - sub));
   return s;
 }
-// x = exp2(x * c - sub) in place (backward: recompute P from the saved log-sum-exp).
+// x = exp2(x - hi - lo) in place (backward: recompute P from the saved log-sum-exp hi + lo).
 template <class T>
-inline void exp2_fms(T* x, int64_t n, T c, T sub) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp2_scalar(x[i] * c - sub);
+inline void exp2_sub2(T* x, int64_t n, T hi, T lo) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp2_scalar(x[i] - hi - lo);
 }
 template <class T>
 inline void scale_row(T* x, int64_t n, T a) {
@@ -250,10 +250,10 @@ inline float exp2_sub_sum(float* x, int64_t n, float sub) {
   }
   return hsum(acc);
 }
-inline void exp2_fms(float* x, int64_t n, float c, float sub) {
-  const __m256 cv = _mm256_set1_ps(c), s = _mm256_set1_ps(sub);
+inline void exp2_sub2(float* x, int64_t n, float hi, float lo) {
+  const __m256 h = _mm256_set1_ps(hi), l = _mm256_set1_ps(lo);
   for (int64_t i = 0; i < n; i += 8)
-    _mm256_storeu_ps(x + i, exp2_ps(_mm256_fmsub_ps(_mm256_loadu_ps(x + i), cv, s)));
+    _mm256_storeu_ps(x + i, exp2_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), h), l)));
 }
 inline void scale_row(float* x, int64_t n, float a) {
   const __m256 av = _mm256_set1_ps(a);

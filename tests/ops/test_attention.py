@@ -131,6 +131,20 @@ def test_gradcheck_float64_kv_cache_and_scale():
     assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v, scale=0.7), (q, k, v))
 
 
+# A negative scale; and logits of magnitude ~100, where fp32 itself loses ~1e-5 (compare PyTorch's fp32)
+@pytest.mark.parametrize("scale", [-0.4, 3.0])
+def test_unusual_scales_match_reference(scale):
+    q, k, v = make(2, 4, 2, 80, 80, 64)
+    segment_ids = packed(2, 80)
+    dout = torch.randn(2, 4, 80, 64)
+    kw = {"scale": scale, "segment_ids": segment_ids}
+    ours = out_and_grads(causal_attention, q, k, v, dout, **kw)
+    torch_fp32 = out_and_grads(reference.causal_attention, q, k, v, dout, **kw)
+    want = out_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), dout.double(), **kw)
+    for name, a, t, b in zip(["out", "dq", "dk", "dv"], ours, torch_fp32, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) <= max(1e-5, 2 * rel_err(t, b)), name
+
+
 def test_decode_with_left_pads_every_row_finite():
     B, H, Hkv, Tk, D = 4, 6, 2, 300, 64
     q, k, v = make(B, H, Hkv, 1, Tk, D)

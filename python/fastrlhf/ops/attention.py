@@ -19,8 +19,7 @@ if HAS_EXT:
         q: Tensor, k: Tensor, v: Tensor, scale: float, segment_ids: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         B, H, Tq, _ = q.shape
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=lse_dtype)  # out, lse (B, H, Tq)
+        return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=torch.float64)  # out, lse (B, H, Tq)
 
     @torch.library.register_fake("fastrlhf::causal_attention_bwd")
     def _bwd_fake(
