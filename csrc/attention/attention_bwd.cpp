@@ -158,8 +158,8 @@ static void attention_bwd(const AttnBwdParams& p) {
   const Backward<S> bw(p);
   const Geom& g = bw.g;
   const int64_t BK = g.B * g.Hkv, threads = std::max(1, num_threads());
-  const int64_t rounds =
-      (BK + threads - 1) / threads;  // one-pass tasks per thread, the last round partly idle
+  // One pass: BK equal tasks of 5 GEMM units in ceil(BK / threads) rounds; two passes: 7 units, balanced.
+  const int64_t rounds = (BK + threads - 1) / threads;
   if (rounds * threads * 5 < BK * 7) {
     run_tasks<T>(BK, bw.size + g.G * g.Tq * g.Dp, 2.5 * attn_flops(g), [&](int64_t bk, T* w) {
       T* dq_acc = w + bw.size;  // (G, Tq, Dp)
