@@ -163,19 +163,21 @@ AttnShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v,
   check_same_dtype(v, "v", q, "q");
   const AttnShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   FR_CHECK(s.D >= 1 && s.D <= 256, "q must be (B, H, Tq, D) with 1 <= D <= 256; got ", shape_of(q));
-  FR_CHECK(k.size(0) == s.B && k.size(3) == s.D, "k must be (B, Hkv, Tk, D) with the B and D of q (", s.B, ", ",
-           s.D, "); got ", shape_of(k));
+  FR_CHECK(k.size(0) == s.B && k.size(3) == s.D, "k must be (B, Hkv, Tk, D) with the B and D of q (", s.B,
+           ", ", s.D, "); got ", shape_of(k));
   check_same_shape(v, "v", k, "k");
   FR_CHECK(s.Tq <= s.Tk, "q must have no more positions than k (Tq <= Tk); got Tq = ", s.Tq, ", Tk = ", s.Tk);
-  FR_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0, "the heads of q must be a multiple of the heads of k (H % Hkv == 0); got H = ",
-           s.H, ", Hkv = ", s.Hkv);
+  FR_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0,
+           "the heads of q must be a multiple of the heads of k (H % Hkv == 0); got H = ", s.H,
+           ", Hkv = ", s.Hkv);
   if (segment_ids) {
     const Tensor& seg = *segment_ids;
-    FR_CHECK(seg.dim() == 2 && seg.size(0) == s.B && seg.size(1) == s.Tk, "segment_ids must be (B, Tk) = (", s.B,
-             ", ", s.Tk, "); got shape ", shape_of(seg));
+    FR_CHECK(seg.dim() == 2 && seg.size(0) == s.B && seg.size(1) == s.Tk, "segment_ids must be (B, Tk) = (",
+             s.B, ", ", s.Tk, "); got shape ", shape_of(seg));
     FR_CHECK(is_integer(seg.scalar_type()), "segment_ids must have an integer dtype; got ",
              dtype_name(seg.scalar_type()));
-    segment_ids = contig(seg.scalar_type() == ScalarType::Long ? seg : torch::stable::to(seg, ScalarType::Long));
+    segment_ids =
+        contig(seg.scalar_type() == ScalarType::Long ? seg : torch::stable::to(seg, ScalarType::Long));
   }
   return s;
 }
@@ -196,8 +198,20 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
   Tensor out = torch::stable::empty_like(q);
   // lse in fp64 for every dtype: the backward recomputes P from it (see attention.cpp)
   Tensor lse = torch::stable::new_empty(q, {s.B, s.H, s.Tq}, ScalarType::Double);
-  fr::AttnFwdParams p{dtype, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), seg_ptr(segment_ids),
-                      out.mutable_data_ptr(), static_cast<double*>(lse.mutable_data_ptr()), s.B, s.H, s.Hkv, s.Tq, s.Tk, s.D, scale};
+  fr::AttnFwdParams p{dtype,
+                      q.const_data_ptr(),
+                      k.const_data_ptr(),
+                      v.const_data_ptr(),
+                      seg_ptr(segment_ids),
+                      out.mutable_data_ptr(),
+                      static_cast<double*>(lse.mutable_data_ptr()),
+                      s.B,
+                      s.H,
+                      s.Hkv,
+                      s.Tq,
+                      s.Tk,
+                      s.D,
+                      scale};
   fr::attention_fwd_cpu(p);
   return {out, lse};
 }
@@ -236,7 +250,13 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
                       dq.mutable_data_ptr(),
                       dk.mutable_data_ptr(),
                       dv.mutable_data_ptr(),
-                      s.B, s.H, s.Hkv, s.Tq, s.Tk, s.D, scale};
+                      s.B,
+                      s.H,
+                      s.Hkv,
+                      s.Tq,
+                      s.Tk,
+                      s.D,
+                      scale};
   fr::attention_bwd_cpu(p);
   return {dq, dk, dv};
 }
@@ -245,9 +265,10 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
-  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, Tensor? segment_ids) -> (Tensor, Tensor)");
-  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-        "Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, Tensor? segment_ids) "
+        "-> (Tensor, Tensor)");
+  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
