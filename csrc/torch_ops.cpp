@@ -15,6 +15,7 @@
 #include <string>
 #include <tuple>
 
+#include "attention/attention.h"
 #include "common/runtime.h"
 #include "gae/gae.h"
 #include "logprobs/logprobs.h"
@@ -389,6 +390,125 @@ std::tuple<Tensor, Tensor, Tensor> ppo_loss_bwd(Tensor grad_loss, Tensor logprob
   return {d_logprobs, d_values, d_entropy};
 }
 
+// ---- causal_attention -----------------------------------------------------------------------
+struct AttnShape {
+  int64_t B, H, Hkv, Tq, Tk, D;
+};
+
+bool is_integer(ScalarType t) {
+  return t == ScalarType::Byte || t == ScalarType::Char || t == ScalarType::Short || t == ScalarType::Int ||
+         t == ScalarType::Long;
+}
+
+// Checks q, k, v and segment_ids; returns the sizes and segment_ids as contiguous int64 (or empty).
+AttnShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                          std::optional<Tensor>& segment_ids) {
+  check_dim(q, "q", 4, "(B, H, Tq, D)");
+  check_dim(k, "k", 4, "(B, Hkv, Tk, D)");
+  check_dim(v, "v", 4, "(B, Hkv, Tk, D)");
+  float_dtype(q, "q");
+  check_same_dtype(k, "k", q, "q");
+  check_same_dtype(v, "v", q, "q");
+  const AttnShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  FR_CHECK(s.D >= 1 && s.D <= 256, "q must be (B, H, Tq, D) with 1 <= D <= 256; got ", shape_of(q));
+  FR_CHECK(k.size(0) == s.B && k.size(3) == s.D, "k must be (B, Hkv, Tk, D) with the B and D of q (", s.B,
+           ", ", s.D, "); got ", shape_of(k));
+  check_same_shape(v, "v", k, "k");
+  FR_CHECK(s.Tq <= s.Tk, "q must have no more positions than k (Tq <= Tk); got Tq = ", s.Tq, ", Tk = ", s.Tk);
+  FR_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0,
+           "the heads of q must be a multiple of the heads of k (H % Hkv == 0); got H = ", s.H,
+           ", Hkv = ", s.Hkv);
+  if (segment_ids) {
+    const Tensor& seg = *segment_ids;
+    FR_CHECK(seg.dim() == 2 && seg.size(0) == s.B && seg.size(1) == s.Tk, "segment_ids must be (B, Tk) = (",
+             s.B, ", ", s.Tk, "); got shape ", shape_of(seg));
+    FR_CHECK(is_integer(seg.scalar_type()), "segment_ids must have an integer dtype; got ",
+             dtype_name(seg.scalar_type()));
+    segment_ids =
+        contig(seg.scalar_type() == ScalarType::Long ? seg : torch::stable::to(seg, ScalarType::Long));
+  }
+  return s;
+}
+
+const int64_t* seg_ptr(const std::optional<Tensor>& seg) {
+  return seg ? static_cast<const int64_t*>(seg->const_data_ptr()) : nullptr;
+}
+
+std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, double scale,
+                                                std::optional<Tensor> segment_ids) {
+  check_cpu({{&q, "q"}, {&k, "k"}, {&v, "v"}});
+  if (segment_ids) check_cpu({{&q, "q"}, {&*segment_ids, "segment_ids"}});
+  const AttnShape s = check_attention(q, k, v, segment_ids);
+  const fr::DType dtype = float_dtype(q, "q");
+  q = contig(q);
+  k = contig(k);
+  v = contig(v);
+  Tensor out = torch::stable::empty_like(q);
+  // lse in fp64 for every dtype: the backward recomputes P from it (see attention.cpp)
+  Tensor lse = torch::stable::new_empty(q, {s.B, s.H, s.Tq}, ScalarType::Double);
+  fr::AttnFwdParams p{dtype,
+                      q.const_data_ptr(),
+                      k.const_data_ptr(),
+                      v.const_data_ptr(),
+                      seg_ptr(segment_ids),
+                      out.mutable_data_ptr(),
+                      static_cast<double*>(lse.mutable_data_ptr()),
+                      s.B,
+                      s.H,
+                      s.Hkv,
+                      s.Tq,
+                      s.Tk,
+                      s.D,
+                      scale};
+  fr::attention_fwd_cpu(p);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
+                                                        Tensor lse, double scale,
+                                                        std::optional<Tensor> segment_ids) {
+  check_cpu({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&out, "out"}, {&lse, "lse"}});
+  if (segment_ids) check_cpu({{&q, "q"}, {&*segment_ids, "segment_ids"}});
+  const AttnShape s = check_attention(q, k, v, segment_ids);
+  const fr::DType dtype = float_dtype(q, "q");
+  check_same_shape(dout, "dout", q, "q");
+  check_same_dtype(dout, "dout", q, "q");
+  check_same_shape(out, "out", q, "q");
+  check_same_dtype(out, "out", q, "q");
+  FR_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.H && lse.size(2) == s.Tq,
+           "lse must be (B, H, Tq) = (", s.B, ", ", s.H, ", ", s.Tq, "); got shape ", shape_of(lse));
+  check_dtype(lse, "lse", ScalarType::Double);
+  dout = contig(dout);
+  q = contig(q);
+  k = contig(k);
+  v = contig(v);
+  out = contig(out);
+  lse = contig(lse);
+  Tensor dq = torch::stable::empty_like(q);
+  Tensor dk = torch::stable::empty_like(k);
+  Tensor dv = torch::stable::empty_like(v);
+  fr::AttnBwdParams p{dtype,
+                      dout.const_data_ptr(),
+                      q.const_data_ptr(),
+                      k.const_data_ptr(),
+                      v.const_data_ptr(),
+                      out.const_data_ptr(),
+                      static_cast<const double*>(lse.const_data_ptr()),
+                      seg_ptr(segment_ids),
+                      dq.mutable_data_ptr(),
+                      dk.mutable_data_ptr(),
+                      dv.mutable_data_ptr(),
+                      s.B,
+                      s.H,
+                      s.Hkv,
+                      s.Tq,
+                      s.Tk,
+                      s.D,
+                      scale};
+  fr::attention_bwd_cpu(p);
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
@@ -403,6 +523,10 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
   m.def("ppo_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, "
         "Tensor old_values, Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, "
         "float vf_coef, float ent_coef) -> (Tensor, Tensor, Tensor)");
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, Tensor? segment_ids) "
+        "-> (Tensor, Tensor)");
+  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
@@ -411,4 +535,6 @@ STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("token_logprobs_bwd", TORCH_BOX(&token_logprobs_bwd));
   m.impl("ppo_loss_fwd", TORCH_BOX(&ppo_loss_fwd));
   m.impl("ppo_loss_bwd", TORCH_BOX(&ppo_loss_bwd));
+  m.impl("causal_attention_fwd", TORCH_BOX(&causal_attention_fwd));
+  m.impl("causal_attention_bwd", TORCH_BOX(&causal_attention_bwd));
 }

@@ -2,12 +2,12 @@
 (torch.compile-able) and, where differentiable, an autograd formula; reference.py holds the
 pure-PyTorch twins the tests and benchmarks compare against."""
 
+from fastrlhf.ops.attention import causal_attention
 from fastrlhf.ops.gae import gae
-
-# Public names whose fused kernels have not landed yet are served by the reference twin.
-from fastrlhf.ops.reference import causal_attention
-from fastrlhf.ops.reference import sample
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.ops.ppo_loss import ppo_loss
+
+# The sampler's fused kernel has not landed yet: its public name is served by the reference twin.
+from fastrlhf.ops.reference import sample
 
 __all__ = ["causal_attention", "gae", "ppo_loss", "sample", "token_logprobs"]
