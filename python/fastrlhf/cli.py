@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("fastrlhf.data.cli", "fetch/read text, train a tokenizer, write train/val token files"),
     "pretrain": ("fastrlhf.train.pretrain", "next-token pretraining from a TOML config"),
     "generate": ("fastrlhf.model.cli", "sample completions from a checkpoint"),
+    "ppo": ("fastrlhf.train.ppo_cli", "PPO (with PPO-ptx) from SFT and reward-model checkpoints"),
 }
 
 
