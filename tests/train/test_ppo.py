@@ -211,7 +211,7 @@ def stage_inputs(tmp_path_factory):
 
 def cli_args(root, out, *extra):
     return ["--quiet", f"models.policy={root / 'sft'}", f"models.reward={root / 'rm'}", f"train.prompts={root / 'prompts.txt'}",
-            f"train.out_dir={out}", "train.threads=1", *BASE, "ppo.max_new_tokens=12", *extra]
+            f"train.out_dir={out}", "train.threads=1", *BASE, *extra]
 
 
 def run_cli(args, **kw):
@@ -220,7 +220,7 @@ def run_cli(args, **kw):
 
 
 def test_resume_after_kill_9_reproduces_the_uninterrupted_run(stage_inputs, tmp_path):
-    steps = ["train.max_steps=12", "train.ckpt_interval=3"]
+    steps = ["train.max_steps=8", "train.ckpt_interval=2"]
     full = run_cli(cli_args(stage_inputs, tmp_path / "full", *steps))
     victim = run_cli(cli_args(stage_inputs, tmp_path / "killed", *steps))
     latest = tmp_path / "killed" / "latest"
@@ -232,17 +232,17 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(stage_inputs, tmp_
     assert full.wait() == 0, full.communicate()[1].decode()
     full.communicate()
     killed_at = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "killed"))["step"]
-    assert victim.returncode == -signal.SIGKILL and killed_at < 12
+    assert victim.returncode == -signal.SIGKILL and killed_at < 8
     resumed = run_cli(cli_args(stage_inputs, tmp_path / "killed", *steps))
     err = resumed.communicate()[1].decode()
     assert resumed.returncode == 0, err
     drop = ("time_generate", "time_score", "time_train", "tokens_per_s")
     key = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
     want, got = read_jsonl(tmp_path / "full" / "log.jsonl"), read_jsonl(tmp_path / "killed" / "log.jsonl")
-    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["step"] for r in got] == list(range(1, 9))
     assert key(got) == key(want)
-    a = ckpt.read_safetensors(tmp_path / "full" / "step_0000012" / "value.safetensors")
-    b = ckpt.read_safetensors(tmp_path / "killed" / "step_0000012" / "value.safetensors")
+    a = ckpt.read_safetensors(tmp_path / "full" / "step_0000008" / "value.safetensors")
+    b = ckpt.read_safetensors(tmp_path / "killed" / "step_0000008" / "value.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     policy, tok = ckpt.load_gpt(tmp_path / "killed")  # the PPO policy loads like any GPT checkpoint
     assert tok is not None and policy.config.vocab_size == 300
