@@ -25,7 +25,8 @@ BASE = ["ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.ppo_epochs=2", "ppo.max_n
         "optim.min_lr=1e-3", "optim.warmup_steps=0", "train.max_steps=3", "train.log_interval=1"]
 METRICS = ["score_mean", "score_std", "rlhf_reward", "non_score_reward", "kl", "kl_coef", "entropy", "pg_loss",
            "v_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "explained_variance",
-           "response_length", "eos_frac", "time_generate", "time_score", "time_train", "tokens_per_s"]
+           "response_length", "eos_frac", "time_generate", "time_score", "time_train", "tokens_per_s",
+           "first_ratio_dev", "first_approx_kl", "grad_norm", "lr"]
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +73,7 @@ def test_steps_are_finite_hold_invariants_and_train_every_parameter(value_model)
         assert all(math.isfinite(m[k]) for k in METRICS), m
         assert abs(m["kl_coef"] - 0.05) < 1e-12 and m["nonfinite_steps"] == 0
         assert 1 <= m["response_length"] <= 8 and 0 <= m["eos_frac"] <= 1
+        assert m["first_ratio_dev"] < 1e-5 and abs(m["first_approx_kl"]) < 1e-5
     assert tr.updates == 2 * 2 * 2
     for name, before in trained.items():
         assert not torch.equal(before, dict(tr.trained.named_parameters())[name]), f"{name} did not change"

@@ -232,6 +232,8 @@ class PPOTrainer:
                 loss, stats, deviation = self._minibatch_loss(ro, perm[k * p.minibatch : (k + 1) * p.minibatch])
                 if not math.isfinite(loss.item()):
                     return sums, f"non-finite loss at epoch {epoch}, minibatch {k}"
+                if epoch == 0 and k == 0:
+                    sums["first_ratio_dev"], sums["first_approx_kl"] = deviation, float(stats["approx_kl"])
                 if p.check_invariants and epoch == 0 and k == 0 and (
                         deviation > INVARIANT_TOL or abs(float(stats["approx_kl"])) > INVARIANT_TOL):
                     raise RuntimeError(f"PPO invariant broken at step {self.step_count + 1}: at the first minibatch "
@@ -251,7 +253,8 @@ class PPOTrainer:
                 for key, v in stats.items():
                     v = float(v)
                     sums[key] = max(sums.get(key, v), v) if key == "ratio_max" else sums.get(key, 0.0) + v
-        out = {k: (v if k == "ratio_max" else v / n) for k, v in sums.items()}
+        once = ("ratio_max", "first_ratio_dev", "first_approx_kl")
+        out = {k: (v if k in once else v / n) for k, v in sums.items()}
         out["grad_norm"] = sum(norms) / n
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out, ""
@@ -283,7 +286,8 @@ class PPOTrainer:
         lengths = mask.sum(dim=1).float()
         ended = ((ro.responses == self.eos) & mask).any(dim=1).float() if self.eos is not None else lengths * 0
         m.update({k: stats.get(k, math.nan) for k in ("pg_loss", "v_loss", "clipfrac", "vf_clipfrac", "approx_kl",
-                                                      "ratio_mean", "ratio_max", "entropy", "grad_norm", "lr")})
+                                                      "ratio_mean", "ratio_max", "entropy", "grad_norm", "lr",
+                                                      "first_ratio_dev", "first_approx_kl")})
         if self.cfg.ppo.ptx_coef > 0:
             m["ptx_loss"] = stats.get("ptx_loss", math.nan)
         m.update(explained_variance=explained_variance(ro.values, ro.returns, mask),
