@@ -2,17 +2,17 @@
 (n_layer 4, n_head 4, n_embd 256, vocab 512); 16 prompts of 32 tokens, 64 new tokens (no EOS, so every
 response is 64 long), 1 PPO epoch. Validates first (the trainer's invariants: ratio == 1 and
 approx_kl == 0 at the first minibatch, finite metrics), then prints the median step time and its split
-(generate / score / train). With --trl it also times TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12)
+(generate / score / train). When TRL is installed it also times TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12)
 on the same shapes, weights and thread count; ratio = TRL time / ours."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import statistics
 import time
 
 import torch
-
 from _common import parse_args, report
 from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.train.config import load_config
@@ -68,7 +68,7 @@ def main() -> None:
           f" + train {split['time_train']:.0f} ms (medians of {ap_args.reps}; threads {torch.get_num_threads()})")
     try:
         base = trl_step_ms(ap_args, minibatch)
-    except ImportError as exc:
+    except (ImportError, importlib.metadata.PackageNotFoundError) as exc:
         print(f"TRL comparison skipped: {exc}")
         base = math.nan
     report("PPO step (policy/ref/value/reward L4 H4 C256 V512; 16 x 32 prompt tokens, 64 new, 1 epoch, minibatch 8)",

@@ -10,7 +10,6 @@ ppo_epochs x minibatches of clipped PPO (+ ptx_coef * pretraining loss). The dat
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -33,8 +32,14 @@ from fastrlhf.train.config import to_dict
 from fastrlhf.train.log import JSONLLogger, Progress, read_jsonl
 from fastrlhf.train.optim import lr_at, make_adamw
 from fastrlhf.train.ppo_config import PPOConfig
-from fastrlhf.train.rl import (AdaptiveKLController, KLController, explained_variance, kl_penalty, masked_mean,
-                               masked_whiten, shape_rewards)
+from fastrlhf.train.rl import (
+    AdaptiveKLController,
+    KLController,
+    explained_variance,
+    kl_penalty,
+    masked_whiten,
+    shape_rewards,
+)
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], "Sequence[float] | Tensor"]
 """reward_fn(prompts, responses) -> (B,) scores; token-id lists, responses cut after EOS (EOS included)."""
