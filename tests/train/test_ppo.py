@@ -261,3 +261,14 @@ def test_cli_refuses_another_tokenizer_and_names_missing_inputs(stage_inputs, tm
     with pytest.raises(FileNotFoundError, match=r"models.reward = .*nope does not exist: run `python -m fastrlhf rm`"):
         build_trainer(load_config(PPOConfig, None, cli_args(stage_inputs, tmp_path / "o", f"models.reward={tmp_path}/nope")[1:]))
     assert main(["ppo", "--quiet", "models.policy="]) == 2
+
+
+def test_a_non_finite_loss_skips_the_update():
+    tr = make_trainer()
+    before = snapshot(tr.trained)
+    loss_fn = tr._minibatch_loss
+    tr._minibatch_loss = lambda ro, mb: (lambda loss, s, d: (loss * math.nan, s, d))(*loss_fn(ro, mb))
+    m = tr.step()
+    assert m["nonfinite_steps"] == 1 and math.isnan(m["pg_loss"]) and tr.updates == 0
+    assert all(torch.equal(v, dict(tr.trained.named_parameters())[k]) for k, v in before.items())
+    assert tr.kl_ctl.value == 0.05

@@ -236,7 +236,7 @@ class PPOTrainer:
             for k in range(p.n_minibatches):
                 loss, stats, deviation = self._minibatch_loss(ro, perm[k * p.minibatch : (k + 1) * p.minibatch])
                 if not math.isfinite(loss.item()):
-                    return sums, f"non-finite loss at epoch {epoch}, minibatch {k}"
+                    return {}, f"non-finite loss at epoch {epoch}, minibatch {k}"
                 if epoch == 0 and k == 0:
                     sums["first_ratio_dev"], sums["first_approx_kl"] = deviation, float(stats["approx_kl"])
                 if p.check_invariants and epoch == 0 and k == 0 and (
@@ -250,7 +250,7 @@ class PPOTrainer:
                 norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf))
                 if not math.isfinite(norm):
                     self.optimizer.zero_grad(set_to_none=True)
-                    return sums, f"non-finite gradient norm at epoch {epoch}, minibatch {k}"
+                    return {}, f"non-finite gradient norm at epoch {epoch}, minibatch {k}"
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.updates += 1
