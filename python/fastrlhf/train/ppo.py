@@ -112,6 +112,9 @@ class PPOTrainer:
         if longest + p.max_new_tokens > policy.config.block_size:
             raise ValueError(f"the longest prompt ({longest} tokens) + ppo.max_new_tokens ({p.max_new_tokens}) "
                              f"exceeds the policy's block_size ({policy.config.block_size})")
+        if ref is policy or (value_model is not None and value_model is reward):
+            raise ValueError("ref must be a copy of the policy, and value_model a copy of the reward model, not the "
+                             "same objects: the frozen ones must not move")
         if ref.config != policy.config:
             raise ValueError(f"the reference's config {ref.config} differs from the policy's {policy.config}")
         if isinstance(reward, nn.Module):
@@ -135,6 +138,7 @@ class PPOTrainer:
             self.value = value_model
         else:  # own trunk: from the RM, or (with a reward_fn) from the policy's weights
             self.value = copy.deepcopy(reward) if isinstance(reward, nn.Module) else ScalarHeadModel.from_gpt(policy)
+        self.value.requires_grad_(True)  # a copy of an already-frozen RM must still train
         for frozen in (ref, reward):
             if isinstance(frozen, nn.Module):
                 frozen.eval().requires_grad_(False)
