@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("fastrlhf.train.sft", "supervised fine-tuning on demonstrations (packed, response-only loss)"),
     "label": ("fastrlhf.train.label_cli", "sample K answers per prompt from an SFT model and rank them"),
     "rm": ("fastrlhf.train.reward", "train a K-wise reward model on rankings"),
+    "ppo": ("fastrlhf.train.ppo_cli", "PPO (with PPO-ptx) from SFT and reward-model checkpoints"),
 }
 
 

@@ -1,0 +1,95 @@
+"""Step 3 of the recipe, PPO with PPO-ptx, from checkpoints (InstructGPT section 3.5):
+
+    python -m fastrlhf ppo --config configs/ppo.toml [section.field=value ...]
+
+[models] names the SFT checkpoint (policy and reference) and the reward model checkpoint (reward and,
+by default, the value model's start); [train] prompts is a text file with one prompt per line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
+from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train.config import load_config
+from fastrlhf.train.ppo import PPOTrainer
+from fastrlhf.train.ppo_config import PPOConfig
+
+
+def load_scalar_model(path: str | os.PathLike, name: str = "model") -> tuple[ScalarHeadModel, Any]:
+    """(ScalarHeadModel, tokenizer or None) from a reward-model checkpoint or run folder."""
+    from fastrlhf.data import load_tokenizer
+
+    c = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_state(c)
+    try:
+        model_cfg = meta["state"]["config"]["model"]
+    except KeyError:
+        raise ValueError(f"{c / ckpt.STATE_FILE} records no model config (state.config.model)") from None
+    model = ScalarHeadModel(GPTConfig.from_dict(model_cfg))
+    model.load_weights(ckpt.read_verified(c, f"{name}.safetensors", meta), source=str(c / f"{name}.safetensors"))
+    tok = load_tokenizer(c / "tokenizer") if (c / "tokenizer").is_dir() else None
+    return model.eval(), tok
+
+
+def _need(path: str, field: str, command: str) -> str:
+    if not path:
+        raise ValueError(f"{field} is empty: give the folder that `{command}` wrote")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{field} = {path} does not exist: run `{command}` first")
+    return path
+
+
+def read_prompts(path: str, tokenizer: Any, chat: bool) -> list[list[int]]:
+    from fastrlhf.data import encode_prompt
+
+    lines = [line.replace("\\n", "\n") for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"train.prompts = {path} holds no prompts")
+    return [encode_prompt(tokenizer, x) if chat else tokenizer.encode(x) for x in lines]
+
+
+def build_trainer(cfg: PPOConfig, quiet: bool = False) -> PPOTrainer:
+    """Load the four models, the prompts and the PPO-ptx tokens that cfg names; returns the trainer."""
+    from fastrlhf.data import TokenFile
+    from fastrlhf.train.checkpoint import load_gpt
+
+    t, m = cfg.train, cfg.models
+    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if t.device == "auto" else t.device))
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    policy, tok = load_gpt(_need(m.policy, "models.policy", "python -m fastrlhf sft"))
+    if tok is None:
+        raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")
+    ref: GPT = load_gpt(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0] if m.ref else load_gpt(m.policy)[0]
+    reward, reward_tok = load_scalar_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
+    value = None
+    if cfg.ppo.value_model == "separate":
+        value = load_scalar_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0] if m.value else None
+    if reward_tok is None:
+        raise ValueError(f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's")
+    prompts = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"), tok, t.chat)
+    ptx = None
+    if cfg.ppo.ptx_coef > 0:
+        ptx = TokenFile(_need(t.ptx_data, "train.ptx_data", "python -m fastrlhf data")).tokens
+    torch.manual_seed(t.seed)
+    models = [x.to(device) if x is not None else None for x in (policy, ref, reward, value)]
+    return PPOTrainer(cfg, models[0], models[1], models[2], prompts, value_model=models[3], eos_token_id=tok.eot_id,
+                      tokenizer=tok, reward_tokenizer=reward_tok, ptx_tokens=ptx, quiet=quiet)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with [models], [ppo], [optim], [train] tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. ppo.kl_coef=0.1")
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_config(PPOConfig, args.config, args.overrides)
+    build_trainer(cfg, quiet=args.quiet).train()
