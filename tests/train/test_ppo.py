@@ -202,10 +202,11 @@ def stage_inputs(tmp_path_factory):
     cfg = GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(1)
     state = {"config": {"model": cfg.to_dict()}}
+    rm_state = {"model": cfg.to_dict()}  # the layout `python -m fastrlhf rm` writes (train/reward.py)
     ckpt.save_checkpoint(root / "sft", 0, models={"model": GPT(cfg)}, state=state, tokenizer=tok)
-    ckpt.save_checkpoint(root / "rm", 0, models={"model": ScalarHeadModel(cfg)}, state=state, tokenizer=tok)
+    ckpt.save_checkpoint(root / "rm", 0, models={"model": ScalarHeadModel(cfg)}, state=rm_state, tokenizer=tok)
     other = corpus.build_tokenizer("bpe", [make_text(200, 7).lower()], 300)
-    ckpt.save_checkpoint(root / "rm_other_tok", 0, models={"model": ScalarHeadModel(cfg)}, state=state, tokenizer=other)
+    ckpt.save_checkpoint(root / "rm_other_tok", 0, models={"model": ScalarHeadModel(cfg)}, state=rm_state, tokenizer=other)
     (root / "prompts.txt").write_text("".join(f"{n} the {w}\n" for n in ("ROMEO", "LEAR", "FOOL") for w in
                                               ("king", "queen", "moon", "sea")))
     return root

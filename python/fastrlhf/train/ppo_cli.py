@@ -8,33 +8,16 @@ by default, the value model's start); [train] prompts is a text file with one pr
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
-from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.model import GPT
 from fastrlhf.train.config import load_config
 from fastrlhf.train.ppo import PPOTrainer
 from fastrlhf.train.ppo_config import PPOConfig
-
-
-def load_scalar_model(path: str | os.PathLike, name: str = "model") -> tuple[ScalarHeadModel, Any]:
-    """(ScalarHeadModel, tokenizer or None) from a reward-model checkpoint or run folder."""
-    from fastrlhf.data import load_tokenizer
-
-    c = ckpt.resolve_checkpoint(path)
-    meta = ckpt.read_state(c)
-    try:
-        model_cfg = meta["state"]["config"]["model"]
-    except KeyError:
-        raise ValueError(f"{c / ckpt.STATE_FILE} records no model config (state.config.model)") from None
-    model = ScalarHeadModel(GPTConfig.from_dict(model_cfg))
-    model.load_weights(ckpt.read_verified(c, f"{name}.safetensors", meta), source=str(c / f"{name}.safetensors"))
-    tok = load_tokenizer(c / "tokenizer") if (c / "tokenizer").is_dir() else None
-    return model.eval(), tok
+from fastrlhf.train.reward import load_reward_model
 
 
 def _need(path: str, field: str, command: str) -> str:
@@ -68,10 +51,10 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False) -> PPOTrainer:
     if tok is None:
         raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")
     ref: GPT = load_gpt(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0] if m.ref else load_gpt(m.policy)[0]
-    reward, reward_tok = load_scalar_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
+    reward, reward_tok = load_reward_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
     value = None
     if cfg.ppo.value_model == "separate":
-        value = load_scalar_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0] if m.value else None
+        value = load_reward_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0] if m.value else None
     if reward_tok is None:
         raise ValueError(f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's")
     prompts = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"), tok, t.chat)
