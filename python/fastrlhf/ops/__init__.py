@@ -6,7 +6,7 @@ from fastrlhf.ops.gae import gae
 
 # Public names whose fused kernels have not landed yet are served by the reference twin.
 from fastrlhf.ops.reference import causal_attention
-from fastrlhf.ops.reference import sample
+from fastrlhf.ops.sample import sample
 from fastrlhf.ops.reference import token_logprobs
 from fastrlhf.ops.reference import ppo_loss
 
