@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -16,11 +17,12 @@
 
 namespace fr::FR_ISA_NS::sampling {
 
-constexpr int kBuckets = 2048;         // top-p histogram: bucket b holds d = (x - max) / T in (-(b+1)/16, -b/16]
-constexpr float kBucketsPerNat = 16.f;  // 1/16 nat wide: probabilities within 6.5% of each other
+constexpr int kBuckets = 2048;             // top-p histogram: bucket b holds d2 = log2(p / p_max) in (-(b+1)/16, -b/16]
+constexpr float kBucketsPerOctave = 16.f;  // 1/16 octave wide: probabilities within 4.4% of each other
+constexpr int kSpare = 8;               // spare histogram slots past kBuckets, for tokens left out
 constexpr int64_t kBlock = 64;          // inverse-CDF scan: allowed mass per block of 64 tokens
 
-template <class T> struct Cand { T x; int64_t i; };  // a top-k candidate: logit and index
+template <class T> struct Cand { T x, e; int64_t i; };  // a candidate token: logit, e = p / p_max, index
 
 // Candidates are ranked by (x descending, index ascending): keys are unique, so the k-th key's x is
 // the k-th largest logit counting ties, and a later token equal to the current k-th x never enters.
@@ -28,52 +30,50 @@ template <class T> inline bool better(const Cand<T>& a, const Cand<T>& b) {
   return a.x > b.x || (a.x == b.x && a.i < b.i);
 }
 
-// Keeps the k best candidates (unordered) and returns the k-th best logit.
-template <class T> inline T keep_top_k(std::vector<Cand<T>>& c, int64_t k) {
+// Keeps the k best candidates (unordered) and returns the k-th best logit t. `tied` counts the tokens
+// equal to t that are not in the buffer: kept while t stays t_old, plus those dropped now.
+template <class T> inline T keep_top_k(std::vector<Cand<T>>& c, int64_t k, T t_old, int64_t& tied) {
   std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), better<T>);
+  const T t = c[size_t(k - 1)].x;
+  if (t != t_old) tied = 0;
+  for (size_t j = size_t(k); j < c.size(); ++j) tied += c[j].x == t;
   c.resize(size_t(k));
-  return c[size_t(k - 1)].x;
+  return t;
 }
 
-// ---- exp(d) for d <= 0 (-inf gives 0) -------------------------------------------------------
-// Cody-Waite reduction d = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-5 minimax polynomial for
-// (e^r - 1 - r) / r^2: ~2 ulp. Below e^-87 (1.6e-38) the result is flushed to 0. exp(0) == 1 exactly.
+// ---- e = 2^d2 for d2 = (x - max) * log2(e) / T <= 0 (-inf gives 0) -----------------------------------
+// 2^d2 = 2^n * 2^f with n = round(d2), |f| <= 1/2, and a degree-6 polynomial for 2^f (fitted to minimax
+// relative error, 1.3 ulp, monotone, p(0) = 1 exactly). Base 2 saves the Cody-Waite reduction: six FMAs
+// and two multiplies per 8 tokens on the FMA pipes. Below 2^-125 (2.4e-38) the result is flushed to 0.
 #if defined(FR_HAVE_AVX2)
-constexpr float kExpLo = -87.0f, kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f;
-constexpr float kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+constexpr float kExp2Lo = -125.0f;
+constexpr float kQ1 = 0.6931471824645996f, kQ2 = 0.24022647738456726f, kQ3 = 0.055503323674201965f;
+constexpr float kQ4 = 0.009618437848985195f, kQ5 = 0.0013398876180872321f, kQ6 = 0.00015353357593994588f;
 
-inline __m256 exp_neg(__m256 d) {
-  const __m256 under = _mm256_cmp_ps(d, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
-  __m256 x = _mm256_max_ps(d, _mm256_set1_ps(kExpLo));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), x);
-  __m256 y = _mm256_set1_ps(kP0);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kP1));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kP2));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kP3));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kP4));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kP5));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+inline __m256 exp2_neg(__m256 d2) {
+  const __m256 under = _mm256_cmp_ps(d2, _mm256_set1_ps(kExp2Lo), _CMP_LT_OQ);
+  const __m256 x = _mm256_max_ps(d2, _mm256_set1_ps(kExp2Lo));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kQ6), f, _mm256_set1_ps(kQ5));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ4));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ3));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ2));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ1));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
   const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(scale)));
 }
 
-inline float exp_neg(float d) {  // the same operations, one lane
-  if (d < kExpLo) return 0.0f;
-  const float n = std::nearbyint(d * kLog2e);
-  float x = std::fma(-n, kLn2Hi, d);
-  x = std::fma(-n, kLn2Lo, x);
-  float y = kP0;
-  y = std::fma(y, x, kP1);
-  y = std::fma(y, x, kP2);
-  y = std::fma(y, x, kP3);
-  y = std::fma(y, x, kP4);
-  y = std::fma(y, x, kP5);
-  y = std::fma(y, x * x, x + 1.0f);
+inline float exp2_neg(float d2) {  // the same operations, one lane: bit-identical results
+  if (d2 < kExp2Lo) return 0.0f;
+  const float n = std::nearbyint(d2), f = d2 - n;
+  float y = std::fma(kQ6, f, kQ5);
+  y = std::fma(y, f, kQ4);
+  y = std::fma(y, f, kQ3);
+  y = std::fma(y, f, kQ2);
+  y = std::fma(y, f, kQ1);
+  y = std::fma(y, f, 1.0f);
   return y * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
 }
 
@@ -84,9 +84,17 @@ inline double hsum(__m256d a) {
 inline __m256d lo_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
 inline __m256d hi_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
 #else
-inline float exp_neg(float d) { return std::exp(d); }
+inline float exp2_neg(float d2) { return std::exp2(d2); }
 #endif
-inline double exp_neg(double d) { return std::exp(d); }
+inline double exp2_neg(double d2) { return std::exp2(d2); }
+
+// floor(log2(max(z, 1))) from the exponent bits.
+inline int floor_log2(double z) {
+  if (!(z >= 2.0)) return 0;
+  uint64_t u;
+  std::memcpy(&u, &z, 8);
+  return int((u >> 52) & 0x7ff) - 1023;
+}
 
 template <class T> constexpr bool kVec =
 #if defined(FR_HAVE_AVX2)
@@ -96,41 +104,61 @@ template <class T> constexpr bool kVec =
 #endif
 
 // ---- pass 1: max, NaN / +inf flags and top-k candidates ------------------------------------------
+#if defined(FR_HAVE_AVX2)
+// The candidates of one chunk of 64 tokens: x > t enters, x == t is counted in `tied`.
+inline void push_chunk(const float* x, int64_t i, float t, std::vector<Cand<float>>& cand, int64_t& tied) {
+  const __m256 vt = _mm256_set1_ps(t);
+  for (int64_t j = i; j < i + kBlock; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    tied += __builtin_popcount(unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_EQ_OQ))));
+    for (unsigned bits = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_GT_OQ))); bits; bits &= bits - 1)
+      cand.push_back({x[j + __builtin_ctz(bits)], 0.0f, j + __builtin_ctz(bits)});
+  }
+}
+#endif
+
 template <class T> struct Scan {
   T m;           // row max
   bool nan, pinf;
   T vk;          // k-th largest logit counting ties (-inf when fewer than k are finite)
+  int64_t tied;  // tokens with x == vk missing from the candidates
 };
 
-// With k > 0, `cand` ends holding every token whose (x, index) key is among the k best (exactly k of
-// them, or all finite tokens when there are fewer): a token enters only if it beats the k-th key so
-// far, and the buffer is cut back to k when it reaches 2k + 256, so the pass stays O(V).
+// With k > 0, `cand` ends holding the tokens whose (x, index) keys are the k best (or every finite
+// token when there are fewer): a token enters only if it beats the k-th key so far (x > t), and the
+// buffer is cut back to k when it reaches 2k + 256, so the pass stays O(V). Tokens equal to t that
+// stay out are counted (`tied`). Chunks of 64 are first tested as a whole, so the hot loop has no
+// call in it (all ymm registers stay live).
 template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, std::vector<Cand<T>>& cand) {
   constexpr T inf = std::numeric_limits<T>::infinity();
   const size_t cap = size_t(2 * k + 256);
   cand.clear();
-  if (k) cand.reserve(cap + 8);
+  if (k) cand.reserve(cap + kBlock);
   T m = -inf, t = -inf;
+  int64_t tied = 0;
   bool nan = false, pinf = false;
+  auto push = [&](int64_t i) {
+    if (k && x[i] > t) cand.push_back({x[i], T(0), i});
+    else if (k && x[i] == t) ++tied;
+  };
   int64_t i = 0;
 #if defined(FR_HAVE_AVX2)
   if constexpr (kVec<T>) {
     __m256 vmax = _mm256_set1_ps(-inf), vnan = _mm256_setzero_ps(), vinf = _mm256_setzero_ps();
-    __m256 vt = _mm256_set1_ps(t);
     const __m256 pinfv = _mm256_set1_ps(inf);
-    for (; i + 8 <= V; i += 8) {
-      const __m256 v = _mm256_loadu_ps(x + i);
-      vmax = _mm256_max_ps(vmax, v);
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(v, pinfv, _CMP_EQ_OQ));
-      if (!k) continue;
-      unsigned bits = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_GT_OQ)));
-      if (!bits) continue;
-      for (; bits; bits &= bits - 1) {
-        const int j = __builtin_ctz(bits);
-        cand.push_back({x[i + j], i + j});
+    for (; i + kBlock <= V; i += kBlock) {
+      const __m256 vt = _mm256_set1_ps(t);
+      __m256 ge = _mm256_setzero_ps();
+      for (int64_t j = i; j < i + kBlock; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        vmax = _mm256_max_ps(vmax, v);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(v, pinfv, _CMP_EQ_OQ));
+        ge = _mm256_or_ps(ge, _mm256_cmp_ps(v, vt, _CMP_GE_OQ));
       }
-      if (cand.size() >= cap) vt = _mm256_set1_ps(t = keep_top_k(cand, k));
+      if (!k || !_mm256_movemask_ps(ge)) continue;
+      push_chunk(x, i, t, cand, tied);
+      if (cand.size() >= cap) t = keep_top_k(cand, k, t, tied);
     }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, vmax);
@@ -144,98 +172,111 @@ template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, std::vecto
     nan |= v != v;
     pinf |= v == inf;
     m = v > m ? v : m;
-    if (k && v > t) {
-      cand.push_back({v, i});
-      if (cand.size() >= cap) t = keep_top_k(cand, k);
-    }
+    push(i);
+    if (cand.size() >= cap) t = keep_top_k(cand, k, t, tied);
   }
   T vk = -inf;
-  if (k && int64_t(cand.size()) >= k) vk = keep_top_k(cand, k);
-  return {m, nan, pinf, vk};
+  if (k && int64_t(cand.size()) >= k) vk = keep_top_k(cand, k, t, tied);
+  return {m, nan, pinf, vk, tied};
 }
 
-// ---- pass 2: e_i = exp((x_i - m) * invT) into e, their sums, the top-p histogram --------------------
+// ---- pass 2: e_i = 2^((x_i - m) * c), c = log2(e) / T: sums, optionally stored and histogrammed -------
 struct Sums {
-  double Z = 0;      // sum of e over the row (the unfiltered softmax's denominator)
-  double Zk = 0;     // sum of e over top-k survivors x >= vk (kTopK only)
-  int64_t n_ge = 0;  // number of survivors x >= vk (kTopK only)
+  double Z = 0;   // sum of e over the row (the unfiltered softmax's denominator)
+  double Zk = 0;  // sum of e over top-k survivors x >= vk (kHist only; = Z without top-k)
 };
 
-// kHist: every survivor with d >= d_cut adds its e to hist[bucket] and records the bucket in `bucket`
-// (kBuckets marks tokens left out), for the top-p boundary search.
-template <bool kTopK, bool kHist, class T>
-Sums softmax_pass(const T* x, int64_t V, T m, T invT, T vk, T d_cut, T* e, uint16_t* bucket, double* hist) {
+// kStore: e written to `e` (V,). kHist: survivors (x >= vk) with d2 >= cut
+// add their e to hist[bucket] and record the bucket in `bucket` (V,) (>= kBuckets marks the others; hist has kSpare spare slots there).
+// Sums are accumulated in float over blocks of 64 tokens (error <= 8 ulp), then in double.
+template <bool kStore, bool kHist, class T>
+Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, T* e, uint16_t* bucket, double* hist) {
   Sums s;
+  // The histogram's cut: cut0 + floor(log2(survivor mass so far)), which only rises and stays <=
+  // cut0 + log2(Zk) (see the top-p note in sample.cpp).
+  auto cut_after = [cut0](double zk) { return cut0 + T(floor_log2(zk)); };
+  T d_cut = cut0;
   int64_t i = 0;
-  auto bucket_of = [](T d) { return int32_t(std::min(d * T(-kBucketsPerNat), T(kBuckets - 1))); };
+  auto bucket_of = [](T d2) { return int32_t(std::min(d2 * T(-kBucketsPerOctave), T(kBuckets - 1))); };
 #if defined(FR_HAVE_AVX2)
   if constexpr (kVec<T>) {
     __m256d z0 = _mm256_setzero_pd(), z1 = z0, zk0 = z0, zk1 = z0;
-    __m256i nge = _mm256_setzero_si256();
-    const __m256 vm = _mm256_set1_ps(m), vinv = _mm256_set1_ps(invT), vvk = _mm256_set1_ps(vk);
-    const __m256 vcut = _mm256_set1_ps(d_cut), vneg = _mm256_set1_ps(-kBucketsPerNat);
+    const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c), vvk = _mm256_set1_ps(vk);
+    __m256 vcut = _mm256_set1_ps(d_cut);
+    const __m256 vneg = _mm256_set1_ps(-kBucketsPerOctave);
     const __m256 vtop = _mm256_set1_ps(float(kBuckets - 1));
-    const __m256i none = _mm256_set1_epi32(kBuckets);
-    for (; i + 8 <= V; i += 8) {
-      const __m256 v = _mm256_loadu_ps(x + i);
-      const __m256 d = _mm256_mul_ps(_mm256_sub_ps(v, vm), vinv);
-      const __m256 ev = exp_neg(d);
-      _mm256_storeu_ps(e + i, ev);
-      z0 = _mm256_add_pd(z0, lo_pd(ev));
-      z1 = _mm256_add_pd(z1, hi_pd(ev));
-      __m256 ge = _mm256_setzero_ps();
-      if constexpr (kTopK) {
-        ge = _mm256_cmp_ps(v, vvk, _CMP_GE_OQ);
-        const __m256 evk = _mm256_and_ps(ev, ge);
-        zk0 = _mm256_add_pd(zk0, lo_pd(evk));
-        zk1 = _mm256_add_pd(zk1, hi_pd(evk));
-        nge = _mm256_sub_epi32(nge, _mm256_castps_si256(ge));
-      }
+    // tokens left out go to spare slot kBuckets + lane: one per lane, so they form no serial chain
+    const __m256i none = _mm256_add_epi32(_mm256_set1_epi32(kBuckets), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    // One vector of 8 tokens; returns e, and e masked to survivors (kHist) through `ek`.
+    auto step = [&](int64_t j, __m256& ek) {
+      const __m256 v = _mm256_loadu_ps(x + j);
+      const __m256 d2 = _mm256_mul_ps(_mm256_sub_ps(v, vm), vc);
+      const __m256 ev = exp2_neg(d2);
+      if constexpr (kStore) _mm256_storeu_ps(e + j, ev);
       if constexpr (kHist) {
-        __m256 sel = _mm256_cmp_ps(d, vcut, _CMP_GE_OQ);
-        if constexpr (kTopK) sel = _mm256_and_ps(sel, ge);
-        __m256i b = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_mul_ps(d, vneg), vtop));
+        const __m256 ge = _mm256_cmp_ps(v, vvk, _CMP_GE_OQ);
+        ek = _mm256_and_ps(ev, ge);
+        const __m256 sel = _mm256_and_ps(_mm256_cmp_ps(d2, vcut, _CMP_GE_OQ), ge);
+        __m256i b = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_mul_ps(d2, vneg), vtop));
         b = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(none), _mm256_castsi256_ps(b), sel));
         alignas(32) int32_t bl[8];
+        alignas(32) float el[8];
         _mm256_store_si256(reinterpret_cast<__m256i*>(bl), b);
+        _mm256_store_ps(el, ev);
         const __m256i b16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);  // 8 x u16 in lane 0
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + i), _mm256_castsi256_si128(b16));
-        for (unsigned bits = unsigned(_mm256_movemask_ps(sel)); bits; bits &= bits - 1) {
-          const int j = __builtin_ctz(bits);
-          hist[bl[j]] += double(e[i + j]);
-        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j), _mm256_castsi256_si128(b16));
+        // Branch-free scatter: the lanes left out add to their spare slot.
+        if (_mm256_movemask_ps(sel))
+          for (int l = 0; l < 8; ++l) hist[bl[l]] += double(el[l]);
       }
+      return ev;
+    };
+    for (; i + kBlock <= V; i += kBlock) {
+      __m256 a = _mm256_setzero_ps(), ak = a, ek = a;
+      for (int64_t j = i; j < i + kBlock; j += 8) {
+        a = _mm256_add_ps(a, step(j, ek));
+        if constexpr (kHist) ak = _mm256_add_ps(ak, ek);
+      }
+      z0 = _mm256_add_pd(z0, lo_pd(a));
+      z1 = _mm256_add_pd(z1, hi_pd(a));
+      if constexpr (kHist) {
+        zk0 = _mm256_add_pd(zk0, lo_pd(ak));
+        zk1 = _mm256_add_pd(zk1, hi_pd(ak));
+        if ((i & (16 * kBlock - 1)) == 0)  // now and then: a serial dependency between blocks costs
+          vcut = _mm256_set1_ps(d_cut = cut_after(hsum(_mm256_add_pd(zk0, zk1))));
+      }
+    }
+    for (; i + 8 <= V; i += 8) {
+      __m256 ek = _mm256_setzero_ps();
+      const __m256 ev = step(i, ek);
+      z0 = _mm256_add_pd(z0, lo_pd(ev));
+      z1 = _mm256_add_pd(z1, hi_pd(ev));
+      if constexpr (kHist) zk0 = _mm256_add_pd(zk0, lo_pd(ek)), zk1 = _mm256_add_pd(zk1, hi_pd(ek));
     }
     s.Z = hsum(_mm256_add_pd(z0, z1));
     s.Zk = hsum(_mm256_add_pd(zk0, zk1));
-    alignas(32) int32_t c[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(c), nge);
-    for (int32_t n : c) s.n_ge += n;
   }
 #endif
   for (; i < V; ++i) {
-    const T d = (x[i] - m) * invT;
-    const T ev = exp_neg(d);
-    e[i] = ev;
+    const T d2 = (x[i] - m) * c;
+    const T ev = exp2_neg(d2);
+    if constexpr (kStore) e[i] = ev;
     s.Z += double(ev);
-    const bool ge = !kTopK || x[i] >= vk;
-    if (kTopK && ge) {
-      s.Zk += double(ev);
-      ++s.n_ge;
-    }
     if constexpr (kHist) {
-      const bool sel = ge && d >= d_cut;
-      bucket[i] = uint16_t(sel ? bucket_of(d) : kBuckets);
-      if (sel) hist[bucket_of(d)] += double(ev);
+      const bool ge = x[i] >= vk;
+      s.Zk += ge ? double(ev) : 0.0;
+      if ((i & (kBlock - 1)) == 0) d_cut = cut_after(s.Zk);
+      const bool sel = ge && d2 >= d_cut;
+      bucket[i] = uint16_t(sel ? bucket_of(d2) : kBuckets);
+      if (sel) hist[bucket_of(d2)] += double(ev);
     }
   }
-  if (!kTopK) s.Zk = s.Z, s.n_ge = V;
   return s;
 }
 
-// ---- the tokens of one histogram bucket ------------------------------------------------------------
+// ---- gathering tokens: those of one histogram bucket; those tied at a logit --------------------------
 template <class T>
-void collect_bucket(const T* x, const uint16_t* bucket, int64_t V, int b, std::vector<Cand<T>>& out) {
+void collect_bucket(const T* x, const T* e, const uint16_t* bucket, int64_t V, int b, std::vector<Cand<T>>& out) {
   out.clear();
   int64_t i = 0;
 #if defined(FR_HAVE_AVX2)
@@ -244,12 +285,29 @@ void collect_bucket(const T* x, const uint16_t* bucket, int64_t V, int b, std::v
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + i));
     // two mask bits per 16-bit lane: keep the even ones
     for (unsigned bits = unsigned(_mm256_movemask_epi8(_mm256_cmpeq_epi16(v, vb))) & 0x55555555u; bits;
-         bits &= bits - 1)
-      out.push_back({x[i + __builtin_ctz(bits) / 2], i + __builtin_ctz(bits) / 2});
+         bits &= bits - 1) {
+      const int64_t j = i + __builtin_ctz(bits) / 2;
+      out.push_back({x[j], e[j], j});
+    }
   }
 #endif
   for (; i < V; ++i)
-    if (bucket[i] == b) out.push_back({x[i], i});
+    if (bucket[i] == b) out.push_back({x[i], e[i], i});
+}
+
+template <class T> void collect_equal(const T* x, int64_t V, T v, std::vector<Cand<T>>& out) {
+  int64_t i = 0;
+#if defined(FR_HAVE_AVX2)
+  if constexpr (kVec<T>) {
+    const __m256 vv = _mm256_set1_ps(v);
+    for (; i + 8 <= V; i += 8)
+      for (unsigned bits = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vv, _CMP_EQ_OQ)));
+           bits; bits &= bits - 1)
+        out.push_back({v, T(0), i + __builtin_ctz(bits)});
+  }
+#endif
+  for (; i < V; ++i)
+    if (x[i] == v) out.push_back({v, T(0), i});
 }
 
 // ---- inverse CDF over the allowed set {x >= tau, e >= thr}, in index order ---------------------------

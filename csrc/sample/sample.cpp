@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "sample/fused.h"
 #include "sample/passes.h"
 
 namespace fr::FR_ISA_NS {
@@ -23,29 +24,22 @@ constexpr int64_t kSmallK = 1024;  // top-p over at most this many top-k survivo
 
 template <class T> struct Scratch {
   std::vector<T> xs;               // (V,) a bf16/f16 row converted to float
-  std::vector<T> e;                // (V,) exp((x - max) / T)
+  std::vector<T> e;                // (V,) 2^((x - max) * log2(e) / T) = p / p_max
   std::vector<uint16_t> bucket;    // (V,) histogram bucket of each token (top-p histogram path)
-  std::vector<double> hist;        // (kBuckets,) mass per bucket
+  std::vector<double> hist;        // (kBuckets + kSpare,) mass per bucket, + spare slots
   std::vector<double> block;       // (ceil(V / 64),) allowed mass per block
   std::vector<Cand<T>> cand, sel;  // top-k candidates; the tokens of the top-p boundary bucket
 };
 
 // Top-p over tokens sorted best first: keeps group after group of equal logits while the mass of the
-// tokens strictly more likely than the group (C, from `above`) is < target; returns the last kept
-// logit. The group at logit `vk` has `n_vk` members in the row (some may be missing from `c`).
-template <class T>
-T walk_groups(const std::vector<Cand<T>>& c, const T* e, double above, double target, T vk, int64_t n_vk) {
+// tokens strictly more likely than the group (C, from `above`) is < target; returns the last kept logit.
+template <class T> T walk_groups(const std::vector<Cand<T>>& c, double above, double target) {
   T tau = c[0].x;
   double C = above;
   for (size_t i = 0; i < c.size() && C < target;) {
     const T gx = c[i].x;
-    double mass = 0;
-    size_t j = i;
-    for (; j < c.size() && c[j].x == gx; ++j) mass += double(e[c[j].i]);
-    if (n_vk >= 0 && gx == vk) mass = double(n_vk) * double(e[c[i].i]);  // equal logits, equal e
+    for (; i < c.size() && c[i].x == gx; ++i) C += double(c[i].e);
     tau = gx;
-    C += mass;
-    i = j;
   }
   return tau;
 }
@@ -61,29 +55,47 @@ template <class T> T topp_histogram(const T* x, const T* e, int64_t V, double ta
     above = C;
     C += s.hist[size_t(b)];
   }
-  collect_bucket(x, s.bucket.data(), V, at, s.sel);
+  collect_bucket(x, e, s.bucket.data(), V, at, s.sel);
   std::sort(s.sel.begin(), s.sel.end(), better<T>);
-  return walk_groups(s.sel, e, above, target, T(0), -1);
+  return walk_groups(s.sel, above, target);
 }
 
 // Inverse CDF over the allowed candidates, in index order like sample_scan (same token for same u).
-template <class T> int64_t sample_cands(std::vector<Cand<T>>& c, const T* e, T tau, T thr, double u) {
+template <class T> int64_t sample_cands(std::vector<Cand<T>>& c, T tau, T thr, double u) {
   size_t n = 0;  // c is sorted best first, so the tokens with x >= tau are a prefix
   while (n < c.size() && c[n].x >= tau) ++n;
   std::sort(c.begin(), c.begin() + std::ptrdiff_t(n), [](const Cand<T>& a, const Cand<T>& b) { return a.i < b.i; });
   double total = 0;
-  for (size_t j = 0; j < n; ++j) total += e[c[j].i] >= thr ? double(e[c[j].i]) : 0.0;
+  for (size_t j = 0; j < n; ++j) total += c[j].e >= thr ? double(c[j].e) : 0.0;
   const double target = u * total;
   double cum = 0;
   int64_t last = c[0].i;
   for (size_t j = 0; j < n; ++j) {
-    const T w = e[c[j].i];
-    if (!(w >= thr) || w == 0) continue;
-    cum += double(w);
+    if (!(c[j].e >= thr) || c[j].e == 0) continue;
+    cum += double(c[j].e);
     last = c[j].i;
     if (cum > target) return last;
   }
   return last;  // rounding left u * total unreached: the last allowed token
+}
+
+// Small top-k: every survivor (x >= vk) is a candidate (survivors tied at vk that the buffer left out
+// are gathered again), top-p walks the sorted candidates, the token is drawn among them.
+template <class T>
+int64_t sample_top_k(const T* x, int64_t V, const Scan<T>& r, T c, double top_p, T thr, double u,
+                     std::vector<Cand<T>>& cand) {
+  if (r.tied > 0 && r.vk > -std::numeric_limits<T>::infinity()) {
+    cand.erase(std::remove_if(cand.begin(), cand.end(), [&](const Cand<T>& t) { return t.x == r.vk; }), cand.end());
+    collect_equal(x, V, r.vk, cand);
+  }
+  double Zk = 0;  // the top-k renormalisation
+  for (auto& t : cand) {
+    t.e = exp2_neg((t.x - r.m) * c);
+    Zk += double(t.e);
+  }
+  std::sort(cand.begin(), cand.end(), better<T>);
+  const T tau = top_p < 1 ? walk_groups(cand, 0.0, top_p * Zk) : cand.back().x;
+  return sample_cands(cand, tau, thr, u);
 }
 
 // The smallest T value t with double(t) >= min_p, so that e >= t <=> double(e) >= min_p.
@@ -93,59 +105,63 @@ template <class T> T min_p_threshold(double min_p) {
   return t;
 }
 
-template <bool kTopK, class T>
-Sums softmax(bool hist, const T* x, int64_t V, T m, T inv_t, T vk, T d_cut, Scratch<T>& s) {
-  if (!hist) return softmax_pass<kTopK, false>(x, V, m, inv_t, vk, d_cut, s.e.data(), nullptr, nullptr);
-  s.bucket.resize(size_t(V));
-  s.hist.assign(kBuckets, 0.0);
-  return softmax_pass<kTopK, true>(x, V, m, inv_t, vk, d_cut, s.e.data(), s.bucket.data(), s.hist.data());
+template <class T> uint8_t row_status(const Scan<T>& r) {
+  return r.nan ? kRowNaN : r.pinf ? kRowPosInf : r.m == -std::numeric_limits<T>::infinity() ? kRowAllNegInf : kRowOk;
 }
 
 template <class T> void sample_row(const SampleParams& p, int64_t b, const T* x, Scratch<T>& s) {
   constexpr T inf = std::numeric_limits<T>::infinity();
+  constexpr double kLog2e = 1.4426950408889634;
   const int64_t V = p.V;
   const double temp = p.temperature[b], top_p = p.top_p[b];
   const int64_t k = temp > 0 && p.top_k[b] < V ? p.top_k[b] : 0;
-  const Scan<T> r = scan_row(x, V, k, s.cand);
-  p.status[b] = r.nan ? kRowNaN : r.pinf ? kRowPosInf : r.m == -inf ? kRowAllNegInf : kRowOk;
-  if (p.status[b] != kRowOk) {
-    p.tokens[b] = 0;
-    p.logprobs[b] = std::numeric_limits<float>::quiet_NaN();
-    return;
-  }
-  s.e.resize(size_t(V));
-  const T* e = s.e.data();
-  if (temp == 0) {  // greedy: the first argmax, its log-prob at temperature 1
-    const Sums z = softmax<false>(false, x, V, r.m, T(1), -inf, -inf, s);
-    p.tokens[b] = std::find(x, x + V, r.m) - x;
-    p.logprobs[b] = float(-std::log(z.Z));
-    return;
-  }
   // 1 / T is capped so that a tiny temperature cannot make 0 * inf = NaN at the max.
-  const double inv_t = std::min(1.0 / temp, double(std::numeric_limits<T>::max()));
-  const bool small_k = k > 0 && k <= kSmallK, hist = top_p < 1 && !small_k;
-  // Survivors with d < d_cut weigh < V * e^d_cut = (1 - top_p) / 4 <= (1 - top_p) * Zk / 4 in all
-  // (Zk >= 1: the max has e = 1), so the top-p boundary lies above them: the histogram skips them.
-  const T d_cut = hist ? T(std::log((1.0 - top_p) / (4.0 * double(V)))) : -inf;
-  const Sums z = k ? softmax<true>(hist, x, V, r.m, T(inv_t), r.vk, d_cut, s)
-                   : softmax<false>(hist, x, V, r.m, T(inv_t), -inf, d_cut, s);
-  T tau = k ? r.vk : -inf;
-  bool in_cand = false;  // every allowed token is in s.cand
-  if (small_k) {
-    std::sort(s.cand.begin(), s.cand.end(), better<T>);
-    int64_t n_gt = 0;
-    for (const auto& c : s.cand) n_gt += c.x > r.vk;
-    const int64_t n_vk = z.n_ge - n_gt;  // survivors tied at vk, in the buffer or not
-    if (top_p < 1) tau = walk_groups(s.cand, e, 0.0, top_p * z.Zk, r.vk, n_vk);
-    in_cand = tau > r.vk || n_vk == int64_t(s.cand.size()) - n_gt;
-  } else if (hist) {
-    tau = topp_histogram(x, e, V, top_p * z.Zk, s);
-  }
+  const double inv_t = temp > 0 ? std::min(1.0 / temp, std::numeric_limits<double>::max()) : 1.0;
+  const T c = T(std::min(inv_t * kLog2e, double(std::numeric_limits<T>::max())));  // e = 2^((x - max) * c)
   const T thr = min_p_threshold<T>(p.min_p[b]);  // p_i >= min_p * p_max <=> e_i >= min_p (e_max = 1)
   const double u = philox_uniform(p.seed, uint64_t(b), 0);
-  const int64_t tok = in_cand ? sample_cands(s.cand, e, tau, thr, u) : sample_scan(x, e, V, tau, thr, u, s.block);
+  auto bad = [&](uint8_t status) {
+    p.status[b] = status;
+    p.tokens[b] = 0;
+    p.logprobs[b] = std::numeric_limits<float>::quiet_NaN();
+  };
+  double Z;
+  int64_t tok;
+  T m;
+  if (temp == 0 || (k > 0 && k <= kSmallK)) {  // the full row is needed for Z (and candidates) only
+    const ScanSum<T> r = scan_softmax(x, V, k, c, s.cand);
+    if (const uint8_t st = row_status(r)) return bad(st);
+    m = r.m;
+    Z = r.Z;
+    // greedy: the first argmax, its log-prob at temperature 1
+    tok = temp == 0 ? std::find(x, x + V, r.m) - x : sample_top_k(x, V, r, c, top_p, thr, u, s.cand);
+  } else {
+    const Scan<T> r = scan_row(x, V, k, s.cand);
+    if (const uint8_t st = row_status(r)) return bad(st);
+    m = r.m;
+    const T vk = k ? r.vk : -inf;
+    s.e.resize(size_t(V));
+    T* e = s.e.data();
+    if (top_p < 1) {
+      // Survivors with d2 < cut weigh < V * 2^cut <= (1 - top_p) * Zk / 4 in all for any cut <= cut0 +
+      // log2(Zk) (Zk >= 1: the max has e = 1), so the top-p boundary, where the mass above reaches
+      // top_p * Zk, lies above them: the histogram may skip them. The pass raises its cut from cut0 as
+      // the survivor mass it has seen grows; buckets straddling the final cut may miss tokens below it,
+      // but the walk stops at the boundary before reaching them.
+      const T cut0 = T(std::log2((1.0 - top_p) / (4.0 * double(V))));
+      s.bucket.resize(size_t(V));
+      s.hist.assign(kBuckets + kSpare, 0.0);
+      const Sums z = softmax_pass<true, true>(x, V, m, c, vk, cut0, e, s.bucket.data(), s.hist.data());
+      Z = z.Z;
+      tok = sample_scan(x, e, V, topp_histogram(x, e, V, top_p * z.Zk, s), thr, u, s.block);
+    } else {
+      Z = softmax_pass<true, false>(x, V, m, c, vk, T(0), e, nullptr, nullptr).Z;
+      tok = sample_scan(x, e, V, vk, thr, u, s.block);
+    }
+  }
+  p.status[b] = kRowOk;
   p.tokens[b] = tok;
-  p.logprobs[b] = float((double(x[tok]) - double(r.m)) * inv_t - std::log(z.Z));
+  p.logprobs[b] = float((double(x[tok]) - double(m)) * inv_t - std::log(Z));
 }
 
 template <class In> void convert_row(const In* in, int64_t V, float* out) {  // in, out (V,)
