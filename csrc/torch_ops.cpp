@@ -159,6 +159,7 @@ std::tuple<Tensor, Tensor> sample(Tensor logits, Tensor temperature, Tensor top_
   const fr::DType dtype = float_dtype(logits, "logits");
   const int64_t B = logits.size(0), V = logits.size(1);
   FR_CHECK(V >= 1, "logits must have at least one column (V >= 1); got shape ", shape_of(logits));
+  FR_CHECK(V < (int64_t(1) << 31), "logits must have fewer than 2^31 columns; got shape ", shape_of(logits));
   check_row_param(temperature, "temperature", B, ScalarType::Double);
   check_row_param(top_k, "top_k", B, ScalarType::Long);
   check_row_param(top_p, "top_p", B, ScalarType::Double);

@@ -18,7 +18,7 @@ template <class T> struct ScanSum : Scan<T> {
 };
 
 #if defined(FR_HAVE_AVX2)
-// Lanes whose max rose (bits of `rose`) get their sum scaled by 2^((old max - new max) * c).
+// Lanes whose max rose (bits of `rose`) get their sum scaled by 2^((old max - new max) * c), in double.
 inline void rescale(__m256d& z_lo, __m256d& z_hi, __m256 m_old, __m256 m_new, float c, unsigned rose) {
   alignas(32) double z[8];
   alignas(32) float a[8], b[8];
@@ -34,39 +34,109 @@ inline void rescale(__m256d& z_lo, __m256d& z_hi, __m256 m_old, __m256 m_new, fl
   z_hi = _mm256_load_pd(z + 4);
 }
 
-inline ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, std::vector<Cand<float>>& cand) {
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// Number of values >= t among v[0, n).
+inline int64_t count_ge(const float* v, int64_t n, float t) {
+  const __m256 vt = _mm256_set1_ps(t);
+  __m256i c = _mm256_setzero_si256();
+  int64_t i = 0, total = 0;
+  for (; i + 8 <= n; i += 8) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(v + i), vt, _CMP_GE_OQ)));
+  alignas(32) int32_t l[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), c);
+  for (int32_t x : l) total += x;
+  for (; i < n; ++i) total += v[i] >= t;
+  return total;
+}
+
+// Top-k from group maxima (topk.group_max: per chunk of 64 tokens, or per lane of a chunk = 8 tokens
+// x[c + l + 8 j]): the k-th largest group max t0 is a lower bound of the k-th largest logit (those k
+// maxima are k tokens >= t0), and a tight one when the groups outnumber k. Only chunks with a group max
+// >= t0 can hold tokens >= t0; they are gathered and the k-th largest logit vk found among them.
+// Every token >= vk, ties included, ends in `cand` (so topk.tied stays 0).
+inline float select_via_group_max(const float* x, int64_t V, int64_t k, int group, TopK<float>& topk,
+                                  std::vector<Cand<float>>& cand) {
   constexpr float inf = std::numeric_limits<float>::infinity();
-  const size_t cap = size_t(2 * k + 256);
-  cand.clear();
-  if (k) cand.reserve(cap + kBlock);
-  float t = -inf;  // top-k: the k-th best logit so far (see scan_row)
-  int64_t tied = 0;
+  const float* gmax = topk.group_max.data();
+  const int64_t n_groups = int64_t(topk.group_max.size()), n_chunks = V / kBlock, per_chunk = kBlock / group;
+  // t0 by bisection on order-preserving float bits: the largest t with count(gmax >= t) >= k.
+  uint32_t lo = TopK<float>::ordered(-inf), hi = TopK<float>::ordered(inf);
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (count_ge(gmax, n_groups, TopK<float>::unordered(mid)) >= k) lo = mid;
+    else hi = mid - 1;
+  }
+  const float t0 = TopK<float>::unordered(lo);
+  // Gather x >= t0 (and > -inf, for t0 = -inf) through the buffer's compress, with t just below t0.
+  const float t = std::max(std::nextafter(t0, -inf), -FLT_MAX);
+  topk.t = t;
+  topk.n = 0;
+  topk.cap = size_t(V) + 1;  // no compaction: everything >= t0 is kept
+  topk.reserve(size_t(V));
+  for (int64_t j = 0; j < n_chunks; ++j)
+    if (*std::max_element(gmax + j * per_chunk, gmax + (j + 1) * per_chunk) > t) topk.push_chunk(x, j * kBlock);
+  for (int64_t i = n_chunks * kBlock; i < V; ++i) topk.push(x[i], i);
+  cand.resize(topk.n);
+  for (size_t j = 0; j < topk.n; ++j) cand[j] = {topk.bx[j], 0.0f, topk.bi[j]};
+  if (int64_t(cand.size()) < k) return -inf;  // fewer than k finite logits: top-k keeps them all
+  std::nth_element(topk.bx.begin(), topk.bx.begin() + (k - 1), topk.bx.begin() + std::ptrdiff_t(topk.n),
+                   std::greater<float>());
+  const float vk = topk.bx[size_t(k - 1)];
+  cand.erase(std::remove_if(cand.begin(), cand.end(), [vk](const Cand<float>& c) { return c.x < vk; }), cand.end());
+  return vk;
+}
+
+inline ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, TopK<float>& topk,
+                                        std::vector<Cand<float>>& cand) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const int64_t n_chunks = V / kBlock;
+  // Top-k: a small k is selected after the pass from the chunk maxima (select_via_chunk_max); a larger
+  // one streams through the buffer tile by tile.
+  // groups of 64 tokens (one max per chunk) or of 8 (one per lane of a chunk): t0 is tight when the
+  // groups outnumber k at least twice.
+  const int group = 2 * k <= n_chunks ? 64 : 8;
+  const bool by_group_max = k > 0 && 2 * k <= n_chunks * (kBlock / group), streamed = k > 0 && !by_group_max;
+  topk.reset(k);
+  topk.group_max.resize(size_t(n_chunks * (kBlock / group)));
   // Lane maxima start at the lowest finite float, not -inf, so that -inf logits give 2^-inf = 0, not NaN.
   __m256 vm = _mm256_set1_ps(-FLT_MAX), vnan = _mm256_setzero_ps(), vinf = _mm256_setzero_ps();
   __m256d z_lo = _mm256_setzero_pd(), z_hi = z_lo;  // per-lane sums, lanes 0-3 and 4-7
   const __m256 vc = _mm256_set1_ps(c), pinfv = _mm256_set1_ps(inf);
   int64_t i = 0;
-  for (; i + kBlock <= V; i += kBlock) {
-    const __m256 vt = _mm256_set1_ps(t);
-    __m256 cm = vm, ge = _mm256_setzero_ps();
-    for (int64_t j = i; j < i + kBlock; j += 8) {
-      const __m256 v = _mm256_loadu_ps(x + j);
-      cm = _mm256_max_ps(v, cm);  // a NaN v leaves cm as it was; NaN is flagged below
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(v, pinfv, _CMP_EQ_OQ));
-      ge = _mm256_or_ps(ge, _mm256_cmp_ps(v, vt, _CMP_GE_OQ));
+  // Tiles of 16 chunks: first the max/exp work (no call in that loop, so every ymm value stays in a
+  // register), then the top-k filter over the same 4 KiB, from L1.
+  constexpr int64_t kTile = 16 * kBlock;
+  for (int64_t end; (end = std::min(i + kTile, V - V % kBlock)) > i; i = end) {
+    for (int64_t ci = i; ci < end; ci += kBlock) {
+      __m256 lm = _mm256_set1_ps(-inf);  // this chunk's max per lane
+      for (int64_t j = ci; j < ci + kBlock; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        lm = _mm256_max_ps(v, lm);  // a NaN v leaves lm as it was; NaN is flagged below
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(v, pinfv, _CMP_EQ_OQ));
+      }
+      if (by_group_max && group == kBlock) topk.group_max[size_t(ci / kBlock)] = hmax(lm);
+      if (by_group_max && group == 8) _mm256_storeu_ps(topk.group_max.data() + ci / 8, lm);
+      const __m256 cm = _mm256_max_ps(lm, vm);
+      if (const unsigned rose = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(cm, vm, _CMP_GT_OQ))))
+        rescale(z_lo, z_hi, vm, cm, c, rose);
+      vm = cm;
+      __m256 a = _mm256_setzero_ps();  // float over one chunk, then double
+      for (int64_t j = ci; j < ci + kBlock; j += 8)
+        a = _mm256_add_ps(a, exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc)));
+      z_lo = _mm256_add_pd(z_lo, lo_pd(a));
+      z_hi = _mm256_add_pd(z_hi, hi_pd(a));
     }
-    if (const unsigned rose = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(cm, vm, _CMP_GT_OQ))))
-      rescale(z_lo, z_hi, vm, cm, c, rose);
-    vm = cm;
-    __m256 a = _mm256_setzero_ps();  // float over one chunk, then double
-    for (int64_t j = i; j < i + kBlock; j += 8)
-      a = _mm256_add_ps(a, exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc)));
-    z_lo = _mm256_add_pd(z_lo, lo_pd(a));
-    z_hi = _mm256_add_pd(z_hi, hi_pd(a));
-    if (k && _mm256_movemask_ps(ge)) {
-      push_chunk(x, i, t, cand, tied);
-      if (cand.size() >= cap) t = keep_top_k(cand, k, t, tied);
+    if (!streamed) continue;
+    for (int64_t ci = i; ci < end; ci += kBlock) {
+      const __m256 vt = _mm256_set1_ps(topk.t);
+      __m256 ge = _mm256_setzero_ps();
+      for (int64_t j = ci; j < ci + kBlock; j += 8) ge = _mm256_or_ps(ge, _mm256_cmp_ps(_mm256_loadu_ps(x + j), vt, _CMP_GE_OQ));
+      if (_mm256_movemask_ps(ge)) topk.push_chunk(x, ci);
     }
   }
   alignas(32) float ml[8];
@@ -88,26 +158,21 @@ inline ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, fl
       m = v;
     }
     Z += double(exp2_neg((v - m) * c));
-    if (k && v > t) {
-      cand.push_back({v, 0.0f, i});
-      if (cand.size() >= cap) t = keep_top_k(cand, k, t, tied);
-    } else if (k && v == t) {
-      ++tied;
-    }
+    if (streamed) topk.push(v, i);
   }
   if (m == -FLT_MAX && std::none_of(x, x + V, [](float v) { return v > -inf; })) m = -inf;  // all -inf
-  float vk = -inf;
-  if (k && int64_t(cand.size()) >= k) vk = keep_top_k(cand, k, t, tied);
-  return {{m, nan, pinf, vk, tied}, Z};
+  const float vk = streamed ? topk.finish(cand) : by_group_max ? select_via_group_max(x, V, k, group, topk, cand) : -inf;
+  return {{m, nan, pinf, vk, topk.tied}, Z};
 }
 #endif
 
 // k > 0: also the top-k candidates, as scan_row. Without AVX2: scan_row, then the softmax sum.
-template <class T> ScanSum<T> scan_softmax(const T* x, int64_t V, int64_t k, T c, std::vector<Cand<T>>& cand) {
+template <class T>
+ScanSum<T> scan_softmax(const T* x, int64_t V, int64_t k, T c, TopK<T>& topk, std::vector<Cand<T>>& cand) {
 #if defined(FR_HAVE_AVX2)
-  if constexpr (kVec<T>) return scan_softmax_avx2(x, V, k, c, cand);
+  if constexpr (kVec<T>) return scan_softmax_avx2(x, V, k, c, topk, cand);
 #endif
-  const Scan<T> r = scan_row(x, V, k, cand);
+  const Scan<T> r = scan_row(x, V, k, topk, cand);
   double Z = 0;
   if (!r.nan && !r.pinf && r.m > -std::numeric_limits<T>::infinity())
     Z = softmax_pass<false, false>(x, V, r.m, c, r.vk, r.m, (T*)nullptr, nullptr, nullptr).Z;

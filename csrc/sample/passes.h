@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "sample/topk_buffer.h"
 #if defined(FR_HAVE_AVX2)
 #include <immintrin.h>
 #endif
@@ -21,25 +22,6 @@ constexpr int kBuckets = 2048;             // top-p histogram: bucket b holds d2
 constexpr float kBucketsPerOctave = 16.f;  // 1/16 octave wide: probabilities within 4.4% of each other
 constexpr int kSpare = 8;               // spare histogram slots past kBuckets, for tokens left out
 constexpr int64_t kBlock = 64;          // inverse-CDF scan: allowed mass per block of 64 tokens
-
-template <class T> struct Cand { T x, e; int64_t i; };  // a candidate token: logit, e = p / p_max, index
-
-// Candidates are ranked by (x descending, index ascending): keys are unique, so the k-th key's x is
-// the k-th largest logit counting ties, and a later token equal to the current k-th x never enters.
-template <class T> inline bool better(const Cand<T>& a, const Cand<T>& b) {
-  return a.x > b.x || (a.x == b.x && a.i < b.i);
-}
-
-// Keeps the k best candidates (unordered) and returns the k-th best logit t. `tied` counts the tokens
-// equal to t that are not in the buffer: kept while t stays t_old, plus those dropped now.
-template <class T> inline T keep_top_k(std::vector<Cand<T>>& c, int64_t k, T t_old, int64_t& tied) {
-  std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), better<T>);
-  const T t = c[size_t(k - 1)].x;
-  if (t != t_old) tied = 0;
-  for (size_t j = size_t(k); j < c.size(); ++j) tied += c[j].x == t;
-  c.resize(size_t(k));
-  return t;
-}
 
 // ---- e = 2^d2 for d2 = (x - max) * log2(e) / T <= 0 (-inf gives 0) -----------------------------------
 // 2^d2 = 2^n * 2^f with n = round(d2), |f| <= 1/2, and a degree-6 polynomial for 2^f (fitted to minimax
@@ -104,19 +86,6 @@ template <class T> constexpr bool kVec =
 #endif
 
 // ---- pass 1: max, NaN / +inf flags and top-k candidates ------------------------------------------
-#if defined(FR_HAVE_AVX2)
-// The candidates of one chunk of 64 tokens: x > t enters, x == t is counted in `tied`.
-inline void push_chunk(const float* x, int64_t i, float t, std::vector<Cand<float>>& cand, int64_t& tied) {
-  const __m256 vt = _mm256_set1_ps(t);
-  for (int64_t j = i; j < i + kBlock; j += 8) {
-    const __m256 v = _mm256_loadu_ps(x + j);
-    tied += __builtin_popcount(unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_EQ_OQ))));
-    for (unsigned bits = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_GT_OQ))); bits; bits &= bits - 1)
-      cand.push_back({x[j + __builtin_ctz(bits)], 0.0f, j + __builtin_ctz(bits)});
-  }
-}
-#endif
-
 template <class T> struct Scan {
   T m;           // row max
   bool nan, pinf;
@@ -124,30 +93,20 @@ template <class T> struct Scan {
   int64_t tied;  // tokens with x == vk missing from the candidates
 };
 
-// With k > 0, `cand` ends holding the tokens whose (x, index) keys are the k best (or every finite
-// token when there are fewer): a token enters only if it beats the k-th key so far (x > t), and the
-// buffer is cut back to k when it reaches 2k + 256, so the pass stays O(V). Tokens equal to t that
-// stay out are counted (`tied`). Chunks of 64 are first tested as a whole, so the hot loop has no
-// call in it (all ymm registers stay live).
-template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, std::vector<Cand<T>>& cand) {
+// With k > 0, `cand` receives the top-k candidates (see topk_buffer.h). Chunks of 64 tokens are first
+// tested as a whole (any x >= t?), so the hot loop has no call in it.
+template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, TopK<T>& topk, std::vector<Cand<T>>& cand) {
   constexpr T inf = std::numeric_limits<T>::infinity();
-  const size_t cap = size_t(2 * k + 256);
-  cand.clear();
-  if (k) cand.reserve(cap + kBlock);
-  T m = -inf, t = -inf;
-  int64_t tied = 0;
+  topk.reset(k);
+  T m = -inf;
   bool nan = false, pinf = false;
-  auto push = [&](int64_t i) {
-    if (k && x[i] > t) cand.push_back({x[i], T(0), i});
-    else if (k && x[i] == t) ++tied;
-  };
   int64_t i = 0;
 #if defined(FR_HAVE_AVX2)
   if constexpr (kVec<T>) {
     __m256 vmax = _mm256_set1_ps(-inf), vnan = _mm256_setzero_ps(), vinf = _mm256_setzero_ps();
     const __m256 pinfv = _mm256_set1_ps(inf);
     for (; i + kBlock <= V; i += kBlock) {
-      const __m256 vt = _mm256_set1_ps(t);
+      const __m256 vt = _mm256_set1_ps(topk.t);
       __m256 ge = _mm256_setzero_ps();
       for (int64_t j = i; j < i + kBlock; j += 8) {
         const __m256 v = _mm256_loadu_ps(x + j);
@@ -156,9 +115,7 @@ template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, std::vecto
         vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(v, pinfv, _CMP_EQ_OQ));
         ge = _mm256_or_ps(ge, _mm256_cmp_ps(v, vt, _CMP_GE_OQ));
       }
-      if (!k || !_mm256_movemask_ps(ge)) continue;
-      push_chunk(x, i, t, cand, tied);
-      if (cand.size() >= cap) t = keep_top_k(cand, k, t, tied);
+      if (k && _mm256_movemask_ps(ge)) topk.push_chunk(x, i);
     }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, vmax);
@@ -172,12 +129,10 @@ template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, std::vecto
     nan |= v != v;
     pinf |= v == inf;
     m = v > m ? v : m;
-    push(i);
-    if (cand.size() >= cap) t = keep_top_k(cand, k, t, tied);
+    if (k) topk.push(v, i);
   }
-  T vk = -inf;
-  if (k && int64_t(cand.size()) >= k) vk = keep_top_k(cand, k, t, tied);
-  return {m, nan, pinf, vk, tied};
+  const T vk = k ? topk.finish(cand) : -inf;
+  return {m, nan, pinf, vk, topk.tied};
 }
 
 // ---- pass 2: e_i = 2^((x_i - m) * c), c = log2(e) / T: sums, optionally stored and histogrammed -------

@@ -29,6 +29,7 @@ template <class T> struct Scratch {
   std::vector<double> hist;        // (kBuckets + kSpare,) mass per bucket, + spare slots
   std::vector<double> block;       // (ceil(V / 64),) allowed mass per block
   std::vector<Cand<T>> cand, sel;  // top-k candidates; the tokens of the top-p boundary bucket
+  TopK<T> topk;
 };
 
 // Top-p over tokens sorted best first: keeps group after group of equal logits while the mass of the
@@ -129,14 +130,14 @@ template <class T> void sample_row(const SampleParams& p, int64_t b, const T* x,
   int64_t tok;
   T m;
   if (temp == 0 || (k > 0 && k <= kSmallK)) {  // the full row is needed for Z (and candidates) only
-    const ScanSum<T> r = scan_softmax(x, V, k, c, s.cand);
+    const ScanSum<T> r = scan_softmax(x, V, k, c, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);
     m = r.m;
     Z = r.Z;
     // greedy: the first argmax, its log-prob at temperature 1
     tok = temp == 0 ? std::find(x, x + V, r.m) - x : sample_top_k(x, V, r, c, top_p, thr, u, s.cand);
   } else {
-    const Scan<T> r = scan_row(x, V, k, s.cand);
+    const Scan<T> r = scan_row(x, V, k, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);
     m = r.m;
     const T vk = k ? r.vk : -inf;

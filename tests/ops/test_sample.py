@@ -95,7 +95,9 @@ CONFIGS = {
     "top_p": dict(top_p=0.7),
     "min_p": dict(min_p=0.05),
     "combo": dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01),
-    "large_k_top_p": dict(top_k=1500, top_p=0.8),
+    "mid_k": dict(top_k=200, top_p=0.95),  # top-k from 64- or 8-token group maxima (by V)
+    "big_k": dict(temperature=1.2, top_k=700),  # from 8-token group maxima or the streamed buffer
+    "large_k_top_p": dict(top_k=1500, top_p=0.8),  # streamed buffer, then the top-p histogram
     "tiny_top_p": dict(top_p=1e-6),
 }
 
