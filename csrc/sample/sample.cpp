@@ -61,42 +61,40 @@ template <class T> T topp_histogram(const T* x, const T* e, int64_t V, double ta
   return walk_groups(s.sel, above, target);
 }
 
-// Inverse CDF over the allowed candidates, in index order like sample_scan (same token for same u).
-template <class T> int64_t sample_cands(std::vector<Cand<T>>& c, T tau, T thr, double u) {
-  size_t n = 0;  // c is sorted best first, so the tokens with x >= tau are a prefix
-  while (n < c.size() && c[n].x >= tau) ++n;
-  std::sort(c.begin(), c.begin() + std::ptrdiff_t(n), [](const Cand<T>& a, const Cand<T>& b) { return a.i < b.i; });
-  double total = 0;
-  for (size_t j = 0; j < n; ++j) total += c[j].e >= thr ? double(c[j].e) : 0.0;
-  const double target = u * total;
-  double cum = 0;
-  int64_t last = c[0].i;
-  for (size_t j = 0; j < n; ++j) {
-    if (!(c[j].e >= thr) || c[j].e == 0) continue;
-    cum += double(c[j].e);
-    last = c[j].i;
-    if (cum > target) return last;
-  }
-  return last;  // rounding left u * total unreached: the last allowed token
-}
-
-// Small top-k: every survivor (x >= vk) is a candidate (survivors tied at vk that the buffer left out
-// are gathered again), top-p walks the sorted candidates, the token is drawn among them.
+// Small top-k: every survivor (x >= vk) is a candidate, in index order (survivors tied at vk that the
+// buffer left out are gathered again); top-p walks a copy sorted by logit; the token is drawn by inverse
+// CDF over the allowed candidates in index order, like sample_scan (same token for the same u).
 template <class T>
-int64_t sample_top_k(const T* x, int64_t V, const Scan<T>& r, T c, double top_p, T thr, double u,
-                     std::vector<Cand<T>>& cand) {
+int64_t sample_top_k(const T* x, int64_t V, const Scan<T>& r, T c, double top_p, T thr, double u, Scratch<T>& s) {
+  std::vector<Cand<T>>& cand = s.cand;
   if (r.tied > 0 && r.vk > -std::numeric_limits<T>::infinity()) {
     cand.erase(std::remove_if(cand.begin(), cand.end(), [&](const Cand<T>& t) { return t.x == r.vk; }), cand.end());
     collect_equal(x, V, r.vk, cand);
+    std::sort(cand.begin(), cand.end(), [](const Cand<T>& a, const Cand<T>& b) { return a.i < b.i; });
   }
   double Zk = 0;  // the top-k renormalisation
   for (auto& t : cand) {
     t.e = exp2_neg((t.x - r.m) * c);
     Zk += double(t.e);
   }
-  std::sort(cand.begin(), cand.end(), better<T>);
-  const T tau = top_p < 1 ? walk_groups(cand, 0.0, top_p * Zk) : cand.back().x;
-  return sample_cands(cand, tau, thr, u);
+  T tau = r.vk;
+  if (top_p < 1) {
+    s.sel.assign(cand.begin(), cand.end());
+    std::sort(s.sel.begin(), s.sel.end(), [](const Cand<T>& a, const Cand<T>& b) { return a.x > b.x; });
+    tau = walk_groups(s.sel, 0.0, top_p * Zk);
+  }
+  double total = 0;
+  for (const auto& t : cand) total += t.x >= tau && t.e >= thr ? double(t.e) : 0.0;
+  const double target = u * total;
+  double cum = 0;
+  int64_t last = -1;
+  for (const auto& t : cand) {
+    if (!(t.x >= tau && t.e >= thr) || t.e == 0) continue;
+    cum += double(t.e);
+    last = t.i;
+    if (cum > target) return last;
+  }
+  return last;  // rounding left u * total unreached: the last allowed token
 }
 
 // The smallest T value t with double(t) >= min_p, so that e >= t <=> double(e) >= min_p.
@@ -135,7 +133,7 @@ template <class T> void sample_row(const SampleParams& p, int64_t b, const T* x,
     m = r.m;
     Z = r.Z;
     // greedy: the first argmax, its log-prob at temperature 1
-    tok = temp == 0 ? std::find(x, x + V, r.m) - x : sample_top_k(x, V, r, c, top_p, thr, u, s.cand);
+    tok = temp == 0 ? std::find(x, x + V, r.m) - x : sample_top_k(x, V, r, c, top_p, thr, u, s);
   } else {
     const Scan<T> r = scan_row(x, V, k, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);

@@ -134,7 +134,8 @@ template <class T> struct TopK {
   }
   static float unordered(uint32_t o) { return bits_to_float(o >> 31 ? o & 0x7FFFFFFFu : ~o); }
 
-  // The candidates into `out`: the k best keys, or every finite token when fewer than k are finite.
+  // The candidates into `out`, in index order: the k best keys, or every finite token when fewer than k
+  // are finite.
   // Returns vk, the k-th largest logit (-inf in the second case).
   T finish(std::vector<Cand<T>>& out) {
     T vk = -std::numeric_limits<T>::infinity();
@@ -144,6 +145,7 @@ template <class T> struct TopK {
     }
     out.resize(n);
     for (size_t j = 0; j < n; ++j) out[j] = {bx[j], T(0), bi[j]};
+    std::sort(out.begin(), out.end(), [](const Cand<T>& a, const Cand<T>& b) { return a.i < b.i; });
     return vk;
   }
 };
