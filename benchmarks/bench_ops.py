@@ -9,7 +9,7 @@ import importlib
 
 from _common import parse_args, report
 
-MODULES = ["bench_gae"]
+MODULES = ["bench_gae", "bench_sample"]
 
 if __name__ == "__main__":
     args = parse_args(__doc__)

@@ -118,6 +118,24 @@ def test_tokens_are_inverse_cdf_of_reference_filter(name, V, dtype):
     assert torch.equal(tokens, want)
 
 
+@pytest.mark.parametrize("k", [1, 5, 50, 200, 700, 1500])
+def test_heavy_ties_at_every_top_k_path(k):
+    """Integer logits: the k-th value is tied many times over, inside and outside every candidate buffer."""
+    x = torch.randn(12, 5000, dtype=torch.float64).mul(2).round().float()
+    kw = dict(top_k=k, top_p=torch.tensor([1.0, 0.9, 0.5, 1e-6] * 3), min_p=torch.tensor([0.0] * 8 + [0.2] * 4))
+    tokens, _ = raw(x, 11, **kw)
+    assert torch.equal(tokens, inverse_cdf(reference.sample_filter(x, **kw), 11))
+
+
+@pytest.mark.parametrize("k", [50, 700, 1500])
+def test_fewer_finite_logits_than_top_k(k):
+    x = torch.full((6, 5000), float("-inf"))
+    x[:, 100:130] = torch.randn(6, 30)  # 30 finite logits: top-k keeps them all
+    kw = dict(top_k=k, top_p=torch.tensor([1.0, 0.8] * 3))
+    tokens, _ = raw(x, 13, **kw)
+    assert torch.equal(tokens, inverse_cdf(reference.sample_filter(x, **kw), 13))
+
+
 def test_per_row_parameters_are_inverse_cdf_of_reference_filter():
     B, V = 8, 300
     x = logits_with_ties(B, V)
