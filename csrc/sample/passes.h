@@ -320,4 +320,37 @@ int64_t sample_scan(const T* x, const T* e, int64_t V, T tau, T thr, double u, s
   return 0;  // unreachable: the row max is always allowed and has mass 1
 }
 
+// ---- inverse CDF over the whole row, e recomputed on the fly ------------------------------------------
+// Unfiltered sampling: target = u * Z with Z the row's sum from the fused pass; blocks of 64 are skipped
+// by their (vector) sums until the one holding the target, which is scanned token by token; half a
+// pass on average. If rounding leaves the target unreached, the last token with mass is returned.
+template <class T> int64_t sample_plain(const T* x, int64_t V, T m, T c, double Z, double u) {
+  const double target = u * Z;
+  double cum = 0;
+  int64_t i = 0, last = -1;
+#if defined(FR_HAVE_AVX2)
+  if constexpr (kVec<T>) {
+    const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c);
+    for (; i + kBlock <= V; i += kBlock) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t j = i; j < i + kBlock; j += 8)
+        a = _mm256_add_ps(a, exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc)));
+      const double block = hsum(_mm256_add_pd(lo_pd(a), hi_pd(a)));
+      if (cum + block > target) break;
+      cum += block;
+    }
+  }
+#endif
+  for (; i < V; ++i) {
+    const T e = exp2_neg((x[i] - m) * c);
+    if (e == 0) continue;
+    cum += double(e);
+    last = i;
+    if (cum > target) return i;
+  }
+  for (int64_t j = V - 1; last < 0 && j >= 0; --j)  // target unreached before the last block
+    if (exp2_neg((x[j] - m) * c) > 0) last = j;
+  return last;
+}
+
 }  // namespace fr::FR_ISA_NS::sampling

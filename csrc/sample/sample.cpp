@@ -127,13 +127,15 @@ template <class T> void sample_row(const SampleParams& p, int64_t b, const T* x,
   double Z;
   int64_t tok;
   T m;
-  if (temp == 0 || (k > 0 && k <= kSmallK)) {  // the full row is needed for Z (and candidates) only
+  const bool plain = k == 0 && top_p >= 1 && thr == 0;
+  if (temp == 0 || (k > 0 && k <= kSmallK) || plain) {  // the full row is needed for Z (and candidates) only
     const ScanSum<T> r = scan_softmax(x, V, k, c, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);
     m = r.m;
     Z = r.Z;
-    // greedy: the first argmax, its log-prob at temperature 1
-    tok = temp == 0 ? std::find(x, x + V, r.m) - x : sample_top_k(x, V, r, c, top_p, thr, u, s);
+    if (temp == 0) tok = std::find(x, x + V, r.m) - x;  // greedy: the first argmax, its log-prob at T = 1
+    else if (plain) tok = sample_plain(x, V, m, c, Z, u);
+    else tok = sample_top_k(x, V, r, c, top_p, thr, u, s);
   } else {
     const Scan<T> r = scan_row(x, V, k, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);
