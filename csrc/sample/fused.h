@@ -175,7 +175,7 @@ ScanSum<T> scan_softmax(const T* x, int64_t V, int64_t k, T c, TopK<T>& topk, st
   const Scan<T> r = scan_row(x, V, k, topk, cand);
   double Z = 0;
   if (!r.nan && !r.pinf && r.m > -std::numeric_limits<T>::infinity())
-    Z = softmax_pass<false, false>(x, V, r.m, c, r.vk, r.m, (T*)nullptr, nullptr, nullptr).Z;
+    Z = softmax_pass<false, false>(x, V, r.m, c, r.vk, r.m, false, (T*)nullptr, nullptr, nullptr).Z;
   return {r, Z};
 }
 

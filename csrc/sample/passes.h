@@ -145,11 +145,11 @@ struct Sums {
 // add their e to hist[bucket] and record the bucket in `bucket` (V,) (>= kBuckets marks the others; hist has kSpare spare slots there).
 // Sums are accumulated in float over blocks of 64 tokens (error <= 8 ulp), then in double.
 template <bool kStore, bool kHist, class T>
-Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, T* e, uint16_t* bucket, double* hist) {
+Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, bool rise, T* e, uint16_t* bucket, double* hist) {
   Sums s;
-  // The histogram's cut: cut0 + floor(log2(survivor mass so far)), which only rises and stays <=
-  // cut0 + log2(Zk) (see the top-p note in sample.cpp).
-  auto cut_after = [cut0](double zk) { return cut0 + T(floor_log2(zk)); };
+  // The histogram's cut: with `rise`, cut0 + floor(log2(survivor mass so far)), which only rises and
+  // stays <= cut0 + log2(Zk) (see the top-p note in sample.cpp); else cut0.
+  auto cut_after = [cut0, rise](double zk) { return rise ? cut0 + T(floor_log2(zk)) : cut0; };
   T d_cut = cut0;
   int64_t i = 0;
   auto bucket_of = [](T d2) { return int32_t(std::min(d2 * T(-kBucketsPerOctave), T(kBuckets - 1))); };

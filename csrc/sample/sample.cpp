@@ -20,7 +20,8 @@ namespace fr::FR_ISA_NS {
 namespace {
 using namespace sampling;
 
-constexpr int64_t kSmallK = 1024;  // top-p over at most this many top-k survivors: sort them
+constexpr int64_t kSmallK = 1024;   // top-p over at most this many top-k survivors: sort them
+constexpr int64_t kNucleus = 256;   // top-p alone: first look for the boundary among this many tokens
 
 template <class T> struct Scratch {
   std::vector<T> xs;               // (V,) a bf16/f16 row converted to float
@@ -33,8 +34,9 @@ template <class T> struct Scratch {
 };
 
 // Top-p over tokens sorted best first: keeps group after group of equal logits while the mass of the
-// tokens strictly more likely than the group (C, from `above`) is < target; returns the last kept logit.
-template <class T> T walk_groups(const std::vector<Cand<T>>& c, double above, double target) {
+// tokens strictly more likely than the group (C, from `above`) is < target; returns the last kept logit
+// and sets *found when the walk stopped there (C >= target) rather than at the end of `c`.
+template <class T> T walk_groups(const std::vector<Cand<T>>& c, double above, double target, bool* found) {
   T tau = c[0].x;
   double C = above;
   for (size_t i = 0; i < c.size() && C < target;) {
@@ -42,6 +44,7 @@ template <class T> T walk_groups(const std::vector<Cand<T>>& c, double above, do
     for (; i < c.size() && c[i].x == gx; ++i) C += double(c[i].e);
     tau = gx;
   }
+  if (found) *found = C >= target;
   return tau;
 }
 
@@ -58,31 +61,35 @@ template <class T> T topp_histogram(const T* x, const T* e, int64_t V, double ta
   }
   collect_bucket(x, e, s.bucket.data(), V, at, s.sel);
   std::sort(s.sel.begin(), s.sel.end(), better<T>);
-  return walk_groups(s.sel, above, target);
+  return walk_groups(s.sel, above, target, nullptr);
 }
 
-// Small top-k: every survivor (x >= vk) is a candidate, in index order (survivors tied at vk that the
-// buffer left out are gathered again); top-p walks a copy sorted by logit; the token is drawn by inverse
-// CDF over the allowed candidates in index order, like sample_scan (same token for the same u).
-template <class T>
-int64_t sample_top_k(const T* x, int64_t V, const Scan<T>& r, T c, double top_p, T thr, double u, Scratch<T>& s) {
-  std::vector<Cand<T>>& cand = s.cand;
+// Every survivor x >= vk becomes a candidate, in index order, with its e (survivors tied at vk that the
+// top-k buffer left out are gathered again); returns their mass.
+template <class T> double prepare_candidates(const T* x, int64_t V, const Scan<T>& r, T c, std::vector<Cand<T>>& cand) {
   if (r.tied > 0 && r.vk > -std::numeric_limits<T>::infinity()) {
     cand.erase(std::remove_if(cand.begin(), cand.end(), [&](const Cand<T>& t) { return t.x == r.vk; }), cand.end());
     collect_equal(x, V, r.vk, cand);
     std::sort(cand.begin(), cand.end(), [](const Cand<T>& a, const Cand<T>& b) { return a.i < b.i; });
   }
-  double Zk = 0;  // the top-k renormalisation
+  double mass = 0;
   for (auto& t : cand) {
     t.e = exp2_neg((t.x - r.m) * c);
-    Zk += double(t.e);
+    mass += double(t.e);
   }
-  T tau = r.vk;
-  if (top_p < 1) {
-    s.sel.assign(cand.begin(), cand.end());
-    std::sort(s.sel.begin(), s.sel.end(), [](const Cand<T>& a, const Cand<T>& b) { return a.x > b.x; });
-    tau = walk_groups(s.sel, 0.0, top_p * Zk);
-  }
+  return mass;
+}
+
+// Top-p over the candidates, walked in a copy sorted by logit.
+template <class T> T topp_candidates(Scratch<T>& s, double target, bool* found) {
+  s.sel.assign(s.cand.begin(), s.cand.end());
+  std::sort(s.sel.begin(), s.sel.end(), [](const Cand<T>& a, const Cand<T>& b) { return a.x > b.x; });
+  return walk_groups(s.sel, 0.0, target, found);
+}
+
+// Inverse CDF over the allowed candidates {x >= tau, e >= thr} in index order, like sample_scan (the
+// same token for the same u).
+template <class T> int64_t draw_candidates(const std::vector<Cand<T>>& cand, T tau, T thr, double u) {
   double total = 0;
   for (const auto& t : cand) total += t.x >= tau && t.e >= thr ? double(t.e) : 0.0;
   const double target = u * total;
@@ -95,6 +102,34 @@ int64_t sample_top_k(const T* x, int64_t V, const Scan<T>& r, T c, double top_p,
     if (cum > target) return last;
   }
   return last;  // rounding left u * total unreached: the last allowed token
+}
+
+// Rows whose allowed set may be most of the vocabulary: e stored, the top-p boundary from a histogram,
+// the token by sample_scan. z_known > 0 is the row's Z when the caller has it (the histogram's cut is
+// then final from the start). Returns the token; *Z gets the row's sum.
+template <class T>
+int64_t sample_full_row(const T* x, int64_t V, T m, T c, T vk, double top_p, T thr, double u, double z_known,
+                        Scratch<T>& s, double* Z) {
+  s.e.resize(size_t(V));
+  T* e = s.e.data();
+  if (!(top_p < 1)) {
+    *Z = softmax_pass<true, false>(x, V, m, c, vk, T(0), false, e, nullptr, nullptr).Z;
+    return sample_scan(x, e, V, vk, thr, u, s.block);
+  }
+  // Survivors with d2 < cut weigh < V * 2^cut <= (1 - top_p) * Zk / 4 in all for any cut <= cut0 +
+  // log2(Zk) (Zk >= 1: the max has e = 1), so the top-p boundary, where the mass above reaches
+  // top_p * Zk, lies above them: the histogram may skip them. Without a known Z the pass raises its
+  // cut from cut0 as the survivor mass it has seen grows; buckets straddling the final cut may miss
+  // tokens below it, but the walk stops at the boundary before reaching them.
+  const double cut0 = std::log2((1.0 - top_p) / (4.0 * double(V)));
+  s.bucket.resize(size_t(V));
+  s.hist.assign(kBuckets + kSpare, 0.0);
+  const Sums z = z_known > 0 ? softmax_pass<true, true>(x, V, m, c, vk, T(cut0 + std::log2(z_known)), false, e,
+                                                        s.bucket.data(), s.hist.data())
+                             : softmax_pass<true, true>(x, V, m, c, vk, T(cut0), true, e, s.bucket.data(),
+                                                        s.hist.data());
+  *Z = z.Z;
+  return sample_scan(x, e, V, topp_histogram(x, e, V, top_p * z.Zk, s), thr, u, s.block);
 }
 
 // The smallest T value t with double(t) >= min_p, so that e >= t <=> double(e) >= min_p.
@@ -127,38 +162,31 @@ template <class T> void sample_row(const SampleParams& p, int64_t b, const T* x,
   double Z;
   int64_t tok;
   T m;
-  const bool plain = k == 0 && top_p >= 1 && thr == 0;
-  if (temp == 0 || (k > 0 && k <= kSmallK) || plain) {  // the full row is needed for Z (and candidates) only
-    const ScanSum<T> r = scan_softmax(x, V, k, c, s.topk, s.cand);
+  // Top-p without top-k tries the kNucleus most likely tokens first: when they hold the boundary, the
+  // row needs no stored e and no histogram.
+  const bool plain = k == 0 && top_p >= 1 && thr == 0, nucleus_first = k == 0 && top_p < 1 && V > 4 * kNucleus;
+  if (temp == 0 || (k > 0 && k <= kSmallK) || plain || nucleus_first) {  // one fused pass over the row
+    const ScanSum<T> r = scan_softmax(x, V, nucleus_first ? kNucleus : k, c, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);
     m = r.m;
     Z = r.Z;
-    if (temp == 0) tok = std::find(x, x + V, r.m) - x;  // greedy: the first argmax, its log-prob at T = 1
-    else if (plain) tok = sample_plain(x, V, m, c, Z, u);
-    else tok = sample_top_k(x, V, r, c, top_p, thr, u, s);
+    if (temp == 0) {
+      tok = std::find(x, x + V, r.m) - x;  // greedy: the first argmax, its log-prob at T = 1
+    } else if (plain) {
+      tok = sample_plain(x, V, m, c, Z, u);
+    } else {
+      const double Zk = prepare_candidates(x, V, r, c, s.cand);  // the top-k renormalisation
+      bool found = true;  // a small top-k keeps all candidates at most: the boundary is among them
+      const T tau = top_p < 1 ? topp_candidates(s, top_p * (nucleus_first ? Z : Zk), nucleus_first ? &found : nullptr)
+                              : r.vk;
+      double unused;
+      tok = found ? draw_candidates(s.cand, tau, thr, u) : sample_full_row(x, V, m, c, -inf, top_p, thr, u, Z, s, &unused);
+    }
   } else {
     const Scan<T> r = scan_row(x, V, k, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);
     m = r.m;
-    const T vk = k ? r.vk : -inf;
-    s.e.resize(size_t(V));
-    T* e = s.e.data();
-    if (top_p < 1) {
-      // Survivors with d2 < cut weigh < V * 2^cut <= (1 - top_p) * Zk / 4 in all for any cut <= cut0 +
-      // log2(Zk) (Zk >= 1: the max has e = 1), so the top-p boundary, where the mass above reaches
-      // top_p * Zk, lies above them: the histogram may skip them. The pass raises its cut from cut0 as
-      // the survivor mass it has seen grows; buckets straddling the final cut may miss tokens below it,
-      // but the walk stops at the boundary before reaching them.
-      const T cut0 = T(std::log2((1.0 - top_p) / (4.0 * double(V))));
-      s.bucket.resize(size_t(V));
-      s.hist.assign(kBuckets + kSpare, 0.0);
-      const Sums z = softmax_pass<true, true>(x, V, m, c, vk, cut0, e, s.bucket.data(), s.hist.data());
-      Z = z.Z;
-      tok = sample_scan(x, e, V, topp_histogram(x, e, V, top_p * z.Zk, s), thr, u, s.block);
-    } else {
-      Z = softmax_pass<true, false>(x, V, m, c, vk, T(0), e, nullptr, nullptr).Z;
-      tok = sample_scan(x, e, V, vk, thr, u, s.block);
-    }
+    tok = sample_full_row(x, V, m, c, k ? r.vk : -inf, top_p, thr, u, 0.0, s, &Z);
   }
   p.status[b] = kRowOk;
   p.tokens[b] = tok;

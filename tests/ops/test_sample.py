@@ -118,13 +118,22 @@ def test_tokens_are_inverse_cdf_of_reference_filter(name, V, dtype):
     assert torch.equal(tokens, want)
 
 
-@pytest.mark.parametrize("k", [1, 5, 50, 200, 700, 1500])
+@pytest.mark.parametrize("k", [0, 1, 5, 50, 200, 700, 1500])
 def test_heavy_ties_at_every_top_k_path(k):
     """Integer logits: the k-th value is tied many times over, inside and outside every candidate buffer."""
     x = torch.randn(12, 5000, dtype=torch.float64).mul(2).round().float()
     kw = dict(top_k=k, top_p=torch.tensor([1.0, 0.9, 0.5, 1e-6] * 3), min_p=torch.tensor([0.0] * 8 + [0.2] * 4))
     tokens, _ = raw(x, 11, **kw)
     assert torch.equal(tokens, inverse_cdf(reference.sample_filter(x, **kw), 11))
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_top_p_nucleus_found_among_first_candidates_or_not(scale):
+    """Top-p alone first looks among the 256 most likely tokens (peaked rows), else over the whole row."""
+    x = logits_with_ties(12, 20000, scale=scale)
+    kw = dict(temperature=0.9, top_p=torch.tensor([0.3, 0.9, 0.99, 0.999] * 3), min_p=torch.tensor([0.0] * 8 + [1e-3] * 4))
+    tokens, _ = raw(x, 17, **kw)
+    assert torch.equal(tokens, inverse_cdf(reference.sample_filter(x, **kw), 17))
 
 
 @pytest.mark.parametrize("k", [50, 700, 1500])
