@@ -160,7 +160,7 @@ Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, bool rise, T* e
     __m256 vcut = _mm256_set1_ps(d_cut);
     const __m256 vneg = _mm256_set1_ps(-kBucketsPerOctave);
     const __m256 vtop = _mm256_set1_ps(float(kBuckets - 1));
-    // tokens left out go to spare slot kBuckets + lane: one per lane, so they form no serial chain
+    // tokens left out are marked kBuckets + lane
     const __m256i none = _mm256_add_epi32(_mm256_set1_epi32(kBuckets), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     // One vector of 8 tokens; returns e, and e masked to survivors (kHist) through `ek`.
     auto step = [&](int64_t j, __m256& ek) {
@@ -174,15 +174,8 @@ Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, bool rise, T* e
         const __m256 sel = _mm256_and_ps(_mm256_cmp_ps(d2, vcut, _CMP_GE_OQ), ge);
         __m256i b = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_mul_ps(d2, vneg), vtop));
         b = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(none), _mm256_castsi256_ps(b), sel));
-        alignas(32) int32_t bl[8];
-        alignas(32) float el[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(bl), b);
-        _mm256_store_ps(el, ev);
         const __m256i b16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);  // 8 x u16 in lane 0
         _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j), _mm256_castsi256_si128(b16));
-        // Branch-free scatter: the lanes left out add to their spare slot.
-        if (_mm256_movemask_ps(sel))
-          for (int l = 0; l < 8; ++l) hist[bl[l]] += double(el[l]);
       }
       return ev;
     };
@@ -208,6 +201,10 @@ Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, bool rise, T* e
       z1 = _mm256_add_pd(z1, hi_pd(ev));
       if constexpr (kHist) zk0 = _mm256_add_pd(zk0, lo_pd(ek)), zk1 = _mm256_add_pd(zk1, hi_pd(ek));
     }
+    // The scatter, as a plain loop over the stored buckets and e: faster than from inside the vector
+    // loop. Tokens left out add to their lane's spare slot, which nobody reads.
+    if constexpr (kHist)
+      for (int64_t j = 0; j < i; ++j) hist[bucket[j]] += double(e[j]);
     s.Z = hsum(_mm256_add_pd(z0, z1));
     s.Zk = hsum(_mm256_add_pd(zk0, zk1));
   }
