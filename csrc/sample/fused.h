@@ -14,24 +14,26 @@
 namespace fr::FR_ISA_NS::sampling {
 
 template <class T> struct ScanSum : Scan<T> {
-  double Z;  // sum over the row of 2^((x - m) * c)
+  double Z;       // sum over the row of e = 2^((x - m) * c)
+  double S2 = 0;  // sum of e^2 (kNucleus mode of the AVX2 pass only; else 0)
 };
 
 #if defined(FR_HAVE_AVX2)
-// Lanes whose max rose (bits of `rose`) get their sum scaled by 2^((old max - new max) * c), in double.
-inline void rescale(__m256d& z_lo, __m256d& z_hi, __m256 m_old, __m256 m_new, float c, unsigned rose) {
-  alignas(32) double z[8];
+// Lanes whose max rose (bits of `rose`) get their sum scaled by 2^((old max - new max) * c) and their
+// sum of squares by its square, in double.
+inline void rescale(__m256d (&z)[4], __m256 m_old, __m256 m_new, float c, unsigned rose) {
+  alignas(32) double zl[16];
   alignas(32) float a[8], b[8];
-  _mm256_store_pd(z, z_lo);
-  _mm256_store_pd(z + 4, z_hi);
+  for (int q = 0; q < 4; ++q) _mm256_store_pd(zl + 4 * q, z[q]);
   _mm256_store_ps(a, m_old);
   _mm256_store_ps(b, m_new);
   for (; rose; rose &= rose - 1) {
     const int l = __builtin_ctz(rose);
-    z[l] *= std::exp2((double(a[l]) - double(b[l])) * double(c));
+    const double f = std::exp2((double(a[l]) - double(b[l])) * double(c));
+    zl[l] *= f;
+    zl[8 + l] *= f * f;
   }
-  z_lo = _mm256_load_pd(z);
-  z_hi = _mm256_load_pd(z + 4);
+  for (int q = 0; q < 4; ++q) z[q] = _mm256_load_pd(zl + 4 * q);
 }
 
 inline float hmax(__m256 v) {
@@ -90,8 +92,11 @@ inline float select_via_group_max(const float* x, int64_t V, int64_t k, int grou
   return vk;
 }
 
-inline ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, TopK<float>& topk,
-                                        std::vector<Cand<float>>& cand) {
+// kNucleus: also the sum of e^2, and a top-k selected from group maxima is left to the caller
+// (select_via_group_max with topk.group), who may not need it.
+template <bool kNucleus>
+ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, TopK<float>& topk,
+                                 std::vector<Cand<float>>& cand) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   const int64_t n_chunks = V / kBlock;
   // Top-k: a small k is selected after the pass from the chunk maxima (select_via_chunk_max); a larger
@@ -101,10 +106,12 @@ inline ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, fl
   const int group = 2 * k <= n_chunks ? 64 : 8;
   const bool by_group_max = k > 0 && 2 * k <= n_chunks * (kBlock / group), streamed = k > 0 && !by_group_max;
   topk.reset(k);
+  topk.group = by_group_max && kNucleus ? group : 0;  // nonzero: the selection is left to the caller
   topk.group_max.resize(size_t(n_chunks * (kBlock / group)));
   // Lane maxima start at the lowest finite float, not -inf, so that -inf logits give 2^-inf = 0, not NaN.
   __m256 vm = _mm256_set1_ps(-FLT_MAX), vnan = _mm256_setzero_ps(), vinf = _mm256_setzero_ps();
-  __m256d z_lo = _mm256_setzero_pd(), z_hi = z_lo;  // per-lane sums, lanes 0-3 and 4-7
+  const __m256d zero = _mm256_setzero_pd();
+  __m256d z[4] = {zero, zero, zero, zero};  // per-lane sums of e (lanes 0-3, 4-7), then of e^2
   const __m256 vc = _mm256_set1_ps(c), pinfv = _mm256_set1_ps(inf);
   int64_t i = 0;
   // Tiles of 16 chunks: first the max/exp work (no call in that loop, so every ymm value stays in a
@@ -123,13 +130,17 @@ inline ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, fl
       if (by_group_max && group == 8) _mm256_storeu_ps(topk.group_max.data() + ci / 8, lm);
       const __m256 cm = _mm256_max_ps(lm, vm);
       if (const unsigned rose = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(cm, vm, _CMP_GT_OQ))))
-        rescale(z_lo, z_hi, vm, cm, c, rose);
+        rescale(z, vm, cm, c, rose);
       vm = cm;
-      __m256 a = _mm256_setzero_ps();  // float over one chunk, then double
-      for (int64_t j = ci; j < ci + kBlock; j += 8)
-        a = _mm256_add_ps(a, exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc)));
-      z_lo = _mm256_add_pd(z_lo, lo_pd(a));
-      z_hi = _mm256_add_pd(z_hi, hi_pd(a));
+      __m256 a = _mm256_setzero_ps(), a2 = a;  // float over one chunk, then double
+      for (int64_t j = ci; j < ci + kBlock; j += 8) {
+        const __m256 e = exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc));
+        a = _mm256_add_ps(a, e);
+        if constexpr (kNucleus) a2 = _mm256_fmadd_ps(e, e, a2);
+      }
+      z[0] = _mm256_add_pd(z[0], lo_pd(a));
+      z[1] = _mm256_add_pd(z[1], hi_pd(a));
+      if constexpr (kNucleus) z[2] = _mm256_add_pd(z[2], lo_pd(a2)), z[3] = _mm256_add_pd(z[3], hi_pd(a2));
     }
     if (!streamed) continue;
     for (int64_t ci = i; ci < end; ci += kBlock) {
@@ -140,43 +151,64 @@ inline ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, fl
     }
   }
   alignas(32) float ml[8];
-  alignas(32) double zl[8];
+  alignas(32) double zl[16];
   _mm256_store_ps(ml, vm);
-  _mm256_store_pd(zl, z_lo);
-  _mm256_store_pd(zl + 4, z_hi);
+  for (int q = 0; q < 4; ++q) _mm256_store_pd(zl + 4 * q, z[q]);
   float m = *std::max_element(ml, ml + 8);
-  double Z = 0;
-  for (int l = 0; l < 8; ++l)
-    if (zl[l] > 0) Z += zl[l] * std::exp2((double(ml[l]) - double(m)) * double(c));
+  double Z = 0, S2 = 0;
+  for (int l = 0; l < 8; ++l) {
+    if (!(zl[l] > 0)) continue;
+    const double f = std::exp2((double(ml[l]) - double(m)) * double(c));
+    Z += zl[l] * f;
+    S2 += zl[8 + l] * f * f;
+  }
   bool nan = _mm256_movemask_ps(vnan) != 0, pinf = _mm256_movemask_ps(vinf) != 0;
   for (; i < V; ++i) {  // the last V % 64 tokens
     const float v = x[i];
     nan |= v != v;
     pinf |= v == inf;
     if (v > m) {
-      Z *= std::exp2((double(m) - double(v)) * double(c));
+      const double f = std::exp2((double(m) - double(v)) * double(c));
+      Z *= f;
+      S2 *= f * f;
       m = v;
     }
-    Z += double(exp2_neg((v - m) * c));
+    const double e = double(exp2_neg((v - m) * c));
+    Z += e;
+    S2 += e * e;
     if (streamed) topk.push(v, i);
   }
   if (m == -FLT_MAX && std::none_of(x, x + V, [](float v) { return v > -inf; })) m = -inf;  // all -inf
-  const float vk = streamed ? topk.finish(cand) : by_group_max ? select_via_group_max(x, V, k, group, topk, cand) : -inf;
-  return {{m, nan, pinf, vk, topk.tied}, Z};
+  float vk = -inf;
+  if (streamed) vk = topk.finish(cand);
+  else if (by_group_max && !kNucleus) vk = select_via_group_max(x, V, k, group, topk, cand);
+  return {{m, nan, pinf, vk, topk.tied}, Z, kNucleus ? S2 : 0.0};
 }
 #endif
 
 // k > 0: also the top-k candidates, as scan_row. Without AVX2: scan_row, then the softmax sum.
-template <class T>
+// kNucleus (AVX2 float rows with group-max top-k): see scan_softmax_avx2; elsewhere S2 = 0 and the
+// top-k is selected here.
+template <bool kNucleus = false, class T>
 ScanSum<T> scan_softmax(const T* x, int64_t V, int64_t k, T c, TopK<T>& topk, std::vector<Cand<T>>& cand) {
 #if defined(FR_HAVE_AVX2)
-  if constexpr (kVec<T>) return scan_softmax_avx2(x, V, k, c, topk, cand);
+  if constexpr (kVec<T>) return scan_softmax_avx2<kNucleus>(x, V, k, c, topk, cand);
 #endif
   const Scan<T> r = scan_row(x, V, k, topk, cand);
   double Z = 0;
   if (!r.nan && !r.pinf && r.m > -std::numeric_limits<T>::infinity())
     Z = softmax_pass<false, false>(x, V, r.m, c, r.vk, r.m, false, (T*)nullptr, nullptr, nullptr).Z;
   return {r, Z};
+}
+
+// The top-k of a scan_softmax<true> pass: selected now when that pass left it to us.
+template <class T>
+T finish_deferred_top_k(const T* x, int64_t V, int64_t k, const ScanSum<T>& r, TopK<T>& topk, std::vector<Cand<T>>& cand) {
+#if defined(FR_HAVE_AVX2)
+  if constexpr (kVec<T>)
+    if (topk.group) return select_via_group_max(x, V, k, topk.group, topk, cand);
+#endif
+  return r.vk;
 }
 
 }  // namespace fr::FR_ISA_NS::sampling

@@ -22,6 +22,7 @@ using namespace sampling;
 
 constexpr int64_t kSmallK = 1024;   // top-p over at most this many top-k survivors: sort them
 constexpr int64_t kNucleus = 256;   // top-p alone: first look for the boundary among this many tokens
+constexpr double kFlat = 32;        // ... unless the row's inverse Simpson index exceeds this
 
 template <class T> struct Scratch {
   std::vector<T> xs;               // (V,) a bf16/f16 row converted to float
@@ -162,11 +163,15 @@ template <class T> void sample_row(const SampleParams& p, int64_t b, const T* x,
   double Z;
   int64_t tok;
   T m;
-  // Top-p without top-k tries the kNucleus most likely tokens first: when they hold the boundary, the
-  // row needs no stored e and no histogram.
-  const bool plain = k == 0 && top_p >= 1 && thr == 0, nucleus_first = k == 0 && top_p < 1 && V > 4 * kNucleus;
+  // Top-p without top-k first looks for the boundary among the kNucleus most likely tokens: when it is
+  // there, the row needs no stored e and no histogram. Rows where Z^2 / sum(e^2) (the inverse Simpson
+  // index: how many tokens hold most of the mass) exceeds kFlat skip the attempt: their long tails put
+  // the nucleus far beyond kNucleus tokens.
+  const bool plain = k == 0 && top_p >= 1 && thr == 0;
+  const bool nucleus_first = k == 0 && top_p < 1 && V >= 16 * kNucleus;
   if (temp == 0 || (k > 0 && k <= kSmallK) || plain || nucleus_first) {  // one fused pass over the row
-    const ScanSum<T> r = scan_softmax(x, V, nucleus_first ? kNucleus : k, c, s.topk, s.cand);
+    const ScanSum<T> r = nucleus_first ? scan_softmax<true>(x, V, kNucleus, c, s.topk, s.cand)
+                                       : scan_softmax(x, V, k, c, s.topk, s.cand);
     if (const uint8_t st = row_status(r)) return bad(st);
     m = r.m;
     Z = r.Z;
@@ -174,13 +179,21 @@ template <class T> void sample_row(const SampleParams& p, int64_t b, const T* x,
       tok = std::find(x, x + V, r.m) - x;  // greedy: the first argmax, its log-prob at T = 1
     } else if (plain) {
       tok = sample_plain(x, V, m, c, Z, u);
-    } else {
-      const double Zk = prepare_candidates(x, V, r, c, s.cand);  // the top-k renormalisation
-      bool found = true;  // a small top-k keeps all candidates at most: the boundary is among them
-      const T tau = top_p < 1 ? topp_candidates(s, top_p * (nucleus_first ? Z : Zk), nucleus_first ? &found : nullptr)
-                              : r.vk;
+    } else if (nucleus_first) {
+      bool found = false;
+      if (!(r.S2 > 0 && r.Z * r.Z > kFlat * r.S2)) {
+        Scan<T> top = r;
+        top.vk = finish_deferred_top_k(x, V, kNucleus, r, s.topk, s.cand);
+        prepare_candidates(x, V, top, c, s.cand);
+        const T tau = topp_candidates(s, top_p * Z, &found);
+        if (found) tok = draw_candidates(s.cand, tau, thr, u);
+      }
       double unused;
-      tok = found ? draw_candidates(s.cand, tau, thr, u) : sample_full_row(x, V, m, c, -inf, top_p, thr, u, Z, s, &unused);
+      if (!found) tok = sample_full_row(x, V, m, c, -inf, top_p, thr, u, Z, s, &unused);
+    } else {  // small top-k: every survivor is a candidate
+      const double Zk = prepare_candidates(x, V, r, c, s.cand);  // the top-k renormalisation
+      const T tau = top_p < 1 ? topp_candidates(s, top_p * Zk, nullptr) : r.vk;
+      tok = draw_candidates(s.cand, tau, thr, u);
     }
   } else {
     const Scan<T> r = scan_row(x, V, k, s.topk, s.cand);

@@ -48,7 +48,8 @@ template <class T> struct TopK {
   std::vector<int32_t> bi;    // (cap + kChunk,) their indices
   std::vector<Cand<T>> work;  // compaction scratch (double rows)
   std::vector<uint64_t> keys;  // compaction scratch (float rows)
-  std::vector<float> group_max;  // (V / 64 or V / 8,) max of each group of tokens (fused.h)
+  std::vector<float> group_max;  // (V / group,) max of each group of tokens (fused.h)
+  int group = 0;                  // tokens per group: 64 or 8
 
   void reset(int64_t k_) {
     k = k_;
