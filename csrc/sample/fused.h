@@ -47,7 +47,8 @@ inline int64_t count_ge(const float* v, int64_t n, float t) {
   const __m256 vt = _mm256_set1_ps(t);
   __m256i c = _mm256_setzero_si256();
   int64_t i = 0, total = 0;
-  for (; i + 8 <= n; i += 8) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(v + i), vt, _CMP_GE_OQ)));
+  for (; i + 8 <= n; i += 8)  // a true lane is -1
+    c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(v + i), vt, _CMP_GE_OQ)));
   alignas(32) int32_t l[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(l), c);
   for (int32_t x : l) total += x;
@@ -146,7 +147,8 @@ ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, 
     for (int64_t ci = i; ci < end; ci += kBlock) {
       const __m256 vt = _mm256_set1_ps(topk.t);
       __m256 ge = _mm256_setzero_ps();
-      for (int64_t j = ci; j < ci + kBlock; j += 8) ge = _mm256_or_ps(ge, _mm256_cmp_ps(_mm256_loadu_ps(x + j), vt, _CMP_GE_OQ));
+      for (int64_t j = ci; j < ci + kBlock; j += 8)
+        ge = _mm256_or_ps(ge, _mm256_cmp_ps(_mm256_loadu_ps(x + j), vt, _CMP_GE_OQ));
       if (_mm256_movemask_ps(ge)) topk.push_chunk(x, ci);
     }
   }
@@ -203,7 +205,8 @@ ScanSum<T> scan_softmax(const T* x, int64_t V, int64_t k, T c, TopK<T>& topk, st
 
 // The top-k of a scan_softmax<true> pass: selected now when that pass left it to us.
 template <class T>
-T finish_deferred_top_k(const T* x, int64_t V, int64_t k, const ScanSum<T>& r, TopK<T>& topk, std::vector<Cand<T>>& cand) {
+T finish_deferred_top_k([[maybe_unused]] const T* x, [[maybe_unused]] int64_t V, [[maybe_unused]] int64_t k,
+                        const ScanSum<T>& r, [[maybe_unused]] TopK<T>& topk, [[maybe_unused]] std::vector<Cand<T>>& cand) {
 #if defined(FR_HAVE_AVX2)
   if constexpr (kVec<T>)
     if (topk.group) return select_via_group_max(x, V, k, topk.group, topk, cand);

@@ -5,85 +5,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
-#include "common/dtype.h"
+#include "sample/simd.h"
 #include "sample/topk_buffer.h"
-#if defined(FR_HAVE_AVX2)
-#include <immintrin.h>
-#endif
 
 namespace fr::FR_ISA_NS::sampling {
 
-constexpr int kBuckets = 2048;             // top-p histogram: bucket b holds d2 = log2(p / p_max) in (-(b+1)/16, -b/16]
-constexpr float kBucketsPerOctave = 16.f;  // 1/16 octave wide: probabilities within 4.4% of each other
-constexpr int kSpare = 8;               // spare histogram slots past kBuckets, for tokens left out
-constexpr int64_t kBlock = 64;          // inverse-CDF scan: allowed mass per block of 64 tokens
-
-// ---- e = 2^d2 for d2 = (x - max) * log2(e) / T <= 0 (-inf gives 0) -----------------------------------
-// 2^d2 = 2^n * 2^f with n = round(d2), |f| <= 1/2, and a degree-6 polynomial for 2^f (fitted to minimax
-// relative error, 1.3 ulp, monotone, p(0) = 1 exactly). Base 2 saves the Cody-Waite reduction: six FMAs
-// and two multiplies per 8 tokens on the FMA pipes. Below 2^-125 (2.4e-38) the result is flushed to 0.
-#if defined(FR_HAVE_AVX2)
-constexpr float kExp2Lo = -125.0f;
-constexpr float kQ1 = 0.6931471824645996f, kQ2 = 0.24022647738456726f, kQ3 = 0.055503323674201965f;
-constexpr float kQ4 = 0.009618437848985195f, kQ5 = 0.0013398876180872321f, kQ6 = 0.00015353357593994588f;
-
-inline __m256 exp2_neg(__m256 d2) {
-  const __m256 under = _mm256_cmp_ps(d2, _mm256_set1_ps(kExp2Lo), _CMP_LT_OQ);
-  const __m256 x = _mm256_max_ps(d2, _mm256_set1_ps(kExp2Lo));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kQ6), f, _mm256_set1_ps(kQ5));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ4));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ3));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ2));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kQ1));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(scale)));
-}
-
-inline float exp2_neg(float d2) {  // the same operations, one lane: bit-identical results
-  if (d2 < kExp2Lo) return 0.0f;
-  const float n = std::nearbyint(d2), f = d2 - n;
-  float y = std::fma(kQ6, f, kQ5);
-  y = std::fma(y, f, kQ4);
-  y = std::fma(y, f, kQ3);
-  y = std::fma(y, f, kQ2);
-  y = std::fma(y, f, kQ1);
-  y = std::fma(y, f, 1.0f);
-  return y * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-}
-
-inline double hsum(__m256d a) {
-  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
-  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-inline __m256d lo_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
-inline __m256d hi_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
-#else
-inline float exp2_neg(float d2) { return std::exp2(d2); }
-#endif
-inline double exp2_neg(double d2) { return std::exp2(d2); }
-
-// floor(log2(max(z, 1))) from the exponent bits.
-inline int floor_log2(double z) {
-  if (!(z >= 2.0)) return 0;
-  uint64_t u;
-  std::memcpy(&u, &z, 8);
-  return int((u >> 52) & 0x7ff) - 1023;
-}
-
-template <class T> constexpr bool kVec =
-#if defined(FR_HAVE_AVX2)
-    std::is_same_v<T, float>;
-#else
-    false;
-#endif
+// Top-p histogram: bucket b holds the tokens with d2 = log2(p / p_max) in (-(b+1)/16, -b/16], i.e.
+// probabilities within 4.4% of each other; tokens left out are marked kBuckets + lane (spare slots).
+constexpr int kBuckets = 2048;
+constexpr float kBucketsPerOctave = 16.f;
+constexpr int kSpare = 8;
+constexpr int64_t kBlock = 64;  // chunks of tokens: the unit of the vector loops and of the block sums
 
 // ---- pass 1: max, NaN / +inf flags and top-k candidates ------------------------------------------
 template <class T> struct Scan {
@@ -141,8 +76,8 @@ struct Sums {
   double Zk = 0;  // sum of e over top-k survivors x >= vk (kHist only; = Z without top-k)
 };
 
-// kStore: e written to `e` (V,). kHist: survivors (x >= vk) with d2 >= cut
-// add their e to hist[bucket] and record the bucket in `bucket` (V,) (>= kBuckets marks the others; hist has kSpare spare slots there).
+// kStore: e written to `e` (V,). kHist: survivors (x >= vk) with d2 >= cut add their e to hist[bucket]
+// and record the bucket in `bucket` (V,); the others are recorded as kBuckets + lane.
 // Sums are accumulated in float over blocks of 64 tokens (error <= 8 ulp), then in double.
 template <bool kStore, bool kHist, class T>
 Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, bool rise, T* e, uint16_t* bucket, double* hist) {
@@ -260,94 +195,6 @@ template <class T> void collect_equal(const T* x, int64_t V, T v, std::vector<Ca
 #endif
   for (; i < V; ++i)
     if (x[i] == v) out.push_back({v, T(0), i});
-}
-
-// ---- inverse CDF over the allowed set {x >= tau, e >= thr}, in index order ---------------------------
-// One pass stores the allowed mass of each 64-token block; the block holding u * total is then
-// scanned token by token. If rounding leaves the target unreached, the last allowed token with
-// mass is returned, so the token is always allowed.
-template <class T>
-int64_t sample_scan(const T* x, const T* e, int64_t V, T tau, T thr, double u, std::vector<double>& block) {
-  const int64_t nb = (V + kBlock - 1) / kBlock;
-  block.resize(size_t(nb));
-  auto allowed = [&](int64_t i) { return x[i] >= tau && e[i] >= thr; };
-  double total = 0;
-  for (int64_t bi = 0; bi < nb; ++bi) {
-    const int64_t lo = bi * kBlock, hi = std::min(V, lo + kBlock);
-    double sum = 0;
-#if defined(FR_HAVE_AVX2)
-    if constexpr (kVec<T>) {
-      if (hi - lo == kBlock) {
-        __m256d a0 = _mm256_setzero_pd(), a1 = a0;
-        const __m256 vtau = _mm256_set1_ps(tau), vthr = _mm256_set1_ps(thr);
-        for (int64_t i = lo; i < hi; i += 8) {
-          const __m256 ev = _mm256_loadu_ps(e + i);
-          const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vtau, _CMP_GE_OQ),
-                                          _mm256_cmp_ps(ev, vthr, _CMP_GE_OQ));
-          const __m256 w = _mm256_and_ps(ev, ok);
-          a0 = _mm256_add_pd(a0, lo_pd(w));
-          a1 = _mm256_add_pd(a1, hi_pd(w));
-        }
-        block[size_t(bi)] = hsum(_mm256_add_pd(a0, a1));
-        total += block[size_t(bi)];
-        continue;
-      }
-    }
-#endif
-    for (int64_t i = lo; i < hi; ++i) sum += allowed(i) ? double(e[i]) : 0.0;
-    block[size_t(bi)] = sum;
-    total += sum;
-  }
-  const double target = u * total;
-  double cum = 0;
-  for (int64_t bi = 0; bi < nb; ++bi) {
-    if (!(cum + block[size_t(bi)] > target)) {
-      cum += block[size_t(bi)];
-      continue;
-    }
-    const int64_t lo = bi * kBlock, hi = std::min(V, lo + kBlock);
-    for (int64_t i = lo; i < hi; ++i) {
-      if (!allowed(i)) continue;
-      cum += double(e[i]);
-      if (cum > target && e[i] > 0) return i;
-    }
-  }
-  for (int64_t i = V - 1; i >= 0; --i)
-    if (allowed(i) && e[i] > 0) return i;
-  return 0;  // unreachable: the row max is always allowed and has mass 1
-}
-
-// ---- inverse CDF over the whole row, e recomputed on the fly ------------------------------------------
-// Unfiltered sampling: target = u * Z with Z the row's sum from the fused pass; blocks of 64 are skipped
-// by their (vector) sums until the one holding the target, which is scanned token by token; half a
-// pass on average. If rounding leaves the target unreached, the last token with mass is returned.
-template <class T> int64_t sample_plain(const T* x, int64_t V, T m, T c, double Z, double u) {
-  const double target = u * Z;
-  double cum = 0;
-  int64_t i = 0, last = -1;
-#if defined(FR_HAVE_AVX2)
-  if constexpr (kVec<T>) {
-    const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c);
-    for (; i + kBlock <= V; i += kBlock) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t j = i; j < i + kBlock; j += 8)
-        a = _mm256_add_ps(a, exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc)));
-      const double block = hsum(_mm256_add_pd(lo_pd(a), hi_pd(a)));
-      if (cum + block > target) break;
-      cum += block;
-    }
-  }
-#endif
-  for (; i < V; ++i) {
-    const T e = exp2_neg((x[i] - m) * c);
-    if (e == 0) continue;
-    cum += double(e);
-    last = i;
-    if (cum > target) return i;
-  }
-  for (int64_t j = V - 1; last < 0 && j >= 0; --j)  // target unreached before the last block
-    if (exp2_neg((x[j] - m) * c) > 0) last = j;
-  return last;
 }
 
 }  // namespace fr::FR_ISA_NS::sampling

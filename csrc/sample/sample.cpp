@@ -1,8 +1,12 @@
-// The sampler, one row per task, without sorting the vocabulary: pass 1 finds the max, bad values and
-// the top-k threshold (a filtered candidate buffer); pass 2 writes e = exp((x - max) / T) and the
-// sums; the top-p boundary is found among the top-k candidates (k <= 1024, sorted) or else in one
-// bucket of a probability histogram; pass 3 draws the token by inverse CDF over the allowed set.
-// Scratch is O(V) per thread; rows are independent, so results do not depend on the thread count.
+// The sampler, one row per task, never sorting the vocabulary. What a row costs depends on its filters:
+// - greedy, top-k <= 1024, no filter at all, and top-p alone (first try): one fused pass (fused.h) gives
+//   the max, the NaN/inf flags, Z = sum of e = 2^((x - max) log2(e) / T) and group maxima, from which the
+//   top-k candidates are gathered; top-p walks the candidates sorted; the token is drawn by inverse CDF
+//   over the allowed candidates (over the whole row, e recomputed, for an unfiltered row).
+// - else (top-p over many tokens, top-k > 1024, min-p alone): pass 1 (max, flags, streamed top-k);
+//   pass 2 stores e and a histogram of probabilities, of which only top-p's boundary bucket is sorted;
+//   pass 3 draws by inverse CDF over {x >= tau, e >= min_p}.
+// Scratch is O(V) per thread; a row's uniform is Philox(seed, row), so the thread count does not matter.
 #include "sample/sample.h"
 
 #include <algorithm>
@@ -13,6 +17,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "sample/draw.h"
 #include "sample/fused.h"
 #include "sample/passes.h"
 

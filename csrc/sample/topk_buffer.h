@@ -89,7 +89,8 @@ template <class T> struct TopK {
         const unsigned gt = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_GT_OQ)));
         tied += __builtin_popcount(ge & ~gt);
         // branch-free compress of the entering lanes to the end of the buffer
-        const __m256i perm = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int32_t(kCompressLut.v[gt])), shifts), nibble);
+        const __m256i packed = _mm256_set1_epi32(int32_t(kCompressLut.v[gt]));
+        const __m256i perm = _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), nibble);
         _mm256_storeu_ps(bx.data() + n, _mm256_permutevar8x32_ps(v, perm));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(bi.data() + n), _mm256_permutevar8x32_epi32(idx, perm));
         n += size_t(__builtin_popcount(gt));
