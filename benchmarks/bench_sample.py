@@ -31,7 +31,9 @@ def validate(name, logits, kw, tokens, logprobs, max_outside=0):
     allowed = reference.sample_filter(logits, **kw) > float("-inf")  # (B, V)
     bad = (~allowed.gather(1, tokens[:, None])).sum().item()
     assert bad <= max_outside, f"{name}: {bad} tokens outside the allowed set"
-    want = torch.log_softmax(logits.double() / kw.get("temperature", 1.0), -1).gather(1, tokens[:, None])[:, 0]
+    want = torch.log_softmax(logits.double() / kw.get("temperature", 1.0), -1).gather(1, tokens[:, None])[
+        :, 0
+    ]
     assert_close(name, logprobs.double(), want, rtol=0, atol=2e-6)
 
 
@@ -55,7 +57,16 @@ def run(args) -> list[dict]:
         ours = median_ms(lambda: sample(logits, **kw, generator=g), reps=args.reps)
         short = {"temperature": "T", "top_k": "k", "top_p": "p", "min_p": "min_p"}
         label = " ".join(f"{short[k]}{v:g}" for k, v in kw.items())  # e.g. T0.8 k50 p0.9
-        rows.append(dict(op=f"sample {label}", shape=f"({B}, {V})", baseline="HF sort-based", base_ms=base, ours_ms=ours, goal=goal))
+        rows.append(
+            dict(
+                op=f"sample {label}",
+                shape=f"({B}, {V})",
+                baseline="HF sort-based",
+                base_ms=base,
+                ours_ms=ours,
+                goal=goal,
+            )
+        )
     return rows
 
 

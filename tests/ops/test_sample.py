@@ -36,8 +36,11 @@ def uniform(seed, row):
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -55,9 +58,15 @@ def test_philox_header_known_answers(tmp_path):
         ' std::printf("%08x %08x %08x %08x\\n", r.v[0], r.v[1], r.v[2], r.v[3]);'
         for c, k, _ in KAT
     )
-    src.write_text(f'#include <cstdio>\n#include "common/philox.h"\nint main() {{\n  fr::Philox4x32 r;\n{calls}\n}}\n')
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(src), "-o", str(tmp_path / "kat")], check=True)
-    out = subprocess.run([str(tmp_path / "kat")], capture_output=True, text=True, check=True).stdout.split("\n")
+    src.write_text(
+        f'#include <cstdio>\n#include "common/philox.h"\nint main() {{\n  fr::Philox4x32 r;\n{calls}\n}}\n'
+    )
+    subprocess.run(
+        [cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(src), "-o", str(tmp_path / "kat")], check=True
+    )
+    out = subprocess.run([str(tmp_path / "kat")], capture_output=True, text=True, check=True).stdout.split(
+        "\n"
+    )
     assert out[:3] == [" ".join(f"{w:08x}" for w in want) for _, _, want in KAT]
 
 
@@ -66,7 +75,12 @@ def params(B, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     def row(x, dt):
         return x.to(dt) if isinstance(x, torch.Tensor) else torch.full((B,), x, dtype=dt)
 
-    return (row(temperature, torch.float64), row(top_k, torch.int64), row(top_p, torch.float64), row(min_p, torch.float64))
+    return (
+        row(temperature, torch.float64),
+        row(top_k, torch.int64),
+        row(top_p, torch.float64),
+        row(min_p, torch.float64),
+    )
 
 
 def raw(logits, seed, **kw):
@@ -107,7 +121,14 @@ CONFIGS = {
 # reference.sample_filter on its sort path (its pairwise path is O(V^2) memory).
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize(
-    "V,dtype", [(7, torch.float32), (5000, torch.float32), (50257, torch.float32), (5000, torch.float64), (5000, torch.bfloat16)]
+    "V,dtype",
+    [
+        (7, torch.float32),
+        (5000, torch.float32),
+        (50257, torch.float32),
+        (5000, torch.float64),
+        (5000, torch.bfloat16),
+    ],
 )
 def test_tokens_are_inverse_cdf_of_reference_filter(name, V, dtype):
     kw = CONFIGS[name]
@@ -122,7 +143,9 @@ def test_tokens_are_inverse_cdf_of_reference_filter(name, V, dtype):
 def test_heavy_ties_at_every_top_k_path(k):
     """Integer logits: the k-th value is tied many times over, inside and outside every candidate buffer."""
     x = torch.randn(12, 5000, dtype=torch.float64).mul(2).round().float()
-    kw = dict(top_k=k, top_p=torch.tensor([1.0, 0.9, 0.5, 1e-6] * 3), min_p=torch.tensor([0.0] * 8 + [0.2] * 4))
+    kw = dict(
+        top_k=k, top_p=torch.tensor([1.0, 0.9, 0.5, 1e-6] * 3), min_p=torch.tensor([0.0] * 8 + [0.2] * 4)
+    )
     tokens, _ = raw(x, 11, **kw)
     assert torch.equal(tokens, inverse_cdf(reference.sample_filter(x, **kw), 11))
 
@@ -131,7 +154,11 @@ def test_heavy_ties_at_every_top_k_path(k):
 def test_top_p_nucleus_found_among_first_candidates_or_not(scale):
     """Top-p alone first looks among the 256 most likely tokens (peaked rows), else over the whole row."""
     x = logits_with_ties(12, 20000, scale=scale)
-    kw = dict(temperature=0.9, top_p=torch.tensor([0.3, 0.9, 0.99, 0.999] * 3), min_p=torch.tensor([0.0] * 8 + [1e-3] * 4))
+    kw = dict(
+        temperature=0.9,
+        top_p=torch.tensor([0.3, 0.9, 0.99, 0.999] * 3),
+        min_p=torch.tensor([0.0] * 8 + [1e-3] * 4),
+    )
     tokens, _ = raw(x, 17, **kw)
     assert torch.equal(tokens, inverse_cdf(reference.sample_filter(x, **kw), 17))
 
@@ -171,7 +198,9 @@ def test_top_k_one_is_argmax():
     x = torch.randn(64, 50257)
     tokens, logprobs = sample(x, temperature=0.7, top_k=1)
     assert torch.equal(tokens, x.argmax(1))
-    torch.testing.assert_close(logprobs.double(), torch.log_softmax(x.double() / 0.7, 1).amax(1), rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        logprobs.double(), torch.log_softmax(x.double() / 0.7, 1).amax(1), rtol=0, atol=2e-6
+    )
 
 
 # ---- distribution: 20k draws vs the filtered distribution -----------------------------------------------
@@ -211,8 +240,12 @@ def test_draws_match_filtered_distribution(name):
 def test_draws_match_filtered_distribution_per_row_parameters():
     V, N = 40, 20000
     row = torch.randn(1, V) * 1.5
-    cfg = [dict(temperature=0.5, top_k=8, top_p=1.0, min_p=0.0), dict(temperature=1.0, top_k=0, top_p=0.75, min_p=0.0),
-           dict(temperature=2.0, top_k=0, top_p=1.0, min_p=0.2), dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05)]
+    cfg = [
+        dict(temperature=0.5, top_k=8, top_p=1.0, min_p=0.0),
+        dict(temperature=1.0, top_k=0, top_p=0.75, min_p=0.0),
+        dict(temperature=2.0, top_k=0, top_p=1.0, min_p=0.2),
+        dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05),
+    ]
     kw = {name: torch.tensor([c[name] for c in cfg]).repeat_interleave(N) for name in cfg[0]}  # (4 N,)
     tokens, _ = sample(row.expand(4 * N, V), **kw, generator=torch.Generator().manual_seed(2))
     for i, c in enumerate(cfg):
@@ -222,8 +255,17 @@ def test_draws_match_filtered_distribution_per_row_parameters():
 
 # ---- allowed set, logprobs, dtypes, shapes --------------------------------------------------------------
 @pytest.mark.parametrize("V", [7, 50257])
-@pytest.mark.parametrize("kw", [dict(top_p=1e-6), dict(temperature=0.8, top_k=50, top_p=0.9), dict(top_p=0.95, min_p=0.3),
-                                dict(top_k=3), dict(top_k=2000, top_p=0.5)], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_p=1e-6),
+        dict(temperature=0.8, top_k=50, top_p=0.9),
+        dict(top_p=0.95, min_p=0.3),
+        dict(top_k=3),
+        dict(top_k=2000, top_p=0.5),
+    ],
+    ids=str,
+)
 def test_tokens_stay_in_allowed_set_and_logprobs_match(V, kw):
     x = logits_with_ties(32, V, dtype=torch.bfloat16).float()  # bf16 values: many ties
     x[:, 5] = float("-inf")  # a banned token
@@ -233,7 +275,9 @@ def test_tokens_stay_in_allowed_set_and_logprobs_match(V, kw):
     for _ in range(10):
         tokens, logprobs = sample(x, **kw, generator=g)
         assert allowed.gather(1, tokens[:, None]).all()
-        torch.testing.assert_close(logprobs.double(), scaled_logp.gather(1, tokens[:, None])[:, 0], rtol=0, atol=2e-6)
+        torch.testing.assert_close(
+            logprobs.double(), scaled_logp.gather(1, tokens[:, None])[:, 0], rtol=0, atol=2e-6
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -269,7 +313,9 @@ def test_noncontiguous_logits():
 # ---- randomness: thread count, seeds, generators ------------------------------------------------------
 def test_independent_of_thread_count():
     x = logits_with_ties(64, 50257)
-    kw = dict(temperature=0.8, top_k=torch.tensor([0, 50] * 32), top_p=0.9, min_p=torch.tensor([0.0, 0.05] * 32))
+    kw = dict(
+        temperature=0.8, top_k=torch.tensor([0, 50] * 32), top_p=0.9, min_p=torch.tensor([0.0, 0.05] * 32)
+    )
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -309,7 +355,9 @@ def test_compile_fullgraph():
     assert torch.equal(tokens, x.argmax(1))
     g = torch.compile(lambda t: sample(t, temperature=0.7, top_p=0.8), fullgraph=True, backend="aot_eager")
     tokens, _ = g(x)
-    assert (reference.sample_filter(x, temperature=0.7, top_p=0.8).gather(1, tokens[:, None]) > float("-inf")).all()
+    assert (
+        reference.sample_filter(x, temperature=0.7, top_p=0.8).gather(1, tokens[:, None]) > float("-inf")
+    ).all()
 
 
 def test_baseline_cpu_path_matches_reference():
@@ -328,8 +376,15 @@ def test_baseline_cpu_path_matches_reference():
 def test_reference_top_p_paths_agree():
     """reference.sample_filter computes 'mass strictly above' pairwise for V <= 4096 and by sorting above."""
     x = logits_with_ties(6, 1500, dtype=torch.bfloat16).double()  # many ties
-    padded = torch.cat([x, torch.full((6, 3500), float("-inf"), dtype=torch.float64)], 1)  # V = 5000: sort path
-    for kw in [dict(top_p=0.3), dict(top_p=0.9, top_k=500), dict(top_p=1e-6), dict(top_p=0.99, temperature=0.5)]:
+    padded = torch.cat(
+        [x, torch.full((6, 3500), float("-inf"), dtype=torch.float64)], 1
+    )  # V = 5000: sort path
+    for kw in [
+        dict(top_p=0.3),
+        dict(top_p=0.9, top_k=500),
+        dict(top_p=1e-6),
+        dict(top_p=0.99, temperature=0.5),
+    ]:
         small, big = reference.sample_filter(x, **kw), reference.sample_filter(padded, **kw)
         assert torch.equal(small > float("-inf"), big[:, :1500] > float("-inf"))
         torch.testing.assert_close(small, big[:, :1500], rtol=1e-12, atol=0)
@@ -348,7 +403,9 @@ def test_rejects_integer_logits():
 
 
 def test_rejects_empty_vocabulary():
-    with pytest.raises(ValueError, match=r"logits must have at least one column \(V >= 1\); got shape \(2, 0\)"):
+    with pytest.raises(
+        ValueError, match=r"logits must have at least one column \(V >= 1\); got shape \(2, 0\)"
+    ):
         sample(torch.randn(2, 0))
 
 
@@ -405,7 +462,10 @@ def test_rejects_min_p_out_of_range(min_p):
 
 
 def test_rejects_per_row_tensor_of_wrong_length():
-    with pytest.raises(ValueError, match=r"top_p must be a number or a \(B,\) tensor with B = 3 \(rows of logits\); got shape \(2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"top_p must be a number or a \(B,\) tensor with B = 3 \(rows of logits\); got shape \(2\)",
+    ):
         sample(torch.randn(3, 5), top_p=torch.tensor([0.5, 0.9]))
 
 

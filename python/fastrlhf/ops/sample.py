@@ -28,7 +28,7 @@ def _per_row(x: float | int | Tensor, B: int, dtype: torch.dtype, device: torch.
 
 
 def draw_seed(generator: torch.Generator | None = None) -> Tensor:
-    """The (1,) int64 seed of the kernel's Philox streams, drawn from `generator` (torch's default when None)."""
+    """The (1,) int64 seed of the kernel's Philox streams, from `generator` (torch's default if None)."""
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator)
 
 
