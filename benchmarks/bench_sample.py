@@ -26,7 +26,7 @@ def hf_sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return tokens, logprobs
 
 
-def validate(name, logits, kw, tokens, logprobs, max_outside=0):
+def validate(name, logits, kw, tokens, logprobs, max_outside=0, atol=2e-6):
     """tokens inside the reference's allowed set; logprobs = float64 log softmax(logits / T)[token]."""
     allowed = reference.sample_filter(logits, **kw) > float("-inf")  # (B, V)
     bad = (~allowed.gather(1, tokens[:, None])).sum().item()
@@ -34,7 +34,7 @@ def validate(name, logits, kw, tokens, logprobs, max_outside=0):
     want = torch.log_softmax(logits.double() / kw.get("temperature", 1.0), -1).gather(1, tokens[:, None])[
         :, 0
     ]
-    assert_close(name, logprobs.double(), want, rtol=0, atol=2e-6)
+    assert_close(name, logprobs.double(), want, rtol=0, atol=atol)
 
 
 def run(args) -> list[dict]:
@@ -55,8 +55,10 @@ def run(args) -> list[dict]:
     for (B, V), kw, scale, goal in cases:
         logits = torch.randn(B, V, generator=g) * scale
         validate("sample", logits, kw, *sample(logits, **kw, generator=g))
-        # The baseline's fp32 cumsum over the sorted row may move the top-p boundary by a token or so.
-        validate("sample baseline", logits, kw, *hf_sample(logits, **kw, generator=g), max_outside=B // 50)
+        # The baseline's fp32 cumsum over the sorted row may move the top-p boundary by a token or so, and
+        # its fp32 log_softmax is off by up to ~1e-5.
+        base_out = hf_sample(logits, **kw, generator=g)
+        validate("sample baseline", logits, kw, *base_out, max_outside=B // 50, atol=1e-4)
         base = median_ms(lambda: hf_sample(logits, **kw, generator=g), reps=args.reps)
         ours = median_ms(lambda: sample(logits, **kw, generator=g), reps=args.reps)
         short = {"temperature": "T", "top_k": "k", "top_p": "p", "min_p": "min_p"}
