@@ -7,6 +7,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <vector>
@@ -14,12 +15,14 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "attention/attention.h"
 #include "common/runtime.h"
 #include "gae/gae.h"
 #include "logprobs/logprobs.h"
 #include "ppo_loss/ppo_loss.h"
+#include "sample/sample.h"
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
@@ -509,6 +512,71 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
   return {dq, dk, dv};
 }
 
+// ---- sample ---------------------------------------------------------------------------------
+// A per-row parameter: (B,) of the given dtype (Python expands numbers and 0-d tensors).
+void check_row_param(const Tensor& t, const char* name, int64_t B, ScalarType want) {
+  FR_CHECK(t.dim() == 1 && t.size(0) == B, name, " must be a number or a (B,) tensor with B = ", B,
+           " (rows of logits); got shape ", shape_of(t));
+  check_dtype(t, name, want);
+}
+
+std::tuple<Tensor, Tensor> sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p,
+                                  Tensor seed) {
+  check_cpu({{&logits, "logits"}, {&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"},
+             {&min_p, "min_p"}, {&seed, "seed"}});
+  check_dim(logits, "logits", 2, "(B, V)");
+  const fr::DType dtype = float_dtype(logits, "logits");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  FR_CHECK(V >= 1, "logits must have at least one column (V >= 1); got shape ", shape_of(logits));
+  FR_CHECK(V < (int64_t(1) << 31), "logits must have fewer than 2^31 columns; got shape ", shape_of(logits));
+  check_row_param(temperature, "temperature", B, ScalarType::Double);
+  check_row_param(top_k, "top_k", B, ScalarType::Long);
+  check_row_param(top_p, "top_p", B, ScalarType::Double);
+  check_row_param(min_p, "min_p", B, ScalarType::Double);
+  FR_CHECK(seed.numel() == 1, "seed must hold one value; got shape ", shape_of(seed));
+  check_dtype(seed, "seed", ScalarType::Long);
+  logits = contig(logits);
+  temperature = contig(temperature);
+  top_k = contig(top_k);
+  top_p = contig(top_p);
+  min_p = contig(min_p);
+  const auto* temp_p = static_cast<const double*>(temperature.const_data_ptr());  // (B,)
+  const auto* k_p = static_cast<const int64_t*>(top_k.const_data_ptr());          // (B,)
+  const auto* p_p = static_cast<const double*>(top_p.const_data_ptr());           // (B,)
+  const auto* mp_p = static_cast<const double*>(min_p.const_data_ptr());          // (B,)
+  for (int64_t b = 0; b < B; ++b) {
+    FR_CHECK(std::isfinite(temp_p[b]) && temp_p[b] >= 0.0, "temperature must be finite and >= 0 (0 = greedy); got ",
+             temp_p[b], " at row ", b);
+    FR_CHECK(k_p[b] >= 0, "top_k must be >= 0 (0 = off); got ", k_p[b], " at row ", b);
+    FR_CHECK(p_p[b] > 0.0 && p_p[b] <= 1.0, "top_p must be in (0, 1] (1 = off); got ", p_p[b], " at row ", b);
+    FR_CHECK(mp_p[b] >= 0.0 && mp_p[b] <= 1.0, "min_p must be in [0, 1] (0 = off); got ", mp_p[b], " at row ", b);
+  }
+  Tensor tokens = torch::stable::new_empty(logits, {B}, ScalarType::Long);
+  Tensor logprobs = torch::stable::new_empty(logits, {B}, ScalarType::Float);
+  std::vector<uint8_t> status(size_t(B), fr::kRowOk);
+  fr::SampleParams p{dtype,
+                     logits.const_data_ptr(),
+                     temp_p,
+                     k_p,
+                     p_p,
+                     mp_p,
+                     uint64_t(*static_cast<const int64_t*>(seed.const_data_ptr())),
+                     static_cast<int64_t*>(tokens.mutable_data_ptr()),
+                     static_cast<float*>(logprobs.mutable_data_ptr()),
+                     status.data(),
+                     B,
+                     V};
+  fr::sample_cpu(p);
+  // The kernel flags bad rows in its first pass; the first one is reported.
+  for (int64_t b = 0; b < B; ++b) {
+    FR_CHECK(status[size_t(b)] != fr::kRowNaN, "logits must not contain NaN; row ", b, " does");
+    FR_CHECK(status[size_t(b)] != fr::kRowPosInf, "logits must not contain +inf; row ", b, " does");
+    FR_CHECK(status[size_t(b)] != fr::kRowAllNegInf, "logits row ", b,
+             " is all -inf: at least one token must have a finite logit");
+  }
+  return {tokens, logprobs};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
@@ -527,6 +595,8 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
         "-> (Tensor, Tensor)");
   m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed) "
+        "-> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
@@ -537,4 +607,5 @@ STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("ppo_loss_bwd", TORCH_BOX(&ppo_loss_bwd));
   m.impl("causal_attention_fwd", TORCH_BOX(&causal_attention_fwd));
   m.impl("causal_attention_bwd", TORCH_BOX(&causal_attention_bwd));
+  m.impl("sample", TORCH_BOX(&sample));
 }

@@ -6,8 +6,6 @@ from fastrlhf.ops.attention import causal_attention
 from fastrlhf.ops.gae import gae
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.ops.ppo_loss import ppo_loss
-
-# The sampler's fused kernel has not landed yet: its public name is served by the reference twin.
-from fastrlhf.ops.reference import sample
+from fastrlhf.ops.sample import sample
 
 __all__ = ["causal_attention", "gae", "ppo_loss", "sample", "token_logprobs"]
