@@ -110,7 +110,7 @@ ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, 
   topk.group = by_group_max && kNucleus ? group : 0;  // nonzero: the selection is left to the caller
   topk.group_max.resize(size_t(n_chunks * (kBlock / group)));
   // Lane maxima start at the lowest finite float, not -inf, so that -inf logits give 2^-inf = 0, not NaN.
-  __m256 vm = _mm256_set1_ps(-FLT_MAX), vnan = _mm256_setzero_ps(), vinf = _mm256_setzero_ps();
+  __m256 vm = _mm256_set1_ps(-FLT_MAX), vbad = _mm256_setzero_ps();
   const __m256d zero = _mm256_setzero_pd();
   __m256d z[4] = {zero, zero, zero, zero};  // per-lane sums of e (lanes 0-3, 4-7), then of e^2
   const __m256 vc = _mm256_set1_ps(c), pinfv = _mm256_set1_ps(inf);
@@ -124,8 +124,7 @@ ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, 
       for (int64_t j = ci; j < ci + kBlock; j += 8) {
         const __m256 v = _mm256_loadu_ps(x + j);
         lm = _mm256_max_ps(v, lm);  // a NaN v leaves lm as it was; NaN is flagged below
-        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(v, pinfv, _CMP_EQ_OQ));
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v, pinfv, _CMP_NLT_UQ));  // NaN or +inf
       }
       if (by_group_max && group == kBlock) topk.group_max[size_t(ci / kBlock)] = hmax(lm);
       if (by_group_max && group == 8) _mm256_storeu_ps(topk.group_max.data() + ci / 8, lm);
@@ -164,7 +163,8 @@ ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, 
     Z += zl[l] * f;
     S2 += zl[8 + l] * f * f;
   }
-  bool nan = _mm256_movemask_ps(vnan) != 0, pinf = _mm256_movemask_ps(vinf) != 0;
+  bool nan = false, pinf = false;
+  if (_mm256_movemask_ps(vbad)) bad_values(x, i, nan, pinf);
   for (; i < V; ++i) {  // the last V % 64 tokens
     const float v = x[i];
     nan |= v != v;

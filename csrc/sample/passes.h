@@ -21,6 +21,14 @@ constexpr int kSpare = 8;
 constexpr int64_t kBlock = 64;  // chunks of tokens: the unit of the vector loops and of the block sums
 
 // ---- pass 1: max, NaN / +inf flags and top-k candidates ------------------------------------------
+// Which of NaN and +inf x[0, n) holds; the vector loops only flag that one of them is there.
+template <class T> void bad_values(const T* x, int64_t n, bool& nan, bool& pinf) {
+  for (int64_t i = 0; i < n; ++i) {
+    nan |= x[i] != x[i];
+    pinf |= x[i] == std::numeric_limits<T>::infinity();
+  }
+}
+
 template <class T> struct Scan {
   T m;           // row max
   bool nan, pinf;
@@ -38,7 +46,7 @@ template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, TopK<T>& t
   int64_t i = 0;
 #if defined(FR_HAVE_AVX2)
   if constexpr (kVec<T>) {
-    __m256 vmax = _mm256_set1_ps(-inf), vnan = _mm256_setzero_ps(), vinf = _mm256_setzero_ps();
+    __m256 vmax = _mm256_set1_ps(-inf), vbad = _mm256_setzero_ps();
     const __m256 pinfv = _mm256_set1_ps(inf);
     for (; i + kBlock <= V; i += kBlock) {
       const __m256 vt = _mm256_set1_ps(topk.t);
@@ -46,8 +54,7 @@ template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, TopK<T>& t
       for (int64_t j = i; j < i + kBlock; j += 8) {
         const __m256 v = _mm256_loadu_ps(x + j);
         vmax = _mm256_max_ps(vmax, v);
-        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(v, pinfv, _CMP_EQ_OQ));
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v, pinfv, _CMP_NLT_UQ));  // NaN or +inf
         ge = _mm256_or_ps(ge, _mm256_cmp_ps(v, vt, _CMP_GE_OQ));
       }
       if (k && _mm256_movemask_ps(ge)) topk.push_chunk(x, i);
@@ -55,8 +62,7 @@ template <class T> Scan<T> scan_row(const T* x, int64_t V, int64_t k, TopK<T>& t
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, vmax);
     for (float l : lanes) m = l > m ? l : m;
-    nan = _mm256_movemask_ps(vnan) != 0;
-    pinf = _mm256_movemask_ps(vinf) != 0;
+    if (_mm256_movemask_ps(vbad)) bad_values(x, i, nan, pinf);
   }
 #endif
   for (; i < V; ++i) {
