@@ -33,8 +33,9 @@ static void gae_rows(const GaeParams& p, int64_t b0, int64_t b1) {
 }
 
 void gae_cpu(const GaeParams& p) {
-  // ~T flops per row: small grain would only add scheduling overhead.
-  const int64_t grain = p.T >= 4096 ? 1 : (4096 + p.T - 1) / p.T;
+  // ~3 flops per element: below ~512k elements a chunk is cheaper than waking the thread pool,
+  // which costs milliseconds when the other cores are busy.
+  const int64_t grain = (int64_t(1) << 19) / (p.T > 0 ? p.T : 1) + 1;
   FR_DISPATCH_FLOAT(p.dtype, parallel_for(0, p.B, grain, [&](int64_t b0, int64_t b1) {
     gae_rows<scalar_t>(p, b0, b1);
   }));
