@@ -103,9 +103,9 @@ def test_reward_for_a_token_makes_the_policy_write_it():
         return [sum(t == target for t in r) / max(len(r), 1) for r in responses]
 
     tr = make_trainer("ppo.rollout_batch=16", "ppo.minibatch=8", "ppo.ppo_epochs=4", "optim.lr=3e-3",
-                      "optim.min_lr=3e-3", "ppo.temperature=1.0", "ppo.kl_coef=0.01", "train.max_steps=12",
+                      "optim.min_lr=3e-3", "ppo.temperature=1.0", "ppo.kl_coef=0.01", "train.max_steps=16",
                       reward=reward_fn)
-    scores = [tr.step()["score_mean"] for _ in range(12)]
+    scores = [tr.step()["score_mean"] for _ in range(16)]  # learning shows from about step 10
     assert sum(scores[:2]) / 2 < 0.05 and sum(scores[-2:]) / 2 > 0.2, scores  # from 1/61 by chance
 
 
