@@ -13,6 +13,9 @@ rm -rf dist && .venv/bin/python -m pip wheel -q --no-build-isolation --no-deps -
 "$other/bin/python" -m pip install -q pytest scipy expecttest numpy tqdm
 "$other/bin/python" -m pip install -q --force-reinstall --no-deps dist/fastrlhf-*.whl
 built=$(.venv/bin/python -c "import torch; print(torch.__version__)")
-# Run from outside the checkout so the installed wheel, not python/, is imported.
-cd tests && "$other/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. ops \
+# Run from outside the checkout so the installed wheel, not python/, is imported. torch 2.14's opcheck
+# harness itself reads .grad of a non-leaf tensor in test_aot_dispatch_dynamic (a UserWarning our
+# warnings-as-errors setting would turn into a failure); that one message is not about our ops.
+cd tests && "$other/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. \
+  -W "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning" ops \
   && echo "ABI check: wheel built against torch $built passed the op tests with torch $("$other/bin/python" -c 'import torch; print(torch.__version__)')"
