@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import torch
@@ -18,6 +19,35 @@ from fastrlhf.train.log import JSONLLogger, Progress
 from fastrlhf.train.optim import OptimConfig, lr_at, optimizer_step
 
 T = TypeVar("T")
+
+
+@dataclass
+class LoopConfig:
+    """[train] fields every trainer shares; pretrain, SFT and RM configs extend it with their own."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    log_interval: int = 10
+    """Print and log training stats every this many steps."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+    seed: int = 1337
+    """Seeds the weights not loaded from a checkpoint, the data order and dropout."""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda when available)."""
+    dtype: str = "bf16"
+    """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+    max_minutes: float = 0.0
+    """Wall-clock budget for this invocation (stop early with a checkpoint when spent); 0 = none."""
+
+    def check_at_least_one(self, *names: str) -> None:
+        for name in ("grad_accum", "log_interval", *names):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"train.dtype must be 'bf16', 'fp16' or 'fp32'; got {self.dtype!r}")
 
 
 class LoopSettings(Protocol):

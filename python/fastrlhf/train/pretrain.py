@@ -18,12 +18,12 @@ from fastrlhf.model import GPT, GPTConfig
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train.config import from_dict, load_config, to_dict
 from fastrlhf.train.log import JSONLLogger, Progress
-from fastrlhf.train.loop import resolve_device, run_loop
+from fastrlhf.train.loop import LoopConfig, resolve_device, run_loop
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     """The loop around the model: data, batch, length, evaluation, checkpoints."""
 
     data_dir: str = "data/shakespeare"
@@ -36,35 +36,15 @@ class TrainConfig:
     """Sequences per micro-batch."""
     block_size: int = 0
     """Tokens per sequence; 0 = the model's block_size."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
     eval_interval: int = 100
     """Validation loss every this many steps (and at the end)."""
     eval_batches: int = 20
     """Micro-batches averaged for a validation loss (always the same windows)."""
-    log_interval: int = 10
-    """Print and log training stats every this many steps."""
     ckpt_interval: int = 200
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept."""
-    seed: int = 1337
-    """Seeds the weights, the batch sampler and dropout."""
-    device: str = "auto"
-    """'cpu', 'cuda', or 'auto' (cuda when available)."""
-    dtype: str = "bf16"
-    """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
-    threads: int = 0
-    """torch CPU threads; 0 = torch's default."""
-    max_minutes: float = 0.0
-    """Wall-clock budget for this invocation: stop early (evaluate, checkpoint) when spent; 0 = none."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"train.dtype must be 'bf16', 'fp16' or 'fp32'; got {self.dtype!r}")
+        self.check_at_least_one("max_steps", "batch_size", "eval_interval", "eval_batches")
 
 
 @dataclass

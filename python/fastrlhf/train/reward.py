@@ -27,7 +27,7 @@ from fastrlhf.model import GPTConfig, ScalarHeadModel
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train.config import from_dict, load_config, to_dict
 from fastrlhf.train.log import JSONLLogger, Progress
-from fastrlhf.train.loop import EpochStream, resolve_device, run_loop, shuffled
+from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 from fastrlhf.train.sft import load_demonstrations
 
@@ -60,7 +60,7 @@ class RMDataConfig:
 
 
 @dataclass
-class RMTrainConfig:
+class RMTrainConfig(LoopConfig):
     """The loop: where the trunk comes from, batches of rankings, evaluation, checkpoints."""
 
     sft: str = "runs/sft"
@@ -71,35 +71,17 @@ class RMTrainConfig:
     """Optimizer steps in the whole run."""
     batch_size: int = 8
     """Rankings per micro-batch (each contributes K sequences)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
     margin: float = 0.0
     """Required reward gap: the pair loss is -log sigmoid(r_better - r_worse - margin)."""
     pairwise: bool = False
     """Flatten each ranking into C(K, 2) independent pairs (the usual practice; for comparison)."""
     eval_interval: int = 50
     """Held-out metrics every this many steps (and at the end)."""
-    log_interval: int = 10
-    """Print and log training stats every this many steps."""
     ckpt_interval: int = 100
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept."""
-    seed: int = 1337
-    """Seeds the head, the data order and dropout."""
-    device: str = "auto"
-    """'cpu', 'cuda', or 'auto' (cuda when available)."""
-    dtype: str = "bf16"
-    """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
-    threads: int = 0
-    """torch CPU threads; 0 = torch's default."""
-    max_minutes: float = 0.0
-    """Wall-clock budget for this invocation (stop early with a checkpoint when spent); 0 = none."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+        self.check_at_least_one("max_steps", "batch_size", "eval_interval")
         if self.margin < 0:
             raise ValueError(f"train.margin must be >= 0; got {self.margin}")
 

@@ -26,7 +26,7 @@ from fastrlhf.tasks.registry import TASKS, Task, get_task
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train.config import from_dict, load_config, to_dict
 from fastrlhf.train.log import JSONLLogger, Progress
-from fastrlhf.train.loop import EpochStream, resolve_device, run_loop, shuffled
+from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
 Encoded = tuple[list[int], list[bool]]  # token ids of one example, True on the tokens the loss counts
@@ -55,7 +55,7 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTTrainConfig:
+class SFTTrainConfig(LoopConfig):
     """The loop: initial weights, batches of packed rows, evaluation, checkpoints."""
 
     out_dir: str = "runs/sft"
@@ -69,33 +69,13 @@ class SFTTrainConfig:
     """Packed rows per micro-batch."""
     block_size: int = 0
     """Tokens per packed row; 0 = the model's block_size."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
     eval_interval: int = 100
     """Validation loss every this many steps (and at the end)."""
-    log_interval: int = 10
-    """Print and log training stats every this many steps."""
     ckpt_interval: int = 100
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept."""
-    seed: int = 1337
-    """Seeds the weights (when not initialised from a checkpoint), the data order and dropout."""
-    device: str = "auto"
-    """'cpu', 'cuda', or 'auto' (cuda when available)."""
-    dtype: str = "bf16"
-    """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
-    threads: int = 0
-    """torch CPU threads; 0 = torch's default."""
-    max_minutes: float = 0.0
-    """Wall-clock budget for this invocation (stop early with a checkpoint when spent); 0 = none."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"train.dtype must be 'bf16', 'fp16' or 'fp32'; got {self.dtype!r}")
+        self.check_at_least_one("max_steps", "batch_size", "eval_interval")
 
 
 @dataclass
