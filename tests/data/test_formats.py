@@ -208,3 +208,26 @@ def test_appended_records_survive_a_kill(tmp_path):
     assert proc.returncode == -9, proc.stderr.decode()
     assert [r.prompt for r in read_rankings(path)] == [f"p{i}" for i in range(5)]
     assert os.path.getsize(path) == path.read_bytes().rfind(b"\n") + 1
+
+
+def test_scores_mark_ties_and_round_trip(tmp_path):
+    r = Ranking("p", ["a", "b", "c", "d"], [2, 0, 3, 1], [0.5, -1.0, 0.9, 0.5])
+    assert r.pairs() == [(2, 0), (2, 3), (2, 1), (0, 1), (3, 1)]  # (0, 3) is a tie
+    path = tmp_path / "r.jsonl"
+    write_rankings(path, [r, Ranking("q", ["x", "y"], [1, 0])])
+    assert read_rankings(path) == [r, Ranking("q", ["x", "y"], [1, 0])]
+
+
+@pytest.mark.parametrize("scores, match", [
+    ([1.0, 0.0], "contradict the ranking"),
+    ([1.0], "scores must be 2 numbers"),
+    ([1.0, "x"], "scores must be 2 numbers"),
+    ([1.0, float("nan")], "must be finite"),
+])
+def test_bad_scores_are_named(tmp_path, scores, match):
+    with pytest.raises(ValueError, match=match):
+        Ranking("p", ["a", "b"], [1, 0], scores)
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "ranking": [1, 0], "scores": scores}) + "\n")
+    with pytest.raises(FormatError, match=r"r.jsonl:1: .*" + match):
+        read_rankings(path)

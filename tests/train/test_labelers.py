@@ -250,7 +250,7 @@ def test_label_prompts_samples_only_prompts_not_yet_ranked(tmp_path):
     ]
     stats = label_prompts(ArithmeticLabeler(), items, out)
     assert calls == ["What is 2+2?"] and (stats.skipped, stats.labeled, stats.total) == (1, 1, 2)
-    assert read_rankings(out)[1] == Ranking("What is 2+2?", ["5", "4"], [1, 0])
+    assert read_rankings(out)[1] == Ranking("What is 2+2?", ["5", "4"], [1, 0], [-0.5, 1.0])
 
 
 def test_label_prompts_bad_item_keeps_what_was_ranked(tmp_path):

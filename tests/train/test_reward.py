@@ -181,3 +181,15 @@ def test_overlong_rankings_dropped_or_truncated(sft_run):
     assert (len(enc), dropped, truncated) == (1, 2, 0)
     enc, dropped, truncated = encode_rankings(tok, rankings, 32, "truncate")
     assert (len(enc), dropped, truncated) == (2, 1, 1) and max(len(s) for s in enc[0][0]) == 32
+
+
+def test_tied_pairs_train_nothing_and_all_tied_rankings_are_counted(sft_run, tmp_path):
+    rows = [Ranking(f"What is {i}+1?", [str(i + 1), "x", "y"], [0, 1, 2], [1.0, -1.0, -1.0]) for i in range(12)]
+    rows += [Ranking("What is 5+5?", ["1", "2"], [0, 1], [-1.0, -1.0])]  # all tied
+    path = write_ranking_file(tmp_path / "r.jsonl", rows)
+    last = train_rm(rm_config(sft_run, path, tmp_path / "o", "train.max_steps=2", "data.demos=none",
+                              "data.val_fraction=0.25"), quiet=True)
+    head = read_jsonl(tmp_path / "o" / "log.jsonl")[0]
+    assert head["all_tied"] + head["val_all_tied"] == 1
+    assert head["train_pairs"] == 2 * head["train_rankings"] and head["val_pairs"] == 2 * head["val_rankings"]
+    assert math.isfinite(last["loss"]) and math.isfinite(last["val_loss"])

@@ -3,7 +3,8 @@
 One JSON object per line, UTF-8:
   SFT       {"prompt": str, "response": str}
   ranking   {"prompt": str, "responses": [str, ...], "ranking": [int, ...]}   best first, a permutation of
-            range(K), K >= 2
+            range(K), K >= 2; optionally "scores": [float, ...], a scripted labeler's score of each
+            response (equal scores are ties, whose pairs state no preference)
   pair      {"prompt": str, "chosen": str, "rejected": str}                  read as a ranking with K = 2
 Blank lines are skipped. Every error names `file:line` and what is wrong.
 """
@@ -11,6 +12,7 @@ Blank lines are skipped. Every error names `file:line` and what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ __all__ = [
     "iter_sft",
     "numbered_rankings",
     "ranking_problem",
+    "scores_problem",
     "read_rankings",
     "read_sft",
     "write_rankings",
@@ -67,6 +70,19 @@ def ranking_problem(responses: Sequence[Any], ranking: Sequence[Any]) -> str | N
     return None
 
 
+def scores_problem(scores: Sequence[Any], ranking: Sequence[int]) -> str | None:
+    """What is wrong with a ranking's optional scores (one finite number per response, never higher
+    further down the ranking), or None."""
+    if len(scores) != len(ranking) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in scores):
+        return f"scores must be {len(ranking)} numbers, one per response; got {list(scores)!r}"
+    if not all(math.isfinite(x) for x in scores):
+        return f"scores must be finite; got {list(scores)!r}"
+    ordered = [scores[i] for i in ranking]
+    if any(a < b for a, b in zip(ordered, ordered[1:])):
+        return f"scores {list(scores)!r} contradict the ranking {list(ranking)!r} (a better response scores lower)"
+    return None
+
+
 @dataclass(frozen=True)
 class SFTExample:
     """One demonstration: the loss counts the response tokens only."""
@@ -83,11 +99,13 @@ class SFTExample:
 
 @dataclass(frozen=True)
 class Ranking:
-    """K responses to one prompt and their order: ranking[0] indexes the best response."""
+    """K responses to one prompt and their order: ranking[0] indexes the best response. `scores`, when a
+    scripted labeler gives them, mark ties: responses with equal scores are not preferred either way."""
 
     prompt: str
     responses: tuple[str, ...]
     ranking: tuple[int, ...]
+    scores: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # accept lists from callers, store tuples so a Ranking is hashable and immutable
@@ -96,6 +114,9 @@ class Ranking:
         if not isinstance(self.prompt, str):
             raise TypeError(f"prompt must be a string; got {type(self.prompt).__name__}")
         problem = ranking_problem(self.responses, self.ranking)
+        if problem is None and self.scores is not None:
+            object.__setattr__(self, "scores", tuple(self.scores))
+            problem = scores_problem(self.scores, self.ranking)
         if problem:
             raise ValueError(problem)
 
@@ -104,11 +125,14 @@ class Ranking:
         return len(self.responses)
 
     def pairs(self) -> list[tuple[int, int]]:
-        """All C(K, 2) (better, worse) index pairs this ranking implies (InstructGPT section 3.5)."""
-        return list(combinations(self.ranking, 2))
+        """All C(K, 2) (better, worse) index pairs this ranking implies (InstructGPT section 3.5), less
+        the tied ones when scores are given."""
+        pairs = combinations(self.ranking, 2)
+        return [(b, w) for b, w in pairs if self.scores is None or self.scores[b] > self.scores[w]]
 
     def to_json(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "responses": list(self.responses), "ranking": list(self.ranking)}
+        out = {"prompt": self.prompt, "responses": list(self.responses), "ranking": list(self.ranking)}
+        return out if self.scores is None else {**out, "scores": list(self.scores)}
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -169,12 +193,15 @@ def _ranking_from(path: PathLike, lineno: int, obj: dict[str, Any]) -> Ranking:
             if _empty(obj[name]):
                 raise FormatError(path, lineno, f"{name} is empty")
     else:
-        _check_fields(path, lineno, obj, {"prompt": str, "responses": list, "ranking": list}, "a ranking")
+        fields = {"prompt": str, "responses": list, "ranking": list, **({"scores": list} if "scores" in obj else {})}
+        _check_fields(path, lineno, obj, fields, "a ranking")
         responses, ranking = obj["responses"], obj["ranking"]
     problem = ranking_problem(responses, ranking)
+    if problem is None and "scores" in obj:
+        problem = scores_problem(obj["scores"], ranking)
     if problem:
         raise FormatError(path, lineno, problem)
-    return Ranking(obj["prompt"], tuple(responses), tuple(ranking))
+    return Ranking(obj["prompt"], tuple(responses), tuple(ranking), obj.get("scores"))
 
 
 def numbered_rankings(path: PathLike) -> Iterator[tuple[int, Ranking]]:

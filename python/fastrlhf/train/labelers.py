@@ -78,6 +78,11 @@ class Labeler(ABC):
     @abstractmethod
     def _rank(self, prompt: str, responses: list[str]) -> list[int]: ...
 
+    def scores(self, prompt: str, responses: Sequence[str]) -> list[float] | None:
+        """A scripted labeler's score of each response (higher is better; equal scores are ties), stored
+        with the ranking so that tied pairs train nothing; None for labelers without scores (people)."""
+        return None
+
     def notice(self, text: str) -> None:
         """A message for the person labeling (resume, nothing to undo); scripted labelers ignore it."""
 
@@ -96,8 +101,11 @@ class SentimentLabeler(Labeler):
         """VADER compound score in [-1, 1]; >= 0.05 is VADER's own threshold for positive."""
         return self._vader.polarity_scores(text)["compound"]
 
+    def scores(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        return [self.score(r) for r in responses]
+
     def _rank(self, prompt: str, responses: list[str]) -> list[int]:
-        return _order([-self.score(r) for r in responses])
+        return _order([-x for x in self.scores(prompt, responses)])
 
 
 class ArithmeticLabeler(Labeler):
@@ -106,16 +114,20 @@ class ArithmeticLabeler(Labeler):
 
     name = "arithmetic"
 
-    def _rank(self, prompt: str, responses: list[str]) -> list[int]:
+    def scores(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        """1 for the right answer, -1 for no number, and -1 + 1 / (1 + distance) in (-1, 0) for a wrong one."""
         target = parse_problem(prompt).value
 
-        def key(response: str) -> tuple[int, int]:
+        def score(response: str) -> float:
             x = parse_answer(response)
             if x is None:
-                return (2, 0)
-            return (0, 0) if x == target else (1, abs(x - target))
+                return -1.0
+            return 1.0 if x == target else -1.0 + 1.0 / (1.0 + abs(x - target))
 
-        return _order([key(r) for r in responses])
+        return [score(r) for r in responses]
+
+    def _rank(self, prompt: str, responses: list[str]) -> list[int]:
+        return _order([-x for x in self.scores(prompt, responses)])
 
 
 class JsonlLabeler(Labeler):
@@ -294,7 +306,7 @@ def label_prompts(labeler: Labeler, items: Iterable[tuple[str, Responses]], out_
             except Quit:
                 stats.quit = True
                 break
-            log.append(Ranking(prompt, tuple(responses), tuple(ranking)))
+            log.append(Ranking(prompt, tuple(responses), tuple(ranking), labeler.scores(prompt, responses)))
             done.add(prompt)
             stats.labeled += 1
         stats.total = len(log.records)

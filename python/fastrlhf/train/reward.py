@@ -230,11 +230,14 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     T = gpt.config.block_size
     rankings = read_rankings(d.train)
     train_r, val_r = (rankings, read_rankings(d.val)) if d.val else split_by_prompt(rankings, d.val_fraction, t.seed)
+    # a ranking whose responses all tie (equal labeler scores) states no preference: nothing to learn or test
+    tied = sum(not r.pairs() for r in train_r), sum(not r.pairs() for r in val_r)
+    train_r, val_r = [r for r in train_r if r.pairs()], [r for r in val_r if r.pairs()]
     train_enc, dropped, truncated = encode_rankings(tok, train_r, T, d.overlong)
     val_enc, val_dropped, _ = encode_rankings(tok, val_r, T, d.overlong)
     if not train_enc or not val_enc:
-        raise ValueError(f"no ranking fits the context of {T} tokens ({dropped} train and {val_dropped} "
-                         f"validation rankings dropped as too long)")
+        raise ValueError(f"no ranking fits the context of {T} tokens or states a preference ({dropped} train and "
+                         f"{val_dropped} validation rankings dropped as too long, {sum(tied)} all tied)")
     demos_from, corpus = (d.demos, "") if d.demos else sft_source(sft_ckpt)
     demos = [] if demos_from == "none" else load_demonstrations(demos_from, corpus)[: d.max_demos]
 
@@ -255,9 +258,12 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     say = (lambda s: None) if quiet else progress.say
     if not step:
         logger.log(step=0, train_rankings=len(train_enc), val_rankings=len(val_enc), dropped=dropped,
-                   truncated=truncated, val_dropped=val_dropped, demos=len(demos))
+                   truncated=truncated, val_dropped=val_dropped, all_tied=tied[0], val_all_tied=tied[1],
+                   train_pairs=sum(len(p) for _, p in train_enc), val_pairs=sum(len(p) for _, p in val_enc),
+                   demos=len(demos))
     say(f"reward model: {rm.trunk.num_params():,} trunk parameters from {sft_ckpt}; {len(train_enc)} train / "
-        f"{len(val_enc)} held-out rankings; {dropped} dropped, {truncated} responses truncated"
+        f"{len(val_enc)} held-out rankings; {dropped} dropped, {truncated} responses truncated, "
+        f"{sum(tied)} all tied"
         + (f"; resumed at step {step}" if step else ""))
     seen = [0]
 
