@@ -18,6 +18,7 @@ import torch
 
 from fastrlhf.data import Tokenizer, decode_response, encode_prompt
 from fastrlhf.model import GPT, generate
+from fastrlhf.train.labelers import LabelStats
 
 
 def read_prompts(source: str, split: str, corpus: str = "") -> tuple[list[str], str | None]:
@@ -91,9 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from fastrlhf.data.formats import read_rankings
     from fastrlhf.train.checkpoint import load_gpt
-    from fastrlhf.train.labelers import label_prompts, make_labeler
+    from fastrlhf.train.labelers import make_labeler
 
     if args.k < 2:
         raise ValueError(f"--k must be >= 2 (a ranking needs two answers); got {args.k}")
@@ -108,23 +108,36 @@ def run(args: argparse.Namespace) -> None:
     model, tok = load_gpt(args.sft)
     if tok is None:
         raise ValueError(f"{args.sft} has no tokenizer/ folder")
-    done = {r.prompt for r in read_rankings(args.out)} if Path(args.out).is_file() else set()
+    stats, skipped = label_to_file(model, tok, prompts, labeler, args.out, k=args.k, batch_prompts=args.batch_prompts,
+                                   max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p)
+    print(f"{stats.labeled} prompts ranked, {stats.skipped} already in {args.out}, {skipped} skipped (an answer "
+          f"stayed empty), {stats.undone} undone" + (", quit early" if stats.quit else "")
+          + f"; {stats.total} rankings in {args.out}")
+
+
+def label_to_file(model: GPT, tok: Tokenizer, prompts: list[str], labeler, out: str | Path, *, k: int,
+                  batch_prompts: int, max_new_tokens: int, seed: int, **sampling) -> tuple[LabelStats, int]:
+    """Sample k answers per prompt not yet in `out`, rank them and append each ranking to `out` at once.
+    Returns the labeling stats and how many prompts were skipped because an answer stayed empty."""
+    from fastrlhf.data.formats import read_rankings
+    from fastrlhf.train.labelers import label_prompts
+
+    done = {r.prompt for r in read_rankings(out)} if Path(out).is_file() else set()
     todo = [p for p in prompts if p not in done]
-    gen = torch.Generator().manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    gen = torch.Generator().manual_seed(seed)
     no_answer = [0]
 
     def items() -> Iterator[tuple[str, list[str]]]:
-        for i in range(0, len(todo), args.batch_prompts):
-            chunk = todo[i : i + args.batch_prompts]
-            for prompt, answers in zip(chunk, sample_answers(model, tok, chunk, args.k, args.max_new_tokens,
-                                                             generator=gen, **sampling)):
+        for i in range(0, len(todo), batch_prompts):
+            chunk = todo[i : i + batch_prompts]
+            for prompt, answers in zip(chunk, sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen,
+                                                             **sampling)):
                 if answers is None:
                     no_answer[0] += 1
                 else:
                     yield prompt, answers
 
-    stats = label_prompts(labeler, items(), args.out)
-    print(f"{stats.labeled} prompts ranked, {len(prompts) - len(todo)} already in {args.out}, "
-          f"{no_answer[0]} skipped (an answer stayed empty), {stats.undone} undone"
-          + (", quit early" if stats.quit else "") + f"; {stats.total} rankings in {args.out}")
+    stats = label_prompts(labeler, items(), out)
+    stats.skipped += len(prompts) - len(todo)
+    return stats, no_answer[0]
