@@ -77,10 +77,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -92,7 +92,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             data = tomllib.loads(Path(path).read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
-    return _fill(cls, _merge(data, parse_overrides(overrides or [])), "")
+    return _fill(cls, merge(data, parse_overrides(overrides or [])), "")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -117,9 +117,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def label_to_file(model: GPT, tok: Tokenizer, prompts: list[str], labeler, out: str | Path, *, k: int,
-                  batch_prompts: int, max_new_tokens: int, seed: int, **sampling) -> tuple[LabelStats, int]:
-    """Sample k answers per prompt not yet in `out`, rank them and append each ranking to `out` at once.
-    Returns the labeling stats and how many prompts were skipped because an answer stayed empty."""
+                  batch_prompts: int, max_new_tokens: int, seed: int, progress: bool = False, desc: str = "label",
+                  **sampling) -> tuple[LabelStats, int]:
+    """Sample k answers per prompt not yet in `out`, rank them and append each ranking to `out` at once
+    (a progress bar over prompts when `progress`). Returns the labeling stats and how many prompts were
+    skipped because an answer stayed empty."""
+    from tqdm import tqdm
+
     from fastrlhf.data.formats import read_rankings
     from fastrlhf.train.labelers import label_prompts
 
@@ -128,9 +132,12 @@ def label_to_file(model: GPT, tok: Tokenizer, prompts: list[str], labeler, out: 
     gen = torch.Generator().manual_seed(seed)
     no_answer = [0]
 
+    bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress)
+
     def items() -> Iterator[tuple[str, list[str]]]:
         for i in range(0, len(todo), batch_prompts):
             chunk = todo[i : i + batch_prompts]
+            bar.update(len(chunk))
             for prompt, answers in zip(chunk, sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen,
                                                              **sampling)):
                 if answers is None:
@@ -139,5 +146,6 @@ def label_to_file(model: GPT, tok: Tokenizer, prompts: list[str], labeler, out: 
                     yield prompt, answers
 
     stats = label_prompts(labeler, items(), out)
+    bar.close()
     stats.skipped += len(prompts) - len(todo)
     return stats, no_answer[0]
