@@ -166,7 +166,16 @@ def load_pipeline_config(task: str, path: str | None = None, overrides: list[str
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
     data = merge(data, parse_overrides([*(overrides or []), f"run.task={task}"]))
-    return from_dict(PipelineConfig, data)
+    unknown = sorted(set(data) - set(PipelineConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; known: {sorted(PipelineConfig.__dataclass_fields__)}")
+    sections = {}
+    for name, f in PipelineConfig.__dataclass_fields__.items():
+        try:
+            sections[name] = from_dict(f.default_factory().__class__, data[name])
+        except ValueError as exc:  # the trainers' checks name fields relative to their own config
+            raise ValueError(f"[{name}] {exc}") from None
+    return PipelineConfig(**sections)
 
 
 # --- stage bookkeeping ---------------------------------------------------------------------------------
@@ -243,8 +252,12 @@ def run_pipeline(out: str | Path, cfg: PipelineConfig, *, until: str = "eval", r
     run.out.mkdir(parents=True, exist_ok=True)
     if redo:
         run.redo(redo)
-    for stage in STAGES:  # refuse a changed run before any work is done
+    for i, stage in enumerate(STAGES):  # refuse a changed or broken run before any work is done
         run.check(stage)
+        missing = [s for s in STAGES[:i] if run.done(s) is None]
+        if run.done(stage) is not None and missing:
+            raise ValueError(f"{run.dir(stage)} is finished but the stage it needs, {missing[0]}, is missing or "
+                             f"unfinished in {run.out}; rerun with --redo {missing[0]}")
     _write_json(run.out / "config.json", to_dict(cfg))
     for i, stage in enumerate(STAGES[: STAGES.index(until) + 1], start=1):
         done = run.done(stage)
