@@ -118,3 +118,11 @@ def test_bad_settings_name_the_field(override, match):
 def test_the_command_line_names_an_unknown_task(tmp_path, capsys):
     assert main(["pipeline", "--task", "poetry", "--out", str(tmp_path / "x")]) == 2
     assert "--task must be one of ['arithmetic', 'sentiment']; got 'poetry'" in capsys.readouterr().err
+
+
+def test_the_shipped_gpu_config_loads():
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "configs" / "pipeline_gpu.toml"
+    cfg = load_pipeline_config("sentiment", str(path))
+    assert cfg.run.device == "cuda" and cfg.pretrain.model.n_embd == 512 and cfg.ppo.ppo.rollout_batch == 128
