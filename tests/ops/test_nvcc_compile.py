@@ -1,6 +1,8 @@
 """Every CUDA source compiles with nvcc alone (no torch, no GPU), so a kernel that does not compile
-never lands: CI has nvcc but no GPU. Skipped only when nvcc is absent. The files compile in parallel;
-CI builds each for sm_90 only, and the `slow` test builds every file for sm_80 and sm_90."""
+never lands: CI has nvcc but no GPU. Skipped only when nvcc is absent. The files compile in parallel
+without optimisation (the check is for errors, not speed). CI (`make test`) builds each file for
+sm_90; the `slow` test, which also builds sm_80, runs when FASTRLHF_NVCC_ALL_ARCHS=1 (about 3 min on
+2 busy cores, over the CI budget for this check)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def compile_all(archs: list[str], tmp_path: Path) -> None:
 
     def one(src: Path) -> tuple[Path, subprocess.CompletedProcess]:
         obj = tmp_path / (src.relative_to(CSRC).as_posix().replace("/", "_") + ".o")
-        cmd = [NVCC, "-c", "-std=c++17", "-O3", f"-I{CSRC}", *gencode, str(src), "-o", str(obj)]
+        cmd = [NVCC, "-c", "-std=c++17", "-O0", "-Xptxas", "-O0", f"-I{CSRC}", *gencode, str(src), "-o", str(obj)]
         return src, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
@@ -57,5 +59,6 @@ def test_cuda_sources_compile_sm90(tmp_path):
 
 @needs_nvcc
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FASTRLHF_NVCC_ALL_ARCHS"), reason="set FASTRLHF_NVCC_ALL_ARCHS=1")
 def test_cuda_sources_compile_sm80_sm90(tmp_path):
     compile_all(["80", "90"], tmp_path)
