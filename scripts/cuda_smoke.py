@@ -27,7 +27,13 @@ def main() -> None:
         (lp.float().sum() + en.float().sum()).backward()
 
         x = torch.randn(7, 3001, device=dev, dtype=dtype)
-        for kw in ({}, {"top_k": 20}, {"top_p": 0.8}, {"top_k": 50, "top_p": 0.5, "min_p": 0.1}, {"temperature": 0.0}):
+        for kw in (
+            {},
+            {"top_k": 20},
+            {"top_p": 0.8},
+            {"top_k": 50, "top_p": 0.5, "min_p": 0.1},
+            {"temperature": 0.0},
+        ):
             sample(x, **kw)
 
         for B, H, Hkv, Tq, Tk, D in ((2, 4, 2, 37, 37, 40), (1, 2, 1, 1, 45, 128), (1, 2, 2, 20, 70, 256)):

@@ -57,7 +57,13 @@ def ppo_inputs(B, T, dtype, weights=False):
     lp = torch.randn(B, T, dtype=torch.float64) * 0.3
     olp = lp + torch.randn(B, T, dtype=torch.float64) * 0.2
     vals = torch.randn(B, T, dtype=torch.float64)
-    xs = [lp, olp, torch.randn(B, T, dtype=torch.float64), vals, vals + 0.3 * torch.randn(B, T, dtype=torch.float64)]
+    xs = [
+        lp,
+        olp,
+        torch.randn(B, T, dtype=torch.float64),
+        vals,
+        vals + 0.3 * torch.randn(B, T, dtype=torch.float64),
+    ]
     xs.append(torch.randn(B, T, dtype=torch.float64))
     mask = torch.rand(B, T) > 0.3
     mask = torch.rand(B, T, dtype=torch.float64) * mask if weights else mask
@@ -116,7 +122,11 @@ def test_token_logprobs_float64_matches_reference(shape, temperature):
     logits = torch.randn(*shape, dtype=torch.float64) * 3
     if shape[-1] > 1:
         logits.view(-1, shape[-1])[0, 0] = float("-inf")  # a banned token: p log p -> 0
-    targets = torch.randint(1, shape[-1], shape[:-1]) if shape[-1] > 1 else torch.zeros(shape[:-1], dtype=torch.long)
+    targets = (
+        torch.randint(1, shape[-1], shape[:-1])
+        if shape[-1] > 1
+        else torch.zeros(shape[:-1], dtype=torch.long)
+    )
     got = logprob_run(token_logprobs, logits.to(DEV), targets.to(DEV), temperature)
     want = logprob_run(reference.token_logprobs, logits, targets, temperature)
     for a, b in zip(got, want):
@@ -138,7 +148,9 @@ def test_token_logprobs_strided_view_low_precision(dtype):
 
 def test_token_logprobs_bad_target_raises():
     logits, targets = torch.randn(4, 10, device=DEV), torch.tensor([1, 2, 10, 3], device=DEV)
-    with pytest.raises(ValueError, match=r"targets must be in \[0, V\) = \[0, 10\); got 10 at position \(2\)"):
+    with pytest.raises(
+        ValueError, match=r"targets must be in \[0, V\) = \[0, 10\); got 10 at position \(2\)"
+    ):
         token_logprobs(logits, targets)
 
 
@@ -195,7 +207,11 @@ def test_sample_large_vocab_and_per_row_params():
 
 @pytest.mark.parametrize(
     "bad,match",
-    [("nan", "must not contain NaN; row 2"), ("inf", r"must not contain \+inf; row 2"), ("ninf", "row 2 is all -inf")],
+    [
+        ("nan", "must not contain NaN; row 2"),
+        ("inf", r"must not contain \+inf; row 2"),
+        ("ninf", "row 2 is all -inf"),
+    ],
 )
 def test_sample_bad_rows_raise(bad, match):
     logits = torch.randn(4, 100)
@@ -206,7 +222,9 @@ def test_sample_bad_rows_raise(bad, match):
 
 def test_sample_bad_parameter_raises():
     temp = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64, device=DEV)
-    with pytest.raises(ValueError, match=r"temperature must be finite and >= 0 \(0 = greedy\); got -1 at row 1"):
+    with pytest.raises(
+        ValueError, match=r"temperature must be finite and >= 0 \(0 = greedy\); got -1 at row 1"
+    ):
         sample(torch.randn(3, 10, device=DEV), temperature=temp)
 
 
@@ -241,10 +259,11 @@ SHAPES = [  # B, H, Hkv, Tq, Tk, D
 @pytest.mark.parametrize("seg", [False, True])
 def test_attention_float32_matches_reference(shape, seg):
     q, k, v, dout, segment_ids = attn_inputs(*shape, seg)
-    to = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    to = lambda t: None if t is None else t.to(DEV)
     got = attn_run(causal_attention, to(q), to(k), to(v), to(dout), segment_ids=to(segment_ids))
-    exact = attn_run(reference.causal_attention, q.double(), k.double(), v.double(), dout.double(),
-                     segment_ids=segment_ids)
+    exact = attn_run(
+        reference.causal_attention, q.double(), k.double(), v.double(), dout.double(), segment_ids=segment_ids
+    )
     for name, a, e in zip(["out", "dq", "dk", "dv"], got, exact):
         assert a.dtype == torch.float32 and rel_err(a, e) < 1e-5, name
 
@@ -254,10 +273,11 @@ def test_attention_float32_matches_reference(shape, seg):
 def test_attention_half_within_twice_pytorch_error(dtype, shape):
     q, k, v, dout, segment_ids = attn_inputs(*shape, True)
     half = [t.to(dtype) for t in (q, k, v, dout)]
-    to = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    to = lambda t: None if t is None else t.to(DEV)
     got = attn_run(causal_attention, *[to(t) for t in half], segment_ids=to(segment_ids))
-    exact = attn_run(reference.causal_attention, q.double(), k.double(), v.double(), dout.double(),
-                     segment_ids=segment_ids)
+    exact = attn_run(
+        reference.causal_attention, q.double(), k.double(), v.double(), dout.double(), segment_ids=segment_ids
+    )
     own = attn_run(reference.causal_attention, *half, segment_ids=segment_ids)
     for name, a, e, o in zip(["out", "dq", "dk", "dv"], got, exact, own):
         assert a.dtype == dtype and rel_err(a, e) <= 2 * rel_err(o, e), name
@@ -275,4 +295,6 @@ def test_opcheck_on_device():
     q = torch.randn(1, 2, 9, 16, device=DEV, requires_grad=True)
     torch.library.opcheck(torch.ops.fastrlhf.causal_attention_fwd.default, (q, q, q, 0.25, None))
     r = torch.randn(2, 5, device=DEV)
-    torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, r, torch.ones(2, 5, dtype=torch.bool, device=DEV), 1.0, 0.9))
+    torch.library.opcheck(
+        torch.ops.fastrlhf.gae.default, (r, r, torch.ones(2, 5, dtype=torch.bool, device=DEV), 1.0, 0.9)
+    )
