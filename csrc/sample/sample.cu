@@ -45,8 +45,9 @@ struct Shared {
   unsigned long long mass[256];
   double dscratch[32];
   int64_t iscratch[32];
-  uint64_t pick;  // the walk's result, broadcast
+  uint64_t pick;  // the walk's results, broadcast
   double pick_above;
+  unsigned long long pick_mass;
 };
 
 // Radix walk for one digit: thread 0 picks a bin, all threads get it. Top-k: the bin holding the
@@ -81,10 +82,10 @@ __device__ int walk_topp(Shared& sh, unsigned long long& above, double target) {
     }
     sh.pick = uint64_t(chosen < 0 ? 0 : chosen);  // chosen >= 0: the walk starts with above < target
     sh.pick_above = double(chosen_above);
-    sh.mass[0] = chosen_above;  // exact value for the other threads (read after the barrier)
+    sh.pick_mass = chosen_above;
   }
   __syncthreads();
-  above = sh.mass[0];
+  above = sh.pick_mass;
   return int(sh.pick);
 }
 
