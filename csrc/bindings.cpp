@@ -18,7 +18,11 @@ PYBIND11_MODULE(_C, m) {
         info["cpu_paths"] = py::make_tuple("base", "avx2");  // compiled in; picked at run time
         info["cpu_path"] = fr::cpu_path();                    // the one in use on this CPU
         info["native"] = bool(FR_NATIVE);
+#ifdef FR_WITH_CUDA
+        info["cuda"] = true;  // CUDA kernels compiled in (cmake/cuda.cmake)
+#else
         info["cuda"] = false;
+#endif
         return info;
       },
       "How this extension was built and which CPU code path it runs.");

@@ -7,6 +7,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -23,6 +24,14 @@
 #include "logprobs/logprobs.h"
 #include "ppo_loss/ppo_loss.h"
 #include "sample/sample.h"
+
+#ifdef FR_WITH_CUDA
+// The CUDA part of torch's stable C shim (current stream) is declared under USE_CUDA, set by cmake.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include "common/cuda_ops.h"
+#endif
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
@@ -95,14 +104,39 @@ void check_same_dtype(const Tensor& t, const char* name, const Tensor& ref, cons
                   dtype_name(ref.scalar_type()), "); got ", dtype_name(t.scalar_type()));
 }
 
+// All on one device: the CPU, or (in a build with CUDA kernels) one CUDA device.
 void check_cpu(std::initializer_list<std::pair<const Tensor*, const char*>> ts) {
   const Tensor& first = *ts.begin()->first;
   for (auto [t, name] : ts) {
     FR_CHECK(t->get_device() == first.get_device() && t->is_cpu() == first.is_cpu(), name,
                     " must be on the same device as ", ts.begin()->second, "; got ",
                     t->is_cpu() ? "cpu" : "cuda", " vs ", first.is_cpu() ? "cpu" : "cuda");
+#ifdef FR_WITH_CUDA
+    FR_CHECK(t->is_cpu() || t->is_cuda(), name, " must be a CPU or CUDA tensor");
+#else
     FR_CHECK(t->is_cpu(), name, " must be a CPU tensor (this build of fastrlhf has no CUDA kernels)");
+#endif
   }
+}
+
+// FR_CUDA_CALL(t, call): runs `call` (which may use `stream`) on t's CUDA device with torch's current
+// stream there. A CUDA tensor never falls back to the CPU: without CUDA kernels this is an error.
+#ifdef FR_WITH_CUDA
+template <class F>
+void run_on_cuda(const Tensor& t, const F& f) {
+  const int32_t dev = t.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &stream));
+  f(static_cast<cudaStream_t>(stream));
+}
+#define FR_CUDA_CALL(t, ...) run_on_cuda(t, [&](cudaStream_t stream) { __VA_ARGS__; })
+#else
+#define FR_CUDA_CALL(t, ...) FR_CHECK(false, "this build of fastrlhf has no CUDA kernels")
+#endif
+
+Tensor to_cpu(const Tensor& t) {
+  return t.is_cpu() ? t : torch::stable::to(t, torch::stable::Device(torch::headeronly::DeviceType::CPU));
 }
 
 void check_dim(const Tensor& t, const char* name, int64_t ndim, const char* layout) {
@@ -144,7 +178,8 @@ std::tuple<Tensor, Tensor> gae(Tensor rewards, Tensor values, Tensor mask, doubl
                   rewards.size(1),
                   gamma,
                   lam};
-  fr::gae_cpu(p);
+  if (rewards.is_cuda()) FR_CUDA_CALL(rewards, fr::gae_cuda(p, stream));
+  else fr::gae_cpu(p);
   return {advantages, returns};
 }
 
@@ -208,6 +243,29 @@ Tensor rows_readable(const Tensor& logits) {
   return logits.stride(logits.dim() - 1) == 1 ? logits : torch::stable::contiguous(logits);
 }
 
+#ifdef FR_WITH_CUDA
+// The CUDA kernels address rows by at most two leading dims: adjacent dims whose strides nest are merged
+// (logits[:, :-1] of a contiguous (B, T, V) is two groups); more groups are made contiguous first.
+fr::RowLayout cuda_rows(Tensor& logits) {
+  int64_t size[2] = {1, 1}, stride[2] = {0, 0};  // [0] inner group, [1] outer group
+  int groups = 0;
+  for (int64_t d = logits.dim() - 2; d >= 0; --d) {
+    const int64_t n = logits.size(d), st = logits.stride(d);
+    if (n == 1) continue;  // its stride never matters
+    if (groups > 0 && st == stride[groups - 1] * size[groups - 1]) {
+      size[groups - 1] *= n;
+    } else if (groups < 2) {
+      size[groups] = n, stride[groups] = st, ++groups;
+    } else {  // a third group: copy
+      logits = torch::stable::contiguous(logits);
+      const int64_t V = logits.size(logits.dim() - 1);  // >= 1, checked
+      return {std::max<int64_t>(1, logits.numel() / V), 0, V};
+    }
+  }
+  return {size[0], stride[1], stride[0]};
+}
+#endif
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Tensor targets, double temperature,
                                                               bool return_entropy) {
   check_cpu({{&logits, "logits"}, {&targets, "targets"}});
@@ -217,7 +275,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Ten
   FR_CHECK(temperature > 0.0, "temperature must be > 0; got ", temperature);
   logits = rows_readable(logits);
   targets = contig(targets);
-  const std::vector<int64_t> lead = leading_shape(logits), offsets = row_offsets(logits);
+  const std::vector<int64_t> lead = leading_shape(logits);
+  const std::vector<int64_t> offsets = logits.is_cuda() ? std::vector<int64_t>() : row_offsets(logits);
+  int64_t N = 1;
+  for (int64_t s : lead) N *= s;
   const std::vector<int64_t> ent_shape = return_entropy ? lead : std::vector<int64_t>{0};
   const ScalarType acc = acc_scalar_type(dtype);
   Tensor logprobs = torch::stable::new_empty(logits, lead);
@@ -234,11 +295,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Ten
                                return_entropy ? entropy.mutable_data_ptr() : nullptr,
                                lse.mutable_data_ptr(),
                                return_entropy ? mean_scaled.mutable_data_ptr() : nullptr,
-                               int64_t(offsets.size()),
+                               N,
                                V,
                                1.0 / temperature,
                                &bad_row};
-  fr::token_logprobs_fwd_cpu(p);
+  if (logits.is_cuda()) {
+    FR_CUDA_CALL(logits, {
+      const fr::RowLayout layout = cuda_rows(logits);
+      p.logits = logits.const_data_ptr();  // cuda_rows may have made a contiguous copy
+      Tensor scratch = torch::stable::new_empty(logits, {1}, ScalarType::Long);
+      bad_row = fr::token_logprobs_fwd_cuda(p, layout, static_cast<int64_t*>(scratch.mutable_data_ptr()), stream);
+    });
+    if (bad_row >= 0) targets = to_cpu(targets);  // to name the bad value below
+  } else {
+    fr::token_logprobs_fwd_cpu(p);
+  }
   if (bad_row >= 0) {  // name the value and its position in targets
     std::vector<int64_t> pos(lead.size());
     for (int64_t d = int64_t(lead.size()) - 1, r = bad_row; d >= 0; --d) {
@@ -279,9 +350,10 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
   targets = contig(targets);
   lse = contig(lse);
   mean_scaled = contig(mean_scaled);
-  const std::vector<int64_t> offsets = row_offsets(logits);
+  const std::vector<int64_t> offsets = logits.is_cuda() ? std::vector<int64_t>() : row_offsets(logits);
   Tensor d_logits = torch::stable::new_empty(logits, logits.sizes());
-  fr::advise_huge_pages(d_logits.mutable_data_ptr(), size_t(d_logits.numel()) * d_logits.element_size());
+  if (logits.is_cpu())
+    fr::advise_huge_pages(d_logits.mutable_data_ptr(), size_t(d_logits.numel()) * d_logits.element_size());
   fr::TokenLogprobsBwdParams p{dtype,
                                logits.const_data_ptr(),
                                offsets.data(),
@@ -291,10 +363,18 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
                                grad_logprobs ? grad_logprobs->const_data_ptr() : nullptr,
                                grad_entropy ? grad_entropy->const_data_ptr() : nullptr,
                                d_logits.mutable_data_ptr(),
-                               int64_t(offsets.size()),
+                               d_logits.numel() / std::max<int64_t>(1, logits.size(logits.dim() - 1)),
                                logits.size(logits.dim() - 1),
                                1.0 / temperature};
-  fr::token_logprobs_bwd_cpu(p);
+  if (logits.is_cuda()) {
+    FR_CUDA_CALL(logits, {
+      const fr::RowLayout layout = cuda_rows(logits);
+      p.logits = logits.const_data_ptr();
+      fr::token_logprobs_bwd_cuda(p, layout, stream);
+    });
+  } else {
+    fr::token_logprobs_bwd_cpu(p);
+  }
   return d_logits;
 }
 
@@ -360,7 +440,9 @@ std::tuple<Tensor, Tensor> ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Te
                                           mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
   Tensor loss = torch::stable::new_empty(logprobs, {});
   Tensor stats = torch::stable::new_empty(logprobs, {int64_t(fr::kNumPpoStats)}, acc_scalar_type(in.dtype));
-  fr::ppo_loss_fwd_cpu(fr::PpoLossFwdParams{in, loss.mutable_data_ptr(), stats.mutable_data_ptr()});
+  const fr::PpoLossFwdParams p{in, loss.mutable_data_ptr(), stats.mutable_data_ptr()};
+  if (logprobs.is_cuda()) FR_CUDA_CALL(logprobs, fr::ppo_loss_fwd_cuda(p, stream));
+  else fr::ppo_loss_fwd_cpu(p);
   return {loss, stats};
 }
 
@@ -384,12 +466,21 @@ std::tuple<Tensor, Tensor, Tensor> ppo_loss_bwd(Tensor grad_loss, Tensor logprob
   const fr::PpoLossInputs in = ppo_inputs(hold, logprobs, old_logprobs, advantages, values, old_values, returns,
                                           mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
   check_cpu({{&logprobs, "logprobs"}, {&grad_loss, "grad_loss"}});
-  const double g = scalar_value(grad_loss, "grad_loss");
+  // on CUDA the kernel reads grad_loss on the device (no sync): one value of logprobs' dtype
+  const double g = logprobs.is_cuda() ? 0.0 : scalar_value(grad_loss, "grad_loss");
+  if (logprobs.is_cuda()) {
+    FR_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value; got shape ", shape_of(grad_loss));
+    float_dtype(grad_loss, "grad_loss");
+    grad_loss = contig(grad_loss.scalar_type() == logprobs.scalar_type()
+                           ? grad_loss : torch::stable::to(grad_loss, logprobs.scalar_type()));
+  }
   Tensor d_logprobs = torch::stable::new_empty(logprobs, logprobs.sizes());
   Tensor d_values = torch::stable::new_empty(logprobs, logprobs.sizes());
   Tensor d_entropy = torch::stable::new_empty(logprobs, in.entropy ? logprobs.sizes() : torch::headeronly::IntHeaderOnlyArrayRef(int64_t(0)));
-  fr::ppo_loss_bwd_cpu(fr::PpoLossBwdParams{in, g, d_logprobs.mutable_data_ptr(), d_values.mutable_data_ptr(),
-                                            in.entropy ? d_entropy.mutable_data_ptr() : nullptr});
+  const fr::PpoLossBwdParams p{in, g, d_logprobs.mutable_data_ptr(), d_values.mutable_data_ptr(),
+                               in.entropy ? d_entropy.mutable_data_ptr() : nullptr};
+  if (logprobs.is_cuda()) FR_CUDA_CALL(logprobs, fr::ppo_loss_bwd_cuda(p, grad_loss.const_data_ptr(), stream));
+  else fr::ppo_loss_bwd_cpu(p);
   return {d_logprobs, d_values, d_entropy};
 }
 
@@ -433,6 +524,12 @@ AttnShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v,
   return s;
 }
 
+// What the CUDA kernels add: no float64, and B, H within the grid's y/z limits.
+void check_attention_cuda(const Tensor& q, const AttnShape& s) {
+  FR_CHECK(q.scalar_type() != ScalarType::Double, "q must be float32, bfloat16 or float16 on CUDA; got float64");
+  FR_CHECK(s.B < 65536 && s.H < 65536, "q must be (B, H, Tq, D) with B, H < 65536 on CUDA; got ", shape_of(q));
+}
+
 const int64_t* seg_ptr(const std::optional<Tensor>& seg) {
   return seg ? static_cast<const int64_t*>(seg->const_data_ptr()) : nullptr;
 }
@@ -443,6 +540,7 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
   if (segment_ids) check_cpu({{&q, "q"}, {&*segment_ids, "segment_ids"}});
   const AttnShape s = check_attention(q, k, v, segment_ids);
   const fr::DType dtype = float_dtype(q, "q");
+  if (q.is_cuda()) check_attention_cuda(q, s);
   q = contig(q);
   k = contig(k);
   v = contig(v);
@@ -463,7 +561,8 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
                       s.Tk,
                       s.D,
                       scale};
-  fr::attention_fwd_cpu(p);
+  if (q.is_cuda()) FR_CUDA_CALL(q, fr::attention_fwd_cuda(p, stream));
+  else fr::attention_fwd_cpu(p);
   return {out, lse};
 }
 
@@ -481,6 +580,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
   FR_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.H && lse.size(2) == s.Tq,
            "lse must be (B, H, Tq) = (", s.B, ", ", s.H, ", ", s.Tq, "); got shape ", shape_of(lse));
   check_dtype(lse, "lse", ScalarType::Double);
+  if (q.is_cuda()) check_attention_cuda(q, s);
   dout = contig(dout);
   q = contig(q);
   k = contig(k);
@@ -508,7 +608,8 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
                       s.Tk,
                       s.D,
                       scale};
-  fr::attention_bwd_cpu(p);
+  if (q.is_cuda()) FR_CUDA_CALL(q, fr::attention_bwd_cuda(p, stream));
+  else fr::attention_bwd_cpu(p);
   return {dq, dk, dv};
 }
 
@@ -520,26 +621,9 @@ void check_row_param(const Tensor& t, const char* name, int64_t B, ScalarType wa
   check_dtype(t, name, want);
 }
 
-std::tuple<Tensor, Tensor> sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p,
-                                  Tensor seed) {
-  check_cpu({{&logits, "logits"}, {&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"},
-             {&min_p, "min_p"}, {&seed, "seed"}});
-  check_dim(logits, "logits", 2, "(B, V)");
-  const fr::DType dtype = float_dtype(logits, "logits");
-  const int64_t B = logits.size(0), V = logits.size(1);
-  FR_CHECK(V >= 1, "logits must have at least one column (V >= 1); got shape ", shape_of(logits));
-  FR_CHECK(V < (int64_t(1) << 31), "logits must have fewer than 2^31 columns; got shape ", shape_of(logits));
-  check_row_param(temperature, "temperature", B, ScalarType::Double);
-  check_row_param(top_k, "top_k", B, ScalarType::Long);
-  check_row_param(top_p, "top_p", B, ScalarType::Double);
-  check_row_param(min_p, "min_p", B, ScalarType::Double);
-  FR_CHECK(seed.numel() == 1, "seed must hold one value; got shape ", shape_of(seed));
-  check_dtype(seed, "seed", ScalarType::Long);
-  logits = contig(logits);
-  temperature = contig(temperature);
-  top_k = contig(top_k);
-  top_p = contig(top_p);
-  min_p = contig(min_p);
+// The per-row parameters' ranges (CPU tensors): the first bad value is reported with its row.
+void check_sample_params(const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& min_p,
+                         int64_t B) {
   const auto* temp_p = static_cast<const double*>(temperature.const_data_ptr());  // (B,)
   const auto* k_p = static_cast<const int64_t*>(top_k.const_data_ptr());          // (B,)
   const auto* p_p = static_cast<const double*>(top_p.const_data_ptr());           // (B,)
@@ -551,24 +635,57 @@ std::tuple<Tensor, Tensor> sample(Tensor logits, Tensor temperature, Tensor top_
     FR_CHECK(p_p[b] > 0.0 && p_p[b] <= 1.0, "top_p must be in (0, 1] (1 = off); got ", p_p[b], " at row ", b);
     FR_CHECK(mp_p[b] >= 0.0 && mp_p[b] <= 1.0, "min_p must be in [0, 1] (0 = off); got ", mp_p[b], " at row ", b);
   }
+}
+
+// seed is read on the host wherever it lives (Python draws it on the CPU for CUDA logits too).
+std::tuple<Tensor, Tensor> sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p,
+                                  Tensor seed) {
+  check_cpu({{&logits, "logits"}, {&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"},
+             {&min_p, "min_p"}});
+  check_dim(logits, "logits", 2, "(B, V)");
+  const fr::DType dtype = float_dtype(logits, "logits");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  FR_CHECK(V >= 1, "logits must have at least one column (V >= 1); got shape ", shape_of(logits));
+  FR_CHECK(V < (int64_t(1) << 31), "logits must have fewer than 2^31 columns; got shape ", shape_of(logits));
+  check_row_param(temperature, "temperature", B, ScalarType::Double);
+  check_row_param(top_k, "top_k", B, ScalarType::Long);
+  check_row_param(top_p, "top_p", B, ScalarType::Double);
+  check_row_param(min_p, "min_p", B, ScalarType::Double);
+  FR_CHECK(seed.numel() == 1, "seed must hold one value; got shape ", shape_of(seed));
+  check_dtype(seed, "seed", ScalarType::Long);
+  seed = to_cpu(seed);
+  logits = contig(logits);
+  temperature = contig(temperature);
+  top_k = contig(top_k);
+  top_p = contig(top_p);
+  min_p = contig(min_p);
+  const bool cuda = logits.is_cuda();
+  if (!cuda) check_sample_params(temperature, top_k, top_p, min_p, B);  // on CUDA: by the kernel
   Tensor tokens = torch::stable::new_empty(logits, {B}, ScalarType::Long);
   Tensor logprobs = torch::stable::new_empty(logits, {B}, ScalarType::Float);
   std::vector<uint8_t> status(size_t(B), fr::kRowOk);
+  Tensor status_dev = torch::stable::new_empty(logits, {cuda ? B : 0}, ScalarType::Byte);
   fr::SampleParams p{dtype,
                      logits.const_data_ptr(),
-                     temp_p,
-                     k_p,
-                     p_p,
-                     mp_p,
+                     static_cast<const double*>(temperature.const_data_ptr()),  // (B,)
+                     static_cast<const int64_t*>(top_k.const_data_ptr()),       // (B,)
+                     static_cast<const double*>(top_p.const_data_ptr()),        // (B,)
+                     static_cast<const double*>(min_p.const_data_ptr()),        // (B,)
                      uint64_t(*static_cast<const int64_t*>(seed.const_data_ptr())),
                      static_cast<int64_t*>(tokens.mutable_data_ptr()),
                      static_cast<float*>(logprobs.mutable_data_ptr()),
-                     status.data(),
+                     cuda ? static_cast<uint8_t*>(status_dev.mutable_data_ptr()) : status.data(),
                      B,
                      V};
-  fr::sample_cpu(p);
+  if (cuda) {
+    FR_CUDA_CALL(logits, fr::sample_cuda(p, status.data(), stream));
+  } else {
+    fr::sample_cpu(p);
+  }
   // The kernel flags bad rows in its first pass; the first one is reported.
   for (int64_t b = 0; b < B; ++b) {
+    if (status[size_t(b)] >= 16)  // a bad per-row parameter (CUDA): name it from a host copy
+      check_sample_params(to_cpu(temperature), to_cpu(top_k), to_cpu(top_p), to_cpu(min_p), B);
     FR_CHECK(status[size_t(b)] != fr::kRowNaN, "logits must not contain NaN; row ", b, " does");
     FR_CHECK(status[size_t(b)] != fr::kRowPosInf, "logits must not contain +inf; row ", b, " does");
     FR_CHECK(status[size_t(b)] != fr::kRowAllNegInf, "logits row ", b,
@@ -609,3 +726,17 @@ STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("causal_attention_bwd", TORCH_BOX(&causal_attention_bwd));
   m.impl("sample", TORCH_BOX(&sample));
 }
+
+#ifdef FR_WITH_CUDA
+// The same functions: each checks its tensors' device and runs the CUDA launcher for CUDA tensors.
+STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CUDA, m) {
+  m.impl("gae", TORCH_BOX(&gae));
+  m.impl("token_logprobs_fwd", TORCH_BOX(&token_logprobs_fwd));
+  m.impl("token_logprobs_bwd", TORCH_BOX(&token_logprobs_bwd));
+  m.impl("ppo_loss_fwd", TORCH_BOX(&ppo_loss_fwd));
+  m.impl("ppo_loss_bwd", TORCH_BOX(&ppo_loss_bwd));
+  m.impl("causal_attention_fwd", TORCH_BOX(&causal_attention_fwd));
+  m.impl("causal_attention_bwd", TORCH_BOX(&causal_attention_bwd));
+  m.impl("sample", TORCH_BOX(&sample));
+}
+#endif

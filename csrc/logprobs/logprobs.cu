@@ -1,0 +1,203 @@
+// token_logprobs on the GPU, one block per row. With y = x / T and p = softmax(y):
+//   logprob = y[target] - lse,  entropy = lse - E_p[y],  lse = log sum exp y,
+//   d x_i = (g_lp * (1[i == target] - p_i) - g_H * p_i * (y_i - E_p[y])) / T.
+// The forward reads the row once: each thread keeps an online-softmax state (Milakov & Gimelshein
+// 2018, arXiv 1805.02867) relative to its running max M: s = sum e^(y - M), t = sum e^(y - M)(y - M),
+// and the block merges the states in a fixed order. The backward reads the row once more and writes
+// d logits once. Rows are read in 16-byte packs (a scalar head and tail around the aligned body).
+#include "common/cuda_ops.h"
+#include "common/cuda_utils.cuh"
+
+namespace fr::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+
+template <class T>
+struct Pack {
+  static constexpr int n = 16 / int(sizeof(T));  // elements per 16-byte load
+};
+
+// The aligned body of a row: [head, head + packs * n) starts on a 16-byte boundary.
+template <class T>
+struct Split {
+  int64_t head, packs, tail;  // tail = first element after the body
+  __device__ Split(const T* x, int64_t V) {
+    const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(x) & 15);
+    head = mis == 0 ? 0 : (16 - mis) / int64_t(sizeof(T));
+    if (head > V) head = V;
+    packs = (V - head) / Pack<T>::n;
+    tail = head + packs * Pack<T>::n;
+  }
+};
+
+template <class T>
+__device__ __forceinline__ void load_pack(const T* x, acc_t<T>* out) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(x);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Pack<T>::n; ++k) out[k] = load(e + k);
+}
+
+// Online softmax state: s = sum e^(y - m), t = sum e^(y - m) (y - m); s == 0 means empty.
+template <class A>
+struct State {
+  A m, s, t;
+};
+
+template <class A>
+__device__ __forceinline__ State<A> merge(State<A> a, State<A> b) {
+  if (b.s == A(0)) return a;
+  if (a.s == A(0)) return b;
+  const A M = max(a.m, b.m), ea = exp(a.m - M), eb = exp(b.m - M);
+  return {M, a.s * ea + b.s * eb, ea * (a.t + (a.m - M) * a.s) + eb * (b.t + (b.m - M) * b.s)};
+}
+
+// Adds n values y[] (a pack or one element) to the state: one rescale per call, one exp per value.
+template <class A, int n>
+__device__ __forceinline__ void add(State<A>& st, const A* y) {
+  A local = y[0];
+#pragma unroll
+  for (int k = 1; k < n; ++k) local = max(local, y[k]);
+  if (local == -INFINITY) return;  // -inf logits carry no mass (and no 0 * inf)
+  if (st.s == A(0)) {
+    st = {local, A(0), A(0)};
+  } else if (local > st.m) {
+    const A r = exp(st.m - local);
+    st.t = r * (st.t + (st.m - local) * st.s);
+    st.s *= r;
+    st.m = local;
+  }
+#pragma unroll
+  for (int k = 0; k < n; ++k) {
+    const A d = y[k] - st.m, e = exp(d);
+    st.s += e;
+    if (e > A(0)) st.t += e * d;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ const T* row_ptr(const T* logits, const RowLayout& L, int64_t n) {
+  return logits + (n / L.inner) * L.stride_outer + (n % L.inner) * L.stride_inner;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(TokenLogprobsFwdParams p, RowLayout L,
+                                                       unsigned long long* bad_row) {
+  using A = acc_t<T>;
+  __shared__ State<A> s_state[kThreads / 32];
+  const int64_t n = blockIdx.x;
+  const T* x = row_ptr(static_cast<const T*>(p.logits), L, n);  // (V,)
+  const A inv_t = A(p.inv_temperature);
+  const Split<T> sp(x, p.V);
+  State<A> st{A(-INFINITY), A(0), A(0)};
+  for (int64_t i = threadIdx.x; i < sp.head; i += kThreads) {
+    const A y = load(x + i) * inv_t;
+    add<A, 1>(st, &y);
+  }
+  for (int64_t q = threadIdx.x; q < sp.packs; q += kThreads) {
+    A y[Pack<T>::n];
+    load_pack(x + sp.head + q * Pack<T>::n, y);
+#pragma unroll
+    for (int k = 0; k < Pack<T>::n; ++k) y[k] *= inv_t;
+    add<A, Pack<T>::n>(st, y);
+  }
+  for (int64_t i = sp.tail + threadIdx.x; i < p.V; i += kThreads) {
+    const A y = load(x + i) * inv_t;
+    add<A, 1>(st, &y);
+  }
+  // merge: warps by shuffles, then warp 0 over the warps' states, in a fixed order
+  for (int o = 16; o > 0; o >>= 1) {
+    const State<A> other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s, o),
+                         __shfl_xor_sync(0xffffffffu, st.t, o)};
+    st = merge(st, other);
+  }
+  if ((threadIdx.x & 31) == 0) s_state[threadIdx.x >> 5] = st;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  st = s_state[0];
+  for (int w = 1; w < kThreads / 32; ++w) st = merge(st, s_state[w]);
+  // a row of all -inf has s == 0: lse = -inf and NaN statistics, as log_softmax gives
+  const A log_s = log(st.s), lse = st.m + log_s, tm = st.s > A(0) ? st.t / st.s : A(NAN);
+  const int64_t target = p.targets[n];
+  A lp = A(NAN);
+  if (target >= 0 && target < p.V) lp = load(x + target) * inv_t - lse;
+  else atomicMin(bad_row, (unsigned long long)n);
+  store(static_cast<T*>(p.logprobs) + n, lp);
+  static_cast<A*>(p.lse)[n] = lse;
+  if (p.entropy) {
+    store(static_cast<T*>(p.entropy) + n, A(log_s - tm));
+    static_cast<A*>(p.mean_scaled)[n] = st.m + tm;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(TokenLogprobsBwdParams p, RowLayout L) {
+  using A = acc_t<T>;
+  const int64_t n = blockIdx.x;
+  const T* x = row_ptr(static_cast<const T*>(p.logits), L, n);  // (V,)
+  T* dx = static_cast<T*>(p.d_logits) + n * p.V;                  // (V,)
+  const A inv_t = A(p.inv_temperature);
+  const A g_lp = p.grad_logprobs ? A(load(static_cast<const T*>(p.grad_logprobs) + n)) : A(0);
+  const A g_h = p.grad_entropy ? A(load(static_cast<const T*>(p.grad_entropy) + n)) : A(0);
+  const A lse = static_cast<const A*>(p.lse)[n];
+  const A mean = p.grad_entropy ? static_cast<const A*>(p.mean_scaled)[n] : A(0);
+  int64_t target = p.targets[n];  // validated by the forward
+  target = target < 0 ? 0 : target >= p.V ? p.V - 1 : target;
+  auto grad = [&](A xv, int64_t i) {
+    const A y = xv * inv_t, pr = exp(y - lse);
+    const A pd = pr > A(0) ? pr * (y - mean) : A(0);
+    return A(-(g_lp * pr + g_h * pd) * inv_t + (i == target ? g_lp * inv_t : A(0)));
+  };
+  const Split<T> sp(x, p.V);
+  // vector stores when d logits has the row's alignment (always, for contiguous logits)
+  const bool same_align = (reinterpret_cast<uintptr_t>(dx) & 15) == (reinterpret_cast<uintptr_t>(x) & 15);
+  for (int64_t i = threadIdx.x; i < sp.head; i += kThreads) store(dx + i, grad(load(x + i), i));
+  for (int64_t q = threadIdx.x; q < sp.packs; q += kThreads) {
+    const int64_t i0 = sp.head + q * Pack<T>::n;
+    A v[Pack<T>::n];
+    load_pack(x + i0, v);
+    if (same_align) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < Pack<T>::n; ++k) store(e + k, grad(v[k], i0 + k));
+      *reinterpret_cast<uint4*>(dx + i0) = raw;
+    } else {
+#pragma unroll
+      for (int k = 0; k < Pack<T>::n; ++k) store(dx + i0 + k, grad(v[k], i0 + k));
+    }
+  }
+  for (int64_t i = sp.tail + threadIdx.x; i < p.V; i += kThreads) store(dx + i, grad(load(x + i), i));
+}
+
+}  // namespace
+}  // namespace fr::cuda
+
+namespace fr {
+
+int64_t token_logprobs_fwd_cuda(const TokenLogprobsFwdParams& p, const RowLayout& layout, int64_t* bad_row_dev,
+                                cudaStream_t stream) {
+  if (p.N == 0) return -1;
+  auto* bad = reinterpret_cast<unsigned long long*>(bad_row_dev);
+  cuda::check(cudaMemsetAsync(bad, 0xff, sizeof(*bad), stream), "token_logprobs_fwd: memset");  // no bad row
+  FR_DISPATCH_FLOAT(p.dtype, {
+    cuda::fwd_kernel<scalar_t><<<unsigned(p.N), cuda::kThreads, 0, stream>>>(p, layout, bad);
+  });
+  cuda::check_launch("token_logprobs_fwd");
+  unsigned long long host = 0;
+  cuda::check(cudaMemcpyAsync(&host, bad, sizeof(host), cudaMemcpyDeviceToHost, stream),
+              "token_logprobs_fwd: copy back");
+  cuda::check(cudaStreamSynchronize(stream), "token_logprobs_fwd: sync");
+  return host == ~0ull ? -1 : int64_t(host);
+}
+
+void token_logprobs_bwd_cuda(const TokenLogprobsBwdParams& p, const RowLayout& layout, cudaStream_t stream) {
+  if (p.N == 0) return;
+  FR_DISPATCH_FLOAT(p.dtype, {
+    cuda::bwd_kernel<scalar_t><<<unsigned(p.N), cuda::kThreads, 0, stream>>>(p, layout);
+  });
+  cuda::check_launch("token_logprobs_bwd");
+}
+
+}  // namespace fr

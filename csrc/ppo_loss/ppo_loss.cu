@@ -1,0 +1,167 @@
+// PPO's clipped surrogate + clipped value loss on the GPU: one kernel forward (loss and the eight
+// statistics), one kernel backward. Each is a single block of 1024 threads striding over the N = B * T
+// tokens and reducing in a fixed order (thread partials in double, then a fixed tree), so results
+// are the same run after run: at RLHF sizes (N ~ 32k) one block beats a multi-block reduction that
+// would need a second launch or atomics. Same per-token math as ppo_loss.cpp (ties and clamp edges
+// follow autograd's rules for the reference).
+#include "common/cuda_ops.h"
+#include "common/cuda_utils.cuh"
+
+namespace fr::cuda {
+namespace {
+
+constexpr int kThreads = 1024;
+enum Slot : int { kSumPg = 0, kSumVl, kSumClip, kSumVclip, kSumK3, kSumRatio, kSumEnt, kSumMask, kNumSums };
+
+template <class A>
+struct Token {
+  A log_ratio, ratio, pg1, pg2;  // -A r, -A clamp(r, 1 - c, 1 + c)
+  bool v_in;                     // |v - v_old| <= c_v
+  A v_err, vc_err;               // v - R, v_c - R
+};
+
+template <class A>
+__device__ __forceinline__ Token<A> token(A lp, A olp, A adv, A v, A ov, A ret, A lo, A hi, A cv) {
+  Token<A> t;
+  t.log_ratio = lp - olp;
+  t.ratio = exp(t.log_ratio);
+  t.pg1 = -adv * t.ratio;
+  t.pg2 = -adv * min(max(t.ratio, lo), hi);
+  const A v_delta = v - ov;
+  t.v_in = v_delta >= -cv && v_delta <= cv;
+  t.v_err = v - ret;
+  // v_c is v itself inside the clip range (as the CPU kernel): no spurious rounding ties.
+  t.vc_err = t.v_in ? t.v_err : ov + min(max(v_delta, -cv), cv) - ret;
+  return t;
+}
+
+template <class M>
+__device__ __forceinline__ float mask_val(const M* m, int64_t i) {
+  if constexpr (sizeof(M) == 1) return float(m[i]);
+  else return float(load(m + i));
+}
+__device__ __forceinline__ double mask_val(const double* m, int64_t i) { return m[i]; }
+
+struct Args {
+  const void *lp, *olp, *adv, *v, *ov, *ret, *ent, *mask;
+  int64_t N;
+  double clip, clip_v, vf_coef, ent_coef;
+};
+
+template <class T, class M>
+__global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(Args a, T* loss, acc_t<T>* stats) {
+  using A = acc_t<T>;
+  __shared__ double scratch[32];
+  const T *lp = static_cast<const T*>(a.lp), *olp = static_cast<const T*>(a.olp),
+          *adv = static_cast<const T*>(a.adv), *v = static_cast<const T*>(a.v),
+          *ov = static_cast<const T*>(a.ov), *ret = static_cast<const T*>(a.ret),
+          *ent = static_cast<const T*>(a.ent);
+  const M* mask = static_cast<const M*>(a.mask);
+  const A lo = A(1.0 - a.clip), hi = A(1.0 + a.clip), cv = A(a.clip_v);
+  double s[kNumSums] = {};
+  double rmax = -INFINITY;
+  for (int64_t i = threadIdx.x; i < a.N; i += kThreads) {
+    const A m = A(mask_val(mask, i));
+    const Token<A> t = token<A>(load(lp + i), load(olp + i), load(adv + i), load(v + i), load(ov + i),
+                                load(ret + i), lo, hi, cv);
+    const A vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
+    s[kSumPg] += double(m * max(t.pg1, t.pg2));
+    s[kSumVl] += double(m * max(vl1, vl2));
+    s[kSumClip] += t.pg2 > t.pg1 ? double(m) : 0.0;
+    s[kSumVclip] += vl2 > vl1 ? double(m) : 0.0;
+    s[kSumK3] += double(m * ((t.ratio - A(1)) - t.log_ratio));  // k3, http://joschu.net/blog/kl-approx.html
+    s[kSumRatio] += double(m * t.ratio);
+    if (ent) s[kSumEnt] += double(m * load(ent + i));
+    s[kSumMask] += double(m);
+    if (m != A(0)) rmax = max(rmax, double(t.ratio));
+  }
+#pragma unroll
+  for (int k = 0; k < kNumSums; ++k) s[k] = block_reduce(s[k], 0.0, Sum(), scratch);
+  rmax = block_reduce(rmax, double(-INFINITY), Max(), scratch);
+  if (threadIdx.x != 0) return;
+  const double n = max(s[kSumMask], 1.0);
+  double st[kNumPpoStats];
+  st[kPgLoss] = s[kSumPg] / n;
+  st[kVLoss] = 0.5 * s[kSumVl] / n;
+  st[kClipfrac] = s[kSumClip] / n;
+  st[kVfClipfrac] = s[kSumVclip] / n;
+  st[kApproxKl] = s[kSumK3] / n;
+  st[kRatioMean] = s[kSumRatio] / n;
+  st[kRatioMax] = rmax == -INFINITY ? 0.0 : rmax;  // no live token: 0, as the reference
+  st[kEntropy] = s[kSumEnt] / n;
+  for (int k = 0; k < kNumPpoStats; ++k) stats[k] = A(st[k]);
+  store(loss, A(st[kPgLoss] + a.vf_coef * st[kVLoss] - a.ent_coef * st[kEntropy]));
+}
+
+// One block: the mask sum first (every thread needs n), then the per-token gradients.
+template <class T, class M>
+__global__ void __launch_bounds__(kThreads) ppo_bwd_kernel(Args a, const T* grad_loss, T* d_lp, T* d_v,
+                                                           T* d_ent) {
+  using A = acc_t<T>;
+  __shared__ double scratch[32];
+  const T *lp = static_cast<const T*>(a.lp), *olp = static_cast<const T*>(a.olp),
+          *adv = static_cast<const T*>(a.adv), *v = static_cast<const T*>(a.v),
+          *ov = static_cast<const T*>(a.ov), *ret = static_cast<const T*>(a.ret);
+  const M* mask = static_cast<const M*>(a.mask);
+  double msum = 0;
+  for (int64_t i = threadIdx.x; i < a.N; i += kThreads) msum += double(mask_val(mask, i));
+  msum = block_reduce(msum, 0.0, Sum(), scratch);
+  const double g_over_n = double(load(grad_loss)) / max(msum, 1.0);
+  const A lo = A(1.0 - a.clip), hi = A(1.0 + a.clip), cv = A(a.clip_v), half = A(0.5);
+  for (int64_t i = threadIdx.x; i < a.N; i += kThreads) {
+    const A m = A(mask_val(mask, i));
+    const Token<A> t = token<A>(load(lp + i), load(olp + i), load(adv + i), load(v + i), load(ov + i),
+                                load(ret + i), lo, hi, cv);
+    const A w_pg = A(m * g_over_n), w_v = A(m * g_over_n * a.vf_coef);
+    // torch.maximum sends half the gradient to each side of a tie; clamp passes it on [lo, hi]
+    const A tie = t.pg1 == t.pg2 ? half : A(0);
+    const A in_r = t.ratio >= lo && t.ratio <= hi ? A(1) : A(0);
+    const A g_lp = w_pg * t.pg1 * (A(t.pg1 > t.pg2) + tie + (A(t.pg2 > t.pg1) + tie) * in_r);
+    const A vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err, vtie = vl1 == vl2 ? half : A(0);
+    // 0.5 d(x^2) = x: the 0.5 of v_loss cancels the 2
+    const A g_v = w_v * ((A(vl1 > vl2) + vtie) * t.v_err + (A(vl2 > vl1) + vtie) * t.vc_err * A(t.v_in));
+    store(d_lp + i, g_lp);
+    store(d_v + i, g_v);
+    if (d_ent) store(d_ent + i, A(-m * g_over_n * a.ent_coef));
+  }
+}
+
+Args args_of(const PpoLossInputs& in) {
+  return {in.logprobs, in.old_logprobs, in.advantages, in.values, in.old_values, in.returns, in.entropy,
+          in.mask, in.N, in.clip_range, in.clip_range_value, in.vf_coef, in.ent_coef};
+}
+
+}  // namespace
+}  // namespace fr::cuda
+
+namespace fr {
+
+// Dispatches scalar_t over the float dtypes and mask_t over {bool mask, weights of dtype scalar_t}.
+#define FR_PPO_CUDA_DISPATCH(in, ...)                                                       \
+  FR_DISPATCH_FLOAT((in).dtype, if ((in).mask_is_bool) {                                    \
+    using mask_t = uint8_t;                                                                 \
+    __VA_ARGS__;                                                                            \
+  } else {                                                                                  \
+    using mask_t = scalar_t;                                                                \
+    __VA_ARGS__;                                                                            \
+  })
+
+void ppo_loss_fwd_cuda(const PpoLossFwdParams& p, cudaStream_t stream) {
+  FR_PPO_CUDA_DISPATCH(p.in, {
+    cuda::ppo_fwd_kernel<scalar_t, mask_t><<<1, cuda::kThreads, 0, stream>>>(
+        cuda::args_of(p.in), static_cast<scalar_t*>(p.loss), static_cast<acc_t<scalar_t>*>(p.stats));
+  });
+  cuda::check_launch("ppo_loss_fwd");
+}
+
+void ppo_loss_bwd_cuda(const PpoLossBwdParams& p, const void* grad_loss, cudaStream_t stream) {
+  if (p.in.N == 0) return;
+  FR_PPO_CUDA_DISPATCH(p.in, {
+    cuda::ppo_bwd_kernel<scalar_t, mask_t><<<1, cuda::kThreads, 0, stream>>>(
+        cuda::args_of(p.in), static_cast<const scalar_t*>(grad_loss), static_cast<scalar_t*>(p.d_logprobs),
+        static_cast<scalar_t*>(p.d_values), static_cast<scalar_t*>(p.d_entropy));
+  });
+  cuda::check_launch("ppo_loss_bwd");
+}
+
+}  // namespace fr

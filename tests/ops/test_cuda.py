@@ -1,0 +1,300 @@
+"""The five ops on CUDA tensors against the references (marked `gpu`: skipped without a CUDA device).
+
+FASTRLHF_TEST_DEVICE=cpu runs the same tests on the CPU kernels, which checks the tests themselves on a
+machine without a GPU. Tolerances (STYLE.md): float64 paths close to the float64 reference; bf16/fp16
+within twice PyTorch's own error in that dtype (the reference on the same half inputs)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastrlhf
+from fastrlhf.ops import causal_attention, gae, ppo_loss, reference, sample, token_logprobs
+
+DEV = os.environ.get("FASTRLHF_TEST_DEVICE", "cuda")
+pytestmark = [] if DEV == "cpu" else [pytest.mark.gpu]
+HALF = [torch.bfloat16, torch.float16]
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def test_build_has_cuda_kernels():
+    if DEV == "cuda":
+        assert fastrlhf._C.build_info()["cuda"], "this extension was built without its CUDA kernels"
+
+
+# ---- gae ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (5, 97), (64, 512), (2, 3000)])
+def test_gae_float64_equals_reference(B, T):
+    r, v = torch.randn(B, T, dtype=torch.float64), torch.randn(B, T, dtype=torch.float64)
+    mask = torch.arange(T) < torch.randint(0, T + 1, (B,))[:, None]
+    mask[0, T // 2] = False  # a hole inside a response
+    got = gae(r.to(DEV), v.to(DEV), mask.to(DEV), gamma=0.99, lam=0.95)
+    want = reference.gae(r, v, mask, gamma=0.99, lam=0.95)
+    for a, b in zip(got, want):
+        assert a.device.type == DEV and torch.equal(a.cpu(), b)  # no FMA: bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_gae_low_precision(dtype):
+    r, v = torch.randn(8, 300), torch.randn(8, 300)
+    mask = torch.arange(300) < torch.randint(0, 301, (8,))[:, None]
+    got = gae(r.to(DEV, dtype), v.to(DEV, dtype), mask.to(DEV))
+    exact = reference.gae(r.double(), v.double(), mask)
+    own = reference.gae(r.to(dtype), v.to(dtype), mask)  # torch's own error in this dtype
+    for a, e, o in zip(got, exact, own):
+        assert a.dtype == dtype and rel_err(a, e) <= max(2 * rel_err(o, e), 2e-6)
+
+
+# ---- ppo_loss -----------------------------------------------------------------------------------------
+def ppo_inputs(B, T, dtype, weights=False):
+    lp = torch.randn(B, T, dtype=torch.float64) * 0.3
+    olp = lp + torch.randn(B, T, dtype=torch.float64) * 0.2
+    vals = torch.randn(B, T, dtype=torch.float64)
+    xs = [
+        lp,
+        olp,
+        torch.randn(B, T, dtype=torch.float64),
+        vals,
+        vals + 0.3 * torch.randn(B, T, dtype=torch.float64),
+    ]
+    xs.append(torch.randn(B, T, dtype=torch.float64))
+    mask = torch.rand(B, T) > 0.3
+    mask = torch.rand(B, T, dtype=torch.float64) * mask if weights else mask
+    ent = torch.rand(B, T, dtype=torch.float64) * 3
+    return [x.to(dtype) for x in xs], mask.to(dtype) if weights else mask, ent.to(dtype)
+
+
+def ppo_run(fn, xs, mask, ent, dev):
+    xs = [x.to(dev).clone() for x in xs]
+    ent = ent.to(dev).clone().requires_grad_()
+    xs[0].requires_grad_(), xs[3].requires_grad_()
+    loss, stats = fn(*xs, mask.to(dev), entropy=ent, ent_coef=0.01, vf_coef=0.5)
+    loss.backward()
+    return [loss, *[stats[k] for k in reference.PPO_STATS], xs[0].grad, xs[3].grad, ent.grad]
+
+
+@pytest.mark.parametrize("B,T", [(64, 512), (3, 97), (1, 1)])
+@pytest.mark.parametrize("weights", [False, True])
+def test_ppo_loss_float64_matches_reference(B, T, weights):
+    xs, mask, ent = ppo_inputs(B, T, torch.float64, weights)
+    got = ppo_run(ppo_loss, xs, mask, ent, DEV)
+    cpu = ppo_run(ppo_loss, xs, mask, ent, "cpu")
+    want = ppo_run(reference.ppo_loss, xs, mask, ent, "cpu")
+    for i, (a, c, b) in enumerate(zip(got, cpu, want)):
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-9, atol=1e-12)
+        # vf_clipfrac: the kernels take v_c = v inside the clip range, the reference rounds
+        # v_old + (v - v_old) and counts those rounding ties as clipped (a documented deviation)
+        if i != 1 + reference.PPO_STATS.index("vf_clipfrac"):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_ppo_loss_low_precision(dtype):
+    xs, mask, ent = ppo_inputs(16, 300, dtype)
+    got = ppo_run(ppo_loss, xs, mask, ent, DEV)
+    exact = ppo_run(reference.ppo_loss, [x.double() for x in xs], mask, ent.double(), "cpu")
+    own = ppo_run(reference.ppo_loss, xs, mask, ent, "cpu")
+    for a, e, o in zip(got, exact, own):
+        assert abs(a.double().cpu() - e).max() <= 2 * abs(o.double() - e).max() + 1e-6 * (1 + e.abs().max())
+
+
+# ---- token_logprobs -----------------------------------------------------------------------------------
+def logprob_run(fn, logits, targets, temperature):
+    x = logits.clone().requires_grad_()
+    lp, ent = fn(x, targets, temperature=temperature, return_entropy=True)
+    gen = torch.Generator().manual_seed(7)  # the same output gradients for every run
+    g1, g2 = (torch.randn(lp.shape, dtype=torch.float64, generator=gen) for _ in range(2))
+    ((lp.double() * g1.to(lp.device)).sum() + (ent.double() * g2.to(ent.device)).sum()).backward()
+    return lp, ent, x.grad
+
+
+@pytest.mark.parametrize("shape", [(7, 1000), (3, 5, 50304), (1, 1), (4, 9, 3)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_float64_matches_reference(shape, temperature):
+    torch.manual_seed(1)
+    logits = torch.randn(*shape, dtype=torch.float64) * 3
+    if shape[-1] > 1:
+        logits.view(-1, shape[-1])[0, 0] = float("-inf")  # a banned token: p log p -> 0
+    targets = (
+        torch.randint(1, shape[-1], shape[:-1])
+        if shape[-1] > 1
+        else torch.zeros(shape[:-1], dtype=torch.long)
+    )
+    got = logprob_run(token_logprobs, logits.to(DEV), targets.to(DEV), temperature)
+    want = logprob_run(reference.token_logprobs, logits, targets, temperature)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_token_logprobs_strided_view_low_precision(dtype):
+    B, T, V = 3, 17, 4099  # V odd: rows start off 16-byte boundaries
+    full = (torch.randn(B, T, V) * 2).to(dtype)
+    logits = full[:, :-1]  # (B, T - 1, V), a view: read in place
+    targets = torch.randint(0, V, (B, T - 1))
+    got = logprob_run(token_logprobs, logits.to(DEV), targets.to(DEV), 0.9)
+    exact = logprob_run(reference.token_logprobs, logits.double(), targets, 0.9)
+    own = logprob_run(reference.token_logprobs, logits, targets, 0.9)
+    for a, e, o in zip(got, exact, own):
+        assert a.dtype == dtype and rel_err(a, e) <= max(2 * rel_err(o, e), 1e-6)
+
+
+def test_token_logprobs_bad_target_raises():
+    logits, targets = torch.randn(4, 10, device=DEV), torch.tensor([1, 2, 10, 3], device=DEV)
+    with pytest.raises(
+        ValueError, match=r"targets must be in \[0, V\) = \[0, 10\); got 10 at position \(2\)"
+    ):
+        token_logprobs(logits, targets)
+
+
+# ---- sample -------------------------------------------------------------------------------------------
+FILTERS = [
+    {},
+    {"top_k": 50},
+    {"top_p": 0.9},
+    {"top_k": 200, "top_p": 0.8, "min_p": 0.05},
+    {"min_p": 0.1, "temperature": 0.7},
+    {"top_p": 1e-6},
+    {"temperature": 0.0},
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sample_same_tokens_as_cpu_and_allowed(filters, dtype):
+    B, V = 37, 5003
+    logits = (torch.randn(B, V) * 3).to(dtype)
+    logits[3, :100] = float("-inf")
+    gen = torch.Generator().manual_seed(123)
+    tok, lp = sample(logits.to(DEV), generator=gen, **filters)
+    tok2, lp2 = sample(logits.to(DEV), generator=torch.Generator().manual_seed(123), **filters)
+    assert torch.equal(tok, tok2) and torch.equal(lp, lp2), "not deterministic"
+    cpu_tok, _ = sample(logits, generator=torch.Generator().manual_seed(123), **filters)
+    # the same Philox uniform per row: the same tokens up to draws landing on a rounding boundary
+    assert (tok.cpu() != cpu_tok).sum() <= 1
+    allowed = reference.sample_filter(logits, **filters)  # (B, V) -inf outside the allowed set
+    assert torch.isfinite(allowed.gather(1, tok.cpu()[:, None])).all()
+    temp = filters.get("temperature", 1.0) or 1.0
+    want = torch.log_softmax(logits.double() / temp, dim=1).gather(1, tok.cpu()[:, None]).squeeze(1)
+    torch.testing.assert_close(lp.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_distribution_follows_top_p():
+    V, N = 12, 40000
+    logits = torch.linspace(-2, 2, V).repeat(N, 1)  # (N, V): N independent rows of one distribution
+    tok, _ = sample(logits.to(DEV), top_p=0.7, generator=torch.Generator().manual_seed(5))
+    freq = torch.bincount(tok.cpu(), minlength=V).double() / N
+    want = reference.sample_filter(logits[:1], top_p=0.7).exp()[0].double()
+    assert (freq - want).abs().max() < 0.01
+
+
+def test_sample_large_vocab_and_per_row_params():
+    B, V = 64, 50304
+    logits = torch.randn(B, V, device=DEV) * 2
+    k = torch.randint(0, 100, (B,), device=DEV)
+    p = torch.rand(B, device=DEV, dtype=torch.float64) * 0.9 + 0.05
+    tok, lp = sample(logits, top_k=k, top_p=p, generator=torch.Generator().manual_seed(0))
+    allowed = reference.sample_filter(logits.cpu(), top_k=k.cpu(), top_p=p.cpu())
+    assert torch.isfinite(allowed.gather(1, tok.cpu()[:, None])).all() and torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("nan", "must not contain NaN; row 2"),
+        ("inf", r"must not contain \+inf; row 2"),
+        ("ninf", "row 2 is all -inf"),
+    ],
+)
+def test_sample_bad_rows_raise(bad, match):
+    logits = torch.randn(4, 100)
+    logits[2] = {"nan": float("nan"), "inf": float("inf"), "ninf": float("-inf")}[bad]
+    with pytest.raises(ValueError, match=match):
+        sample(logits.to(DEV))
+
+
+def test_sample_bad_parameter_raises():
+    temp = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64, device=DEV)
+    with pytest.raises(
+        ValueError, match=r"temperature must be finite and >= 0 \(0 = greedy\); got -1 at row 1"
+    ):
+        sample(torch.randn(3, 10, device=DEV), temperature=temp)
+
+
+# ---- causal_attention ---------------------------------------------------------------------------------
+def attn_run(fn, q, k, v, dout, **kw):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad
+
+
+def attn_inputs(B, H, Hkv, Tq, Tk, D, seg):
+    q, dout = torch.randn(B, H, Tq, D), torch.randn(B, H, Tq, D)
+    k, v = torch.randn(B, Hkv, Tk, D), torch.randn(B, Hkv, Tk, D)
+    segment_ids = None
+    if seg:  # packed documents, and a left-padded row
+        segment_ids = torch.cumsum(torch.rand(B, Tk) < 0.05, dim=1)
+        segment_ids[0, : Tk // 3] = -1
+    return q, k, v, dout, segment_ids
+
+
+SHAPES = [  # B, H, Hkv, Tq, Tk, D
+    (2, 6, 2, 97, 97, 59),
+    (1, 4, 4, 40, 130, 64),  # KV-cache: Tq < Tk
+    (3, 8, 2, 1, 300, 128),  # decode: Tq = 1
+    (1, 2, 1, 33, 33, 256),
+    (2, 2, 2, 5, 5, 1),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("seg", [False, True])
+def test_attention_float32_matches_reference(shape, seg):
+    q, k, v, dout, segment_ids = attn_inputs(*shape, seg)
+    to = lambda t: None if t is None else t.to(DEV)
+    got = attn_run(causal_attention, to(q), to(k), to(v), to(dout), segment_ids=to(segment_ids))
+    exact = attn_run(
+        reference.causal_attention, q.double(), k.double(), v.double(), dout.double(), segment_ids=segment_ids
+    )
+    for name, a, e in zip(["out", "dq", "dk", "dv"], got, exact):
+        assert a.dtype == torch.float32 and rel_err(a, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_attention_half_within_twice_pytorch_error(dtype, shape):
+    q, k, v, dout, segment_ids = attn_inputs(*shape, True)
+    half = [t.to(dtype) for t in (q, k, v, dout)]
+    to = lambda t: None if t is None else t.to(DEV)
+    got = attn_run(causal_attention, *[to(t) for t in half], segment_ids=to(segment_ids))
+    exact = attn_run(
+        reference.causal_attention, q.double(), k.double(), v.double(), dout.double(), segment_ids=segment_ids
+    )
+    own = attn_run(reference.causal_attention, *half, segment_ids=segment_ids)
+    for name, a, e, o in zip(["out", "dq", "dk", "dv"], got, exact, own):
+        assert a.dtype == dtype and rel_err(a, e) <= 2 * rel_err(o, e), name
+
+
+def test_attention_float64_refused_on_cuda():
+    if DEV != "cuda":
+        pytest.skip("float64 attention runs on the CPU")
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64, device=DEV)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 on CUDA"):
+        causal_attention(q, q, q)
+
+
+def test_opcheck_on_device():
+    q = torch.randn(1, 2, 9, 16, device=DEV, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastrlhf.causal_attention_fwd.default, (q, q, q, 0.25, None))
+    r = torch.randn(2, 5, device=DEV)
+    torch.library.opcheck(
+        torch.ops.fastrlhf.gae.default, (r, r, torch.ones(2, 5, dtype=torch.bool, device=DEV), 1.0, 0.9)
+    )
