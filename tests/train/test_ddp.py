@@ -1,7 +1,9 @@
-"""Two CPU processes with gloo (torch.multiprocessing spawn, the environment torchrun would set) run SFT,
-RM and PPO on tiny models; each run's curve must match one process on the same global batch, and both
-ranks must end with the same weights. The ranks are started once for all scenarios (a process start
-costs seconds here); the tests then read what they wrote."""
+"""Two CPU processes with gloo (torch.multiprocessing, the environment torchrun would set) run SFT, RM
+and PPO on tiny models; each run's curve must match one process on the same global batch, and both
+ranks must end with the same weights. The ranks are started once for all scenarios, by fork: a spawned
+process spends ~10 s here importing torch and torch._dynamo again (the workers use one thread, so the
+parent's OpenMP pool is never entered after the fork, as in DataLoader workers). The tests then read
+what the ranks wrote."""
 
 import json
 import math
@@ -62,8 +64,9 @@ def _capture(module, name, root):
 
     def run_loop(**kw):
         out = real(**kw)
-        model = kw["model"].module if isinstance(kw["model"], torch.nn.parallel.DistributedDataParallel) else kw["model"]
-        save_file({k: v.contiguous() for k, v in model.weights().items()}, root / f"{name}_rank{dist.rank()}.safetensors")
+        model = kw["model"].module  # the DDP wrapper's model
+        weights = {k: v.contiguous() for k, v in model.weights().items()}
+        save_file(weights, root / f"{name}_rank{dist.rank()}.safetensors")
         return out
 
     module.run_loop = run_loop
@@ -106,7 +109,7 @@ def runs(sft_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     write_demos(root / "demos.jsonl")
     write_ranking_file(root / "r.jsonl", arithmetic_rankings(48, ks=(4, 2, 3)))
-    mp.start_processes(_worker, args=(_free_port(), root, sft_run), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(_free_port(), root, sft_run), nprocs=WORLD, start_method="fork")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -93,6 +93,11 @@ def all_max(x: Tensor) -> Tensor:
     return y.to(x.device)
 
 
+def any_rank(flag: bool) -> bool:
+    """True when flag is True on some rank: a decision every rank must take alike (stop at a deadline)."""
+    return bool(all_max(torch.tensor(float(flag)))) if active() else flag
+
+
 def mean_floats(values: dict[str, float], maxed: tuple[str, ...] = ()) -> dict[str, float]:
     """Each value averaged over the ranks (max for the keys in `maxed`) in two small all-reduces;
     the dict itself on one process. Means of per-rank means are global means when the ranks hold equal

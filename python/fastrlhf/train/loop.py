@@ -117,7 +117,8 @@ def run_loop(
         step += 1
         rate = progress.update(tokens_per_step() if callable(tokens_per_step) else tokens_per_step, loss=loss)
         last["loss"] = loss
-        final = step == t.max_steps or time.perf_counter() > deadline
+        late = deadline < float("inf") and dist.any_rank(time.perf_counter() > deadline)  # all ranks stop alike
+        final = step == t.max_steps or late
         if final and step < t.max_steps:
             say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
         if step % t.log_interval == 0 or final:

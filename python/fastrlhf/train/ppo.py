@@ -270,7 +270,7 @@ class PPOTrainer:
                     return {}, f"non-finite loss at epoch {epoch}, minibatch {k}"
                 if epoch == 0 and k == 0:
                     sums["first_ratio_dev"], sums["first_approx_kl"] = deviation, float(stats["approx_kl"])
-                if p.check_invariants and epoch == 0 and k == 0 and (deviation > INVARIANT_TOL or abs_kl > INVARIANT_TOL):
+                if p.check_invariants and epoch == 0 and k == 0 and max(deviation, abs_kl) > INVARIANT_TOL:
                     raise RuntimeError(f"PPO invariant broken at step {self.step_count + 1}: at the first minibatch "
                                        f"max |ratio - 1| = {deviation:.3g} and |approx_kl| = {abs_kl:.3g} "
                                        f"(both must be <= {INVARIANT_TOL}); the scorer does not reproduce the sampler")
@@ -388,7 +388,8 @@ class PPOTrainer:
             history.append(m)
             progress.update(int(m["response_length"] * self.cfg.ppo.rollout_batch), score=m["score_mean"], kl=m["kl"],
                             ent=m["entropy"], ev=m["explained_variance"])
-            final = self.step_count == t.max_steps or time.perf_counter() > deadline
+            late = deadline < math.inf and dist.any_rank(time.perf_counter() > deadline)  # all ranks stop alike
+            final = self.step_count == t.max_steps or late
             if self.step_count % t.log_interval == 0 or final:
                 logger.log(step=self.step_count, **m)
                 for k, v in m.items() if tb is not None else ():
