@@ -10,6 +10,8 @@ import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,11 +26,15 @@ from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.ppo import PPOTrainer
 from fastrlhf.train.ppo_config import PPOConfig
+from fastrlhf.train.pretrain import PretrainConfig, pretrain
 from fastrlhf.train.reward import RMConfig, train_rm
 from fastrlhf.train.sft import sft
+from pretrain_helpers import TINY as TINY_PRETRAIN
 from sft_helpers import arithmetic_rankings, sft_config, write_demos, write_ranking_file
 
 WORLD = 2
+PRE_ARGS = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.grad_accum=2",
+            "train.device=cpu", "train.threads=1"]
 SFT_ARGS = ["train.max_steps=6", "train.ckpt_interval=3", "train.eval_interval=3", "train.threads=1"]
 RM_ARGS = ["train.device=cpu", "train.batch_size=4", "train.log_interval=1", "train.max_steps=6",
            "train.eval_interval=3", "train.threads=1", "optim.lr=2e-3", "optim.warmup_steps=3"]
@@ -45,6 +51,11 @@ PPO_EXACT = ["ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.ppo_epochs=2", "ppo.
 PPO_SAMPLED = ["ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6",
                "ppo.value_model=policy_head", "ppo.adaptive_kl=true", "ppo.ptx_coef=0.5", "ppo.ptx_block=8",
                "optim.lr=3e-3", "train.max_steps=2", "train.device=cpu"]
+
+
+def pretrain_config(data_dir, out):
+    return load_config(PretrainConfig, None, TINY_PRETRAIN + [f"train.data_dir={data_dir}", f"train.out_dir={out}",
+                                                              *PRE_ARGS])
 
 
 def ppo_trainer(out, args):
@@ -72,13 +83,14 @@ def _capture(module, name, root):
     module.run_loop = run_loop
 
 
-def _worker(rank, port, root, sft_run):
+def _worker(rank, port, root, sft_run, data_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.setup("cpu")
     _capture(sft_mod, "sft", root)
     _capture(reward_mod, "rm", root)
+    pretrain(pretrain_config(data_dir, root / "pre2"), quiet=True)
     sft(sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft2'}", *SFT_ARGS), quiet=True)
     if rank == 0:  # as if the run had died after its step-3 checkpoint
         shutil.copytree(root / "sft2" / "step_0000003", root / "sft2_resumed" / "step_0000003")
@@ -104,15 +116,16 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def runs(sft_run, tmp_path_factory):
+def runs(sft_run, data_dir, tmp_path_factory):
     """The 2-rank runs (one spawn) and their single-process twins (here, one thread)."""
     root = tmp_path_factory.mktemp("ddp")
     write_demos(root / "demos.jsonl")
     write_ranking_file(root / "r.jsonl", arithmetic_rankings(48, ks=(4, 2, 3)))
-    mp.start_processes(_worker, args=(_free_port(), root, sft_run), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(_free_port(), root, sft_run, data_dir), nprocs=WORLD, start_method="fork")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        pretrain(pretrain_config(data_dir, root / "pre1"), quiet=True)
         sft(sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft1'}", *SFT_ARGS), quiet=True)
         train_rm(load_config(RMConfig, None, [f"train.sft={sft_run}", f"data.train={root / 'r.jsonl'}",
                                               f"train.out_dir={root / 'rm1'}", *RM_ARGS]), quiet=True)
@@ -137,6 +150,27 @@ def assert_close_curves(one, two):
     assert len(one) == len(two) and len(one) >= 2
     for r1, r2 in zip(one, two):
         assert all(math.isclose(x, y, rel_tol=2e-4, abs_tol=1e-5) for x, y in zip(r1, r2)), (one, two)
+
+
+def test_pretrain_two_ranks_match_one_process(runs):
+    """grad_accum = 2: the first micro-batch's backward skips DDP's all-reduce (no_sync), the second syncs."""
+    for keys in (["step", "loss", "grad_norm"], ["step", "val_loss"]):
+        assert_close_curves(curve(runs / "pre1" / "log.jsonl", keys), curve(runs / "pre2" / "log.jsonl", keys))
+
+
+@pytest.mark.slow
+def test_torchrun_cli_computes_what_the_api_computes(runs, data_dir, tmp_path):
+    """`torchrun -m fastrlhf pretrain`: rank 0 alone prints and logs, and the log is the 2-rank run's above."""
+    overrides = TINY_PRETRAIN + PRE_ARGS + [f"train.data_dir={data_dir}", f"train.out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           "-m", "fastrlhf", "pretrain", *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("step      4  loss") == 1  # printed once, by rank 0
+    keys = ["step", "loss", "grad_norm", "val_loss"]
+    want = [{k: r.get(k) for k in keys} for r in read_jsonl(runs / "pre2" / "log.jsonl")]
+    got = [{k: r.get(k) for k in keys} for r in read_jsonl(tmp_path / "log.jsonl")]
+    assert got == want
 
 
 def test_sft_two_ranks_match_one_process(runs):
