@@ -93,6 +93,16 @@ def all_max(x: Tensor) -> Tensor:
     return y.to(x.device)
 
 
+def gather_cat(parts: list[Tensor]) -> Tensor:
+    """torch.cat(parts) of every rank, in rank order, on the CPU (for evaluation results of any length);
+    torch.cat(parts) on one process. A rank may hold no parts."""
+    if not active():
+        return torch.cat(parts)
+    everyone: list[list[Tensor] | None] = [None] * world_size()
+    tdist.all_gather_object(everyone, [p.cpu() for p in parts])
+    return torch.cat([p for rank_parts in everyone for p in rank_parts or []])
+
+
 def any_rank(flag: bool) -> bool:
     """True when flag is True on some rank: a decision every rank must take alike (stop at a deadline)."""
     return bool(all_max(torch.tensor(float(flag)))) if active() else flag

@@ -162,29 +162,26 @@ def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pa
 def rm_metrics(rm: ScalarHeadModel, data: list[EncodedRanking], pad_id: int, device: torch.device,
                batch_size: int, margin: float = 0.0) -> dict[str, float]:
     """Held-out val_loss, pairwise accuracy (r_better > r_worse), mean margin (r_better - r_worse over
-    pairs) and accuracy per K (acc_k<K>). Under torchrun rank r scores chunks r, r + N, ... and the
-    sums are added up."""
+    pairs) and accuracy per K (acc_k<K>). Under torchrun rank r scores chunks r, r + N, ... and every
+    rank gets all the pairs' margins."""
     was = rm.training
     rm.eval()
-    kset = sorted({len(seqs) for seqs, pairs in data if pairs})
-    # sums: loss * rankings, pairs, right pairs, margins; then pairs and right pairs per K in kset
-    sums = torch.zeros(4 + 2 * len(kset), dtype=torch.float64)
+    diffs, ks, losses = [], [], []
     for c, i in enumerate(range(0, len(data), batch_size)):
         if c % dist.world_size() != dist.rank():
             continue
         chunk = data[i : i + batch_size]
         rewards, better, worse, owner = score_batch(rm, chunk, pad_id, device)
-        diff = (rewards[better] - rewards[worse]).double().cpu()  # (P,)
-        k = torch.tensor([len(chunk[j][0]) for j in owner.tolist()])  # (P,) K of each pair's ranking
-        sums[:4] += torch.stack([kwise_loss(rewards, better, worse, owner, margin).double().cpu() * len(chunk),
-                                 torch.tensor(len(diff)), (diff > 0).sum(), diff.sum()])
-        for j, kk in enumerate(kset):
-            sums[4 + 2 * j : 6 + 2 * j] += torch.stack([(k == kk).sum(), (diff[k == kk] > 0).sum()])
+        losses.append(kwise_loss(rewards, better, worse, owner, margin).item() * len(chunk))
+        diffs.append((rewards[better] - rewards[worse]).cpu())
+        ks.append(torch.tensor([len(chunk[j][0]) for j in owner.tolist()]))
     rm.train(was)
-    s = dist.all_sum(sums).tolist()
-    out = {"val_loss": s[0] / len(data), "val_accuracy": s[2] / s[1], "val_margin": s[3] / s[1]}
-    for j, kk in enumerate(kset):
-        out[f"val_acc_k{kk}"] = s[5 + 2 * j] / s[4 + 2 * j]
+    diff, k = dist.gather_cat(diffs), dist.gather_cat(ks)  # (P,) each: every pair of every rank
+    loss = float(dist.all_sum(torch.tensor(sum(losses), dtype=torch.float64)))
+    out = {"val_loss": loss / len(data), "val_accuracy": (diff > 0).float().mean().item(),
+           "val_margin": diff.mean().item()}
+    for kk in sorted(set(k.tolist())):
+        out[f"val_acc_k{kk}"] = (diff[k == kk] > 0).float().mean().item()
     return out
 
 
