@@ -28,6 +28,7 @@ from fastrlhf.train.ppo import PPOTrainer
 from fastrlhf.train.ppo_config import PPOConfig
 from fastrlhf.train.pretrain import PretrainConfig, pretrain
 from fastrlhf.train.reward import RMConfig, train_rm
+from fastrlhf.train.rl import masked_mean, masked_var
 from fastrlhf.train.sft import sft
 from pretrain_helpers import TINY as TINY_PRETRAIN
 from sft_helpers import arithmetic_rankings, sft_config, write_demos, write_ranking_file
@@ -100,6 +101,10 @@ def _worker(rank, port, root, sft_run, data_dir):
         quiet=True)
     train_rm(load_config(RMConfig, None, [f"train.sft={sft_run}", f"data.train={root / 'r.jsonl'}",
                                           f"train.out_dir={root / 'rm2'}", *RM_ARGS]), quiet=True)
+    try:
+        ppo_trainer(root / "ppo_bad", PPO_EXACT + ["ppo.rollout_batch=6", "ppo.minibatch=3"])
+    except ValueError as exc:
+        (root / f"bad_rank{rank}.txt").write_text(str(exc))
     for name, args in (("ppo", PPO_EXACT), ("ppo_sampled", PPO_SAMPLED)):
         tr = ppo_trainer(root / f"{name}2", args)
         tr.train()
@@ -214,3 +219,19 @@ def test_ppo_sampled_ranks_stay_in_step(runs):
     assert kl[0] == kl[1] and kl[0] != 0.05  # one global KL drove both controllers
     rows = read_jsonl(runs / "ppo_sampled2" / "log.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["ptx_loss"]) for r in rows)
+
+
+def test_batches_that_do_not_split_evenly_are_refused(runs):
+    for r in range(WORLD):
+        assert (runs / f"bad_rank{r}.txt").read_text() == "ppo.minibatch (3) must be a multiple of the number of processes (2)"
+
+
+def test_one_process_makes_no_process_group():
+    assert not dist.active() and (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    x, mask = torch.randn(2, 5), torch.rand(2, 5) > 0.3
+    assert dist.all_sum(x) is x and dist.shard(8) == slice(0, 8) and dist.mean_floats({"a": 0.1}) == {"a": 0.1}
+    mean, var = dist.global_masked_moments(x, mask)
+    assert torch.equal(mean, masked_mean(x, mask)) and torch.equal(var, masked_var(x, mask))
+    model = GPT(TINY)
+    assert dist.wrap(model) is model
+    dist.check_divides("train.batch_size", 7)  # any batch splits over one process
