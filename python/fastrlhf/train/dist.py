@@ -190,4 +190,5 @@ def wrap_call(module: nn.Module) -> Callable[..., Any]:
     a plain call on one process."""
     if not active():
         return lambda fn, *args: fn(*args)
-    return wrap(_Call(module))
+    # no device_ids: the arguments are already on the device, DDP need not copy them (nor the closure's)
+    return DistributedDataParallel(_Call(module))
