@@ -40,4 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        dist = sys.modules.get("fastrlhf.train.dist")  # a command run under torchrun leaves its process group
+        if dist is not None:
+            dist.cleanup()
     return 0

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastrlhf.train import dist
+
 STATE_FILE, TRAINER_FILE, LATEST = "state.json", "trainer.safetensors", "latest"
 
 
@@ -98,12 +100,27 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write <run_dir>/step_<step>/ atomically, point `latest` at it, keep only the newest `keep`.
-    models need .weights() (GPT, ScalarHeadModel); state is any JSON-able dict (configs, counters)."""
+    models need .weights() (GPT, ScalarHeadModel); state is any JSON-able dict (configs, counters).
+    Under torchrun every rank calls this: rank 0 writes (the weights are the same on every rank, and
+    so are the RNG streams that resume needs, see docs/distributed.md), the others wait for it."""
+    run_dir = Path(run_dir)
+    name = f"step_{step:07d}"
+    if not dist.is_main():
+        dist.barrier()
+        return run_dir / name
+    final = _write_checkpoint(run_dir, name, models=models, optimizers=optimizers, generators=generators,
+                              state=state, tokenizer=tokenizer, keep=keep, step=step)
+    dist.barrier()  # the other ranks go on (and may read this checkpoint) only once it is complete
+    return final
+
+
+def _write_checkpoint(run_dir: Path, name: str, *, models: dict[str, nn.Module],
+                      optimizers: dict[str, torch.optim.Optimizer] | None,
+                      generators: dict[str, torch.Generator] | None, state: dict[str, Any] | None,
+                      tokenizer: Any, keep: int, step: int) -> Path:
     from safetensors.torch import save_file
 
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}."))
     trainer: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():

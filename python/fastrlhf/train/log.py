@@ -29,6 +29,19 @@ class JSONLLogger:
         self._f.close()
 
 
+class NullLogger(JSONLLogger):
+    """A logger that writes nothing: the other ranks' stand-in under torchrun (rank 0 logs)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def log(self, **record: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

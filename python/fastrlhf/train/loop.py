@@ -2,7 +2,9 @@
 accumulated and clipped steps, a progress bar, JSONL log lines, periodic evaluation and checkpoints,
 an optional wall-clock budget. A trainer supplies the model, `micro_loss` and `evaluate`; the loop owns
 the step counter. Data streams that are a pure function of (step, micro-batch) — see `EpochStream` —
-make a resumed run repeat an uninterrupted one exactly (the checkpoint restores torch's RNG for dropout)."""
+make a resumed run repeat an uninterrupted one exactly (the checkpoint restores torch's RNG for dropout).
+Under torchrun (train.dist) the model is DDP-wrapped, each rank computes its share of every batch, the
+logged loss is the mean over the ranks and rank 0 alone logs and writes checkpoints."""
 
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from fastrlhf.train.log import JSONLLogger, Progress
+from fastrlhf.train import dist
+from fastrlhf.train.log import JSONLLogger, NullLogger, Progress
 from fastrlhf.train.optim import OptimConfig, lr_at, optimizer_step
 
 T = TypeVar("T")
@@ -61,15 +65,22 @@ class LoopSettings(Protocol):
     max_minutes: float
     device: str
     threads: int
+    seed: int
 
 
 def resolve_device(t: LoopSettings) -> torch.device:
-    """train.device ('auto' = cuda when available) as a torch.device; applies train.threads."""
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if t.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(t.device)
+    """train.device ('auto' = cuda when available) as a torch.device; applies train.threads. Under
+    torchrun this joins the process group and gives this rank's device (dist.setup)."""
+    return dist.setup(t.device, t.threads)
+
+
+def run_outputs(out: Path, total: int, initial: int, desc: str, quiet: bool
+                ) -> tuple[JSONLLogger, Progress, Callable[[str], None]]:
+    """The run's log.jsonl, progress bar and printer: real on rank 0, silent on the other ranks."""
+    loud = dist.is_main() and not quiet
+    logger = JSONLLogger(out / "log.jsonl") if dist.is_main() else NullLogger()
+    progress = Progress(total, initial=initial, desc=desc, enabled=None if loud else False)
+    return logger, progress, (progress.say if loud else lambda s: None)
 
 
 def run_loop(
@@ -89,7 +100,9 @@ def run_loop(
 ) -> dict[str, float]:
     """Train from `step` to t.max_steps (or until t.max_minutes is spent). micro_loss(step, i) is the
     loss of micro-batch i < grad_accum of optimizer step `step` (0-based); evaluate() returns named
-    validation metrics (logged, printed, and returned with the last train loss); save(step) checkpoints."""
+    validation metrics (logged, printed, and returned with the last train loss); save(step) checkpoints.
+    Under torchrun: `model` is the DDP wrapper, micro_loss gives this rank's share of the loss (so that
+    the mean over the ranks is the global batch's loss), evaluate and save are called on every rank."""
     model.train()
     last: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -97,11 +110,15 @@ def run_loop(
     while step < t.max_steps:
         lr = lr_at(step, optim, t.max_steps)
         s = step
+        if dist.active():  # dropout masks: a pure function of (seed, step, rank), so resume repeats them
+            torch.manual_seed(dist.stream_seed(t.seed, "dropout", step))
         loss, norm = optimizer_step(model, optimizer, lambda i: micro_loss(s, i), t.grad_accum, lr, optim.grad_clip)
+        loss = dist.mean_float(loss)
         step += 1
         rate = progress.update(tokens_per_step() if callable(tokens_per_step) else tokens_per_step, loss=loss)
         last["loss"] = loss
-        final = step == t.max_steps or time.perf_counter() > deadline
+        late = deadline < float("inf") and dist.any_rank(time.perf_counter() > deadline)  # all ranks stop alike
+        final = step == t.max_steps or late
         if final and step < t.max_steps:
             say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
         if step % t.log_interval == 0 or final:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -71,13 +72,16 @@ def optimizer_step(
     grad_clip: float,
 ) -> tuple[float, float]:
     """One update: backward of micro_losses(i) / grad_accum for i < grad_accum, clip, step.
-    Returns (mean loss, gradient norm before clipping)."""
+    Returns (mean loss, gradient norm before clipping). A DDP model averages the gradients over the
+    ranks once, in the last micro-batch's backward (no_sync before it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = 0.0
     for i in range(grad_accum):
-        loss = micro_losses(i)
-        (loss / grad_accum).backward()
+        defer = isinstance(model, DistributedDataParallel) and i < grad_accum - 1
+        with model.no_sync() if defer else contextlib.nullcontext():
+            loss = micro_losses(i)
+            (loss / grad_accum).backward()
         total += loss.item()
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))

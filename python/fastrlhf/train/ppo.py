@@ -6,7 +6,12 @@ and KL controller of Ziegler et al. 2019, arXiv 1909.08593).
 One step = rollout (KV-cache sampling; the sampler's logprobs are the old logprobs) -> score (reference
 logprobs, values, reward) -> rewards = score at the last token - kl_coef * KL per token -> GAE ->
 ppo_epochs x minibatches of clipped PPO (+ ptx_coef * pretraining loss). The data flow is DESIGN.md's
-"One PPO step, as data"; metrics go to log.jsonl, checkpoints resume bit-for-bit on CPU."""
+"One PPO step, as data"; metrics go to log.jsonl, checkpoints resume bit-for-bit on CPU.
+
+Under torchrun (docs/distributed.md) each of N ranks samples rollout_batch / N episodes from its share of
+the prompts with its own sampling seed; reward and advantage whitening, the KL controller and the metrics
+use the whole batch (all-reduced sums), and each update averages the gradients of minibatch / N episodes
+per rank, weighted so that the loss is the global minibatch's token mean."""
 
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ from fastrlhf.data import random_batch
 from fastrlhf.model import GPT, Generation, ScalarHeadModel, generate, last_token_index
 from fastrlhf.model.gpt import load_checked
 from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train import dist
 from fastrlhf.train.config import to_dict
-from fastrlhf.train.log import JSONLLogger, Progress, read_jsonl
+from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
 from fastrlhf.train.optim import lr_at, make_adamw
 from fastrlhf.train.ppo_config import PPOConfig
 from fastrlhf.train.rl import (
@@ -127,6 +133,8 @@ class PPOTrainer:
         if p.ptx_coef > 0 and (ptx_tokens is None or len(ptx_tokens) <= p.ptx_block + 1):
             raise ValueError(f"ppo.ptx_coef = {p.ptx_coef} needs pretraining tokens longer than ppo.ptx_block "
                              f"({p.ptx_block}); set train.ptx_data to a token file")
+        dist.check_divides("ppo.rollout_batch", p.rollout_batch)
+        dist.check_divides("ppo.minibatch", p.minibatch)
         self.device = next(policy.parameters()).device
         self.policy, self.ref, self.reward = policy, ref, reward
         self.eos, self.tokenizer, self.ptx_tokens, self.quiet = eos_token_id, tokenizer, ptx_tokens, quiet
@@ -145,6 +153,7 @@ class PPOTrainer:
         # eval mode everywhere: dropout would break ratio == 1 at the first minibatch
         self.trained = nn.ModuleDict({"policy": policy, "value": self.value}).eval()
         self.optimizer = make_adamw(self.trained, cfg.optim)
+        self._call = dist.wrap_call(self.trained)  # call(fn, *args): fn's backward averages grads over the ranks
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
                        else KLController(p.kl_coef))
         seed = cfg.train.seed
@@ -156,7 +165,7 @@ class PPOTrainer:
     # ---- rollout -------------------------------------------------------------------------------------
     def _next_prompts(self) -> list[list[int]]:
         """rollout_batch prompts in a fresh seeded permutation per pass over the pool (resumable by count)."""
-        out, n = [], len(self.prompts)
+        out, n = [], len(self.prompts)  # the global batch; step() keeps this rank's share
         for i in range(self.prompts_seen, self.prompts_seen + self.cfg.ppo.rollout_batch):
             epoch, j = divmod(i, n)
             if self._perm_cache[0] != epoch:
@@ -183,7 +192,7 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]]) -> Rollout:
-        p = self.cfg.ppo
+        p, moments = self.cfg.ppo, dist.global_masked_moments  # whitening over every rank's episodes
         gen = generate(self.policy, prompts, p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
                        top_p=p.top_p, eos_token_id=self.eos, generator=self.gens["sample"])
         self._t_gen = time.perf_counter()
@@ -204,9 +213,9 @@ class PPOTrainer:
         ro.score = score
         ro.kl = kl_penalty(ro.logprobs, ref_logprobs, p.kl_estimator) * mask
         rewards = shape_rewards(score, ro.kl, self.kl_ctl.value, mask)
-        ro.rewards = masked_whiten(rewards, mask, shift_mean=False) if p.whiten_rewards else rewards
+        ro.rewards = masked_whiten(rewards, mask, shift_mean=False, moments=moments) if p.whiten_rewards else rewards
         advantages, ro.returns = ops.gae(ro.rewards, ro.values, mask, gamma=p.gamma, lam=p.lam)
-        ro.advantages = masked_whiten(advantages, mask)
+        ro.advantages = masked_whiten(advantages, mask, moments=moments)
         return ro
 
     # ---- update --------------------------------------------------------------------------------------
@@ -220,6 +229,11 @@ class PPOTrainer:
                                    ro.returns[mb], ro.mask[mb], clip_range=p.clip_range,
                                    clip_range_value=p.clip_range_value, vf_coef=p.vf_coef, entropy=entropy,
                                    ent_coef=p.ent_coef)
+        if dist.active():  # N * local tokens / global tokens: DDP's mean over ranks is then the global token mean
+            n = ro.mask[mb].sum()
+            share = float(n * dist.world_size() / dist.all_sum(n).clamp(min=1))
+            loss = loss * share
+            stats = {k: v if k == "ratio_max" else v * share for k, v in stats.items()}
         if p.ptx_coef > 0:  # PPO-ptx: InstructGPT eq. 2's gamma * E_pretrain[log pi(x)]
             x, y = random_batch(self.ptx_tokens, p.ptx_batch, p.ptx_block, self.gens["ptx"])
             ptx_loss = self.policy(x.to(self.device), y.to(self.device))[1]
@@ -229,24 +243,36 @@ class PPOTrainer:
             deviation = float((torch.exp(logprobs - ro.logprobs[mb]) - 1).abs()[ro.mask[mb]].max())
         return loss, stats, deviation
 
+    @staticmethod
+    def _agree(loss: Tensor, deviation: float, approx_kl: float) -> tuple[bool, float, float]:
+        """(loss non-finite, max |ratio - 1|, |approx_kl|), each the worst over the ranks: every rank must
+        take the same branch after a minibatch (a rank that skipped a collective would hang the others)."""
+        local = torch.tensor([float(not math.isfinite(loss.item())), deviation, abs(approx_kl)], dtype=torch.float64)
+        bad, dev, akl = dist.all_max(local).tolist()
+        return bool(bad), dev, akl
+
     def _update(self, ro: Rollout) -> tuple[dict[str, float], str]:
         """ppo_epochs x minibatches of clipped PPO; returns mean stats and '' or why it stopped (non-finite)."""
         p, o = self.cfg.ppo, self.cfg.optim
         sums: dict[str, float] = {}
         n, norms, params = 0, [], [q for q in self.trained.parameters() if q.requires_grad]
         total_updates = self.cfg.train.max_steps * p.ppo_epochs * p.n_minibatches
+        B, mbs = p.rollout_batch // dist.world_size(), p.minibatch // dist.world_size()  # this rank's episodes
         for epoch in range(p.ppo_epochs):
-            perm = torch.randperm(p.rollout_batch, generator=self.gens["shuffle"])
+            perm = torch.randperm(B, generator=self.gens["shuffle"])
             for k in range(p.n_minibatches):
-                loss, stats, deviation = self._minibatch_loss(ro, perm[k * p.minibatch : (k + 1) * p.minibatch])
-                if not math.isfinite(loss.item()):
+                loss, stats, deviation = self._call(self._minibatch_loss, ro, perm[k * mbs : (k + 1) * mbs])
+                bad, deviation, abs_kl = self._agree(loss, deviation, float(stats["approx_kl"]))
+                if bad:
+                    if dist.active():
+                        loss.backward()  # completes DDP's reduction; the gradients are thrown away
+                        self.optimizer.zero_grad(set_to_none=True)
                     return {}, f"non-finite loss at epoch {epoch}, minibatch {k}"
                 if epoch == 0 and k == 0:
                     sums["first_ratio_dev"], sums["first_approx_kl"] = deviation, float(stats["approx_kl"])
-                if p.check_invariants and epoch == 0 and k == 0 and (
-                        deviation > INVARIANT_TOL or abs(float(stats["approx_kl"])) > INVARIANT_TOL):
+                if p.check_invariants and epoch == 0 and k == 0 and max(deviation, abs_kl) > INVARIANT_TOL:
                     raise RuntimeError(f"PPO invariant broken at step {self.step_count + 1}: at the first minibatch "
-                                       f"max |ratio - 1| = {deviation:.3g} and approx_kl = {float(stats['approx_kl']):.3g} "
+                                       f"max |ratio - 1| = {deviation:.3g} and |approx_kl| = {abs_kl:.3g} "
                                        f"(both must be <= {INVARIANT_TOL}); the scorer does not reproduce the sampler")
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(self.updates, o, total_updates)
@@ -263,15 +289,18 @@ class PPOTrainer:
                     v = float(v)
                     sums[key] = max(sums.get(key, v), v) if key == "ratio_max" else sums.get(key, 0.0) + v
         once = ("ratio_max", "first_ratio_dev", "first_approx_kl")
-        out = {k: (v if k in once else v / n) for k, v in sums.items()}
+        out = dist.mean_floats({k: (v if k in once else v / n) for k, v in sums.items()}, maxed=("ratio_max",))
         out["grad_norm"] = sum(norms) / n
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out, ""
 
     def step(self) -> dict[str, float]:
         """One PPO step (rollout, score, update); returns its metrics."""
-        t0 = time.perf_counter()
-        ro = self.rollout(self._next_prompts())
+        t0, p = time.perf_counter(), self.cfg.ppo
+        if dist.active():  # a stream per rank and step: ranks sample differently, a resume repeats them
+            for name in ("sample", "ptx"):
+                self.gens[name].manual_seed(dist.stream_seed(self.cfg.train.seed, name, self.step_count))
+        ro = self.rollout(self._next_prompts()[dist.shard(p.rollout_batch)])
         t_gen, t_score = self._t_gen, time.perf_counter()
         kl_coef, mask = self.kl_ctl.value, ro.mask
         seq_kl = ro.kl.sum(dim=1)  # (B,)
@@ -279,7 +308,13 @@ class PPOTrainer:
         m = {"score_mean": ro.score.mean().item(), "score_std": ro.score.std().item() if len(ro.score) > 1 else 0.0,
              "kl": seq_kl.mean().item(), "kl_coef": kl_coef, "non_score_reward": non_score.mean().item(),
              "rlhf_reward": (ro.score + non_score).mean().item()}
-        finite = all(math.isfinite(v) for v in m.values()) and bool(torch.isfinite(ro.advantages).all())
+        finite = bool(torch.isfinite(ro.advantages).all())
+        if dist.active():  # the ranks hold equal shares: means of their means are global means
+            everyone = torch.ones_like(ro.score, dtype=torch.bool)
+            m["score_std"] = float(dist.global_masked_moments(ro.score, everyone)[1].sqrt())
+            m = dist.mean_floats(m | {"finite": float(finite)})
+            finite = m.pop("finite") == 1.0
+        finite = finite and all(math.isfinite(v) for v in m.values())
         stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
         t_train = time.perf_counter()
         self.step_count += 1
@@ -299,10 +334,12 @@ class PPOTrainer:
                                                       "first_ratio_dev", "first_approx_kl")})
         if self.cfg.ppo.ptx_coef > 0:
             m["ptx_loss"] = stats.get("ptx_loss", math.nan)
-        m.update(explained_variance=explained_variance(ro.values, ro.returns, mask),
-                 response_length=lengths.mean().item(), eos_frac=ended.mean().item(),
+        sizes = dist.mean_floats({"response_length": lengths.mean().item(), "eos_frac": ended.mean().item(),
+                                  "tokens": lengths.sum().item() * dist.world_size()})  # tokens of all ranks
+        m.update(explained_variance=explained_variance(ro.values, ro.returns, mask, moments=dist.global_masked_moments),
+                 response_length=sizes["response_length"], eos_frac=sizes["eos_frac"],
                  nonfinite_steps=self.nonfinite_total, time_generate=t_gen - t0, time_score=t_score - t_gen,
-                 time_train=t_train - t_score, tokens_per_s=lengths.sum().item() / max(t_train - t0, 1e-9))
+                 time_train=t_train - t_score, tokens_per_s=sizes["tokens"] / max(t_train - t0, 1e-9))
         return m
 
     # ---- checkpoints and the loop ----------------------------------------------------------------------
@@ -333,14 +370,17 @@ class PPOTrainer:
         t = self.cfg.train
         out = Path(t.out_dir)
         latest = ckpt.latest_checkpoint(out)
+        main = dist.is_main()  # rank 0 logs; every rank trains
         if latest is not None:
             self.load(latest)
             log = out / "log.jsonl"  # drop rows a killed run logged after its last checkpoint
-            if log.is_file():
+            if main and log.is_file():
                 rows = [r for r in read_jsonl(log) if r.get("step", 0) <= self.step_count]
                 ckpt.atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in rows))
-        logger, tb = JSONLLogger(out / "log.jsonl"), _tensorboard(out) if t.tensorboard else None
-        progress = Progress(t.max_steps, initial=self.step_count, desc="ppo", enabled=False if self.quiet else None)
+        logger = JSONLLogger(out / "log.jsonl") if main else NullLogger()
+        tb = _tensorboard(out) if t.tensorboard and main else None
+        progress = Progress(t.max_steps, initial=self.step_count, desc="ppo",
+                            enabled=False if self.quiet or not main else None)
         deadline = time.perf_counter() + t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         history = []
         while self.step_count < t.max_steps:
@@ -348,7 +388,8 @@ class PPOTrainer:
             history.append(m)
             progress.update(int(m["response_length"] * self.cfg.ppo.rollout_batch), score=m["score_mean"], kl=m["kl"],
                             ent=m["entropy"], ev=m["explained_variance"])
-            final = self.step_count == t.max_steps or time.perf_counter() > deadline
+            late = deadline < math.inf and dist.any_rank(time.perf_counter() > deadline)  # all ranks stop alike
+            final = self.step_count == t.max_steps or late
             if self.step_count % t.log_interval == 0 or final:
                 logger.log(step=self.step_count, **m)
                 for k, v in m.items() if tb is not None else ():

@@ -42,11 +42,10 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False) -> PPOTrainer:
     from fastrlhf.data import TokenFile
     from fastrlhf.train.checkpoint import load_gpt
 
+    from fastrlhf.train import dist
+
     t, m = cfg.train, cfg.models
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if t.device == "auto" else t.device))
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    device = dist.setup(t.device, t.threads)  # under torchrun: joins the process group, this rank's device
     policy, tok = load_gpt(_need(m.policy, "models.policy", "python -m fastrlhf sft"))
     if tok is None:
         raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")

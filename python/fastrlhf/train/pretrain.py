@@ -16,9 +16,9 @@ import torch
 from fastrlhf.data import TokenFile, load_tokenizer, random_batch
 from fastrlhf.model import GPT, GPTConfig
 from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train import dist
 from fastrlhf.train.config import from_dict, load_config, to_dict
-from fastrlhf.train.log import JSONLLogger, Progress
-from fastrlhf.train.loop import LoopConfig, resolve_device, run_loop
+from fastrlhf.train.loop import LoopConfig, resolve_device, run_loop, run_outputs
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
 
@@ -33,7 +33,7 @@ class TrainConfig(LoopConfig):
     max_steps: int = 1000
     """Optimizer steps in the whole run (the cosine schedule ends here)."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, over all processes (each of N torchrun ranks reads batch_size / N)."""
     block_size: int = 0
     """Tokens per sequence; 0 = the model's block_size."""
     eval_interval: int = 100
@@ -56,16 +56,18 @@ class PretrainConfig:
 
 @torch.no_grad()
 def evaluate(model: GPT, tokens, cfg: TrainConfig, T: int, device: torch.device) -> float:
-    """Mean loss over the same eval_batches windows every time (a fixed generator), in eval mode."""
+    """Mean loss over the same eval_batches windows every time (a fixed generator), in eval mode.
+    Under torchrun rank r scores windows r, r + N, ... and the sums are added up."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     total = 0.0
-    for _ in range(cfg.eval_batches):
-        x, y = random_batch(tokens, cfg.batch_size, T, gen)
-        with autocast_for(device, cfg.dtype):
-            total += model(x.to(device), y.to(device))[1].item()
+    for i in range(cfg.eval_batches):
+        x, y = random_batch(tokens, cfg.batch_size, T, gen)  # every rank draws, to keep the same windows
+        if i % dist.world_size() == dist.rank():
+            with autocast_for(device, cfg.dtype):
+                total += model(x.to(device), y.to(device))[1].item()
     model.train()
-    return total / cfg.eval_batches
+    return float(dist.all_sum(torch.tensor(total, dtype=torch.float64))) / cfg.eval_batches
 
 
 def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
@@ -82,6 +84,7 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
         raise ValueError(f"train.block_size ({T}) must be <= model.block_size ({cfg.model.block_size})")
     tokenizer = load_tokenizer(data / "tokenizer")
 
+    dist.check_divides("train.batch_size", t.batch_size)
     torch.manual_seed(t.seed)
     model = GPT(cfg.model).to(device)
     optimizer = make_adamw(model, cfg.optim)
@@ -95,23 +98,22 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
             raise ValueError(f"{latest} was trained with model config {saved.model}, not {cfg.model}")
         step = ckpt.load_checkpoint(latest, models={"model": model}, optimizers={"optim": optimizer},
                                     generators={"data": data_gen})["step"]
-    logger = JSONLLogger(out / "log.jsonl")
-    progress = Progress(t.max_steps, initial=step, desc="pretrain", enabled=None if not quiet else False)
-    say = (lambda s: None) if quiet else progress.say
+    logger, progress, say = run_outputs(out, t.max_steps, step, "pretrain", quiet)
+    ddp_model, rows = dist.wrap(model), dist.shard(t.batch_size)
     say(f"model: {model.num_params():,} parameters; {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
         + (f"; resumed at step {step}" if step else ""))
 
     def micro_loss(_step: int, _i: int) -> torch.Tensor:
-        x, y = random_batch(train_tokens.tokens, t.batch_size, T, data_gen)
+        x, y = random_batch(train_tokens.tokens, t.batch_size, T, data_gen)  # (B, T) each, the global batch
         with autocast_for(device, t.dtype):
-            return model(x.to(device), y.to(device))[1]
+            return ddp_model(x[rows].to(device), y[rows].to(device))[1]  # this rank's (B / N, T) share
 
     def save(at: int) -> None:
         ckpt.save_checkpoint(out, at, models={"model": model}, optimizers={"optim": optimizer},
                              generators={"data": data_gen}, state={"config": to_dict(cfg)},
                              tokenizer=tokenizer, keep=t.keep_checkpoints)
 
-    return run_loop(model=model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
+    return run_loop(model=ddp_model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
                     evaluate=lambda: {"val_loss": evaluate(model, val_tokens.tokens, t, T, device)}, save=save,
                     logger=logger, progress=progress, say=say, tokens_per_step=t.batch_size * T * t.grad_accum)
 

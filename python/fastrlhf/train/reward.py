@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastrlhf.data import Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from fastrlhf.data.formats import Ranking, read_rankings
 from fastrlhf.model import GPTConfig, ScalarHeadModel
 from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train import dist
 from fastrlhf.train.config import from_dict, load_config, to_dict
-from fastrlhf.train.log import JSONLLogger, Progress
-from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, shuffled
+from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 from fastrlhf.train.sft import load_demonstrations
 
@@ -70,7 +70,8 @@ class RMTrainConfig(LoopConfig):
     max_steps: int = 200
     """Optimizer steps in the whole run."""
     batch_size: int = 8
-    """Rankings per micro-batch (each contributes K sequences)."""
+    """Rankings per micro-batch (each contributes K sequences), over all processes (N torchrun ranks
+    read batch_size / N whole rankings each)."""
     margin: float = 0.0
     """Required reward gap: the pair loss is -log sigmoid(r_better - r_worse - margin)."""
     pairwise: bool = False
@@ -147,10 +148,13 @@ def kwise_loss(rewards: Tensor, better: Tensor, worse: Tensor, owner: Tensor, ma
     return (total / count).mean()
 
 
-def score_batch(rm: ScalarHeadModel, batch: list[EncodedRanking], pad_id: int, device: torch.device) -> tuple[Tensor, ...]:
-    """rewards (N,) of every response in the batch, and its better/worse/owner pair indices (P,)."""
+def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pad_id: int, device: torch.device
+                ) -> tuple[Tensor, ...]:
+    """rewards (N,) of every response in the batch, and its better/worse/owner pair indices (P,).
+    rm may be the DDP wrapper of a ScalarHeadModel: its forward (not .score) is what syncs gradients."""
     idx, last, better, worse, owner = collate(batch, pad_id)
-    rewards = rm.score(idx.to(device), last.to(device)).float()  # (N,)
+    values = rm(idx.to(device))  # (N, T)
+    rewards = values.gather(1, last.to(device)[:, None]).squeeze(1).float()  # (N,) at each last token
     return rewards, better.to(device), worse.to(device), owner.to(device)
 
 
@@ -158,19 +162,23 @@ def score_batch(rm: ScalarHeadModel, batch: list[EncodedRanking], pad_id: int, d
 def rm_metrics(rm: ScalarHeadModel, data: list[EncodedRanking], pad_id: int, device: torch.device,
                batch_size: int, margin: float = 0.0) -> dict[str, float]:
     """Held-out val_loss, pairwise accuracy (r_better > r_worse), mean margin (r_better - r_worse over
-    pairs) and accuracy per K (acc_k<K>)."""
+    pairs) and accuracy per K (acc_k<K>). Under torchrun rank r scores chunks r, r + N, ... and every
+    rank gets all the pairs' margins."""
     was = rm.training
     rm.eval()
     diffs, ks, losses = [], [], []
-    for i in range(0, len(data), batch_size):
+    for c, i in enumerate(range(0, len(data), batch_size)):
+        if c % dist.world_size() != dist.rank():
+            continue
         chunk = data[i : i + batch_size]
         rewards, better, worse, owner = score_batch(rm, chunk, pad_id, device)
         losses.append(kwise_loss(rewards, better, worse, owner, margin).item() * len(chunk))
-        diffs.append(rewards[better] - rewards[worse])
+        diffs.append((rewards[better] - rewards[worse]).cpu())
         ks.append(torch.tensor([len(chunk[j][0]) for j in owner.tolist()]))
     rm.train(was)
-    diff, k = torch.cat(diffs).cpu(), torch.cat(ks)
-    out = {"val_loss": sum(losses) / len(data), "val_accuracy": (diff > 0).float().mean().item(),
+    diff, k = dist.gather_cat(diffs), dist.gather_cat(ks)  # (P,) each: every pair of every rank
+    loss = float(dist.all_sum(torch.tensor(sum(losses), dtype=torch.float64)))
+    out = {"val_loss": loss / len(data), "val_accuracy": (diff > 0).float().mean().item(),
            "val_margin": diff.mean().item()}
     for kk in sorted(set(k.tolist())):
         out[f"val_acc_k{kk}"] = (diff[k == kk] > 0).float().mean().item()
@@ -187,12 +195,14 @@ def normalize_bias(rm: ScalarHeadModel, tok: Tokenizer, demos: list, device: tor
     was = rm.training
     rm.eval()
     total = 0.0
-    for i in range(0, len(seqs), batch_size):
+    for c, i in enumerate(range(0, len(seqs), batch_size)):
+        if c % dist.world_size() != dist.rank():  # rank r scores chunks r, r + N, ...
+            continue
         chunk = [([s], []) for s in seqs[i : i + batch_size]]
         idx, last, *_ = collate(chunk, tok.eot_id)
         total += rm.score(idx.to(device), last.to(device)).sum().item()
     rm.train(was)
-    mean = total / len(seqs)
+    mean = float(dist.all_sum(torch.tensor(total, dtype=torch.float64))) / len(seqs)  # every rank shifts alike
     rm.head.bias -= mean
     return mean
 
@@ -241,6 +251,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     demos_from, corpus = (d.demos, "") if d.demos else sft_source(sft_ckpt)
     demos = [] if demos_from == "none" else load_demonstrations(demos_from, corpus)[: d.max_demos]
 
+    dist.check_divides("train.batch_size", t.batch_size)
     torch.manual_seed(t.seed)
     rm = ScalarHeadModel.from_gpt(gpt).to(device)
     optimizer = make_adamw(rm, cfg.optim)
@@ -253,9 +264,8 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
         step = ckpt.load_checkpoint(latest, models={"model": rm}, optimizers={"optim": optimizer})["step"]
 
     batches = EpochStream(lambda e: shuffled(as_pairs(train_enc) if t.pairwise else train_enc, t.seed, e))
-    logger = JSONLLogger(out / "log.jsonl")
-    progress = Progress(t.max_steps, initial=step, desc="rm", enabled=None if not quiet else False)
-    say = (lambda s: None) if quiet else progress.say
+    logger, progress, say = run_outputs(out, t.max_steps, step, "rm", quiet)
+    ddp_rm, share = dist.wrap(rm), dist.shard(t.batch_size)
     if not step:
         logger.log(step=0, train_rankings=len(train_enc), val_rankings=len(val_enc), dropped=dropped,
                    truncated=truncated, val_dropped=val_dropped, all_tied=tied[0], val_all_tied=tied[1],
@@ -269,9 +279,9 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
 
     def micro_loss(s: int, i: int) -> Tensor:
         batch = batches.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)
-        with autocast_for(device, t.dtype):
-            rewards, better, worse, owner = score_batch(rm, batch, tok.eot_id, device)
-        seen[0] += sum(len(x) for r, _ in batch for x in r)
+        seen[0] += sum(len(x) for r, _ in batch for x in r)  # tokens of the global batch
+        with autocast_for(device, t.dtype):  # whole rankings per rank: the mean of the ranks' means is the mean
+            rewards, better, worse, owner = score_batch(ddp_rm, batch[share], tok.eot_id, device)
         return kwise_loss(rewards, better, worse, owner, t.margin)
 
     def tokens_per_step() -> int:
@@ -286,7 +296,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
                              state={"config": to_dict(cfg), "model": gpt.config.to_dict(), "sft": str(sft_ckpt)},
                              keep=t.keep_checkpoints)
 
-    return run_loop(model=rm, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
+    return run_loop(model=ddp_rm, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
                     evaluate=lambda: rm_metrics(rm, val_enc, tok.eot_id, device, t.batch_size, t.margin),
                     save=save, logger=logger, progress=progress, say=say, tokens_per_step=tokens_per_step)
 

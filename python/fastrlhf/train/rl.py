@@ -4,6 +4,7 @@ shaping of InstructGPT/Ziegler et al., and the KL coefficient controllers."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,20 +24,29 @@ def masked_var(x: Tensor, mask: Tensor) -> Tensor:
     return (((x - mean) ** 2) * m).sum() / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(masked_mean, masked_var) of this process's x; dist.global_masked_moments is the all-ranks twin."""
+    return masked_mean(x, mask), masked_var(x, mask)
+
+
+Moments = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments: Moments = masked_moments) -> Tensor:
     """(x - mean) / std over the masked-in entries, 0 elsewhere; shift_mean=False keeps the mean
-    (reward whitening must not change the reward's sign on average, as in lm-human-preferences)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    (reward whitening must not change the reward's sign on average, as in lm-human-preferences).
+    moments(x, mask) -> (mean, var) decides over which entries (this process's, or every rank's)."""
+    mean, var = moments(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros((), dtype=x.dtype))
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, moments: Moments = masked_moments) -> float:
     """1 - Var(returns - values) / Var(returns) over the mask: 1 = perfect critic, <= 0 = useless."""
-    var_ret = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var_ret) if var_ret > 0 else float("nan")
+    var_ret = moments(returns, mask)[1]
+    return float(1 - moments(returns - values, mask)[1] / var_ret) if var_ret > 0 else float("nan")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:

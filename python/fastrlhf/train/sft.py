@@ -24,9 +24,9 @@ from fastrlhf.data.formats import SFTExample, read_sft
 from fastrlhf.model import GPT, IGNORE_INDEX, GPTConfig
 from fastrlhf.tasks.registry import TASKS, Task, get_task
 from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.train import dist
 from fastrlhf.train.config import from_dict, load_config, to_dict
-from fastrlhf.train.log import JSONLLogger, Progress
-from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, shuffled
+from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
 Encoded = tuple[list[int], list[bool]]  # token ids of one example, True on the tokens the loss counts
@@ -66,7 +66,7 @@ class SFTTrainConfig(LoopConfig):
     max_steps: int = 300
     """Optimizer steps in the whole run."""
     batch_size: int = 8
-    """Packed rows per micro-batch."""
+    """Packed rows per micro-batch, over all processes (each of N torchrun ranks reads batch_size / N)."""
     block_size: int = 0
     """Tokens per packed row; 0 = the model's block_size."""
     eval_interval: int = 100
@@ -196,7 +196,7 @@ def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]
     if latest is not None and (latest / "tokenizer").is_dir():
         tok = load_tokenizer(latest / "tokenizer")  # a resumed run keeps its tokenizer
     else:
-        tok = ByteBPETokenizer.train(texts, cfg.model.vocab_size)
+        tok = dist.from_main(lambda: ByteBPETokenizer.train(texts, cfg.model.vocab_size))  # one for all ranks
     torch.manual_seed(t.seed)
     return GPT(cfg.model), tok
 
@@ -222,6 +222,7 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
     if not train_enc or not val_enc:
         raise ValueError(f"no SFT example fits the context of {T} tokens ({dropped} train and {val_dropped} "
                          f"validation examples dropped as too long)")
+    dist.check_divides("train.batch_size", t.batch_size)
     model = model.to(device)
     optimizer = make_adamw(model, cfg.optim)
     step = 0
@@ -234,9 +235,8 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
 
     stream = EpochStream(lambda e: pack(shuffled(train_enc, t.seed, e), T))
     val_rows = pack(val_enc, T)
-    logger = JSONLLogger(out / "log.jsonl")
-    progress = Progress(t.max_steps, initial=step, desc="sft", enabled=None if not quiet else False)
-    say = (lambda s: None) if quiet else progress.say
+    logger, progress, say = run_outputs(out, t.max_steps, step, "sft", quiet)
+    ddp_model, share, world = dist.wrap(model), dist.shard(t.batch_size), dist.world_size()
     if not step:
         logger.log(step=0, train_examples=len(train_enc), val_examples=len(val_enc), dropped=dropped,
                    truncated=truncated, val_dropped=val_dropped)
@@ -246,20 +246,28 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
     counted = [0]
 
     def micro_loss(s: int, i: int) -> Tensor:
-        rows = stream.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)
+        rows = stream.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)[share]
         with autocast_for(device, t.dtype):
-            total, n = token_losses(model, collate(rows, T, tok.eot_id), device)
+            total, n = token_losses(ddp_model, collate(rows, T, tok.eot_id), device)
+        if world == 1:
+            counted[0] += int(n)
+            return total / n.clamp(min=1)
+        # the global batch's token mean: DDP averages over the N ranks, so each gives N * its sum / all tokens
+        n = dist.all_sum(n)
         counted[0] += int(n)
-        return total / n.clamp(min=1)
+        return total * world / n.clamp(min=1)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
         total, n = 0.0, 0
-        for i in range(0, len(val_rows), t.batch_size):
+        for k, i in enumerate(range(0, len(val_rows), t.batch_size)):
+            if k % world != dist.rank():  # rank r scores chunks r, r + N, ...
+                continue
             with autocast_for(device, t.dtype):
                 s, c = token_losses(model, collate(val_rows[i : i + t.batch_size], T, tok.eot_id), device)
             total, n = total + s.item(), n + int(c)
+        total, n = dist.all_sum(torch.tensor([total, n], dtype=torch.float64)).tolist()
         return {"val_loss": total / n}
 
     def tokens_per_step() -> int:
@@ -270,7 +278,7 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
         ckpt.save_checkpoint(out, at, models={"model": model}, optimizers={"optim": optimizer},
                              state={"config": to_dict(cfg)}, tokenizer=tok, keep=t.keep_checkpoints)
 
-    return run_loop(model=model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
+    return run_loop(model=ddp_model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
                     evaluate=evaluate, save=save, logger=logger, progress=progress, say=say,
                     tokens_per_step=tokens_per_step)
 
