@@ -248,6 +248,11 @@ def run_pipeline(out: str | Path, cfg: PipelineConfig, *, until: str = "eval", r
     from fastrlhf.train import stages
     from fastrlhf.train.report import write_report
 
+    from fastrlhf.train import dist
+
+    if dist.launched():
+        raise ValueError("the pipeline runs in one process (its data and labeling stages are not distributed); "
+                         "launch the trainers themselves under torchrun instead (docs/distributed.md)")
     run = Run(out, cfg)
     run.out.mkdir(parents=True, exist_ok=True)
     if redo:
