@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,11 @@ from fastrlhf.train.pipeline import Run
 def _runtime(section: Any, run: Run) -> None:
     """Every stage computes on the run's device and threads."""
     section.device, section.threads = run.cfg.run.device, run.cfg.run.threads
+
+
+def _bars(quiet: bool) -> bool:
+    """Progress bars only on a terminal, as the trainers' own (a log file gets their summary lines)."""
+    return not quiet and sys.stderr.isatty()
 
 
 def _last(log: Path, key: str) -> float:
@@ -97,7 +103,7 @@ def stage_label(run: Run, quiet: bool) -> dict[str, Any]:
         prompts = task.prompts(split)[:n]
         stats, skipped = label_to_file(model, tok, prompts, labeler, run.dir("label") / f"{split}.jsonl", k=lab.k,
                                        batch_prompts=lab.batch_prompts, max_new_tokens=lab.max_new_tokens, seed=seed,
-                                       temperature=lab.temperature, progress=not quiet, desc=f"label {split}")
+                                       temperature=lab.temperature, progress=_bars(quiet), desc=f"label {split}")
         summary[f"{split}_rankings"], summary[f"{split}_skipped"] = stats.total, skipped
     return summary
 
@@ -139,7 +145,7 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
 
     e, task = run.cfg.eval, _task(run)
     prompts = task.prompts("heldout")[: e.prompts]
-    rows = answer_and_score(run, prompts, progress=not quiet)
+    rows = answer_and_score(run, prompts, progress=_bars(quiet))
     with open(run.dir("eval") / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     metrics = {}
