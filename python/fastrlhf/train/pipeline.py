@@ -58,7 +58,7 @@ class DataStage:
 class LabelStage:
     k: int = 4
     """Answers sampled and ranked per prompt."""
-    train_prompts: int = 1024
+    train_prompts: int = 2048
     """Train prompts labeled for the reward model."""
     heldout_prompts: int = 256
     """Held-out prompts labeled for the reward model's held-out accuracy."""
@@ -83,7 +83,7 @@ def _ppo_defaults() -> PPOConfig:
     cfg = PPOConfig()
     p = cfg.ppo
     p.rollout_batch, p.minibatch, p.ppo_epochs, p.max_new_tokens = 32, 16, 2, 16
-    p.adaptive_kl, p.kl_coef, p.kl_target, p.kl_horizon = True, 0.1, 6.0, 1000
+    p.adaptive_kl, p.kl_coef, p.kl_target, p.kl_horizon = True, 0.1, 6.0, 256
     cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps = 3e-4, 3e-5, 10
     cfg.train.max_steps, cfg.train.ckpt_interval, cfg.train.max_minutes = 300, 25, 5.0
     return cfg
