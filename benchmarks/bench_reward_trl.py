@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import tempfile
 import time
 import warnings
 
 import torch
-
 from _common import report
 from bench_reward import interleaved_ms
 from fastrlhf.model import GPTConfig, ScalarHeadModel
@@ -31,24 +29,27 @@ from fastrlhf.train.reward import kwise_loss, score_batch
 LR = 1e-4  # TRL's RewardConfig default; warmup 0, so both sides take exactly this step first
 
 
-def make_models(vocab: int, seq: int, seed: int = 0):
+def make_models(vocab: int, seq: int, seed: int = 0, jitter: float = 0.0):
     """(ours, hf): a ScalarHeadModel and a GPT2ForSequenceClassification with equal weights (head bias 0:
-    HF's score head has none)."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
+    HF's score head has none). jitter > 0 adds noise to every weight first (zero biases and unit LayerNorm
+    gains would hide a mis-mapped one in a test)."""
     from fastrlhf.model.hf import config_to_hf_dict, state_dict_to_hf
+    from transformers import GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=vocab, block_size=seq, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
     ours = ScalarHeadModel(cfg).train()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * jitter)
     hf_cfg = {k: v for k, v in config_to_hf_dict(cfg).items() if k != "architectures"}
     hf = GPT2ForSequenceClassification(GPT2Config(**hf_cfg, num_labels=1, pad_token_id=0))
     sd = {k.removeprefix("transformer."): v for k, v in state_dict_to_hf(ours.trunk).items() if k != "lm_head.weight"}
     missing, unexpected = hf.transformer.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), (missing, unexpected)
     with torch.no_grad():
-        hf.score.weight.copy_(ours.head.weight)  # (1, C)
         ours.head.bias.zero_()
+        hf.score.weight.copy_(ours.head.weight)  # (1, C)
     return ours, hf.train()
 
 
