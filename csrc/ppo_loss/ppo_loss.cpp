@@ -2,10 +2,11 @@
 //   pg  = max(-A r, -A clamp(r, 1 - c, 1 + c))          clipped  = [second term > first]
 //   vl  = max((v - R)^2, (v_c - R)^2),  v_c = v_old + clamp(v - v_old, -c_v, c_v)
 //   loss = sum m pg / n + vf_coef * 0.5 sum m vl / n - ent_coef * sum m H / n
-// The forward sums fixed 1024-token chunks in parallel and adds the chunk partials (doubles) in
-// chunk order, so results do not depend on the thread count. The backward follows autograd's
-// rules for the reference exactly: torch.maximum sends half the gradient to each side of a tie,
-// torch.clamp passes it where min <= x <= max.
+// One pass: the mask is summed first (n), then fixed 1024-token chunks are processed in parallel;
+// each writes its tokens' gradients (final, since 1 / n is known) and its partial sums, which are
+// added (doubles) in chunk order, so results do not depend on the thread count. The gradients
+// follow autograd's rules for the reference exactly: torch.maximum sends half the gradient to
+// each side of a tie, torch.clamp passes it where min <= x <= max.
 #include "ppo_loss/ppo_loss.h"
 
 #include <algorithm>
@@ -114,19 +115,25 @@ template <class X> auto val(const void* base, int64_t i) {
   else return to_acc(*at<X>(base, i));
 }
 
-// ---- forward: partial sums of one chunk [b, e) ---------------------------------------------
+// ---- one chunk [b, e): partial sums, and the gradients when p.grads ---------------------------
 // part: kNumSums masked sums, then the max ratio over tokens with m != 0 (-inf if none).
+// inv_n = 1 / max(sum m, 1); a token's gradient weights are m / n (logprobs), vf_coef m / n
+// (values) and -ent_coef m / n (entropy).
 template <class T, class M>
-void fwd_chunk_scalar(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
+void chunk_scalar(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, double* part) {
   using acc = acc_t<T>;
-  const Consts<acc> c = make_consts<acc>(p, [](double x) { return acc(x); });
+  const PpoLossInputs& in = p.in;
+  const Consts<acc> c = make_consts<acc>(in, [](double x) { return acc(x); });
+  acc* g_lp = static_cast<acc*>(p.grads);                   // (N,) rows of grads (K, N)
+  acc* g_v = g_lp ? g_lp + in.N : nullptr;                  // (N,)
+  acc* g_ent = g_lp && in.entropy ? g_lp + 2 * in.N : nullptr;  // (N,)
   double s[kNumSums] = {};
   double rmax = -INFINITY;
   for (int64_t i = b; i < e; ++i) {
-    const acc m = acc(val<M>(p.mask, i));
-    const Token<acc> t = token<acc>(val<T>(p.logprobs, i), val<T>(p.old_logprobs, i),
-                                    val<T>(p.advantages, i), val<T>(p.values, i),
-                                    val<T>(p.old_values, i), val<T>(p.returns, i), c);
+    const acc m = acc(val<M>(in.mask, i));
+    const Token<acc> t = token<acc>(val<T>(in.logprobs, i), val<T>(in.old_logprobs, i),
+                                    val<T>(in.advantages, i), val<T>(in.values, i),
+                                    val<T>(in.old_values, i), val<T>(in.returns, i), c);
     const acc vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
     s[kSumPg] += m * vmax(t.pg1, t.pg2);
     s[kSumVl] += m * vmax(vl1, vl2);
@@ -134,8 +141,12 @@ void fwd_chunk_scalar(const PpoLossInputs& p, int64_t b, int64_t e, double* part
     s[kSumVclip] += m * gt(vl2, vl1);
     s[kSumK3] += m * ((t.ratio - acc(1)) - t.log_ratio);  // k3, http://joschu.net/blog/kl-approx.html
     s[kSumRatio] += m * t.ratio;
-    if (p.entropy) s[kSumEnt] += m * val<T>(p.entropy, i);
+    if (in.entropy) s[kSumEnt] += m * val<T>(in.entropy, i);
     if (m != acc(0)) rmax = std::max(rmax, double(t.ratio));
+    if (g_lp) {
+      token_grads<acc>(t, acc(m * inv_n), acc(m * inv_n * in.vf_coef), c, g_lp[i], g_v[i]);
+      if (g_ent) g_ent[i] = acc(-m * inv_n * in.ent_coef);
+    }
   }
   std::copy(s, s + kNumSums, part);
   part[kNumSums] = rmax;
@@ -146,21 +157,31 @@ template <class X> inline F8 ld(const void* base, int64_t i, int64_t n) {
   const X* ptr = at<X>(base, i);
   return {n == 8 ? vec::load8(ptr) : vec::load_tail(ptr, n, 0.0f)};  // pads: m = 0, finite terms
 }
+inline void st(float* ptr, int64_t n, F8 x) {
+  if (n == 8) vec::store8(ptr, x.v);
+  else vec::store_tail(ptr, n, x.v);
+}
 
 template <class T, class M>
-void fwd_chunk_avx2(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
-  const Consts<F8> c = make_consts<F8>(p, [](double x) { return F8{_mm256_set1_ps(float(x))}; });
-  const F8 one{_mm256_set1_ps(1.0f)}, zero{_mm256_setzero_ps()};
+void chunk_avx2(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, double* part) {
+  const PpoLossInputs& in = p.in;
+  auto bc = [](double x) { return F8{_mm256_set1_ps(float(x))}; };
+  const Consts<F8> c = make_consts<F8>(in, bc);
+  const F8 one = bc(1.0), zero{_mm256_setzero_ps()};
+  const F8 s_pg = bc(inv_n), s_v = bc(inv_n * in.vf_coef), s_ent = bc(-inv_n * in.ent_coef);
+  float* g_lp = static_cast<float*>(p.grads);                   // (N,) rows of grads (K, N)
+  float* g_v = g_lp ? g_lp + in.N : nullptr;                    // (N,)
+  float* g_ent = g_lp && in.entropy ? g_lp + 2 * in.N : nullptr;  // (N,)
   double s[kNumSums] = {};
   __m256 rmax = _mm256_set1_ps(-INFINITY);
   for (int64_t blk = b; blk < e; blk += 64) {  // 8 vectors summed in fp32, then added in double
     F8 bs[kNumSums] = {zero, zero, zero, zero, zero, zero, zero};
     for (int64_t i = blk, end = std::min(e, blk + 64); i < end; i += 8) {
       const int64_t n = std::min<int64_t>(8, end - i);
-      const F8 m = ld<M>(p.mask, i, n);
-      const Token<F8> t = token<F8>(ld<T>(p.logprobs, i, n), ld<T>(p.old_logprobs, i, n),
-                                    ld<T>(p.advantages, i, n), ld<T>(p.values, i, n),
-                                    ld<T>(p.old_values, i, n), ld<T>(p.returns, i, n), c);
+      const F8 m = ld<M>(in.mask, i, n);
+      const Token<F8> t = token<F8>(ld<T>(in.logprobs, i, n), ld<T>(in.old_logprobs, i, n),
+                                    ld<T>(in.advantages, i, n), ld<T>(in.values, i, n),
+                                    ld<T>(in.old_values, i, n), ld<T>(in.returns, i, n), c);
       const F8 vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
       bs[kSumPg] = bs[kSumPg] + m * vmax(t.pg1, t.pg2);
       bs[kSumVl] = bs[kSumVl] + m * vmax(vl1, vl2);
@@ -168,9 +189,16 @@ void fwd_chunk_avx2(const PpoLossInputs& p, int64_t b, int64_t e, double* part) 
       bs[kSumVclip] = bs[kSumVclip] + m * gt(vl2, vl1);
       bs[kSumK3] = bs[kSumK3] + m * ((t.ratio - one) - t.log_ratio);
       bs[kSumRatio] = bs[kSumRatio] + m * t.ratio;
-      if (p.entropy) bs[kSumEnt] = bs[kSumEnt] + m * ld<T>(p.entropy, i, n);
+      if (in.entropy) bs[kSumEnt] = bs[kSumEnt] + m * ld<T>(in.entropy, i, n);
       const __m256 live = _mm256_cmp_ps(m.v, zero.v, _CMP_NEQ_OQ);
       rmax = _mm256_max_ps(rmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), t.ratio.v, live));
+      if (g_lp) {
+        F8 d_lp, d_v;
+        token_grads<F8>(t, m * s_pg, m * s_v, c, d_lp, d_v);
+        st(g_lp + i, n, d_lp);
+        st(g_v + i, n, d_v);
+        if (g_ent) st(g_ent + i, n, m * s_ent);
+      }
     }
     for (int k = 0; k < kNumSums; ++k) s[k] += vec::hsum_d(bs[k].v);
   }
@@ -180,60 +208,11 @@ void fwd_chunk_avx2(const PpoLossInputs& p, int64_t b, int64_t e, double* part) 
 #endif
 
 template <class T, class M>
-void fwd_chunk(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
+void chunk(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, double* part) {
 #if defined(FR_HAVE_AVX2)
-  if constexpr (!std::is_same_v<T, double>) return fwd_chunk_avx2<T, M>(p, b, e, part);
+  if constexpr (!std::is_same_v<T, double>) return chunk_avx2<T, M>(p, inv_n, b, e, part);
 #endif
-  fwd_chunk_scalar<T, M>(p, b, e, part);
-}
-
-// ---- backward: gradients of one chunk ---------------------------------------------------------
-template <class T, class M>
-void bwd_chunk(const PpoLossBwdParams& p, double g_over_n, int64_t b, int64_t e) {
-  const PpoLossInputs& in = p.in;
-  T* d_lp = static_cast<T*>(p.d_logprobs);
-  T* d_v = static_cast<T*>(p.d_values);
-  T* d_ent = static_cast<T*>(p.d_entropy);
-  int64_t i = b;
-#if defined(FR_HAVE_AVX2)
-  if constexpr (!std::is_same_v<T, double>) {
-    const Consts<F8> c = make_consts<F8>(in, [](double x) { return F8{_mm256_set1_ps(float(x))}; });
-    const F8 s_pg{_mm256_set1_ps(float(g_over_n))}, s_v{_mm256_set1_ps(float(g_over_n * in.vf_coef))};
-    const F8 s_ent{_mm256_set1_ps(float(-g_over_n * in.ent_coef))};
-    for (; i < e; i += 8) {
-      const int64_t n = std::min<int64_t>(8, e - i);
-      const F8 m = ld<M>(in.mask, i, n);
-      const Token<F8> t = token<F8>(ld<T>(in.logprobs, i, n), ld<T>(in.old_logprobs, i, n),
-                                    ld<T>(in.advantages, i, n), ld<T>(in.values, i, n),
-                                    ld<T>(in.old_values, i, n), ld<T>(in.returns, i, n), c);
-      F8 g_lp, g_v;
-      token_grads<F8>(t, m * s_pg, m * s_v, c, g_lp, g_v);
-      if (n == 8) {
-        vec::store8(d_lp + i, g_lp.v);
-        vec::store8(d_v + i, g_v.v);
-        if (d_ent) vec::store8(d_ent + i, (m * s_ent).v);
-      } else {
-        vec::store_tail(d_lp + i, n, g_lp.v);
-        vec::store_tail(d_v + i, n, g_v.v);
-        if (d_ent) vec::store_tail(d_ent + i, n, (m * s_ent).v);
-      }
-    }
-    return;
-  }
-#endif
-  using acc = acc_t<T>;
-  const Consts<acc> c = make_consts<acc>(in, [](double x) { return acc(x); });
-  for (; i < e; ++i) {
-    const acc m = acc(val<M>(in.mask, i));
-    const Token<acc> t = token<acc>(val<T>(in.logprobs, i), val<T>(in.old_logprobs, i),
-                                    val<T>(in.advantages, i), val<T>(in.values, i),
-                                    val<T>(in.old_values, i), val<T>(in.returns, i), c);
-    acc g_lp, g_v;
-    token_grads<acc>(t, acc(m * g_over_n), acc(m * g_over_n * in.vf_coef), c, g_lp, g_v);
-    d_lp[i] = from_acc<T>(g_lp);
-    d_v[i] = from_acc<T>(g_v);
-    if (d_ent) d_ent[i] = from_acc<T>(acc(-m * g_over_n * in.ent_coef));
-  }
+  chunk_scalar<T, M>(p, inv_n, b, e, part);
 }
 
 // sum of the mask in a fixed order: 0/1 counts are exact; weights use 8 interleaved doubles.
@@ -265,18 +244,19 @@ double mask_sum(const PpoLossInputs& p) {
   })
 
 // Tokens per task >= 64k: a (64, 512) batch runs on the calling thread. Waking a second thread costs
-// more than its share of ~50 us of work, and far more on a busy machine.
+// more than its share of the work, and far more on a busy machine.
 constexpr int64_t kGrainChunks = 64;
 
 template <class T, class M>
-void ppo_fwd(const PpoLossFwdParams& p) {
+void ppo_loss(const PpoLossParams& p) {
   using acc = acc_t<T>;
   const PpoLossInputs& in = p.in;
+  const double n = std::max(mask_sum<M>(in), 1.0);
   const int64_t chunks = (in.N + kChunk - 1) / kChunk;
   std::vector<double> parts(size_t(chunks) * (kNumSums + 1));  // (chunks, kNumSums + 1)
   parallel_for(0, chunks, kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch)
-      fwd_chunk<T, M>(in, ch * kChunk, std::min(in.N, (ch + 1) * kChunk), &parts[size_t(ch) * (kNumSums + 1)]);
+      chunk<T, M>(p, 1.0 / n, ch * kChunk, std::min(in.N, (ch + 1) * kChunk), &parts[size_t(ch) * (kNumSums + 1)]);
   });
   double s[kNumSums] = {}, rmax = -INFINITY;
   for (int64_t ch = 0; ch < chunks; ++ch) {  // chunk order: the same sums for any thread count
@@ -284,7 +264,6 @@ void ppo_fwd(const PpoLossFwdParams& p) {
     for (int k = 0; k < kNumSums; ++k) s[k] += part[k];
     rmax = std::max(rmax, part[kNumSums]);
   }
-  const double n = std::max(mask_sum<M>(in), 1.0);
   double st[kNumPpoStats];
   st[kPgLoss] = s[kSumPg] / n;
   st[kVLoss] = 0.5 * s[kSumVl] / n;
@@ -300,19 +279,19 @@ void ppo_fwd(const PpoLossFwdParams& p) {
   *static_cast<T*>(p.loss) = from_acc<T>(acc(loss));
 }
 
-template <class T, class M>
-void ppo_bwd(const PpoLossBwdParams& p) {
-  const double g_over_n = p.grad_loss / std::max(mask_sum<M>(p.in), 1.0);
-  const int64_t chunks = (p.in.N + kChunk - 1) / kChunk;
-  parallel_for(0, chunks, kGrainChunks, [&](int64_t c0, int64_t c1) {
-    bwd_chunk<T, M>(p, g_over_n, c0 * kChunk, std::min(p.in.N, c1 * kChunk));
-  });
+template <class T>
+void scale(const PpoLossScaleParams& p) {
+  using acc = acc_t<T>;
+  const acc* g = static_cast<const acc*>(p.grads);
+  T* out = static_cast<T*>(p.out);
+  const acc s = acc(p.grad_loss);
+  for (int64_t i = 0; i < p.n; ++i) out[i] = from_acc<T>(g[i] * s);
 }
 
 }  // namespace
 
-void ppo_loss_fwd_cpu(const PpoLossFwdParams& p) { FR_PPO_DISPATCH(p.in, ppo_fwd<scalar_t, mask_t>(p)); }
+void ppo_loss_scale_cpu(const PpoLossScaleParams& p) { FR_DISPATCH_FLOAT(p.dtype, scale<scalar_t>(p)); }
 
-void ppo_loss_bwd_cpu(const PpoLossBwdParams& p) { FR_PPO_DISPATCH(p.in, ppo_bwd<scalar_t, mask_t>(p)); }
+void ppo_loss_cpu(const PpoLossParams& p) { FR_PPO_DISPATCH(p.in, ppo_loss<scalar_t, mask_t>(p)); }
 
 }  // namespace fr::FR_ISA_NS
