@@ -51,11 +51,9 @@ inline F8 operator-(F8 a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; 
 inline F8 vmax(F8 a, F8 b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline F8 vmin(F8 a, F8 b) { return {_mm256_min_ps(a.v, b.v)}; }
 inline F8 vexp(F8 a) { return {vec::exp8(a.v)}; }
-inline F8 ones(__m256 bits) { return {_mm256_and_ps(bits, _mm256_set1_ps(1.0f))}; }
-inline F8 gt(F8 a, F8 b) { return ones(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)); }
-inline F8 eq(F8 a, F8 b) { return ones(_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)); }
-inline F8 in_range(F8 x, F8 lo, F8 hi) {
-  return ones(_mm256_and_ps(_mm256_cmp_ps(x.v, lo.v, _CMP_GE_OQ), _mm256_cmp_ps(x.v, hi.v, _CMP_LE_OQ)));
+inline F8 in_range(F8 x, F8 lo, F8 hi) {  // 1.0 / 0.0
+  const __m256 in = _mm256_and_ps(_mm256_cmp_ps(x.v, lo.v, _CMP_GE_OQ), _mm256_cmp_ps(x.v, hi.v, _CMP_LE_OQ));
+  return {_mm256_and_ps(in, _mm256_set1_ps(1.0f))};
 }
 inline F8 pick(F8 cond01, F8 a, F8 b) {
   return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(cond01.v, _mm256_setzero_ps(), _CMP_NEQ_OQ))};
@@ -153,57 +151,106 @@ void chunk_scalar(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, do
 }
 
 #if defined(FR_HAVE_AVX2)
-template <class X> inline F8 ld(const void* base, int64_t i, int64_t n) {
+// The AVX2 chunk writes the scalar path's sums and gradients with fewer instructions: comparisons
+// stay lane masks (and-ed with m, or blended) instead of 0/1 factors, and products accumulate by FMA.
+constexpr int64_t kBlock = 64;  // tokens summed in fp32 lanes before the partials go to double
+
+template <bool kFull, class X> inline __m256 ld(const void* base, int64_t i, int64_t n) {
   const X* ptr = at<X>(base, i);
-  return {n == 8 ? vec::load8(ptr) : vec::load_tail(ptr, n, 0.0f)};  // pads: m = 0, finite terms
+  if constexpr (kFull) return vec::load8(ptr);
+  else return vec::load_tail(ptr, n, 0.0f);  // pads: m = 0, finite terms
 }
-inline void st(float* ptr, int64_t n, F8 x) {
-  if (n == 8) vec::store8(ptr, x.v);
-  else vec::store_tail(ptr, n, x.v);
+template <bool kFull> inline void st(float* ptr, int64_t n, __m256 x) {
+  if constexpr (kFull) vec::store8(ptr, x);
+  else vec::store_tail(ptr, n, x);
 }
+inline __m256 cmp_gt(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+
+template <class T, class M>
+struct Avx2Chunk {
+  const PpoLossInputs& in;
+  Consts<F8> c;
+  __m256 one, s_pg, s_v, s_ent;  // 1, then the gradient weights per unit of m: 1/n, vf_coef/n, -ent_coef/n
+  float *g_lp, *g_v, *g_ent;     // (N,) rows of grads (K, N), or nullptr
+  __m256 sum[kNumSums], rmax;    // fp32 lane sums of the current block; max ratio of live tokens (dead: 0)
+
+  // Tokens [i, i + n), n == 8 when kFull.
+  template <bool kFull>
+  inline void step(int64_t i, int64_t n) {
+    const __m256 m = ld<kFull, M>(in.mask, i, n);
+    const __m256 lp = ld<kFull, T>(in.logprobs, i, n), olp = ld<kFull, T>(in.old_logprobs, i, n);
+    const __m256 adv = ld<kFull, T>(in.advantages, i, n), v = ld<kFull, T>(in.values, i, n);
+    const __m256 ov = ld<kFull, T>(in.old_values, i, n), ret = ld<kFull, T>(in.returns, i, n);
+    const __m256 ent = in.entropy ? ld<kFull, T>(in.entropy, i, n) : _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps();
+    if (_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_NEQ_UQ)) == 0) {
+      // 8 masked-out tokens (the padding of short responses): with finite inputs they add exact zeros
+      // to every sum and get zero gradients, so skip their math. Inf/NaN inputs take the full path,
+      // where 0 * inf = NaN reaches the sums as in the reference.
+      const __m256 x = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lp, olp), _mm256_add_ps(adv, v)),
+                                     _mm256_add_ps(_mm256_add_ps(ov, ret), ent));
+      if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(x, x), zero, _CMP_NEQ_UQ)) == 0) {
+        if (g_lp) {
+          st<kFull>(g_lp + i, n, zero);
+          st<kFull>(g_v + i, n, zero);
+          if (g_ent) st<kFull>(g_ent + i, n, zero);
+        }
+        return;
+      }
+    }
+    const Token<F8> t = token<F8>({lp}, {olp}, {adv}, {v}, {ov}, {ret}, c);
+    const __m256 pg1 = t.pg1.v, pg2 = t.pg2.v, ratio = t.ratio.v;
+    const __m256 vl1 = _mm256_mul_ps(t.v_err.v, t.v_err.v), vl2 = _mm256_mul_ps(t.vc_err.v, t.vc_err.v);
+    const __m256 clip = cmp_gt(pg2, pg1), pg1_wins = cmp_gt(pg1, pg2);
+    const __m256 vclip = cmp_gt(vl2, vl1), vl1_wins = cmp_gt(vl1, vl2);
+    sum[kSumPg] = _mm256_fmadd_ps(m, _mm256_max_ps(pg1, pg2), sum[kSumPg]);
+    sum[kSumVl] = _mm256_fmadd_ps(m, _mm256_max_ps(vl1, vl2), sum[kSumVl]);
+    sum[kSumClip] = _mm256_add_ps(sum[kSumClip], _mm256_and_ps(clip, m));
+    sum[kSumVclip] = _mm256_add_ps(sum[kSumVclip], _mm256_and_ps(vclip, m));
+    const __m256 k3 = _mm256_sub_ps(_mm256_sub_ps(ratio, one), t.log_ratio.v);  // joschu.net/blog/kl-approx.html
+    sum[kSumK3] = _mm256_fmadd_ps(m, k3, sum[kSumK3]);
+    sum[kSumRatio] = _mm256_fmadd_ps(m, ratio, sum[kSumRatio]);
+    sum[kSumEnt] = _mm256_fmadd_ps(m, ent, sum[kSumEnt]);  // ent = 0 without entropy
+    // ratio >= 0, so zeroing dead lanes leaves the max of the live ones (0 when none, as wanted)
+    rmax = _mm256_max_ps(rmax, _mm256_and_ps(_mm256_cmp_ps(m, zero, _CMP_NEQ_OQ), ratio));
+    if (!g_lp) return;
+    // d/d logprobs = w pg1 f: f = 1 where pg1 wins the max, in_range(ratio) where the clamped pg2
+    // wins, their mean on a tie (torch.maximum splits it); see token_grads.
+    const __m256 in_r = _mm256_and_ps(_mm256_cmp_ps(ratio, c.lo.v, _CMP_GE_OQ), _mm256_cmp_ps(ratio, c.hi.v, _CMP_LE_OQ));
+    __m256 f = _mm256_blendv_ps(_mm256_blendv_ps(c.half.v, one, in_r), _mm256_and_ps(in_r, one), clip);
+    f = _mm256_blendv_ps(f, one, pg1_wins);
+    const __m256 w = _mm256_mul_ps(m, s_pg);
+    st<kFull>(g_lp + i, n, _mm256_mul_ps(_mm256_mul_ps(w, pg1), f));
+    // d/d values = vf_coef m / n times v_err, vc_err v_in, or their mean on a tie
+    const __m256 e2 = _mm256_mul_ps(t.vc_err.v, t.v_in.v);
+    __m256 dv = _mm256_mul_ps(c.half.v, _mm256_add_ps(t.v_err.v, e2));
+    dv = _mm256_blendv_ps(_mm256_blendv_ps(dv, e2, vclip), t.v_err.v, vl1_wins);
+    st<kFull>(g_v + i, n, _mm256_mul_ps(_mm256_mul_ps(m, s_v), dv));
+    if (g_ent) st<kFull>(g_ent + i, n, _mm256_mul_ps(m, s_ent));
+  }
+};
 
 template <class T, class M>
 void chunk_avx2(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, double* part) {
   const PpoLossInputs& in = p.in;
   auto bc = [](double x) { return F8{_mm256_set1_ps(float(x))}; };
-  const Consts<F8> c = make_consts<F8>(in, bc);
-  const F8 one = bc(1.0), zero{_mm256_setzero_ps()};
-  const F8 s_pg = bc(inv_n), s_v = bc(inv_n * in.vf_coef), s_ent = bc(-inv_n * in.ent_coef);
-  float* g_lp = static_cast<float*>(p.grads);                   // (N,) rows of grads (K, N)
-  float* g_v = g_lp ? g_lp + in.N : nullptr;                    // (N,)
-  float* g_ent = g_lp && in.entropy ? g_lp + 2 * in.N : nullptr;  // (N,)
+  float* g_lp = static_cast<float*>(p.grads);
+  Avx2Chunk<T, M> k{in, make_consts<F8>(in, bc), _mm256_set1_ps(1.0f), _mm256_set1_ps(float(inv_n)),
+                    _mm256_set1_ps(float(inv_n * in.vf_coef)), _mm256_set1_ps(float(-inv_n * in.ent_coef)),
+                    g_lp, g_lp ? g_lp + in.N : nullptr, g_lp && in.entropy ? g_lp + 2 * in.N : nullptr, {},
+                    _mm256_setzero_ps()};
   double s[kNumSums] = {};
-  __m256 rmax = _mm256_set1_ps(-INFINITY);
-  for (int64_t blk = b; blk < e; blk += 64) {  // 8 vectors summed in fp32, then added in double
-    F8 bs[kNumSums] = {zero, zero, zero, zero, zero, zero, zero};
-    for (int64_t i = blk, end = std::min(e, blk + 64); i < end; i += 8) {
-      const int64_t n = std::min<int64_t>(8, end - i);
-      const F8 m = ld<M>(in.mask, i, n);
-      const Token<F8> t = token<F8>(ld<T>(in.logprobs, i, n), ld<T>(in.old_logprobs, i, n),
-                                    ld<T>(in.advantages, i, n), ld<T>(in.values, i, n),
-                                    ld<T>(in.old_values, i, n), ld<T>(in.returns, i, n), c);
-      const F8 vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
-      bs[kSumPg] = bs[kSumPg] + m * vmax(t.pg1, t.pg2);
-      bs[kSumVl] = bs[kSumVl] + m * vmax(vl1, vl2);
-      bs[kSumClip] = bs[kSumClip] + m * gt(t.pg2, t.pg1);
-      bs[kSumVclip] = bs[kSumVclip] + m * gt(vl2, vl1);
-      bs[kSumK3] = bs[kSumK3] + m * ((t.ratio - one) - t.log_ratio);
-      bs[kSumRatio] = bs[kSumRatio] + m * t.ratio;
-      if (in.entropy) bs[kSumEnt] = bs[kSumEnt] + m * ld<T>(in.entropy, i, n);
-      const __m256 live = _mm256_cmp_ps(m.v, zero.v, _CMP_NEQ_OQ);
-      rmax = _mm256_max_ps(rmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), t.ratio.v, live));
-      if (g_lp) {
-        F8 d_lp, d_v;
-        token_grads<F8>(t, m * s_pg, m * s_v, c, d_lp, d_v);
-        st(g_lp + i, n, d_lp);
-        st(g_v + i, n, d_v);
-        if (g_ent) st(g_ent + i, n, m * s_ent);
-      }
-    }
-    for (int k = 0; k < kNumSums; ++k) s[k] += vec::hsum_d(bs[k].v);
+  for (int64_t blk = b; blk < e; blk += kBlock) {
+    for (__m256& x : k.sum) x = _mm256_setzero_ps();
+    const int64_t end = std::min(e, blk + kBlock);
+    int64_t i = blk;
+    for (; i + 8 <= end; i += 8) k.template step<true>(i, 8);
+    if (i < end) k.template step<false>(i, end - i);
+    for (int j = 0; j < kNumSums; ++j) s[j] += vec::hsum_d(k.sum[j]);
   }
   std::copy(s, s + kNumSums, part);
-  part[kNumSums] = vec::hmax(rmax);
+  const float rmax = vec::hmax(k.rmax);
+  part[kNumSums] = rmax > 0.0f ? double(rmax) : -INFINITY;  // 0: no live token (or all ratios 0)
 }
 #endif
 

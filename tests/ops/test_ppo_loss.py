@@ -268,6 +268,22 @@ def test_upstream_gradient_scales_the_gradients():
         torch.testing.assert_close(leaves[k].grad.double(), -2.5 * ref[k], rtol=2e-6, atol=1e-10, msg=k)
 
 
+def test_retained_graph_gives_fresh_gradients_each_backward():
+    """The first backward may hand out the kernel's own buffer; changing it in place must not leak
+    into a second backward through the retained graph."""
+    g, mask = make(4, 21)
+    leaves = {k: v.clone().requires_grad_(k in DIFF) for k, v in g.items()}
+    loss, _ = ppo_loss(*(leaves[n] for n in NAMES), mask, entropy=leaves["entropy"], **KW)
+    loss.backward(retain_graph=True)
+    first = {k: leaves[k].grad.clone() for k in DIFF}
+    for k in DIFF:
+        leaves[k].grad.mul_(-7.0)  # in place on what the first backward returned
+        leaves[k].grad = None
+    loss.backward()
+    for k in DIFF:
+        assert torch.equal(leaves[k].grad, first[k]), k
+
+
 def test_double_backward_is_refused():
     """First derivatives only: a second backward raises instead of returning zeros."""
     g, mask = make(2, 5)

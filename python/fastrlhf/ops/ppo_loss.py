@@ -22,6 +22,9 @@ from fastrlhf.ops._checks import same_device
 from fastrlhf.ops.reference import PPO_STATS
 
 
+# Whether the running backward keeps its graph (retain_graph=True); absent from some torch builds.
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
 if HAS_EXT:
     _fwd = torch.ops.fastrlhf.ppo_loss_fwd.default
     _bwd = torch.ops.fastrlhf.ppo_loss_bwd.default
@@ -85,7 +88,19 @@ if HAS_EXT:
         @staticmethod
         @once_differentiable
         def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor) -> tuple:  # type: ignore[override]
-            d_lp, d_v, d_ent = _input_grads(ctx.grads, grad_loss, ctx.has_entropy)
+            grads = ctx.grads
+            if (
+                _keep_graph is not None
+                and not _keep_graph()
+                and grads.dtype == grad_loss.dtype
+                and grad_loss.is_cpu
+                and grad_loss.item() == 1.0
+            ):
+                # loss.backward(): the kernel's gradients are the answer as they are (the graph is
+                # freed after this pass, so no later backward can see the buffer the caller now owns)
+                d = grads.unbind(0)  # K x (B, T)
+                return d[0], None, None, d[1], None, None, None, d[2] if ctx.has_entropy else None, None, None, None, None
+            d_lp, d_v, d_ent = _input_grads(grads, grad_loss, ctx.has_entropy)
             return d_lp, None, None, d_v, None, None, None, d_ent, None, None, None, None
 
 
@@ -93,7 +108,7 @@ def _common_dtype(logprobs: Tensor, others: tuple[Tensor | None, ...], mask: Ten
     """None when every float input already has logprobs' dtype; else the dtype to compute in
     (the reference's: float64 for float64 logprobs, otherwise float32)."""
     dt = logprobs.dtype
-    if all(t is None or not t.is_floating_point() or t.dtype == dt for t in (*others, mask)):
+    if all(t is None or t.dtype is dt for t in others) and (mask.dtype is dt or not mask.is_floating_point()):
         return None
     return torch.float64 if dt == torch.float64 else torch.float32
 
@@ -120,10 +135,12 @@ def ppo_loss(
     float weights. Differentiable in logprobs, values and entropy. Float inputs of mixed dtypes are
     computed in float32 (float64 if logprobs is float64), as the reference does.
     """
-    same_device(
-        logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, values=values,
-        old_values=old_values, returns=returns, mask=mask, entropy=entropy,
-    )  # fmt: skip
+    if not (logprobs.is_cpu and old_logprobs.is_cpu and advantages.is_cpu and values.is_cpu and old_values.is_cpu
+            and returns.is_cpu and mask.is_cpu and (entropy is None or entropy.is_cpu)):  # fmt: skip
+        same_device(
+            logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, values=values,
+            old_values=old_values, returns=returns, mask=mask, entropy=entropy,
+        )  # fmt: skip
     if not HAS_EXT:
         return reference.ppo_loss(
             logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_range=clip_range,
@@ -146,4 +163,4 @@ def ppo_loss(
     else:
         with torch._C._AutoDispatchBelowAutograd():
             loss, stats, _ = _fwd(*args, *coefs, False)
-    return loss.to(out_dtype), dict(zip(PPO_STATS, stats.unbind(0)))
+    return loss if loss.dtype is out_dtype else loss.to(out_dtype), dict(zip(PPO_STATS, stats.unbind(0)))
