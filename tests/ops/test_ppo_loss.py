@@ -245,7 +245,8 @@ def test_opcheck_backward_op(dtype):
 def test_raw_op_without_grads_refuses_backward():
     g, mask = make(2, 5)
     lp = g["logprobs"].clone().requires_grad_()
-    loss, _, _ = torch.ops.fastrlhf.ppo_loss_fwd(lp, *(g[n] for n in NAMES[1:]), mask, None, 0.2, 0.2, 0.1, 0.0, False)
+    others = (g[n] for n in NAMES[1:])
+    loss, _, _ = torch.ops.fastrlhf.ppo_loss_fwd(lp, *others, mask, None, 0.2, 0.2, 0.1, 0.0, False)
     with pytest.raises(RuntimeError, match="need_grads=False"):
         loss.backward()
 

@@ -67,7 +67,7 @@ if HAS_EXT:
     def _backward(ctx, grad_loss, _grad_stats, _grad_grads):  # type: ignore[no-untyped-def]
         (grads,) = ctx.saved_tensors
         if grads.numel() == 0:
-            raise RuntimeError("fastrlhf::ppo_loss_fwd was called with need_grads=False: no gradients to give")
+            raise RuntimeError("fastrlhf::ppo_loss_fwd ran with need_grads=False: no gradients to give")
         d_lp, d_v, d_ent = _input_grads(grads, grad_loss, ctx.has_entropy)
         return d_lp, None, None, d_v, None, None, None, d_ent, None, None, None, None, None
 
@@ -99,8 +99,9 @@ if HAS_EXT:
                 # loss.backward(): the kernel's gradients are the answer as they are (the graph is
                 # freed after this pass, so no later backward can see the buffer the caller now owns)
                 d = grads.unbind(0)  # K x (B, T)
-                return d[0], None, None, d[1], None, None, None, d[2] if ctx.has_entropy else None, None, None, None, None
-            d_lp, d_v, d_ent = _input_grads(grads, grad_loss, ctx.has_entropy)
+                d_lp, d_v, d_ent = d[0], d[1], d[2] if ctx.has_entropy else None
+            else:
+                d_lp, d_v, d_ent = _input_grads(grads, grad_loss, ctx.has_entropy)
             return d_lp, None, None, d_v, None, None, None, d_ent, None, None, None, None
 
 
@@ -135,8 +136,10 @@ def ppo_loss(
     float weights. Differentiable in logprobs, values and entropy. Float inputs of mixed dtypes are
     computed in float32 (float64 if logprobs is float64), as the reference does.
     """
-    if not (logprobs.is_cpu and old_logprobs.is_cpu and advantages.is_cpu and values.is_cpu and old_values.is_cpu
-            and returns.is_cpu and mask.is_cpu and (entropy is None or entropy.is_cpu)):  # fmt: skip
+    all_cpu = logprobs.is_cpu and old_logprobs.is_cpu and advantages.is_cpu and values.is_cpu
+    all_cpu = all_cpu and old_values.is_cpu and returns.is_cpu and mask.is_cpu
+    all_cpu = all_cpu and (entropy is None or entropy.is_cpu)
+    if not all_cpu:  # is_cpu is cheaper than comparing devices; same_device names the odd one out
         same_device(
             logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, values=values,
             old_values=old_values, returns=returns, mask=mask, entropy=entropy,
