@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "logprobs/vec.h"
+#include "common/simd.h"
 
 namespace fr::FR_ISA_NS {
 namespace {
@@ -50,7 +50,7 @@ inline F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline F8 operator-(F8 a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; }
 inline F8 vmax(F8 a, F8 b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline F8 vmin(F8 a, F8 b) { return {_mm256_min_ps(a.v, b.v)}; }
-inline F8 vexp(F8 a) { return {vec::exp8(a.v)}; }
+inline F8 vexp(F8 a) { return {simd::exp(a.v)}; }
 inline F8 in_range(F8 x, F8 lo, F8 hi) {  // 1.0 / 0.0
   const __m256 in = _mm256_and_ps(_mm256_cmp_ps(x.v, lo.v, _CMP_GE_OQ), _mm256_cmp_ps(x.v, hi.v, _CMP_LE_OQ));
   return {_mm256_and_ps(in, _mm256_set1_ps(1.0f))};
@@ -157,12 +157,12 @@ constexpr int64_t kBlock = 64;  // tokens summed in fp32 lanes before the partia
 
 template <bool kFull, class X> inline __m256 ld(const void* base, int64_t i, int64_t n) {
   const X* ptr = at<X>(base, i);
-  if constexpr (kFull) return vec::load8(ptr);
-  else return vec::load_tail(ptr, n, 0.0f);  // pads: m = 0, finite terms
+  if constexpr (kFull) return simd::load8(ptr);
+  else return simd::load_tail(ptr, n, 0.0f);  // pads: m = 0, finite terms
 }
 template <bool kFull> inline void st(float* ptr, int64_t n, __m256 x) {
-  if constexpr (kFull) vec::store8(ptr, x);
-  else vec::store_tail(ptr, n, x);
+  if constexpr (kFull) simd::store8(ptr, x);
+  else simd::store_tail(ptr, n, x);
 }
 inline __m256 cmp_gt(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
 
@@ -246,10 +246,10 @@ void chunk_avx2(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, doub
     int64_t i = blk;
     for (; i + 8 <= end; i += 8) k.template step<true>(i, 8);
     if (i < end) k.template step<false>(i, end - i);
-    for (int j = 0; j < kNumSums; ++j) s[j] += vec::hsum_d(k.sum[j]);
+    for (int j = 0; j < kNumSums; ++j) s[j] += simd::hsum_d(k.sum[j]);
   }
   std::copy(s, s + kNumSums, part);
-  const float rmax = vec::hmax(k.rmax);
+  const float rmax = simd::hmax(k.rmax);
   part[kNumSums] = rmax > 0.0f ? double(rmax) : -INFINITY;  // 0: no live token (or all ratios 0)
 }
 #endif
