@@ -15,21 +15,20 @@ namespace fr::FR_ISA_NS::simd {
 
 // ---- 2^x for x <= 127 (the kernels pass x = score - max <= 0) -----------------------------------
 // x = n + f with n = round(x) and f = x - n exact in [-1/2, 1/2]; 2^f by a degree-6 polynomial (a
-// minimax fit of the relative error, p(0) = 1; <= 0.94 ulp over [-125, 0], measured against exp2 in
-// double); 2^n built in the exponent bits. Adding 1.5 * 2^23 + 127 rounds x to the nearest integer
-// (ties to even) and leaves the biased exponent n + 127 in the low bits, so the reduction costs two
-// adds. x < -125 (including -inf) gives exactly 0, so every nonzero result is a normal float; NaN
-// stays NaN. The scalar version in the AVX2 build performs the same operations as one lane of the
-// vector version and returns bit-identical results (the sampler relies on it); the baseline build,
-// which has no FMA, uses std::exp2.
-constexpr float kExp2Lo = -125.0f;
+// minimax fit of the relative error, p(0) = 1; <= 0.95 ulp, measured against exp2 in double); 2^n
+// built in the exponent bits. Adding 1.5 * 2^23 + 127 rounds x to the nearest integer (ties to even)
+// and leaves the biased exponent n + 127 in the low bits, so the reduction costs two adds; x is
+// clamped at -127, where that exponent is 0 and the result exactly 0: -inf (a masked score) gives 0,
+// x < -126.5 flushes to 0. NaN stays NaN. In the AVX2 build the scalar version performs the same
+// operations as one vector lane and returns bit-identical results (the sampler relies on it); the
+// baseline build, which has no FMA, uses std::exp2.
+constexpr float kExp2Lo = -127.0f;
 constexpr float kExp2Magic = 12583039.0f;  // 1.5 * 2^23 + 127
 constexpr float kP1 = 0.6931471824645996f, kP2 = 0.24022647738456726f, kP3 = 0.055503323674201965f;
 constexpr float kP4 = 0.009618437848985195f, kP5 = 0.0013398876180872321f, kP6 = 0.00015353357593994588f;
 
 #if defined(FR_HAVE_AVX2)
 inline __m256 exp2(__m256 x) {
-  const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(kExp2Lo), _CMP_LT_OQ);
   x = _mm256_max_ps(_mm256_set1_ps(kExp2Lo), x);  // max(lo, NaN) is NaN
   const __m256 magic = _mm256_set1_ps(kExp2Magic);
   const __m256 t = _mm256_add_ps(x, magic);
@@ -40,12 +39,11 @@ inline __m256 exp2(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP2));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP1));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, scale));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
 
 inline float exp2(float x) {  // one lane of the vector version, operation for operation
-  if (x < kExp2Lo) return 0.0f;  // the lanes the vector version clamps, then zeroes
+  x = kExp2Lo > x ? kExp2Lo : x;  // _mm256_max_ps(lo, x)
   const float t = x + kExp2Magic;
   const float f = x - (t - kExp2Magic);
   float p = std::fma(kP6, f, kP5);
