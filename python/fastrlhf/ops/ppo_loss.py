@@ -2,10 +2,12 @@
 
 The kernel returns, with the loss and the statistics, d loss / d (logprobs, values, entropy) for a
 unit upstream gradient, computed in the same pass over the tokens: the loss is a scalar, so backward
-is one multiplication by grad_loss. Eager calls go through PpoLossFunction, which calls the raw op
-below the Autograd dispatch key; the raw op's own autograd formula (register_autograd, the same
-backward) is what torch.compile and opcheck use. Why two routes: register_autograd's generic Python
-glue (fill_defaults, redispatch) cost more than the whole fused kernel at (64, 512).
+only scales them by grad_loss (ppo_loss_bwd, on the calling thread), or hands them out as they are
+when grad_loss is 1 and the graph is not kept. Eager calls go through PpoLossFunction, which calls
+the raw op below the Autograd dispatch key; the raw op's own autograd formula (register_autograd,
+the same math) is what torch.compile and opcheck use. Why two routes: register_autograd's generic
+Python glue (an autograd.Function built per op, fill_defaults, redispatch) cost about as much as the
+fused kernel itself at (64, 512).
 """
 
 from __future__ import annotations
