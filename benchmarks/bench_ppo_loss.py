@@ -12,6 +12,7 @@ from fastrlhf.ops.reference import PPO_STATS
 def make(B, T, full_mask=False):
     """PPO-like inputs; the mask keeps a random prefix of each row (right-padded responses) unless full."""
     lp = torch.randn(B, T)
+    full = torch.full((B,), T)  # (B,) response lengths when nothing is padded
     inputs = {
         "logprobs": lp.requires_grad_(),
         "old_logprobs": lp.detach() + 0.2 * torch.randn(B, T),
@@ -19,7 +20,7 @@ def make(B, T, full_mask=False):
         "values": torch.randn(B, T).requires_grad_(),
         "old_values": torch.randn(B, T),
         "returns": torch.randn(B, T),
-        "mask": torch.arange(T) < (T if full_mask else torch.randint(T // 4, T + 1, (B,))[:, None]),
+        "mask": torch.arange(T) < (full if full_mask else torch.randint(T // 4, T + 1, (B,)))[:, None],
     }
     return inputs, torch.rand(B, T).requires_grad_()
 
