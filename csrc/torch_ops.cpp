@@ -431,19 +431,28 @@ fr::PpoLossInputs ppo_inputs(std::vector<Tensor>& hold, const Tensor& logprobs, 
           ent_coef};
 }
 
-std::tuple<Tensor, Tensor> ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values,
-                                        Tensor old_values, Tensor returns, Tensor mask, std::optional<Tensor> entropy,
-                                        double clip_range, double clip_range_value, double vf_coef,
-                                        double ent_coef) {
+// loss (), stats (kNumPpoStats,) and, when need_grads, grads (K, B, T) = d loss / d (logprobs,
+// values[, entropy]) for a unit upstream gradient (K = 3 with entropy, else 2; (0,) otherwise), in
+// the accumulation dtype: autograd's backward only scales them by grad_loss.
+std::tuple<Tensor, Tensor, Tensor> ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages,
+                                                Tensor values, Tensor old_values, Tensor returns, Tensor mask,
+                                                std::optional<Tensor> entropy, double clip_range,
+                                                double clip_range_value, double vf_coef, double ent_coef,
+                                                bool need_grads) {
   std::vector<Tensor> hold;
   const fr::PpoLossInputs in = ppo_inputs(hold, logprobs, old_logprobs, advantages, values, old_values, returns,
                                           mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
+  const ScalarType acc = acc_scalar_type(in.dtype);
   Tensor loss = torch::stable::new_empty(logprobs, {});
-  Tensor stats = torch::stable::new_empty(logprobs, {int64_t(fr::kNumPpoStats)}, acc_scalar_type(in.dtype));
-  const fr::PpoLossFwdParams p{in, loss.mutable_data_ptr(), stats.mutable_data_ptr()};
-  if (logprobs.is_cuda()) FR_CUDA_CALL(logprobs, fr::ppo_loss_fwd_cuda(p, stream));
-  else fr::ppo_loss_fwd_cpu(p);
-  return {loss, stats};
+  Tensor stats = torch::stable::new_empty(logprobs, {int64_t(fr::kNumPpoStats)}, acc);
+  const int64_t K = in.entropy ? 3 : 2;
+  Tensor grads = need_grads ? torch::stable::new_empty(logprobs, {K, logprobs.size(0), logprobs.size(1)}, acc)
+                            : torch::stable::new_empty(logprobs, {0}, acc);
+  const fr::PpoLossParams p{in, loss.mutable_data_ptr(), stats.mutable_data_ptr(),
+                            need_grads ? grads.mutable_data_ptr() : nullptr};
+  if (logprobs.is_cuda()) FR_CUDA_CALL(logprobs, fr::ppo_loss_cuda(p, stream));
+  else fr::ppo_loss_cpu(p);
+  return {loss, stats, grads};
 }
 
 double scalar_value(const Tensor& t, const char* name) {
@@ -458,30 +467,24 @@ double scalar_value(const Tensor& t, const char* name) {
   return 0.0;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ppo_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs,
-                                                Tensor advantages, Tensor values, Tensor old_values, Tensor returns,
-                                                Tensor mask, std::optional<Tensor> entropy, double clip_range,
-                                                double clip_range_value, double vf_coef, double ent_coef) {
-  std::vector<Tensor> hold;
-  const fr::PpoLossInputs in = ppo_inputs(hold, logprobs, old_logprobs, advantages, values, old_values, returns,
-                                          mask, entropy, clip_range, clip_range_value, vf_coef, ent_coef);
-  check_cpu({{&logprobs, "logprobs"}, {&grad_loss, "grad_loss"}});
-  // on CUDA the kernel reads grad_loss on the device (no sync): one value of logprobs' dtype
-  const double g = logprobs.is_cuda() ? 0.0 : scalar_value(grad_loss, "grad_loss");
-  if (logprobs.is_cuda()) {
-    FR_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value; got shape ", shape_of(grad_loss));
-    float_dtype(grad_loss, "grad_loss");
-    grad_loss = contig(grad_loss.scalar_type() == logprobs.scalar_type()
-                           ? grad_loss : torch::stable::to(grad_loss, logprobs.scalar_type()));
+// The backward: grads (K, B, T) from ppo_loss_fwd times grad_loss (), in grad_loss's dtype (the loss's).
+// On CUDA the kernel reads grad_loss on the device (no sync).
+Tensor ppo_loss_bwd(Tensor grads, Tensor grad_loss) {
+  check_cpu({{&grads, "grads"}, {&grad_loss, "grad_loss"}});
+  FR_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value; got shape ", shape_of(grad_loss));
+  const fr::DType dtype = float_dtype(grad_loss, "grad_loss");
+  check_dtype(grads, "grads", acc_scalar_type(dtype));
+  const Tensor src = contig(grads);
+  Tensor out = torch::stable::new_empty(grads, grads.sizes(), grad_loss.scalar_type());
+  fr::PpoLossScaleParams p{dtype, src.const_data_ptr(), 0.0, out.mutable_data_ptr(), src.numel()};
+  if (grads.is_cuda()) {
+    const Tensor g = contig(grad_loss);
+    FR_CUDA_CALL(grads, fr::ppo_loss_scale_cuda(p, g.const_data_ptr(), stream));
+  } else {
+    p.grad_loss = scalar_value(grad_loss, "grad_loss");
+    fr::ppo_loss_scale_cpu(p);
   }
-  Tensor d_logprobs = torch::stable::new_empty(logprobs, logprobs.sizes());
-  Tensor d_values = torch::stable::new_empty(logprobs, logprobs.sizes());
-  Tensor d_entropy = torch::stable::new_empty(logprobs, in.entropy ? logprobs.sizes() : torch::headeronly::IntHeaderOnlyArrayRef(int64_t(0)));
-  const fr::PpoLossBwdParams p{in, g, d_logprobs.mutable_data_ptr(), d_values.mutable_data_ptr(),
-                               in.entropy ? d_entropy.mutable_data_ptr() : nullptr};
-  if (logprobs.is_cuda()) FR_CUDA_CALL(logprobs, fr::ppo_loss_bwd_cuda(p, grad_loss.const_data_ptr(), stream));
-  else fr::ppo_loss_bwd_cpu(p);
-  return {d_logprobs, d_values, d_entropy};
+  return out;
 }
 
 // ---- causal_attention -----------------------------------------------------------------------
@@ -704,10 +707,8 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
         "Tensor lse, Tensor mean_scaled, float temperature) -> Tensor");
   m.def("ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, Tensor old_values, "
         "Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, float vf_coef, "
-        "float ent_coef) -> (Tensor, Tensor)");
-  m.def("ppo_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, "
-        "Tensor old_values, Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, "
-        "float vf_coef, float ent_coef) -> (Tensor, Tensor, Tensor)");
+        "float ent_coef, bool need_grads) -> (Tensor, Tensor, Tensor)");
+  m.def("ppo_loss_bwd(Tensor grads, Tensor grad_loss) -> Tensor");
   m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, Tensor? segment_ids) "
         "-> (Tensor, Tensor)");
   m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

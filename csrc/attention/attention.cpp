@@ -68,7 +68,7 @@ static void attention_fwd(const AttnFwdParams& p) {
         const T m_use = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;
         const T row_sum = exp2_sub_sum(s, Nr, m_use);
         if (m_new != m[r] && l[r] != T(0)) {
-          const T alpha = exp2_scalar(m[r] - m_use);
+          const T alpha = exp2(m[r] - m_use);
           l[r] *= alpha;
           scale_row(O + r * g.Dp, g.Dp, alpha);
         }

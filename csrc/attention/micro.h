@@ -1,5 +1,5 @@
-// Micro-kernels for the attention tiles: a register-blocked GEMM, a vectorised exp2 and the
-// row operations of the online softmax. Included only from csrc/attention/*.cpp, so it is compiled
+// Micro-kernels for the attention tiles: a register-blocked GEMM and the row operations of the
+// online softmax (2^x, loads and reductions come from common/simd.h). Included only from csrc/attention/*.cpp, so it is compiled
 // once per ISA like them. Operands are fp32 (fp64 for float64 inputs) tiles; the AVX2 build
 // overloads the float versions with intrinsics, everything else is plain loops that auto-vectorise.
 #pragma once
@@ -9,11 +9,16 @@
 #include <limits>
 
 #include "common/dtype.h"
-#if defined(FR_HAVE_AVX2)
-#include <immintrin.h>
-#endif
+#include "common/simd.h"
 
 namespace fr::FR_ISA_NS::attn {
+
+using simd::exp2;
+#if defined(FR_HAVE_AVX2)
+using simd::hmax;
+using simd::hsum;
+using simd::load8;
+#endif
 
 inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
 
@@ -58,11 +63,6 @@ inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 }
 
 template <class T>
-inline T exp2_scalar(T x) {
-  return std::exp2(x);
-}
-
-template <class T>
 inline T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
@@ -72,13 +72,13 @@ inline T row_max(const T* x, int64_t n) {
 template <class T>
 inline T exp2_sub_sum(T* x, int64_t n, T sub) {
   T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar(x[i] - sub));
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2(x[i] - sub));
   return s;
 }
 // x = exp2(x - hi - lo) in place (backward: recompute P from the saved log-sum-exp hi + lo).
 template <class T>
 inline void exp2_sub2(T* x, int64_t n, T hi, T lo) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp2_scalar(x[i] - hi - lo);
+  for (int64_t i = 0; i < n; ++i) x[i] = exp2(x[i] - hi - lo);
 }
 template <class T>
 inline void scale_row(T* x, int64_t n, T a) {
@@ -107,42 +107,6 @@ inline void store_row(const T* src, S* dst, int64_t n, T mul) {
 
 #if defined(FR_HAVE_AVX2)
 // ---- AVX2 + FMA fp32 -------------------------------------------------------------------------
-// 2^x to ~1 ulp for x <= 127: x = n + f with n = round(x), f in [-0.5, 0.5]; 2^f by a degree-6
-// minimax polynomial (coefficients fitted for this file by iteratively reweighted least squares);
-// 2^n built in the exponent bits. Adding 1.5 * 2^23 + 127 rounds x to an integer whose low bits are
-// the biased exponent n + 127; x is clamped at -127, where that exponent is 0 and the result
-// exactly 0 (so -inf from masking gives 0; values below 2^-126.5 flush to 0).
-inline __m256 exp2_ps(__m256 x) {
-  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
-  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
-  const __m256 t = _mm256_add_ps(x, magic);
-  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
-  __m256 p = _mm256_set1_ps(1.5353362e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3398875e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6184369e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503324e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022648e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-template <>
-inline float exp2_scalar<float>(float x) {
-  return _mm_cvtss_f32(_mm256_castps256_ps128(exp2_ps(_mm256_set1_ps(x))));
-}
-
 // Register block: R rows x 8*NV columns of C in 2*R <= 12 ymm accumulators, B row loaded once per k
 // and reused by R broadcasts of A.
 template <int R, int NV>
@@ -244,7 +208,7 @@ inline float exp2_sub_sum(float* x, int64_t n, float sub) {
   const __m256 s = _mm256_set1_ps(sub);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
-    const __m256 p = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+    const __m256 p = exp2(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
     _mm256_storeu_ps(x + i, p);
     acc = _mm256_add_ps(acc, p);
   }
@@ -253,7 +217,7 @@ inline float exp2_sub_sum(float* x, int64_t n, float sub) {
 inline void exp2_sub2(float* x, int64_t n, float hi, float lo) {
   const __m256 h = _mm256_set1_ps(hi), l = _mm256_set1_ps(lo);
   for (int64_t i = 0; i < n; i += 8)
-    _mm256_storeu_ps(x + i, exp2_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), h), l)));
+    _mm256_storeu_ps(x + i, exp2(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), h), l)));
 }
 inline void scale_row(float* x, int64_t n, float a) {
   const __m256 av = _mm256_set1_ps(a);
@@ -264,16 +228,6 @@ inline void softmax_grad(float* p, const float* dp, int64_t n, float delta) {
   for (int64_t i = 0; i < n; i += 8)
     _mm256_storeu_ps(p + i,
                      _mm256_mul_ps(_mm256_loadu_ps(p + i), _mm256_sub_ps(_mm256_loadu_ps(dp + i), dv)));
-}
-
-// Loads of 8 elements of each storage type as fp32 (bf16: the high half of an fp32; f16: F16C).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const f16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // In-register 8x8 transpose: r[i][j] <- r[j][i].

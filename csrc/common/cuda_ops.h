@@ -23,10 +23,10 @@ struct RowLayout {
 
 void gae_cuda(const GaeParams& p, cudaStream_t stream);
 
-void ppo_loss_fwd_cuda(const PpoLossFwdParams& p, cudaStream_t stream);
-// p.grad_loss is unused: the gradient of the loss is read on the device from grad_loss (one value
-// of dtype), so the backward needs no host sync.
-void ppo_loss_bwd_cuda(const PpoLossBwdParams& p, const void* grad_loss, cudaStream_t stream);
+void ppo_loss_cuda(const PpoLossParams& p, cudaStream_t stream);
+// p.grad_loss is unused: grad_loss (one value of p.dtype) is read on the device, so the backward
+// needs no host sync.
+void ppo_loss_scale_cuda(const PpoLossScaleParams& p, const void* grad_loss, cudaStream_t stream);
 
 // p.row_offset and p.bad_row are unused (layout gives the rows); bad_row_dev is a (1,) int64 device
 // scratch. Returns the first row whose target is outside [0, V), or -1 (this syncs the stream).

@@ -14,7 +14,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "logprobs/vec.h"
+#include "common/simd.h"
 
 namespace fr::FR_ISA_NS {
 namespace {
@@ -64,7 +64,7 @@ constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 // As row_stats_scalar, in base-2 units: z = x log2(e) / T, so each lane needs 2^(z - M) only.
 template <class T, bool kMean>
 RowStats row_stats_avx2(const T* x, int64_t V, double inv_t) {
-  using namespace vec;
+  using namespace simd;
   const float c2 = float(inv_t * kLog2e);
   const __m256 vc2 = _mm256_set1_ps(c2), lowest = _mm256_set1_ps(-FLT_MAX);
   const __m256 ninf = _mm256_set1_ps(-INFINITY);
@@ -85,7 +85,7 @@ RowStats row_stats_avx2(const T* x, int64_t V, double inv_t) {
     const __m256 vM = _mm256_set1_ps(Mn);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, t0 = s0, t1 = s0;
     auto step = [&](__m256 xv, __m256& s, __m256& t) {
-      const __m256 z = _mm256_fmsub_ps(xv, vc2, vM), e = exp2_8_nonpos(z);
+      const __m256 z = _mm256_fmsub_ps(xv, vc2, vM), e = exp2(z);
       s = _mm256_add_ps(s, e);
       if (kMean) t = _mm256_fmadd_ps(e, _mm256_max_ps(z, lowest), t);  // e == 0 at -inf: 0, not NaN
     };
@@ -111,14 +111,14 @@ RowStats row_stats_avx2(const T* x, int64_t V, double inv_t) {
 template <class T, bool kEnt>
 void row_grad_avx2(const T* x, T* dx, int64_t V, double inv_t, double lse, float mean, float g_lp,
                    float g_h, int64_t target) {
-  using namespace vec;
+  using namespace simd;
   const float inv_f = float(inv_t);
   const __m256 vinv = _mm256_set1_ps(inv_f), vmean = _mm256_set1_ps(mean);
   const __m256 vc2 = _mm256_set1_ps(float(inv_t * kLog2e)), vlse2 = _mm256_set1_ps(float(lse * kLog2e));
   const __m256 a = _mm256_set1_ps(-g_lp * inv_f), b = _mm256_set1_ps(-g_h * inv_f);
   const __m256 lowest = _mm256_set1_ps(-FLT_MAX);
   auto grad = [&](__m256 xv) {  // without the target's +g_lp / T; p = 2^((x / T - lse) log2 e)
-    const __m256 p = exp2_8_nonpos(_mm256_fmsub_ps(xv, vc2, vlse2));
+    const __m256 p = exp2(_mm256_fmsub_ps(xv, vc2, vlse2));
     if (!kEnt) return _mm256_mul_ps(a, p);
     const __m256 pd = _mm256_mul_ps(p, _mm256_max_ps(_mm256_fmsub_ps(xv, vinv, vmean), lowest));
     return _mm256_fmadd_ps(a, p, _mm256_mul_ps(b, pd));

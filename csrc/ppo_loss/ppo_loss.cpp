@@ -2,10 +2,11 @@
 //   pg  = max(-A r, -A clamp(r, 1 - c, 1 + c))          clipped  = [second term > first]
 //   vl  = max((v - R)^2, (v_c - R)^2),  v_c = v_old + clamp(v - v_old, -c_v, c_v)
 //   loss = sum m pg / n + vf_coef * 0.5 sum m vl / n - ent_coef * sum m H / n
-// The forward sums fixed 1024-token chunks in parallel and adds the chunk partials (doubles) in
-// chunk order, so results do not depend on the thread count. The backward follows autograd's
-// rules for the reference exactly: torch.maximum sends half the gradient to each side of a tie,
-// torch.clamp passes it where min <= x <= max.
+// One pass: the mask is summed first (n), then fixed 1024-token chunks are processed in parallel;
+// each writes its tokens' gradients (final, since 1 / n is known) and its partial sums, which are
+// added (doubles) in chunk order, so results do not depend on the thread count. The gradients
+// follow autograd's rules for the reference exactly: torch.maximum sends half the gradient to
+// each side of a tie, torch.clamp passes it where min <= x <= max.
 #include "ppo_loss/ppo_loss.h"
 
 #include <algorithm>
@@ -14,7 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "logprobs/vec.h"
+#include "common/simd.h"
 
 namespace fr::FR_ISA_NS {
 namespace {
@@ -49,12 +50,10 @@ inline F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline F8 operator-(F8 a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; }
 inline F8 vmax(F8 a, F8 b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline F8 vmin(F8 a, F8 b) { return {_mm256_min_ps(a.v, b.v)}; }
-inline F8 vexp(F8 a) { return {vec::exp8(a.v)}; }
-inline F8 ones(__m256 bits) { return {_mm256_and_ps(bits, _mm256_set1_ps(1.0f))}; }
-inline F8 gt(F8 a, F8 b) { return ones(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)); }
-inline F8 eq(F8 a, F8 b) { return ones(_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)); }
-inline F8 in_range(F8 x, F8 lo, F8 hi) {
-  return ones(_mm256_and_ps(_mm256_cmp_ps(x.v, lo.v, _CMP_GE_OQ), _mm256_cmp_ps(x.v, hi.v, _CMP_LE_OQ)));
+inline F8 vexp(F8 a) { return {simd::exp(a.v)}; }
+inline F8 in_range(F8 x, F8 lo, F8 hi) {  // 1.0 / 0.0
+  const __m256 in = _mm256_and_ps(_mm256_cmp_ps(x.v, lo.v, _CMP_GE_OQ), _mm256_cmp_ps(x.v, hi.v, _CMP_LE_OQ));
+  return {_mm256_and_ps(in, _mm256_set1_ps(1.0f))};
 }
 inline F8 pick(F8 cond01, F8 a, F8 b) {
   return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(cond01.v, _mm256_setzero_ps(), _CMP_NEQ_OQ))};
@@ -114,19 +113,25 @@ template <class X> auto val(const void* base, int64_t i) {
   else return to_acc(*at<X>(base, i));
 }
 
-// ---- forward: partial sums of one chunk [b, e) ---------------------------------------------
+// ---- one chunk [b, e): partial sums, and the gradients when p.grads ---------------------------
 // part: kNumSums masked sums, then the max ratio over tokens with m != 0 (-inf if none).
+// inv_n = 1 / max(sum m, 1); a token's gradient weights are m / n (logprobs), vf_coef m / n
+// (values) and -ent_coef m / n (entropy).
 template <class T, class M>
-void fwd_chunk_scalar(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
+void chunk_scalar(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, double* part) {
   using acc = acc_t<T>;
-  const Consts<acc> c = make_consts<acc>(p, [](double x) { return acc(x); });
+  const PpoLossInputs& in = p.in;
+  const Consts<acc> c = make_consts<acc>(in, [](double x) { return acc(x); });
+  acc* g_lp = static_cast<acc*>(p.grads);                   // (N,) rows of grads (K, N)
+  acc* g_v = g_lp ? g_lp + in.N : nullptr;                  // (N,)
+  acc* g_ent = g_lp && in.entropy ? g_lp + 2 * in.N : nullptr;  // (N,)
   double s[kNumSums] = {};
   double rmax = -INFINITY;
   for (int64_t i = b; i < e; ++i) {
-    const acc m = acc(val<M>(p.mask, i));
-    const Token<acc> t = token<acc>(val<T>(p.logprobs, i), val<T>(p.old_logprobs, i),
-                                    val<T>(p.advantages, i), val<T>(p.values, i),
-                                    val<T>(p.old_values, i), val<T>(p.returns, i), c);
+    const acc m = acc(val<M>(in.mask, i));
+    const Token<acc> t = token<acc>(val<T>(in.logprobs, i), val<T>(in.old_logprobs, i),
+                                    val<T>(in.advantages, i), val<T>(in.values, i),
+                                    val<T>(in.old_values, i), val<T>(in.returns, i), c);
     const acc vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
     s[kSumPg] += m * vmax(t.pg1, t.pg2);
     s[kSumVl] += m * vmax(vl1, vl2);
@@ -134,106 +139,127 @@ void fwd_chunk_scalar(const PpoLossInputs& p, int64_t b, int64_t e, double* part
     s[kSumVclip] += m * gt(vl2, vl1);
     s[kSumK3] += m * ((t.ratio - acc(1)) - t.log_ratio);  // k3, http://joschu.net/blog/kl-approx.html
     s[kSumRatio] += m * t.ratio;
-    if (p.entropy) s[kSumEnt] += m * val<T>(p.entropy, i);
+    if (in.entropy) s[kSumEnt] += m * val<T>(in.entropy, i);
     if (m != acc(0)) rmax = std::max(rmax, double(t.ratio));
+    if (g_lp) {
+      token_grads<acc>(t, acc(m * inv_n), acc(m * inv_n * in.vf_coef), c, g_lp[i], g_v[i]);
+      if (g_ent) g_ent[i] = acc(-m * inv_n * in.ent_coef);
+    }
   }
   std::copy(s, s + kNumSums, part);
   part[kNumSums] = rmax;
 }
 
 #if defined(FR_HAVE_AVX2)
-template <class X> inline F8 ld(const void* base, int64_t i, int64_t n) {
+// The AVX2 chunk writes the scalar path's sums and gradients with fewer instructions: comparisons
+// stay lane masks (and-ed with m, or blended) instead of 0/1 factors, and products accumulate by FMA.
+constexpr int64_t kBlock = 64;  // tokens summed in fp32 lanes before the partials go to double
+
+template <bool kFull, class X> inline __m256 ld(const void* base, int64_t i, int64_t n) {
   const X* ptr = at<X>(base, i);
-  return {n == 8 ? vec::load8(ptr) : vec::load_tail(ptr, n, 0.0f)};  // pads: m = 0, finite terms
+  if constexpr (kFull) return simd::load8(ptr);
+  else return simd::load_tail(ptr, n, 0.0f);  // pads: m = 0, finite terms
 }
+template <bool kFull> inline void st(float* ptr, int64_t n, __m256 x) {
+  if constexpr (kFull) simd::store8(ptr, x);
+  else simd::store_tail(ptr, n, x);
+}
+inline __m256 cmp_gt(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
 
 template <class T, class M>
-void fwd_chunk_avx2(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
-  const Consts<F8> c = make_consts<F8>(p, [](double x) { return F8{_mm256_set1_ps(float(x))}; });
-  const F8 one{_mm256_set1_ps(1.0f)}, zero{_mm256_setzero_ps()};
-  double s[kNumSums] = {};
-  __m256 rmax = _mm256_set1_ps(-INFINITY);
-  for (int64_t blk = b; blk < e; blk += 64) {  // 8 vectors summed in fp32, then added in double
-    F8 bs[kNumSums] = {zero, zero, zero, zero, zero, zero, zero};
-    for (int64_t i = blk, end = std::min(e, blk + 64); i < end; i += 8) {
-      const int64_t n = std::min<int64_t>(8, end - i);
-      const F8 m = ld<M>(p.mask, i, n);
-      const Token<F8> t = token<F8>(ld<T>(p.logprobs, i, n), ld<T>(p.old_logprobs, i, n),
-                                    ld<T>(p.advantages, i, n), ld<T>(p.values, i, n),
-                                    ld<T>(p.old_values, i, n), ld<T>(p.returns, i, n), c);
-      const F8 vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err;
-      bs[kSumPg] = bs[kSumPg] + m * vmax(t.pg1, t.pg2);
-      bs[kSumVl] = bs[kSumVl] + m * vmax(vl1, vl2);
-      bs[kSumClip] = bs[kSumClip] + m * gt(t.pg2, t.pg1);
-      bs[kSumVclip] = bs[kSumVclip] + m * gt(vl2, vl1);
-      bs[kSumK3] = bs[kSumK3] + m * ((t.ratio - one) - t.log_ratio);
-      bs[kSumRatio] = bs[kSumRatio] + m * t.ratio;
-      if (p.entropy) bs[kSumEnt] = bs[kSumEnt] + m * ld<T>(p.entropy, i, n);
-      const __m256 live = _mm256_cmp_ps(m.v, zero.v, _CMP_NEQ_OQ);
-      rmax = _mm256_max_ps(rmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), t.ratio.v, live));
-    }
-    for (int k = 0; k < kNumSums; ++k) s[k] += vec::hsum_d(bs[k].v);
-  }
-  std::copy(s, s + kNumSums, part);
-  part[kNumSums] = vec::hmax(rmax);
-}
-#endif
+struct Avx2Chunk {
+  const PpoLossInputs& in;
+  Consts<F8> c;
+  __m256 one, s_pg, s_v, s_ent;  // 1, then the gradient weights per unit of m: 1/n, vf_coef/n, -ent_coef/n
+  float *g_lp, *g_v, *g_ent;     // (N,) rows of grads (K, N), or nullptr
+  __m256 sum[kNumSums], rmax;    // fp32 lane sums of the current block; max ratio of live tokens (dead: 0)
 
-template <class T, class M>
-void fwd_chunk(const PpoLossInputs& p, int64_t b, int64_t e, double* part) {
-#if defined(FR_HAVE_AVX2)
-  if constexpr (!std::is_same_v<T, double>) return fwd_chunk_avx2<T, M>(p, b, e, part);
-#endif
-  fwd_chunk_scalar<T, M>(p, b, e, part);
-}
-
-// ---- backward: gradients of one chunk ---------------------------------------------------------
-template <class T, class M>
-void bwd_chunk(const PpoLossBwdParams& p, double g_over_n, int64_t b, int64_t e) {
-  const PpoLossInputs& in = p.in;
-  T* d_lp = static_cast<T*>(p.d_logprobs);
-  T* d_v = static_cast<T*>(p.d_values);
-  T* d_ent = static_cast<T*>(p.d_entropy);
-  int64_t i = b;
-#if defined(FR_HAVE_AVX2)
-  if constexpr (!std::is_same_v<T, double>) {
-    const Consts<F8> c = make_consts<F8>(in, [](double x) { return F8{_mm256_set1_ps(float(x))}; });
-    const F8 s_pg{_mm256_set1_ps(float(g_over_n))}, s_v{_mm256_set1_ps(float(g_over_n * in.vf_coef))};
-    const F8 s_ent{_mm256_set1_ps(float(-g_over_n * in.ent_coef))};
-    for (; i < e; i += 8) {
-      const int64_t n = std::min<int64_t>(8, e - i);
-      const F8 m = ld<M>(in.mask, i, n);
-      const Token<F8> t = token<F8>(ld<T>(in.logprobs, i, n), ld<T>(in.old_logprobs, i, n),
-                                    ld<T>(in.advantages, i, n), ld<T>(in.values, i, n),
-                                    ld<T>(in.old_values, i, n), ld<T>(in.returns, i, n), c);
-      F8 g_lp, g_v;
-      token_grads<F8>(t, m * s_pg, m * s_v, c, g_lp, g_v);
-      if (n == 8) {
-        vec::store8(d_lp + i, g_lp.v);
-        vec::store8(d_v + i, g_v.v);
-        if (d_ent) vec::store8(d_ent + i, (m * s_ent).v);
-      } else {
-        vec::store_tail(d_lp + i, n, g_lp.v);
-        vec::store_tail(d_v + i, n, g_v.v);
-        if (d_ent) vec::store_tail(d_ent + i, n, (m * s_ent).v);
+  // Tokens [i, i + n), n == 8 when kFull.
+  template <bool kFull>
+  inline void step(int64_t i, int64_t n) {
+    const __m256 m = ld<kFull, M>(in.mask, i, n);
+    const __m256 lp = ld<kFull, T>(in.logprobs, i, n), olp = ld<kFull, T>(in.old_logprobs, i, n);
+    const __m256 adv = ld<kFull, T>(in.advantages, i, n), v = ld<kFull, T>(in.values, i, n);
+    const __m256 ov = ld<kFull, T>(in.old_values, i, n), ret = ld<kFull, T>(in.returns, i, n);
+    const __m256 ent = in.entropy ? ld<kFull, T>(in.entropy, i, n) : _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps();
+    if (_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_NEQ_UQ)) == 0) {
+      // 8 masked-out tokens (the padding of short responses): with finite inputs they add exact zeros
+      // to every sum and get zero gradients, so skip their math. Inf/NaN inputs take the full path,
+      // where 0 * inf = NaN reaches the sums as in the reference.
+      const __m256 x = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lp, olp), _mm256_add_ps(adv, v)),
+                                     _mm256_add_ps(_mm256_add_ps(ov, ret), ent));
+      if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(x, x), zero, _CMP_NEQ_UQ)) == 0) {
+        if (g_lp) {
+          st<kFull>(g_lp + i, n, zero);
+          st<kFull>(g_v + i, n, zero);
+          if (g_ent) st<kFull>(g_ent + i, n, zero);
+        }
+        return;
       }
     }
-    return;
+    const Token<F8> t = token<F8>({lp}, {olp}, {adv}, {v}, {ov}, {ret}, c);
+    const __m256 pg1 = t.pg1.v, pg2 = t.pg2.v, ratio = t.ratio.v;
+    const __m256 vl1 = _mm256_mul_ps(t.v_err.v, t.v_err.v), vl2 = _mm256_mul_ps(t.vc_err.v, t.vc_err.v);
+    const __m256 clip = cmp_gt(pg2, pg1), pg1_wins = cmp_gt(pg1, pg2);
+    const __m256 vclip = cmp_gt(vl2, vl1), vl1_wins = cmp_gt(vl1, vl2);
+    sum[kSumPg] = _mm256_fmadd_ps(m, _mm256_max_ps(pg1, pg2), sum[kSumPg]);
+    sum[kSumVl] = _mm256_fmadd_ps(m, _mm256_max_ps(vl1, vl2), sum[kSumVl]);
+    sum[kSumClip] = _mm256_add_ps(sum[kSumClip], _mm256_and_ps(clip, m));
+    sum[kSumVclip] = _mm256_add_ps(sum[kSumVclip], _mm256_and_ps(vclip, m));
+    const __m256 k3 = _mm256_sub_ps(_mm256_sub_ps(ratio, one), t.log_ratio.v);  // joschu.net/blog/kl-approx.html
+    sum[kSumK3] = _mm256_fmadd_ps(m, k3, sum[kSumK3]);
+    sum[kSumRatio] = _mm256_fmadd_ps(m, ratio, sum[kSumRatio]);
+    sum[kSumEnt] = _mm256_fmadd_ps(m, ent, sum[kSumEnt]);  // ent = 0 without entropy
+    // ratio >= 0, so zeroing dead lanes leaves the max of the live ones (0 when none, as wanted)
+    rmax = _mm256_max_ps(rmax, _mm256_and_ps(_mm256_cmp_ps(m, zero, _CMP_NEQ_OQ), ratio));
+    if (!g_lp) return;
+    // d/d logprobs = w pg1 f: f = 1 where pg1 wins the max, in_range(ratio) where the clamped pg2
+    // wins, their mean on a tie (torch.maximum splits it); see token_grads.
+    const __m256 in_r = _mm256_and_ps(_mm256_cmp_ps(ratio, c.lo.v, _CMP_GE_OQ), _mm256_cmp_ps(ratio, c.hi.v, _CMP_LE_OQ));
+    __m256 f = _mm256_blendv_ps(_mm256_blendv_ps(c.half.v, one, in_r), _mm256_and_ps(in_r, one), clip);
+    f = _mm256_blendv_ps(f, one, pg1_wins);
+    const __m256 w = _mm256_mul_ps(m, s_pg);
+    st<kFull>(g_lp + i, n, _mm256_mul_ps(_mm256_mul_ps(w, pg1), f));
+    // d/d values = vf_coef m / n times v_err, vc_err v_in, or their mean on a tie
+    const __m256 e2 = _mm256_mul_ps(t.vc_err.v, t.v_in.v);
+    __m256 dv = _mm256_mul_ps(c.half.v, _mm256_add_ps(t.v_err.v, e2));
+    dv = _mm256_blendv_ps(_mm256_blendv_ps(dv, e2, vclip), t.v_err.v, vl1_wins);
+    st<kFull>(g_v + i, n, _mm256_mul_ps(_mm256_mul_ps(m, s_v), dv));
+    if (g_ent) st<kFull>(g_ent + i, n, _mm256_mul_ps(m, s_ent));
   }
+};
+
+template <class T, class M>
+void chunk_avx2(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, double* part) {
+  const PpoLossInputs& in = p.in;
+  auto bc = [](double x) { return F8{_mm256_set1_ps(float(x))}; };
+  float* g_lp = static_cast<float*>(p.grads);
+  Avx2Chunk<T, M> k{in, make_consts<F8>(in, bc), _mm256_set1_ps(1.0f), _mm256_set1_ps(float(inv_n)),
+                    _mm256_set1_ps(float(inv_n * in.vf_coef)), _mm256_set1_ps(float(-inv_n * in.ent_coef)),
+                    g_lp, g_lp ? g_lp + in.N : nullptr, g_lp && in.entropy ? g_lp + 2 * in.N : nullptr, {},
+                    _mm256_setzero_ps()};
+  double s[kNumSums] = {};
+  for (int64_t blk = b; blk < e; blk += kBlock) {
+    for (__m256& x : k.sum) x = _mm256_setzero_ps();
+    const int64_t end = std::min(e, blk + kBlock);
+    int64_t i = blk;
+    for (; i + 8 <= end; i += 8) k.template step<true>(i, 8);
+    if (i < end) k.template step<false>(i, end - i);
+    for (int j = 0; j < kNumSums; ++j) s[j] += simd::hsum_d(k.sum[j]);
+  }
+  std::copy(s, s + kNumSums, part);
+  const float rmax = simd::hmax(k.rmax);
+  part[kNumSums] = rmax > 0.0f ? double(rmax) : -INFINITY;  // 0: no live token (or all ratios 0)
+}
 #endif
-  using acc = acc_t<T>;
-  const Consts<acc> c = make_consts<acc>(in, [](double x) { return acc(x); });
-  for (; i < e; ++i) {
-    const acc m = acc(val<M>(in.mask, i));
-    const Token<acc> t = token<acc>(val<T>(in.logprobs, i), val<T>(in.old_logprobs, i),
-                                    val<T>(in.advantages, i), val<T>(in.values, i),
-                                    val<T>(in.old_values, i), val<T>(in.returns, i), c);
-    acc g_lp, g_v;
-    token_grads<acc>(t, acc(m * g_over_n), acc(m * g_over_n * in.vf_coef), c, g_lp, g_v);
-    d_lp[i] = from_acc<T>(g_lp);
-    d_v[i] = from_acc<T>(g_v);
-    if (d_ent) d_ent[i] = from_acc<T>(acc(-m * g_over_n * in.ent_coef));
-  }
+
+template <class T, class M>
+void chunk(const PpoLossParams& p, double inv_n, int64_t b, int64_t e, double* part) {
+#if defined(FR_HAVE_AVX2)
+  if constexpr (!std::is_same_v<T, double>) return chunk_avx2<T, M>(p, inv_n, b, e, part);
+#endif
+  chunk_scalar<T, M>(p, inv_n, b, e, part);
 }
 
 // sum of the mask in a fixed order: 0/1 counts are exact; weights use 8 interleaved doubles.
@@ -265,18 +291,19 @@ double mask_sum(const PpoLossInputs& p) {
   })
 
 // Tokens per task >= 64k: a (64, 512) batch runs on the calling thread. Waking a second thread costs
-// more than its share of ~50 us of work, and far more on a busy machine.
+// more than its share of the work, and far more on a busy machine.
 constexpr int64_t kGrainChunks = 64;
 
 template <class T, class M>
-void ppo_fwd(const PpoLossFwdParams& p) {
+void ppo_loss(const PpoLossParams& p) {
   using acc = acc_t<T>;
   const PpoLossInputs& in = p.in;
+  const double n = std::max(mask_sum<M>(in), 1.0);
   const int64_t chunks = (in.N + kChunk - 1) / kChunk;
   std::vector<double> parts(size_t(chunks) * (kNumSums + 1));  // (chunks, kNumSums + 1)
   parallel_for(0, chunks, kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch)
-      fwd_chunk<T, M>(in, ch * kChunk, std::min(in.N, (ch + 1) * kChunk), &parts[size_t(ch) * (kNumSums + 1)]);
+      chunk<T, M>(p, 1.0 / n, ch * kChunk, std::min(in.N, (ch + 1) * kChunk), &parts[size_t(ch) * (kNumSums + 1)]);
   });
   double s[kNumSums] = {}, rmax = -INFINITY;
   for (int64_t ch = 0; ch < chunks; ++ch) {  // chunk order: the same sums for any thread count
@@ -284,7 +311,6 @@ void ppo_fwd(const PpoLossFwdParams& p) {
     for (int k = 0; k < kNumSums; ++k) s[k] += part[k];
     rmax = std::max(rmax, part[kNumSums]);
   }
-  const double n = std::max(mask_sum<M>(in), 1.0);
   double st[kNumPpoStats];
   st[kPgLoss] = s[kSumPg] / n;
   st[kVLoss] = 0.5 * s[kSumVl] / n;
@@ -300,19 +326,19 @@ void ppo_fwd(const PpoLossFwdParams& p) {
   *static_cast<T*>(p.loss) = from_acc<T>(acc(loss));
 }
 
-template <class T, class M>
-void ppo_bwd(const PpoLossBwdParams& p) {
-  const double g_over_n = p.grad_loss / std::max(mask_sum<M>(p.in), 1.0);
-  const int64_t chunks = (p.in.N + kChunk - 1) / kChunk;
-  parallel_for(0, chunks, kGrainChunks, [&](int64_t c0, int64_t c1) {
-    bwd_chunk<T, M>(p, g_over_n, c0 * kChunk, std::min(p.in.N, c1 * kChunk));
-  });
+template <class T>
+void scale(const PpoLossScaleParams& p) {
+  using acc = acc_t<T>;
+  const acc* g = static_cast<const acc*>(p.grads);
+  T* out = static_cast<T*>(p.out);
+  const acc s = acc(p.grad_loss);
+  for (int64_t i = 0; i < p.n; ++i) out[i] = from_acc<T>(g[i] * s);
 }
 
 }  // namespace
 
-void ppo_loss_fwd_cpu(const PpoLossFwdParams& p) { FR_PPO_DISPATCH(p.in, ppo_fwd<scalar_t, mask_t>(p)); }
+void ppo_loss_scale_cpu(const PpoLossScaleParams& p) { FR_DISPATCH_FLOAT(p.dtype, scale<scalar_t>(p)); }
 
-void ppo_loss_bwd_cpu(const PpoLossBwdParams& p) { FR_PPO_DISPATCH(p.in, ppo_bwd<scalar_t, mask_t>(p)); }
+void ppo_loss_cpu(const PpoLossParams& p) { FR_PPO_DISPATCH(p.in, ppo_loss<scalar_t, mask_t>(p)); }
 
 }  // namespace fr::FR_ISA_NS

@@ -1,5 +1,7 @@
-// PPO's clipped surrogate + clipped value loss on the GPU: one kernel forward (loss and the eight
-// statistics), one kernel backward. Each is a single block of 1024 threads striding over the N = B * T
+// PPO's clipped surrogate + clipped value loss on the GPU, to the CPU kernel's contract (ppo_loss.h):
+// the forward writes the loss and the eight statistics and, when asked, the gradients for a unit
+// upstream gradient (a second kernel, launched right after); the backward only scales them by
+// grad_loss, read on the device (no sync). The loss kernels are each a single block of 1024 threads striding over the N = B * T
 // tokens and reducing in a fixed order (thread partials in double, then a fixed tree), so results
 // are the same run after run: at RLHF sizes (N ~ 32k) one block beats a multi-block reduction that
 // would need a second launch or atomics. Same per-token math as ppo_loss.cpp (ties and clamp edges
@@ -93,10 +95,11 @@ __global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(Args a, T* loss, acc_
   store(loss, A(st[kPgLoss] + a.vf_coef * st[kVLoss] - a.ent_coef * st[kEntropy]));
 }
 
-// One block: the mask sum first (every thread needs n), then the per-token gradients.
+// One block: the mask sum first (every thread needs n), then the per-token gradients of a unit
+// upstream gradient, in acc_t<T> (rows of PpoLossParams::grads).
 template <class T, class M>
-__global__ void __launch_bounds__(kThreads) ppo_bwd_kernel(Args a, const T* grad_loss, T* d_lp, T* d_v,
-                                                           T* d_ent) {
+__global__ void __launch_bounds__(kThreads) ppo_grad_kernel(Args a, acc_t<T>* d_lp, acc_t<T>* d_v,
+                                                            acc_t<T>* d_ent) {
   using A = acc_t<T>;
   __shared__ double scratch[32];
   const T *lp = static_cast<const T*>(a.lp), *olp = static_cast<const T*>(a.olp),
@@ -106,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) ppo_bwd_kernel(Args a, const T* grad
   double msum = 0;
   for (int64_t i = threadIdx.x; i < a.N; i += kThreads) msum += double(mask_val(mask, i));
   msum = block_reduce(msum, 0.0, Sum(), scratch);
-  const double g_over_n = double(load(grad_loss)) / max(msum, 1.0);
+  const double g_over_n = 1.0 / max(msum, 1.0);
   const A lo = A(1.0 - a.clip), hi = A(1.0 + a.clip), cv = A(a.clip_v), half = A(0.5);
   for (int64_t i = threadIdx.x; i < a.N; i += kThreads) {
     const A m = A(mask_val(mask, i));
@@ -120,10 +123,19 @@ __global__ void __launch_bounds__(kThreads) ppo_bwd_kernel(Args a, const T* grad
     const A vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err, vtie = vl1 == vl2 ? half : A(0);
     // 0.5 d(x^2) = x: the 0.5 of v_loss cancels the 2
     const A g_v = w_v * ((A(vl1 > vl2) + vtie) * t.v_err + (A(vl2 > vl1) + vtie) * t.vc_err * A(t.v_in));
-    store(d_lp + i, g_lp);
-    store(d_v + i, g_v);
-    if (d_ent) store(d_ent + i, A(-m * g_over_n * a.ent_coef));
+    d_lp[i] = g_lp;
+    d_v[i] = g_v;
+    if (d_ent) d_ent[i] = A(-m * g_over_n * a.ent_coef);
   }
+}
+
+// out (n,) = grads (n,) * grad_loss (one value of out's dtype T, on the device), rounded to T.
+template <class T>
+__global__ void ppo_scale_kernel(const acc_t<T>* grads, const T* grad_loss, T* out, int64_t n) {
+  using A = acc_t<T>;
+  const A g = A(load(grad_loss));
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    store(out + i, A(grads[i] * g));
 }
 
 Args args_of(const PpoLossInputs& in) {
@@ -146,22 +158,30 @@ namespace fr {
     __VA_ARGS__;                                                                            \
   })
 
-void ppo_loss_fwd_cuda(const PpoLossFwdParams& p, cudaStream_t stream) {
+void ppo_loss_cuda(const PpoLossParams& p, cudaStream_t stream) {
   FR_PPO_CUDA_DISPATCH(p.in, {
+    using A = acc_t<scalar_t>;
     cuda::ppo_fwd_kernel<scalar_t, mask_t><<<1, cuda::kThreads, 0, stream>>>(
-        cuda::args_of(p.in), static_cast<scalar_t*>(p.loss), static_cast<acc_t<scalar_t>*>(p.stats));
+        cuda::args_of(p.in), static_cast<scalar_t*>(p.loss), static_cast<A*>(p.stats));
+    if (p.grads != nullptr && p.in.N > 0) {
+      A* rows = static_cast<A*>(p.grads);  // (K, N): d/d logprobs, d/d values[, d/d entropy]
+      cuda::ppo_grad_kernel<scalar_t, mask_t><<<1, cuda::kThreads, 0, stream>>>(
+          cuda::args_of(p.in), rows, rows + p.in.N, p.in.entropy ? rows + 2 * p.in.N : nullptr);
+    }
   });
-  cuda::check_launch("ppo_loss_fwd");
+  cuda::check_launch("ppo_loss");
 }
 
-void ppo_loss_bwd_cuda(const PpoLossBwdParams& p, const void* grad_loss, cudaStream_t stream) {
-  if (p.in.N == 0) return;
-  FR_PPO_CUDA_DISPATCH(p.in, {
-    cuda::ppo_bwd_kernel<scalar_t, mask_t><<<1, cuda::kThreads, 0, stream>>>(
-        cuda::args_of(p.in), static_cast<const scalar_t*>(grad_loss), static_cast<scalar_t*>(p.d_logprobs),
-        static_cast<scalar_t*>(p.d_values), static_cast<scalar_t*>(p.d_entropy));
+void ppo_loss_scale_cuda(const PpoLossScaleParams& p, const void* grad_loss, cudaStream_t stream) {
+  if (p.n == 0) return;
+  const int threads = 256;
+  const int blocks = int(std::min<int64_t>((p.n + threads - 1) / threads, 1024));
+  FR_DISPATCH_FLOAT(p.dtype, {
+    cuda::ppo_scale_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        static_cast<const acc_t<scalar_t>*>(p.grads), static_cast<const scalar_t*>(grad_loss),
+        static_cast<scalar_t*>(p.out), p.n);
   });
-  cuda::check_launch("ppo_loss_bwd");
+  cuda::check_launch("ppo_loss_scale");
 }
 
 }  // namespace fr

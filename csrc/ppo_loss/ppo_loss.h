@@ -1,5 +1,6 @@
-// PPO's clipped surrogate + clipped value loss (arXiv 1707.06347) as one fused forward pass
-// (loss and statistics) and one fused backward pass over the (B, T) tokens.
+// PPO's clipped surrogate + clipped value loss (arXiv 1707.06347) as one fused pass over the (B, T)
+// tokens: loss, statistics and, when asked, d loss / d (logprobs, values, entropy) for a unit
+// upstream gradient (the loss is a scalar, so autograd's backward only has to scale them).
 #pragma once
 #include <cstdint>
 
@@ -27,20 +28,25 @@ struct PpoLossInputs {
   double clip_range, clip_range_value, vf_coef, ent_coef;
 };
 
-struct PpoLossFwdParams {
+struct PpoLossParams {
   PpoLossInputs in;
   void* loss;   // () out, dtype
   void* stats;  // (kNumPpoStats,) out, acc_t of dtype
+  void* grads;  // (K, N) out, acc_t of dtype: rows d/d logprobs, d/d values [, d/d entropy when
+                // in.entropy]; nullptr: no gradients wanted
 };
 
-struct PpoLossBwdParams {
-  PpoLossInputs in;
+// The backward: out = grads * grad_loss, rounded to out's dtype. A kernel of its own (not a torch
+// mul) because it runs on the calling thread: torch splits >= 32k elements across threads, and
+// waking them costs more than the work here (milliseconds on a busy machine).
+struct PpoLossScaleParams {
+  DType dtype;        // of out; grads are acc_t of it
+  const void* grads;  // (n,) the unit-gradient rows of PpoLossParams::grads
   double grad_loss;
-  void* d_logprobs;  // (N,) out, dtype
-  void* d_values;    // (N,) out, dtype
-  void* d_entropy;   // (N,) out, dtype; nullptr when in.entropy is
+  void* out;          // (n,)
+  int64_t n;
 };
 }  // namespace fr
 
-FR_DECLARE_CPU_KERNEL(ppo_loss_fwd_cpu, PpoLossFwdParams)
-FR_DECLARE_CPU_KERNEL(ppo_loss_bwd_cpu, PpoLossBwdParams)
+FR_DECLARE_CPU_KERNEL(ppo_loss_cpu, PpoLossParams)
+FR_DECLARE_CPU_KERNEL(ppo_loss_scale_cpu, PpoLossScaleParams)

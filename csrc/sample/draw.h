@@ -78,7 +78,7 @@ template <class T> int64_t sample_plain(const T* x, int64_t V, T m, T c, double 
     for (; i + kBlock <= V; i += kBlock) {
       __m256 a = _mm256_setzero_ps();
       for (int64_t j = i; j < i + kBlock; j += 8)
-        a = _mm256_add_ps(a, exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc)));
+        a = _mm256_add_ps(a, exp2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc)));
       const double block = hsum(_mm256_add_pd(lo_pd(a), hi_pd(a)));
       if (cum + block > target) break;
       cum += block;
@@ -86,14 +86,14 @@ template <class T> int64_t sample_plain(const T* x, int64_t V, T m, T c, double 
   }
 #endif
   for (; i < V; ++i) {
-    const T e = exp2_neg((x[i] - m) * c);
+    const T e = exp2((x[i] - m) * c);
     if (e == 0) continue;
     cum += double(e);
     last = i;
     if (cum > target) return i;
   }
   for (int64_t j = V - 1; last < 0 && j >= 0; --j)  // target unreached before the last block
-    if (exp2_neg((x[j] - m) * c) > 0) last = j;
+    if (exp2((x[j] - m) * c) > 0) last = j;
   return last;
 }
 

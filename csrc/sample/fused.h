@@ -134,7 +134,7 @@ ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, 
       vm = cm;
       __m256 a = _mm256_setzero_ps(), a2 = a;  // float over one chunk, then double
       for (int64_t j = ci; j < ci + kBlock; j += 8) {
-        const __m256 e = exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc));
+        const __m256 e = exp2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vc));
         a = _mm256_add_ps(a, e);
         if constexpr (kNucleus) a2 = _mm256_fmadd_ps(e, e, a2);
       }
@@ -175,7 +175,7 @@ ScanSum<float> scan_softmax_avx2(const float* x, int64_t V, int64_t k, float c, 
       S2 *= f * f;
       m = v;
     }
-    const double e = double(exp2_neg((v - m) * c));
+    const double e = double(exp2((v - m) * c));
     Z += e;
     S2 += e * e;
     if (streamed) topk.push(v, i);

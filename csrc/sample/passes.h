@@ -5,13 +5,39 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#include "sample/simd.h"
+#include "common/simd.h"
 #include "sample/topk_buffer.h"
 
 namespace fr::FR_ISA_NS::sampling {
+
+// e = 2^d2 for d2 = (x - max) * log2(e) / T <= 0: the scalar and vector versions of simd::exp2 give
+// bit-identical results, and d2 < -125 gives exactly 0.
+using simd::exp2;
+#if defined(FR_HAVE_AVX2)
+using simd::hi_pd;
+using simd::hsum;
+using simd::lo_pd;
+#endif
+
+// floor(log2(max(z, 1))) from the exponent bits.
+inline int floor_log2(double z) {
+  if (!(z >= 2.0)) return 0;
+  uint64_t u;
+  std::memcpy(&u, &z, 8);
+  return int((u >> 52) & 0x7ff) - 1023;
+}
+
+template <class T> constexpr bool kVec =
+#if defined(FR_HAVE_AVX2)
+    std::is_same_v<T, float>;
+#else
+    false;
+#endif
 
 // Top-p histogram: bucket b holds the tokens with d2 = log2(p / p_max) in (-(b+1)/16, -b/16], i.e.
 // probabilities within 4.4% of each other; tokens left out are marked kBuckets + lane (spare slots).
@@ -107,7 +133,7 @@ Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, bool rise, T* e
     auto step = [&](int64_t j, __m256& ek) {
       const __m256 v = _mm256_loadu_ps(x + j);
       const __m256 d2 = _mm256_mul_ps(_mm256_sub_ps(v, vm), vc);
-      const __m256 ev = exp2_neg(d2);
+      const __m256 ev = exp2(d2);
       if constexpr (kStore) _mm256_storeu_ps(e + j, ev);
       if constexpr (kHist) {
         const __m256 ge = _mm256_cmp_ps(v, vvk, _CMP_GE_OQ);
@@ -152,7 +178,7 @@ Sums softmax_pass(const T* x, int64_t V, T m, T c, T vk, T cut0, bool rise, T* e
 #endif
   for (; i < V; ++i) {
     const T d2 = (x[i] - m) * c;
-    const T ev = exp2_neg(d2);
+    const T ev = exp2(d2);
     if constexpr (kStore) e[i] = ev;
     s.Z += double(ev);
     if constexpr (kHist) {

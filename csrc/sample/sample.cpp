@@ -80,7 +80,7 @@ template <class T> double prepare_candidates(const T* x, int64_t V, const Scan<T
   }
   double mass = 0;
   for (auto& t : cand) {
-    t.e = exp2_neg((t.x - r.m) * c);
+    t.e = exp2((t.x - r.m) * c);
     mass += double(t.e);
   }
   return mass;

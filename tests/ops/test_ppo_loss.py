@@ -210,14 +210,90 @@ def test_independent_of_thread_count():
 
 
 @pytest.mark.parametrize("entropy", [True, False])
-def test_opcheck(entropy):
+@pytest.mark.parametrize("need_grads", [True, False])
+def test_opcheck(entropy, need_grads):
     g, mask = make(3, 10)
-    args = [g[n].clone().requires_grad_(n in DIFF) for n in NAMES]
-    ent = g["entropy"].clone().requires_grad_() if entropy else None
-    torch.library.opcheck(torch.ops.fastrlhf.ppo_loss_fwd.default, (*args, mask, ent, 0.2, 0.3, 0.1, 0.01))
-    torch.library.opcheck(
-        torch.ops.fastrlhf.ppo_loss_fwd.default, (*args, mask.float(), ent, 0.2, 0.3, 0.1, 0.01)
-    )
+    args = [g[n].clone().requires_grad_(n in DIFF and need_grads) for n in NAMES]
+    ent = g["entropy"].clone().requires_grad_(need_grads) if entropy else None
+    coefs = (0.2, 0.3, 0.1, 0.01, need_grads)
+    torch.library.opcheck(torch.ops.fastrlhf.ppo_loss_fwd.default, (*args, mask, ent, *coefs))
+    torch.library.opcheck(torch.ops.fastrlhf.ppo_loss_fwd.default, (*args, mask.float(), ent, *coefs))
+
+
+def test_raw_op_gradients_are_the_unit_upstream_gradients():
+    """grads (K, B, T) of the raw op == d loss / d (logprobs, values, entropy); (0,) when not asked."""
+    g, mask = make(5, 37)
+    coefs = (0.2, 0.2, 0.1, 0.01)
+    _, _, grads = torch.ops.fastrlhf.ppo_loss_fwd(*(g[n] for n in NAMES), mask, g["entropy"], *coefs, True)
+    _, _, ref_grads = run(reference.ppo_loss, as64(g), mask, **KW)
+    assert grads.shape == (3, 5, 37) and grads.dtype == torch.float32
+    for row, k in zip(grads, DIFF):
+        torch.testing.assert_close(row.double(), ref_grads[k], rtol=2e-6, atol=1e-10, msg=k)
+    _, _, none = torch.ops.fastrlhf.ppo_loss_fwd(*(g[n] for n in NAMES), mask, None, *coefs, False)
+    assert none.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_backward_op(dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grads = torch.randn(3, 4, 9, dtype=acc)
+    torch.library.opcheck(torch.ops.fastrlhf.ppo_loss_bwd.default, (grads, torch.tensor(-1.5, dtype=dtype)))
+    out = torch.ops.fastrlhf.ppo_loss_bwd(grads, torch.tensor(-1.5, dtype=dtype))
+    assert out.dtype == dtype and torch.equal(out, (grads * -1.5).to(dtype))
+
+
+def test_raw_op_without_grads_refuses_backward():
+    g, mask = make(2, 5)
+    lp = g["logprobs"].clone().requires_grad_()
+    others = (g[n] for n in NAMES[1:])
+    loss, _, _ = torch.ops.fastrlhf.ppo_loss_fwd(lp, *others, mask, None, 0.2, 0.2, 0.1, 0.0, False)
+    with pytest.raises(RuntimeError, match="need_grads=False"):
+        loss.backward()
+
+
+def test_no_grad_and_grad_calls_agree():
+    g, mask = make(6, 50)
+    with torch.no_grad():
+        loss0, stats0 = ppo_loss(*(g[n] for n in NAMES), mask, entropy=g["entropy"], **KW)
+    loss1, stats1, _ = run(ppo_loss, g, mask, **KW)
+    assert torch.equal(loss0, loss1.detach()) and all(torch.equal(stats0[k], stats1[k]) for k in PPO_STATS)
+
+
+def test_upstream_gradient_scales_the_gradients():
+    g, mask = make(4, 21)
+    leaves = {k: v.clone().requires_grad_(k in DIFF) for k, v in g.items()}
+    loss, _ = ppo_loss(*(leaves[n] for n in NAMES), mask, entropy=leaves["entropy"], **KW)
+    (-2.5 * loss).backward()
+    _, _, ref = run(reference.ppo_loss, as64(g), mask, **KW)
+    for k in DIFF:
+        torch.testing.assert_close(leaves[k].grad.double(), -2.5 * ref[k], rtol=2e-6, atol=1e-10, msg=k)
+
+
+def test_retained_graph_gives_fresh_gradients_each_backward():
+    """The first backward may hand out the kernel's own buffer; changing it in place must not leak
+    into a second backward through the retained graph."""
+    g, mask = make(4, 21)
+    leaves = {k: v.clone().requires_grad_(k in DIFF) for k, v in g.items()}
+    loss, _ = ppo_loss(*(leaves[n] for n in NAMES), mask, entropy=leaves["entropy"], **KW)
+    loss.backward(retain_graph=True)
+    first = {k: leaves[k].grad.clone() for k in DIFF}
+    for k in DIFF:
+        leaves[k].grad.mul_(-7.0)  # in place on what the first backward returned
+        leaves[k].grad = None
+    loss.backward()
+    for k in DIFF:
+        assert torch.equal(leaves[k].grad, first[k]), k
+
+
+def test_double_backward_is_refused():
+    """First derivatives only: a second backward raises instead of returning zeros."""
+    g, mask = make(2, 5)
+    lp = g["logprobs"].clone().requires_grad_()
+    loss, _ = ppo_loss(lp, *(g[n] for n in NAMES[1:]), mask)
+    (d_lp,) = torch.autograd.grad(loss, lp, create_graph=True)
+    assert d_lp.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        d_lp.sum().backward()
 
 
 def test_compile_fullgraph():
