@@ -20,6 +20,7 @@
 #include "attention/attention.h"
 #include "common/runtime.h"
 #include "gae/gae.h"
+#include "linear/linear.h"
 #include "logprobs/logprobs.h"
 #include "ppo_loss/ppo_loss.h"
 #include "sample/sample.h"
@@ -577,6 +578,37 @@ std::tuple<Tensor, Tensor> sample(Tensor logits, Tensor temperature, Tensor top_
   return {tokens, logprobs};
 }
 
+// ---- rows_linear ----------------------------------------------------------------------------
+Tensor rows_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  check_cpu({{&x, "x"}, {&weight, "weight"}});
+  if (bias) check_cpu({{&x, "x"}, {&*bias, "bias"}});
+  check_dim(x, "x", 2, "(N, K)");
+  check_dim(weight, "weight", 2, "(M, K)");
+  check_dtype(x, "x", ScalarType::Float);
+  check_dtype(weight, "weight", ScalarType::Float);
+  FR_CHECK(weight.size(1) == x.size(1), "weight must be (M, K) with K = x.size(1) = ", x.size(1), "; got shape ",
+           shape_of(weight));
+  if (bias) {
+    check_dtype(*bias, "bias", ScalarType::Float);
+    FR_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be (M,) with M = weight.size(0) = ",
+             weight.size(0), "; got shape ", shape_of(*bias));
+  }
+  if (x.size(1) > 0 && x.stride(1) != 1) x = torch::stable::contiguous(x);  // rows may be strided, not columns
+  weight = contig(weight);
+  std::optional<Tensor> b = bias ? std::optional<Tensor>(contig(*bias)) : std::nullopt;
+  Tensor y = torch::stable::new_empty(x, {x.size(0), weight.size(0)});
+  fr::RowsLinearParams p{static_cast<const float*>(x.const_data_ptr()),
+                         static_cast<const float*>(weight.const_data_ptr()),
+                         b ? static_cast<const float*>(b->const_data_ptr()) : nullptr,
+                         static_cast<float*>(y.mutable_data_ptr()),
+                         x.size(0),
+                         weight.size(0),
+                         x.size(1),
+                         x.size(0) > 1 ? x.stride(0) : x.size(1)};
+  fr::rows_linear_cpu(p);
+  return y;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
@@ -597,6 +629,7 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
         "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed) "
         "-> (Tensor, Tensor)");
+  m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
@@ -608,4 +641,5 @@ STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("causal_attention_fwd", TORCH_BOX(&causal_attention_fwd));
   m.impl("causal_attention_bwd", TORCH_BOX(&causal_attention_bwd));
   m.impl("sample", TORCH_BOX(&sample));
+  m.impl("rows_linear", TORCH_BOX(&rows_linear));
 }

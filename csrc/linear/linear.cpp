@@ -1,0 +1,81 @@
+// Register tiles of RM weight rows x RN input rows: each weight row is loaded once per tile of
+// inputs and the whole x (N x K floats, a few KiB) stays in L1/L2, so w streams from memory once.
+// Dot products run along K (w's contiguous dim) and are reduced horizontally at the end.
+#include "linear/linear.h"
+
+#if defined(FR_HAVE_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace fr::FR_ISA_NS {
+
+constexpr int kRM = 4;  // weight rows per tile
+constexpr int kRN = 3;  // input rows per tile: 12 accumulators + 4 weight registers = 16 ymm
+
+#if defined(FR_HAVE_AVX2)
+static inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+// y[n0 + j, m0 + i] for i < RM, j < RN.
+template <int RM, int RN>
+static void tile(const RowsLinearParams& p, int64_t m0, int64_t n0) {
+  const int64_t K = p.K;
+  const float* w[RM];  // RM x (K,)
+  const float* x[RN];  // RN x (K,)
+  for (int i = 0; i < RM; ++i) w[i] = p.w + (m0 + i) * K;
+  for (int j = 0; j < RN; ++j) x[j] = p.x + (n0 + j) * p.x_stride;
+  float out[RM][RN] = {};
+  int64_t k = 0;
+#if defined(FR_HAVE_AVX2)
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[RM];
+    for (int i = 0; i < RM; ++i) wv[i] = _mm256_loadu_ps(w[i] + k);
+    for (int j = 0; j < RN; ++j) {
+      const __m256 xv = _mm256_loadu_ps(x[j] + k);
+      for (int i = 0; i < RM; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) out[i][j] = hsum(acc[i][j]);
+#endif
+  for (; k < K; ++k)  // the K % 8 tail, or all of K in the baseline build
+    for (int i = 0; i < RM; ++i)
+      for (int j = 0; j < RN; ++j) out[i][j] += w[i][k] * x[j][k];
+  for (int i = 0; i < RM; ++i) {
+    const float b = p.bias ? p.bias[m0 + i] : 0.0f;
+    for (int j = 0; j < RN; ++j) p.y[(n0 + j) * p.M + m0 + i] = out[i][j] + b;
+  }
+}
+
+template <int RM>
+static void weight_tile(const RowsLinearParams& p, int64_t m0) {
+  int64_t n = 0;
+  for (; n + kRN <= p.N; n += kRN) tile<RM, kRN>(p, m0, n);
+  if (p.N - n == 2) tile<RM, 2>(p, m0, n);
+  if (p.N - n == 1) tile<RM, 1>(p, m0, n);
+}
+
+void rows_linear_cpu(const RowsLinearParams& p) {
+  const int64_t tiles = (p.M + kRM - 1) / kRM;
+  // A chunk of >= ~1M multiply-adds: waking the thread pool costs more than a smaller one saves.
+  const int64_t per_tile = kRM * p.N * p.K;
+  const int64_t grain = (int64_t(1) << 20) / (per_tile > 0 ? per_tile : 1) + 1;
+  parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t * kRM, rows = p.M - m0;
+      if (rows >= 4) weight_tile<4>(p, m0);
+      else if (rows == 3) weight_tile<3>(p, m0);
+      else if (rows == 2) weight_tile<2>(p, m0);
+      else weight_tile<1>(p, m0);
+    }
+  });
+}
+
+}  // namespace fr::FR_ISA_NS
