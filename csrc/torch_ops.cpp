@@ -434,6 +434,18 @@ AttnShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v,
   return s;
 }
 
+// The stride P of k's and v's (b, h) planes when both are (B, Hkv, Tk, D) with rows of D contiguous
+// elements, D apart, and planes P apart (P >= Tk * D); 0 when they need a contiguous copy.
+int64_t kv_plane(const Tensor& k, const Tensor& v, const AttnShape& s) {
+  const int64_t P = k.stride(1);
+  for (const Tensor* t : {&k, &v}) {
+    if ((s.D > 1 && t->stride(3) != 1) || (s.Tk > 1 && t->stride(2) != s.D) || (s.Hkv > 1 && t->stride(1) != P) ||
+        (s.B > 1 && t->stride(0) != s.Hkv * P))
+      return 0;
+  }
+  return P >= s.Tk * s.D ? P : 0;
+}
+
 const int64_t* seg_ptr(const std::optional<Tensor>& seg) {
   return seg ? static_cast<const int64_t*>(seg->const_data_ptr()) : nullptr;
 }
@@ -445,8 +457,12 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
   const AttnShape s = check_attention(q, k, v, segment_ids);
   const fr::DType dtype = float_dtype(q, "q");
   q = contig(q);
-  k = contig(k);
-  v = contig(v);
+  // A KV-cache view k[:, :, :Tk] of a (B, Hkv, max_len, D) buffer is read in place (no per-step copy).
+  const int64_t plane = kv_plane(k, v, s);
+  if (plane == 0) {
+    k = contig(k);
+    v = contig(v);
+  }
   Tensor out = torch::stable::empty_like(q);
   // lse in fp64 for every dtype: the backward recomputes P from it (see attention.cpp)
   Tensor lse = torch::stable::new_empty(q, {s.B, s.H, s.Tq}, ScalarType::Double);
@@ -463,7 +479,8 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
                       s.Tq,
                       s.Tk,
                       s.D,
-                      scale};
+                      scale,
+                      plane ? plane : s.Tk * s.D};
   fr::attention_fwd_cpu(p);
   return {out, lse};
 }

@@ -42,6 +42,17 @@ static void tile(const RowsLinearParams& p, int64_t m0, int64_t n0) {
       for (int i = 0; i < RM; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
     }
   }
+  if constexpr (RM == 4) {
+    if (K % 8 == 0) {  // the 4 sums of a column of acc are y[n, m0:m0+4]: reduce them together
+      const __m128 b = p.bias ? _mm_loadu_ps(p.bias + m0) : _mm_setzero_ps();
+      for (int j = 0; j < RN; ++j) {
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][j], acc[1][j]), _mm256_hadd_ps(acc[2][j], acc[3][j]));
+        const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(p.y + (n0 + j) * p.M + m0, _mm_add_ps(sum, b));
+      }
+      return;
+    }
+  }
   for (int i = 0; i < RM; ++i)
     for (int j = 0; j < RN; ++j) out[i][j] = hsum(acc[i][j]);
 #endif
@@ -64,9 +75,11 @@ static void weight_tile(const RowsLinearParams& p, int64_t m0) {
 
 void rows_linear_cpu(const RowsLinearParams& p) {
   const int64_t tiles = (p.M + kRM - 1) / kRM;
-  // A chunk of >= ~1M multiply-adds: waking the thread pool costs more than a smaller one saves.
+  // Chunks of >= 8M multiply-adds (~1 ms): a decode step's block linears (16 rows: ~4M) run on the
+  // calling thread. Waking a pool thread that another process has descheduled costs a scheduler
+  // time slice (~10 ms measured on a loaded 2-core box), far more than a small op gains from it.
   const int64_t per_tile = kRM * p.N * p.K;
-  const int64_t grain = (int64_t(1) << 20) / (per_tile > 0 ? per_tile : 1) + 1;
+  const int64_t grain = (int64_t(1) << 23) / (per_tile > 0 ? per_tile : 1) + 1;
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * kRM, rows = p.M - m0;
