@@ -34,7 +34,12 @@ static void tile(const RowsLinearParams& p, int64_t m0, int64_t n0) {
   __m256 acc[RM][RN];
   for (int i = 0; i < RM; ++i)
     for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  // The first pass over a weight tile also prefetches the next one (the next RM rows, contiguous), so
+  // its DRAM latency hides behind this tile's FMAs; without it, a 16-row x ran at ~65% of peak.
+  const float* next = n0 == 0 && m0 + 2 * RM <= p.M ? w[0] + RM * K : nullptr;
   for (; k + 8 <= K; k += 8) {
+    if (next)
+      for (int i = 0; i < RM; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
     __m256 wv[RM];
     for (int i = 0; i < RM; ++i) wv[i] = _mm256_loadu_ps(w[i] + k);
     for (int j = 0; j < RN; ++j) {
