@@ -103,6 +103,17 @@ def left_pad_layout(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     return positions, mask
 
 
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX) (the mean over kept targets; NaN when
+    none is kept) through ops.token_logprobs, which streams each row once and writes d logits once
+    instead of materialising log_softmax and its gradient: ~4x faster at (2048, 50257) on the CPU."""
+    keep = targets != IGNORE_INDEX  # (B, T)
+    logprobs = ops.token_logprobs(logits, torch.where(keep, targets, 0))  # (B, T)
+    if logprobs.dtype != torch.float64:
+        logprobs = logprobs.float()  # sum bf16/fp16 log-probs in fp32, as cross_entropy does under autocast
+    return -(logprobs * keep).sum() / keep.sum()
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -189,7 +200,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, positions=positions, segment_ids=segment_ids, cache=cache))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = next_token_loss(logits, targets)
         return logits, loss
 
     def weights(self) -> dict[str, Tensor]:
