@@ -21,6 +21,7 @@
 #include "attention/attention.h"
 #include "common/runtime.h"
 #include "gae/gae.h"
+#include "linear/linear.h"
 #include "logprobs/logprobs.h"
 #include "ppo_loss/ppo_loss.h"
 #include "sample/sample.h"
@@ -533,6 +534,18 @@ void check_attention_cuda(const Tensor& q, const AttnShape& s) {
   FR_CHECK(s.B < 65536 && s.H < 65536, "q must be (B, H, Tq, D) with B, H < 65536 on CUDA; got ", shape_of(q));
 }
 
+// The stride P of k's and v's (b, h) planes when both are (B, Hkv, Tk, D) with rows of D contiguous
+// elements, D apart, and planes P apart (P >= Tk * D); 0 when they need a contiguous copy.
+int64_t kv_plane(const Tensor& k, const Tensor& v, const AttnShape& s) {
+  const int64_t P = k.stride(1);
+  for (const Tensor* t : {&k, &v}) {
+    if ((s.D > 1 && t->stride(3) != 1) || (s.Tk > 1 && t->stride(2) != s.D) || (s.Hkv > 1 && t->stride(1) != P) ||
+        (s.B > 1 && t->stride(0) != s.Hkv * P))
+      return 0;
+  }
+  return P >= s.Tk * s.D ? P : 0;
+}
+
 const int64_t* seg_ptr(const std::optional<Tensor>& seg) {
   return seg ? static_cast<const int64_t*>(seg->const_data_ptr()) : nullptr;
 }
@@ -545,8 +558,12 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
   const fr::DType dtype = float_dtype(q, "q");
   if (q.is_cuda()) check_attention_cuda(q, s);
   q = contig(q);
-  k = contig(k);
-  v = contig(v);
+  // A KV-cache view k[:, :, :Tk] of a (B, Hkv, max_len, D) buffer is read in place (no per-step copy).
+  const int64_t plane = q.is_cuda() ? 0 : kv_plane(k, v, s);  // the CUDA kernel reads contiguous k, v
+  if (plane == 0) {
+    k = contig(k);
+    v = contig(v);
+  }
   Tensor out = torch::stable::empty_like(q);
   // lse in fp64 for every dtype: the backward recomputes P from it (see attention.cpp)
   Tensor lse = torch::stable::new_empty(q, {s.B, s.H, s.Tq}, ScalarType::Double);
@@ -563,7 +580,8 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
                       s.Tq,
                       s.Tk,
                       s.D,
-                      scale};
+                      scale,
+                      plane ? plane : s.Tk * s.D};
   if (q.is_cuda()) FR_CUDA_CALL(q, fr::attention_fwd_cuda(p, stream));
   else fr::attention_fwd_cpu(p);
   return {out, lse};
@@ -697,6 +715,37 @@ std::tuple<Tensor, Tensor> sample(Tensor logits, Tensor temperature, Tensor top_
   return {tokens, logprobs};
 }
 
+// ---- rows_linear ----------------------------------------------------------------------------
+Tensor rows_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  check_cpu({{&x, "x"}, {&weight, "weight"}});
+  if (bias) check_cpu({{&x, "x"}, {&*bias, "bias"}});
+  check_dim(x, "x", 2, "(N, K)");
+  check_dim(weight, "weight", 2, "(M, K)");
+  check_dtype(x, "x", ScalarType::Float);
+  check_dtype(weight, "weight", ScalarType::Float);
+  FR_CHECK(weight.size(1) == x.size(1), "weight must be (M, K) with K = x.size(1) = ", x.size(1), "; got shape ",
+           shape_of(weight));
+  if (bias) {
+    check_dtype(*bias, "bias", ScalarType::Float);
+    FR_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be (M,) with M = weight.size(0) = ",
+             weight.size(0), "; got shape ", shape_of(*bias));
+  }
+  if (x.size(1) > 0 && x.stride(1) != 1) x = torch::stable::contiguous(x);  // rows may be strided, not columns
+  weight = contig(weight);
+  std::optional<Tensor> b = bias ? std::optional<Tensor>(contig(*bias)) : std::nullopt;
+  Tensor y = torch::stable::new_empty(x, {x.size(0), weight.size(0)});
+  fr::RowsLinearParams p{static_cast<const float*>(x.const_data_ptr()),
+                         static_cast<const float*>(weight.const_data_ptr()),
+                         b ? static_cast<const float*>(b->const_data_ptr()) : nullptr,
+                         static_cast<float*>(y.mutable_data_ptr()),
+                         x.size(0),
+                         weight.size(0),
+                         x.size(1),
+                         x.size(0) > 1 ? x.stride(0) : x.size(1)};
+  fr::rows_linear_cpu(p);
+  return y;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
@@ -715,6 +764,7 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
         "float scale, Tensor? segment_ids) -> (Tensor, Tensor, Tensor)");
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed) "
         "-> (Tensor, Tensor)");
+  m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
@@ -726,6 +776,7 @@ STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("causal_attention_fwd", TORCH_BOX(&causal_attention_fwd));
   m.impl("causal_attention_bwd", TORCH_BOX(&causal_attention_bwd));
   m.impl("sample", TORCH_BOX(&sample));
+  m.impl("rows_linear", TORCH_BOX(&rows_linear));
 }
 
 #ifdef FR_WITH_CUDA

@@ -16,8 +16,8 @@ static void attention_fwd(const AttnFwdParams& p) {
   using T = acc_t<S>;
   const Geom g(p.B, p.H, p.Hkv, p.Tq, p.Tk, p.D, p.seg);
   const S* q = static_cast<const S*>(p.q);      // (B, H, Tq, D)
-  const S* k = static_cast<const S*>(p.k);      // (B, Hkv, Tk, D)
-  const S* v = static_cast<const S*>(p.v);      // (B, Hkv, Tk, D)
+  const S* k = static_cast<const S*>(p.k);      // (B, Hkv, Tk, D), planes kv_plane apart
+  const S* v = static_cast<const S*>(p.v);      // (B, Hkv, Tk, D), planes kv_plane apart
   S* out = static_cast<S*>(p.out);              // (B, H, Tq, D)
   double* lse = p.lse;                          // (B, H, Tq)
   const T c = T(p.scale * 1.4426950408889634);  // scale * log2(e)
@@ -50,7 +50,7 @@ static void attention_fwd(const AttnFwdParams& p) {
       const Tri tri_s = cov == Cover::masked ? Tri::cols : Tri::none,
                 tri_o = cov == Cover::masked ? Tri::k_hi : Tri::none;
       const int64_t lim = diag_lim(qi, j0);
-      const S* kr = k + (bk * g.Tk + j0) * g.D;  // (kn, D)
+      const S* kr = k + bk * p.kv_plane + j0 * g.D;  // (kn, D)
       if (qi.M <= kFewRows) {  // decode: dot products with the key rows; columns >= kn are masked
         gemm_nt(qi.M, kn, g.D, Qs, g.D, padded_rows(g, kr, kn, Kt), g.Dp, Sc, kBk);
       } else {
@@ -75,7 +75,7 @@ static void attention_fwd(const AttnFwdParams& p) {
         l[r] += row_sum;
         m[r] = m_new;
       }
-      const T* vt = padded_rows(g, v + (bk * g.Tk + j0) * g.D, kn, Vc);       // (kn, Dp)
+      const T* vt = padded_rows(g, v + bk * p.kv_plane + j0 * g.D, kn, Vc);     // (kn, Dp)
       gemm(qi.M, g.Dp, kn, Sc, kBk, 1, vt, g.Dp, O, g.Dp, true, tri_o, lim);  // O += P v
     }
     for (int64_t r = 0; r < qi.M; ++r) {  // every row sees at least its own key, so l > 0

@@ -18,6 +18,8 @@ struct AttnFwdParams {
   double* lse;         // (B, H, Tq) out: natural-log sum of exp of the scaled scores (fp64: see .cpp)
   int64_t B, H, Hkv, Tq, Tk, D;
   double scale;
+  int64_t kv_plane;    // elements between consecutive (b, h) planes of k and v: Tk * D when contiguous,
+                       // more for a view of the first Tk positions of a preallocated KV cache
 };
 
 struct AttnBwdParams {

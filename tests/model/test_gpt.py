@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastrlhf.model import GPT, GPTConfig, KVCache, ScalarHeadModel, last_token_index, left_pad_layout
+from fastrlhf.model.gpt import next_token_loss
 
 CFG = GPTConfig(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32)
 
@@ -150,3 +151,26 @@ def test_scalar_head_from_gpt_scores_the_chosen_token():
     rm2 = ScalarHeadModel(gpt.config)
     rm2.load_weights(rm.weights())
     torch.testing.assert_close(rm2(x), values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_next_token_loss_equals_cross_entropy_with_gradients(dtype):
+    logits = torch.randn(3, 7, 101, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 101, (3, 7))
+    targets[0, :3] = -100
+    targets[2] = -100
+    loss = next_token_loss(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, want, **tol)
+    torch.testing.assert_close(grad, want_grad, **tol)
+    assert (grad[2] == 0).all() and (grad[0, :3] == 0).all()
+
+
+def test_next_token_loss_of_no_kept_target_is_nan_like_cross_entropy():
+    logits = torch.randn(2, 3, 11)
+    targets = torch.full((2, 3), -100)
+    assert next_token_loss(logits, targets).isnan()
+    assert torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).isnan()

@@ -38,12 +38,20 @@ class KVCache:
         return self.k.shape[3]
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) computed by ops.linear: at inference a decode step's few rows take the
+    fused rows kernel, which reads the weight once instead of running a GEMM tuned for many rows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
@@ -65,8 +73,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,6 +103,17 @@ def left_pad_layout(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     return positions, mask
 
 
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX) (the mean over kept targets; NaN when
+    none is kept) through ops.token_logprobs, which streams each row once and writes d logits once
+    instead of materialising log_softmax and its gradient: ~4x faster at (2048, 50257) on the CPU."""
+    keep = targets != IGNORE_INDEX  # (B, T)
+    logprobs = ops.token_logprobs(logits, torch.where(keep, targets, 0))  # (B, T)
+    if logprobs.dtype != torch.float64:
+        logprobs = logprobs.float()  # sum bf16/fp16 log-probs in fp32, as cross_entropy does under autocast
+    return -(logprobs * keep).sum() / keep.sum()
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -108,7 +127,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied (Press & Wolf 2017), as in GPT-2
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
@@ -181,7 +200,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, positions=positions, segment_ids=segment_ids, cache=cache))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = next_token_loss(logits, targets)
         return logits, loss
 
     def weights(self) -> dict[str, Tensor]:
