@@ -13,7 +13,9 @@ def make(N, M, K, bias=True):
 
 
 # Ugly shapes: every register-tile remainder (M % 4, N % 3) and K not a multiple of 8.
-@pytest.mark.parametrize("N,M,K", [(1, 1, 1), (2, 3, 7), (3, 4, 8), (5, 97, 59), (16, 50, 256), (64, 4099, 33)])
+@pytest.mark.parametrize(
+    "N,M,K", [(1, 1, 1), (2, 3, 7), (3, 4, 8), (5, 97, 59), (16, 50, 256), (64, 4099, 33)]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_equals_float64_linear(N, M, K, bias):
     x, w, b = make(N, M, K, bias)
@@ -69,17 +71,20 @@ def test_compile_fullgraph():
     torch.testing.assert_close(f(x, w, b), rows_linear(x, w, b) * 2)
 
 
+Z = torch.zeros
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
-        ((torch.zeros(2, 3, 4), torch.zeros(5, 4), None), r"x must be \(N, K\); got shape \(2, 3, 4\)"),
-        ((torch.zeros(2, 4), torch.zeros(5, 4, 1), None), r"weight must be \(M, K\); got shape \(5, 4, 1\)"),
-        ((torch.zeros(2, 4), torch.zeros(5, 3), None), r"weight must be \(M, K\) with K = x.size\(1\) = 4; got shape \(5, 3\)"),
-        ((torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(4)), r"bias must be \(M,\) with M = weight.size\(0\) = 5; got shape \(4\)"),
-        ((torch.zeros(2, 4, dtype=torch.float64), torch.zeros(5, 4), None), "x must be float32; got float64"),
-        ((torch.zeros(2, 4), torch.zeros(5, 4, dtype=torch.bfloat16), None), "weight must be float32; got bfloat16"),
-        ((torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(5, dtype=torch.int64)), "bias must be float32; got int64"),
-        ((torch.zeros(2, 4), torch.zeros(5, 4, device="meta"), None), "weight must be on the same device as x"),
+        ((Z(2, 3, 4), Z(5, 4), None), r"x must be \(N, K\); got shape \(2, 3, 4\)"),
+        ((Z(2, 4), Z(5, 4, 1), None), r"weight must be \(M, K\); got shape \(5, 4, 1\)"),
+        ((Z(2, 4), Z(5, 3), None), r"weight must be \(M, K\) with K = x.size\(1\) = 4; got shape \(5, 3\)"),
+        ((Z(2, 4), Z(5, 4), Z(4)), r"bias must be \(M,\) with M = weight.size\(0\) = 5; got shape \(4\)"),
+        ((Z(2, 4, dtype=torch.float64), Z(5, 4), None), "x must be float32; got float64"),
+        ((Z(2, 4), Z(5, 4, dtype=torch.bfloat16), None), "weight must be float32; got bfloat16"),
+        ((Z(2, 4), Z(5, 4), Z(5, dtype=torch.int64)), "bias must be float32; got int64"),
+        ((Z(2, 4), Z(5, 4, device="meta"), None), "weight must be on the same device as x"),
     ],
 )
 def test_bad_input(args, match):
