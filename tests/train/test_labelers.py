@@ -264,8 +264,10 @@ def test_label_prompts_bad_item_keeps_what_was_ranked(tmp_path):
 # --- end to end through a real pseudo-terminal ----------------------------------------------------------
 
 CHILD = """
-import fcntl, sys, termios
+import fcntl, signal, sys, termios
 from fastrlhf.train.labelers import TerminalLabeler, label_prompts
+# a background job's shell ignores SIGINT and children inherit that: restore Python's Ctrl-C handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty becomes our controlling terminal: Ctrl-C sends SIGINT
 items = [(f"prompt {i}", [f"answer {i}a", f"answer {i}b"]) for i in range(4)]
 s = label_prompts(TerminalLabeler(), items, sys.argv[1])
