@@ -66,7 +66,8 @@ def answer_and_score(run: Any, prompts: list[str], progress: bool = True) -> lis
             # the same seed for both models: differences come from the weights, not the draw
             g = torch.Generator().manual_seed(cfg.eval.seed + i)
             gen = generate(model, ids, p.max_new_tokens, temperature=p.temperature, eos_token_id=tok.eot_id, generator=g)
-            kl = sequence_logprobs(model, gen, p.temperature) - sequence_logprobs(sft, gen, p.temperature)  # (B,)
+            ref = sequence_logprobs(sft, gen, p.temperature)  # (B,)
+            kl = torch.zeros_like(ref) if model is sft else sequence_logprobs(model, gen, p.temperature) - ref  # (B,)
             reward, lengths = rm_scores(rm, gen), gen.response_mask.sum(dim=1)
             for j, (resp, mask) in enumerate(zip(gen.responses.tolist(), gen.response_mask.tolist())):
                 text = decode_response(tok, [t for t, m in zip(resp, mask) if m])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fastrlhf.train.log import read_jsonl
+from fastrlhf.train.pipeline import STAGES
 
 # InstructGPT-style goals per task: (eval metric name, minimum PPO - SFT gain, RM held-out accuracy)
 GOALS = {"sentiment": ("mean VADER compound", 0.3, 0.75), "arithmetic": ("accuracy", 1e-9, 0.9)}
@@ -78,7 +79,7 @@ def _goals(run: Any, metrics: dict[str, float], rm_acc: float) -> list[str]:
     if math.isfinite(rm_acc):
         lines.append(f"| reward model held-out pairwise accuracy >= {rm_goal:g} | {rm_acc:.3f} | "
                      f"{'yes' if rm_acc >= rm_goal else 'no'} |")
-    total = sum((run.done(s) or {}).get("seconds", 0.0) for s in ("data", "pretrain", "sft", "label", "rm", "ppo", "eval"))
+    total = sum((run.done(s) or {}).get("seconds", 0.0) for s in STAGES)
     lines.append(f"| whole pipeline in <= 20 minutes (2 CPU cores) | {total / 60:.1f} min of stage time | "
                  f"{'yes' if total <= 1200 else 'no'} |")
     return lines
@@ -98,7 +99,7 @@ def write_report(run: Any) -> Path:
           f"`{cfg.run.device}`. Settings: `config.json`. Rebuilt from the stage logs after every run.", "",
           "## Goals", "", *_goals(run, metrics, rm_acc[-1][1] if rm_acc else math.nan), "",
           "## Stages", "", "| stage | seconds | summary |", "| --- | --- | --- |"]
-    for stage in ("data", "pretrain", "sft", "label", "rm", "ppo", "eval"):
+    for stage in STAGES:
         done = run.done(stage)
         if done is not None:
             summary = ", ".join(f"{k} {_fmt(v)}" for k, v in done["summary"].items())
