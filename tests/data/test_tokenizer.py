@@ -84,3 +84,16 @@ def test_chat_format(gpt2, bpe):
         assert tok.decode(ids[:n_prompt]) == format_prompt("Say hi.") == "Prompt: Say hi.\nResponse:"
         assert tok.decode(ids[n_prompt:]) == " Hi there!" + EOT
         assert decode_response(tok, ids[n_prompt:] + [5, 6]) == "Hi there!"
+
+
+def test_split_digits_gives_one_token_per_digit_and_survives_save_and_load(tmp_path):
+    corpus = ["What is 37+45? 82\n", "What is 123-99? 24\n", "year 1999 and 2024\n"] * 30
+    tok = ByteBPETokenizer.train(corpus, vocab_size=300, split_digits=True)
+    merged = ByteBPETokenizer.train(corpus, vocab_size=300)
+    text = "What is 37+45? 82 and -1234"
+    pieces = [tok.decode([i]) for i in tok.encode(text)]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("374582") + list("1234")
+    assert any(len(p.strip()) > 1 and p.strip().isdigit() for p in (merged.decode([i]) for i in merged.encode(text)))
+    assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path / "t")
+    assert load_tokenizer(tmp_path / "t").encode(text) == tok.encode(text)

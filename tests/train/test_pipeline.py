@@ -126,3 +126,35 @@ def test_the_shipped_gpu_config_loads():
     path = Path(__file__).parents[2] / "configs" / "pipeline_gpu.toml"
     cfg = load_pipeline_config("sentiment", str(path))
     assert cfg.run.device == "cuda" and cfg.pretrain.model.n_embd == 512 and cfg.ppo.ppo.rollout_batch == 128
+
+
+@pytest.mark.parametrize("override, match", [
+    ("arithmetic.ops=+/", r"arithmetic.ops must be distinct operators from '\+-\*'; got '\+/'"),
+    ("arithmetic.ops=++", r"arithmetic.ops must be distinct operators"),
+    ("arithmetic.max_digits=7", r"arithmetic.max_digits must be in \[1, 6\]; got 7"),
+])
+def test_bad_arithmetic_settings_name_the_field(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_pipeline_config("arithmetic", None, [override])
+
+
+def test_arithmetic_data_stage_uses_the_chosen_problems_and_one_token_per_digit(tmp_path):
+    from fastrlhf.data import load_tokenizer
+    from fastrlhf.data.formats import read_sft
+    from fastrlhf.tasks.arithmetic import parse_problem
+
+    cfg = load_pipeline_config("arithmetic", None, ["arithmetic.ops=+-", "arithmetic.train_problems=50",
+                                                    "arithmetic.pretrain_problems=300", *TINY[:2]])
+    run_pipeline(tmp_path / "run", cfg, until="data", quiet=True)
+    demos = read_sft(tmp_path / "run" / "data" / "sft.jsonl")
+    assert len(demos) == 50
+    for d in demos:
+        p = parse_problem(d.prompt)
+        assert p.op in "+-" and d.response == p.answer
+    tok = load_tokenizer(tmp_path / "run" / "data" / "tokenizer")
+    pieces = [tok.decode([i]) for i in tok.encode("What is 37+45? 82")]
+    assert all(not (len(p.strip()) > 1 and any(c.isdigit() for c in p)) for p in pieces), pieces
+    # the problem space is part of the data stage's settings: changing it redoes everything
+    other = load_pipeline_config("arithmetic", None, ["arithmetic.ops=+", "arithmetic.train_problems=50",
+                                                      "arithmetic.pretrain_problems=300", *TINY[:2]])
+    assert fingerprints(cfg)["data"] != fingerprints(other)["data"]

@@ -92,11 +92,11 @@ def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
     return docs
 
 
-def build_tokenizer(kind: str, docs: list[str], vocab_size: int) -> Tokenizer:
+def build_tokenizer(kind: str, docs: list[str], vocab_size: int, *, split_digits: bool = False) -> Tokenizer:
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "bpe":
-        return ByteBPETokenizer.train(docs, vocab_size)
+        return ByteBPETokenizer.train(docs, vocab_size, split_digits=split_digits)
     raise ValueError(f"tokenizer must be 'gpt2' or 'bpe'; got {kind!r}")
 
 

@@ -128,14 +128,19 @@ class ByteBPETokenizer(Tokenizer):
         self.vocab_size, self.eot_id = tok.get_vocab_size(), tok.token_to_id(EOT)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> ByteBPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, *, split_digits: bool = False) -> ByteBPETokenizer:
+        """split_digits: every digit is its own token (no "37" merges), so a number's digits line up with
+        the place values a model has to compute for arithmetic."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if not 257 <= vocab_size <= 65535:
             raise ValueError(f"vocab_size must be in [257, 65535] (256 bytes + <|endoftext|> at least); got {vocab_size}")
         tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # saved in tokenizer.json, so a loaded tokenizer splits the same way
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

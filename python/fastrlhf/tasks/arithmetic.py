@@ -23,6 +23,7 @@ __all__ = [
     "make_problems",
     "parse_answer",
     "parse_problem",
+    "split_size",
 ]
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -130,6 +131,11 @@ def make_problems(
         raise ValueError(f"n must be in 0..{size} (the {split} split of ops={ops}, digits={digits}); got {n}")
     rng = random.Random(f"arithmetic/{seed}/{split}")  # str seeds hash the same in every process
     return [space.problem(space.position(split, j)) for j in rng.sample(range(size), n)]
+
+
+def split_size(split: str, ops: tuple[str, ...] = ("+", "-", "*"), digits: tuple[int, ...] = (1, 2)) -> int:
+    """How many distinct problems a split ("train" or "heldout") has."""
+    return _Space(tuple(ops), tuple(digits)).size(split)
 
 
 @dataclass

@@ -50,8 +50,24 @@ class DataStage:
     sentiment, generated train problems for arithmetic)."""
     vocab_size: int = 2048
     """Byte-level BPE vocabulary trained on the corpus."""
+    split_digits: bool = False
+    """Every digit its own token (arithmetic's default: merged numbers like "37" hide place values)."""
     val_fraction: float = 0.05
     """Tail of the token stream kept for the pretraining validation loss."""
+
+
+@dataclass
+class ArithmeticSection:
+    """The arithmetic task's problem space (ignored by sentiment)."""
+
+    ops: str = "+-*"
+    """Operators, any of '+', '-', '*'."""
+    max_digits: int = 2
+    """Operands have 1..max_digits digits."""
+    train_problems: int = 2000
+    """Train problems: SFT demonstrations, and the prompts labeling and PPO draw from."""
+    pretrain_problems: int = 20000
+    """Train problems written out with their answers as the pretraining corpus."""
 
 
 @dataclass
@@ -120,6 +136,7 @@ class PipelineConfig:
 
     run: RunSection = field(default_factory=RunSection)
     data: DataStage = field(default_factory=DataStage)
+    arithmetic: ArithmeticSection = field(default_factory=ArithmeticSection)
     pretrain: PretrainConfig = field(default_factory=_pretrain_defaults)
     sft: SFTConfig = field(default_factory=_sft_defaults)
     label: LabelStage = field(default_factory=LabelStage)
@@ -134,6 +151,12 @@ class PipelineConfig:
             raise ValueError(f"run.task must be one of {sorted(TASKS)}; got {self.run.task!r}")
         check_range("data.vocab_size", self.data.vocab_size, 257, 65536)
         check_range("data.val_fraction", self.data.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        a = self.arithmetic
+        if not a.ops or set(a.ops) - {"+", "-", "*"} or len(set(a.ops)) != len(a.ops):
+            raise ValueError(f"arithmetic.ops must be distinct operators from '+-*'; got {a.ops!r}")
+        check_range("arithmetic.max_digits", a.max_digits, 1, 6)
+        check_range("arithmetic.train_problems", a.train_problems, 1, float("inf"))
+        check_range("arithmetic.pretrain_problems", a.pretrain_problems, 1, float("inf"))
         check_range("label.k", self.label.k, 2, 16)
         for name in ("train_prompts", "heldout_prompts", "max_new_tokens", "batch_prompts"):
             check_range(f"label.{name}", getattr(self.label, name), 1, float("inf"))
@@ -146,7 +169,7 @@ class PipelineConfig:
 # arithmetic answers are a few tokens; everything else as for sentiment
 TASK_DEFAULTS: dict[str, list[str]] = {
     "sentiment": [],
-    "arithmetic": ["label.max_new_tokens=6", "ppo.ppo.max_new_tokens=6", "ppo.ppo.kl_target=1.0",
+    "arithmetic": ["data.split_digits=true", "label.max_new_tokens=6", "ppo.ppo.max_new_tokens=6", "ppo.ppo.kl_target=1.0",
                    "data.vocab_size=512", "pretrain.model.vocab_size=512", "pretrain.model.block_size=32"],
 }
 
@@ -191,7 +214,8 @@ def _settings(section: Any) -> Any:
 def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Per stage, a hash of its own settings and of every earlier stage's (a change upstream redoes it)."""
     d = to_dict(cfg)
-    own = {"data": [d["run"]["task"], d["data"]], "pretrain": d["pretrain"], "sft": d["sft"], "label": d["label"],
+    task = [d["run"]["task"], d["arithmetic"]] if d["run"]["task"] == "arithmetic" else [d["run"]["task"]]
+    own = {"data": [*task, d["data"]], "pretrain": d["pretrain"], "sft": d["sft"], "label": d["label"],
            "rm": d["rm"], "ppo": d["ppo"], "eval": [d["eval"], d["ppo"]["ppo"]["temperature"]]}
     out, chain = {}, ""
     for stage in STAGES:

@@ -35,7 +35,12 @@ def _last(log: Path, key: str) -> float:
 def _task(run: Run):
     from fastrlhf.train.sft import load_task
 
-    return load_task(run.cfg.run.task, run.cfg.data.corpus)
+    if run.cfg.run.task != "arithmetic":
+        return load_task(run.cfg.run.task, run.cfg.data.corpus)
+    from fastrlhf.tasks.arithmetic import ArithmeticTask
+
+    a = run.cfg.arithmetic
+    return ArithmeticTask(n_train=a.train_problems, ops=tuple(a.ops), digits=tuple(range(1, a.max_digits + 1)))
 
 
 def corpus_docs(run: Run) -> list[str]:
@@ -46,20 +51,24 @@ def corpus_docs(run: Run) -> list[str]:
         return corpus.read_texts([run.cfg.data.corpus])
     if run.cfg.run.task == "sentiment":
         return corpus.read_texts(corpus.fetch_shakespeare())
-    # arithmetic: every train problem written out with its answer, 20 to a document (no held-out one)
-    from fastrlhf.tasks.arithmetic import make_problems
+    # arithmetic: train problems with their answers in the chat format, one per document (no held-out one)
+    from fastrlhf.data.chat import format_prompt
+    from fastrlhf.tasks.arithmetic import make_problems, split_size
 
-    lines = [f"{p.prompt} {p.answer}" for p in make_problems(20000, seed=1)]
-    return ["\n".join(lines[i : i + 20]) for i in range(0, len(lines), 20)]
+    task = _task(run)
+    n = min(run.cfg.arithmetic.pretrain_problems, split_size("train", task.ops, task.digits))
+    return [f"{format_prompt(p.prompt)} {p.answer}" for p in make_problems(n, seed=1, ops=task.ops, digits=task.digits)]
 
 
 def stage_data(run: Run, quiet: bool) -> dict[str, Any]:
     from fastrlhf.data import corpus
+    from fastrlhf.data.formats import write_sft
 
     d = run.cfg.data
     docs = corpus_docs(run)
-    tok = corpus.build_tokenizer("bpe", docs, d.vocab_size)
+    tok = corpus.build_tokenizer("bpe", docs, d.vocab_size, split_digits=d.split_digits)
     meta = corpus.prepare(docs, tok, run.dir("data"), d.val_fraction)
+    write_sft(run.dir("data") / "sft.jsonl", _task(run).demonstrations())  # what the SFT stage trains on
     return {k: meta[k] for k in ("documents", "characters", "train_tokens", "val_tokens", "vocab_size")}
 
 
@@ -84,7 +93,7 @@ def stage_sft(run: Run, quiet: bool) -> dict[str, Any]:
 
     cfg = copy.deepcopy(run.cfg.sft)
     _runtime(cfg.train, run)
-    cfg.data.source, cfg.data.corpus = run.cfg.run.task, run.cfg.data.corpus
+    cfg.data.source = str(run.dir("data") / "sft.jsonl")
     cfg.train.init_from, cfg.train.out_dir = str(run.dir("pretrain")), str(run.dir("sft"))
     last = sft(cfg, quiet=quiet)
     return {"loss": last.get("loss", math.nan), "val_loss": _last(run.dir("sft") / "log.jsonl", "val_loss")}
