@@ -162,10 +162,12 @@ def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pa
     idx, last, better, worse, owner = collate(batch, pad_id)
     if share:
         layout = shared_layout([s for ranking, _ in batch for s in ranking], [len(r) for r, _ in batch], pad_id)
-        rewards = rm(shared=layout.to(device)).float()  # (N,)
+        rewards = rm(shared=layout.to(device))  # (N,)
     else:
         values = rm(idx.to(device))  # (N, T)
-        rewards = values.gather(1, last.to(device)[:, None]).squeeze(1).float()  # (N,) at each last token
+        rewards = values.gather(1, last.to(device)[:, None]).squeeze(1)  # (N,) at each last token
+    if rewards.dtype != torch.float64:
+        rewards = rewards.float()  # the loss in fp32 under bf16/fp16 autocast
     return rewards, better.to(device), worse.to(device), owner.to(device)
 
 
