@@ -1,8 +1,11 @@
 """Reward-model training step: K-wise batching (one ranking = K sequences, loss over its C(K, 2) pairs)
 vs the same rankings flattened into independent pairs (2 * C(K, 2) sequences), as the usual trainers
 do. Same model, same rankings, same AdamW step. Validates first (with K fixed the two losses are equal at
-the same weights), then times both alternately in this process. Ratio = pairs time / K-wise time per
-ranking (goal >= 2x at K = 4).
+the same weights; the shared-prefix forward gives the plain forward's loss), then times all sides
+alternately in this process. Ratio = baseline time / K-wise time per ranking (goal >= 2x at K = 4).
+Rows: vs pairs through the plain forward (what the usual trainers run), vs pairs through the same
+shared-prefix forward (the batching alone: a pair shares its prompt once, a ranking once for K), and
+K-wise through the plain forward (the gain of model.shared alone).
 
     .venv/bin/python benchmarks/bench_reward.py [--k 4] [--rankings 4] [--seq 64] [--quick]"""
 
@@ -60,29 +63,34 @@ def main() -> None:
     pairs = as_pairs(rankings)
     cpu = torch.device("cpu")
 
-    def loss_of(batch):
-        return kwise_loss(*score_batch(rm, batch, 0, cpu))
+    def loss_of(batch, share=True):
+        return kwise_loss(*score_batch(rm, batch, 0, cpu, share))
 
     with torch.no_grad():  # validation: K fixed, so mean over rankings of pair means = mean over all pairs
-        a, b = loss_of(rankings), loss_of(pairs)
+        a, b, c = loss_of(rankings), loss_of(pairs), loss_of(pairs, share=False)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    print(f"all results match: K-wise loss {a.item():.6f} == independent-pairs loss {b.item():.6f}")
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    print(f"all results match: K-wise loss {a.item():.6f} == independent-pairs loss {b.item():.6f} (shared "
+          f"prefix) == {c.item():.6f} (plain forward)")
 
     opt = make_adamw(rm, OptimConfig(lr=1e-5, min_lr=0.0))
 
-    def step(batch):
+    def step(batch, share=True):
         def run():
-            loss_of(batch).backward()
+            loss_of(batch, share).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
 
-    base_ms, ours_ms = interleaved_ms([step(pairs), step(rankings)], reps)
+    pairs_plain, pairs_shared, kwise_plain, ours_ms = interleaved_ms(
+        [step(pairs, False), step(pairs), step(rankings, False), step(rankings)], reps)
     n_pairs = len(pairs)
-    report("reward model training step per ranking (fwd + bwd + AdamW), n_layer 4, n_embd 256", [dict(
-        op=f"rm_step K={K}", shape=f"R={R} T={T} pairs={n_pairs}", baseline="independent pairs",
-        base_ms=base_ms / R, ours_ms=ours_ms / R, goal=">= 2x", seqs_kwise=R * K, seqs_pairs=2 * n_pairs)])
-
+    shape = f"R={R} T={T} pairs={n_pairs}"
+    row = dict(shape=shape, ours_ms=ours_ms / R, seqs_kwise=R * K, seqs_pairs=2 * n_pairs)
+    report("reward model training step per ranking (fwd + bwd + AdamW), n_layer 4, n_embd 256", [
+        {**row, "op": f"K={K} vs pairs plain", "baseline": "pairs, plain forward", "base_ms": pairs_plain / R, "goal": ">= 2x"},
+        {**row, "op": f"K={K} vs pairs shared", "baseline": "pairs, shared forward", "base_ms": pairs_shared / R, "goal": ">= 2x"},
+        {**row, "op": f"K={K} vs K-wise plain", "baseline": "K-wise, plain forward", "base_ms": kwise_plain / R, "goal": ""}])
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastrlhf.data.formats import FormatError, Ranking, read_sft
+from fastrlhf.data.formats import FormatError, Ranking, read_rankings, read_sft
+from fastrlhf.model import ScalarHeadModel
+from fastrlhf.model.shared import common_prefix
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
@@ -193,3 +195,38 @@ def test_tied_pairs_train_nothing_and_all_tied_rankings_are_counted(sft_run, tmp
     assert head["all_tied"] + head["val_all_tied"] == 1
     assert head["train_pairs"] == 2 * head["train_rankings"] and head["val_pairs"] == 2 * head["val_rankings"]
     assert math.isfinite(last["loss"]) and math.isfinite(last["val_loss"])
+
+
+def test_shared_prefix_forward_leaves_the_loss_curve_unchanged(full_run, sft_run, rankings_file, tmp_path):
+    """train.share_prefix=false (one plain forward per response) reproduces the default run's log within
+    fp32 noise: same losses, gradient norms and held-out metrics step by step. (Not the demonstrations'
+    mean reward: the head's bias has gradient 0 in exact arithmetic, so AdamW turns its fp32 rounding
+    noise into steps of ~lr, and the bias wanders by ~lr * steps differently in any two runs.)"""
+    out, extra, _ = full_run
+    train_rm(rm_config(sft_run, rankings_file, tmp_path, *extra, "train.share_prefix=false"), quiet=True)
+    keys = ("loss", "grad_norm", "val_loss", "val_accuracy", "val_margin")
+    rows = [[{k: r[k] for k in keys if k in r} for r in read_jsonl(p / "log.jsonl")] for p in (out, tmp_path)]
+    assert [r.keys() for r in rows[0]] == [r.keys() for r in rows[1]]
+    assert sum("loss" in r for r in rows[0]) == 12 and sum("val_loss" in r for r in rows[0]) == 2
+    assert rows[0] != rows[1]  # two code paths really ran (their rounding differs)
+    for a, b in zip(*rows):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a, b, k)
+
+
+def test_score_batch_shared_equals_plain_with_gradients(sft_run, rankings_file):
+    """Real tokenised rankings (K = 2, 3, 4; prompts of different lengths): the shared-prefix rewards and
+    every parameter's gradient equal the plain forward's (float64)."""
+    gpt, tok = ckpt.load_gpt(ckpt.resolve_checkpoint(sft_run))
+    rm = ScalarHeadModel.from_gpt(gpt).double()
+    enc = encode_rankings(tok, read_rankings(rankings_file)[:9], gpt.config.block_size, "drop")[0]
+    assert {len(s) for s, _ in enc} == {2, 3, 4} and len({common_prefix(s) for s, _ in enc}) > 1
+    out = []
+    for share in (True, False):
+        rm.zero_grad(set_to_none=True)
+        rewards, better, worse, owner = score_batch(rm, enc, tok.eot_id, CPU, share)
+        kwise_loss(rewards, better, worse, owner).backward()
+        out.append((rewards.detach(), [p.grad.clone() for p in rm.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -9,10 +9,12 @@ from torch import Tensor, nn
 
 from fastrlhf.model.config import GPTConfig
 from fastrlhf.model.gpt import GPT, TIED, load_checked
+from fastrlhf.model.shared import SharedBatch, hidden_at, shared_hidden
 
 
 class ScalarHeadModel(nn.Module):
-    """values = head(trunk(idx)): (B, T) per-token scalars; `score` reads one chosen token per row."""
+    """values = head(trunk(idx)): (B, T) per-token scalars; `score` reads one chosen token per row, and
+    forward(shared=SharedBatch) the last token of each sequence of a prefix-sharing batch."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -29,20 +31,27 @@ class ScalarHeadModel(nn.Module):
         model.trunk.load_weights(gpt.weights(), source="GPT weights")
         return model
 
-    def forward(self, idx: Tensor, *, positions: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
-        """(B, T) scalars, one per token of idx (B, T); positions/segment_ids as in GPT.hidden."""
+    def forward(self, idx: Tensor | None = None, *, positions: Tensor | None = None,
+                segment_ids: Tensor | None = None, shared: SharedBatch | None = None) -> Tensor:
+        """(B, T) scalars, one per token of idx (B, T); positions/segment_ids as in GPT.hidden. With
+        shared (and no idx): (N,) the scalar at each sequence's last token, every group's shared prefix
+        run once (model.shared); a forward, so that a DDP wrapper syncs its gradients."""
+        if shared is not None:
+            if idx is not None:
+                raise ValueError("pass either idx or shared, not both")
+            return self.head(shared_hidden(self.trunk, shared)).squeeze(-1)  # (N,)
+        if idx is None:
+            raise ValueError("forward needs idx (B, T) or shared")
         h = self.trunk.hidden(idx, positions=positions, segment_ids=segment_ids)  # (B, T, C)
         return self.head(h).squeeze(-1)  # (B, T)
 
     def score(
         self, idx: Tensor, index: Tensor, *, positions: Tensor | None = None, segment_ids: Tensor | None = None
     ) -> Tensor:
-        """(B,) the scalar at token index[b] of each row, e.g. the last response token for a reward."""
-        values = self(idx, positions=positions, segment_ids=segment_ids)  # (B, T)
-        T = values.shape[1]
-        if index.shape != (values.shape[0],) or bool(((index < 0) | (index >= T)).any()):
-            raise ValueError(f"index must be (B,) = ({values.shape[0]},) with entries in [0, {T}); got {index.tolist()}")
-        return values.gather(1, index.long()[:, None]).squeeze(1)
+        """(B,) the scalar at token index[b] of each row, e.g. the last response token for a reward:
+        self(idx, ...)[b, index[b]], with the last block past its keys/values run at that token only."""
+        h = hidden_at(self.trunk, idx, index, positions=positions, segment_ids=segment_ids)  # (B, C)
+        return self.head(h).squeeze(-1)  # (B,)
 
     def weights(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.endswith(TIED)}

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fastrlhf.data import Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from fastrlhf.data.formats import Ranking, read_rankings
 from fastrlhf.model import GPTConfig, ScalarHeadModel
+from fastrlhf.model.shared import shared_layout
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train import dist
 from fastrlhf.train.config import from_dict, load_config, to_dict
@@ -76,6 +77,9 @@ class RMTrainConfig(LoopConfig):
     """Required reward gap: the pair loss is -log sigmoid(r_better - r_worse - margin)."""
     pairwise: bool = False
     """Flatten each ranking into C(K, 2) independent pairs (the usual practice; for comparison)."""
+    share_prefix: bool = True
+    """Run each ranking's prompt once and the last block at the read token only (same rewards and
+    gradients as the plain forward, fewer FLOPs); false = one plain forward per response."""
     eval_interval: int = 50
     """Held-out metrics every this many steps (and at the end)."""
     ckpt_interval: int = 100
@@ -148,19 +152,28 @@ def kwise_loss(rewards: Tensor, better: Tensor, worse: Tensor, owner: Tensor, ma
     return (total / count).mean()
 
 
-def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pad_id: int, device: torch.device
-                ) -> tuple[Tensor, ...]:
+def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pad_id: int, device: torch.device,
+                share: bool = True) -> tuple[Tensor, ...]:
     """rewards (N,) of every response in the batch, and its better/worse/owner pair indices (P,).
-    rm may be the DDP wrapper of a ScalarHeadModel: its forward (not .score) is what syncs gradients."""
+    share: each ranking's common prefix (its prompt) runs once and the last block runs at the read token
+    only (model.shared; the same rewards and gradients as the plain forward, fewer FLOPs); False = one
+    plain forward over all N right-padded sequences. rm may be the DDP wrapper of a ScalarHeadModel: its
+    forward (not .score) is what syncs gradients."""
     idx, last, better, worse, owner = collate(batch, pad_id)
-    values = rm(idx.to(device))  # (N, T)
-    rewards = values.gather(1, last.to(device)[:, None]).squeeze(1).float()  # (N,) at each last token
+    if share:
+        layout = shared_layout([s for ranking, _ in batch for s in ranking], [len(r) for r, _ in batch], pad_id)
+        rewards = rm(shared=layout.to(device))  # (N,)
+    else:
+        values = rm(idx.to(device))  # (N, T)
+        rewards = values.gather(1, last.to(device)[:, None]).squeeze(1)  # (N,) at each last token
+    if rewards.dtype != torch.float64:
+        rewards = rewards.float()  # the loss in fp32 under bf16/fp16 autocast
     return rewards, better.to(device), worse.to(device), owner.to(device)
 
 
 @torch.no_grad()
 def rm_metrics(rm: ScalarHeadModel, data: list[EncodedRanking], pad_id: int, device: torch.device,
-               batch_size: int, margin: float = 0.0) -> dict[str, float]:
+               batch_size: int, margin: float = 0.0, share: bool = True) -> dict[str, float]:
     """Held-out val_loss, pairwise accuracy (r_better > r_worse), mean margin (r_better - r_worse over
     pairs) and accuracy per K (acc_k<K>). Under torchrun rank r scores chunks r, r + N, ... and every
     rank gets all the pairs' margins."""
@@ -171,7 +184,7 @@ def rm_metrics(rm: ScalarHeadModel, data: list[EncodedRanking], pad_id: int, dev
         if c % dist.world_size() != dist.rank():
             continue
         chunk = data[i : i + batch_size]
-        rewards, better, worse, owner = score_batch(rm, chunk, pad_id, device)
+        rewards, better, worse, owner = score_batch(rm, chunk, pad_id, device, share)
         losses.append(kwise_loss(rewards, better, worse, owner, margin).item() * len(chunk))
         diffs.append((rewards[better] - rewards[worse]).cpu())
         ks.append(torch.tensor([len(chunk[j][0]) for j in owner.tolist()]))
@@ -281,7 +294,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
         batch = batches.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)
         seen[0] += sum(len(x) for r, _ in batch for x in r)  # tokens of the global batch
         with autocast_for(device, t.dtype):  # whole rankings per rank: the mean of the ranks' means is the mean
-            rewards, better, worse, owner = score_batch(ddp_rm, batch[share], tok.eot_id, device)
+            rewards, better, worse, owner = score_batch(ddp_rm, batch[share], tok.eot_id, device, t.share_prefix)
         return kwise_loss(rewards, better, worse, owner, t.margin)
 
     def tokens_per_step() -> int:
@@ -297,7 +310,8 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
                              keep=t.keep_checkpoints)
 
     return run_loop(model=ddp_rm, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
-                    evaluate=lambda: rm_metrics(rm, val_enc, tok.eot_id, device, t.batch_size, t.margin),
+                    evaluate=lambda: rm_metrics(rm, val_enc, tok.eot_id, device, t.batch_size, t.margin,
+                                                t.share_prefix),
                     save=save, logger=logger, progress=progress, say=say, tokens_per_step=tokens_per_step)
 
 
