@@ -93,9 +93,11 @@ class Rollout:
 
 
 def response_hidden(gpt: GPT, ro: Rollout, rows: Tensor | slice = slice(None)) -> Tensor:
-    """(b, Tr, C): the trunk's hidden state at the positions that predict each response token."""
-    h = gpt.hidden(ro.sequences[rows], positions=ro.positions[rows], segment_ids=ro.segment_ids[rows])
-    return h[:, ro.Tp - 1 : -1]  # (b, Tr, C)
+    """(b, Tr, C): the trunk's hidden state at the positions that predict each response token. Only the
+    last Tr + 1 positions are read, so the last block skips the prompt's rows (GPT.hidden's tail)."""
+    tail = ro.sequences.shape[1] - ro.Tp + 1  # positions Tp - 1 .. T - 1
+    h = gpt.hidden(ro.sequences[rows], positions=ro.positions[rows], segment_ids=ro.segment_ids[rows], tail=tail)
+    return h[:, :-1]  # (b, Tr, C)
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
@@ -183,9 +185,13 @@ class PPOTrainer:
         return self.value.head(response_hidden(self.value.trunk, ro, rows)).squeeze(-1)  # (b, Tr)
 
     def _scores(self, gen: Generation, ro: Rollout, prompts: list[list[int]]) -> Tensor:
-        if isinstance(self.reward, nn.Module):
+        if isinstance(self.reward, nn.Module):  # ScalarHeadModel.score, with the trunk's last block run only
+            T = ro.sequences.shape[1]  # from the earliest last token on (GPT.hidden's tail)
             index = ro.Tp + last_token_index(ro.mask)  # (B,) the last response token
-            return self.reward.score(ro.sequences, index, positions=ro.positions, segment_ids=ro.segment_ids).float()
+            tail = T - int(index.min())
+            h = self.reward.trunk.hidden(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids, tail=tail)
+            values = self.reward.head(h).squeeze(-1)  # (B, tail): positions T - tail .. T - 1
+            return values.gather(1, (index - (T - tail))[:, None]).squeeze(1).float()
         responses = [[t for t, m in zip(r, mk) if m] for r, mk in zip(gen.responses.tolist(), ro.mask.tolist())]
         scores = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float32, device=self.device)
         if scores.shape != (len(prompts),):
@@ -195,8 +201,10 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         p, moments = self.cfg.ppo, dist.global_masked_moments  # whitening over every rank's episodes
+        head_values = isinstance(self.value, ValueHead)  # then the sampling pass's states give the values
         gen = generate(self.policy, prompts, p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                       top_p=p.top_p, eos_token_id=self.eos, generator=self.gens["sample"])
+                       top_p=p.top_p, eos_token_id=self.eos, generator=self.gens["sample"],
+                       return_hidden=head_values)
         self._t_gen = time.perf_counter()
         positions, segment_ids = gen.layout()  # (B, Tp + Tr) each
         mask = gen.response_mask
@@ -205,7 +213,9 @@ class PPOTrainer:
                      gen.logprobs, z, z, z, z, z, z)
         ref_logits = self.ref.lm_head(response_hidden(self.ref, ro))  # (B, Tr, V)
         ref_logprobs = ops.token_logprobs(ref_logits, ro.responses, temperature=p.temperature)  # (B, Tr)
-        ro.values = self._values(ro) * mask
+        # policy_head: V(s_t) from the states that sampled the rollout (equal to a re-run of the policy
+        # trunk up to fp32 rounding), so the trunk is not run a second time
+        ro.values = (self.value(gen.hidden) if head_values else self._values(ro)) * mask
         score = self._scores(gen, ro, prompts)
         if self.eos is not None and p.missing_eos_penalty > 0:
             ended = ((ro.responses == self.eos) & mask).any(dim=1)  # (B,)
