@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastrlhf.model import last_token_index
-from fastrlhf.train.ppo import response_hidden
+from fastrlhf.train.ppo import PPOTrainer, response_hidden
 from test_ppo import make_trainer
 
 
@@ -35,3 +35,20 @@ def test_rollout_scores_and_values_equal_full_forwards(value_model):
         torch.testing.assert_close(response_hidden(tr.policy, ro), h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ro.score, want_score, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ro.values, want_values * ro.mask, atol=1e-5, rtol=1e-5)
+
+
+def test_reusing_the_rollouts_value_forward_changes_nothing(monkeypatch):
+    """'separate': the first minibatch takes the rollout's value forward (with its graph) instead of running
+    it again; the run must equal one that recomputes it (same shuffles, same updates)."""
+    runs = []
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(PPOTrainer, "_rollout_values", lambda self, ro: self._values(ro))
+        tr = make_trainer("ppo.value_model=separate")
+        runs.append(([tr.step() for _ in range(2)], {k: v.detach().clone() for k, v in tr.trained.named_parameters()}))
+    (m_reuse, p_reuse), (m_plain, p_plain) = runs
+    for a, b in zip(m_reuse, m_plain):
+        for k in ("score_mean", "kl", "pg_loss", "v_loss", "approx_kl", "vf_clipfrac", "explained_variance"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    for k, v in p_reuse.items():
+        torch.testing.assert_close(v, p_plain[k], atol=1e-5, rtol=1e-5)

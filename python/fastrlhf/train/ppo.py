@@ -165,6 +165,7 @@ class PPOTrainer:
         self.step_count = self.prompts_seen = self.updates = 0
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._perm_cache: tuple[int, list[int]] = (-1, [])
+        self._first: tuple[Tensor, Tensor] | None = None  # set by _rollout_values, taken by _update
 
     # ---- rollout -------------------------------------------------------------------------------------
     def _next_prompts(self) -> list[list[int]]:
@@ -198,6 +199,24 @@ class PPOTrainer:
             raise ValueError(f"reward_fn must return {len(prompts)} scores; got shape {tuple(scores.shape)}")
         return scores
 
+    def _rollout_values(self, ro: Rollout) -> Tensor:
+        """(B, Tr) values of the separate value model. In one process the first minibatch's rows run with
+        gradients and the graph is kept (self._first): until the first optimizer step the update's forward
+        over those rows would compute exactly this again (same weights, same rows), so _update reuses it.
+        Epoch 0's minibatch order is therefore drawn here, from the same generator and in the same order."""
+        if dist.active():  # under DDP a forward must go through the wrapped module: no reuse
+            return self._values(ro)
+        perm = torch.randperm(self.cfg.ppo.rollout_batch, generator=self.gens["shuffle"])  # (B,)
+        first, rest = perm[: self.cfg.ppo.minibatch], perm[self.cfg.ppo.minibatch :]
+        with torch.enable_grad():
+            v_first = self._values(ro, first)  # (mb, Tr) with its graph
+        values = torch.empty_like(ro.logprobs)  # (B, Tr)
+        values[first] = v_first.detach()
+        if len(rest):
+            values[rest] = self._values(ro, rest)
+        self._first = (perm, v_first)
+        return values
+
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         p, moments = self.cfg.ppo, dist.global_masked_moments  # whitening over every rank's episodes
@@ -215,7 +234,7 @@ class PPOTrainer:
         ref_logprobs = ops.token_logprobs(ref_logits, ro.responses, temperature=p.temperature)  # (B, Tr)
         # policy_head: V(s_t) from the states that sampled the rollout (equal to a re-run of the policy
         # trunk up to fp32 rounding), so the trunk is not run a second time
-        ro.values = (self.value(gen.hidden) if head_values else self._values(ro)) * mask
+        ro.values = (self.value(gen.hidden) if head_values else self._rollout_values(ro)) * mask
         score = self._scores(gen, ro, prompts)
         if self.eos is not None and p.missing_eos_penalty > 0:
             ended = ((ro.responses == self.eos) & mask).any(dim=1)  # (B,)
@@ -231,12 +250,14 @@ class PPOTrainer:
         return ro
 
     # ---- update --------------------------------------------------------------------------------------
-    def _minibatch_loss(self, ro: Rollout, mb: Tensor) -> tuple[Tensor, dict[str, Tensor], float]:
+    def _minibatch_loss(self, ro: Rollout, mb: Tensor, values: Tensor | None = None
+                        ) -> tuple[Tensor, dict[str, Tensor], float]:
+        """values: the rollout's own forward of these rows (first minibatch, see _rollout_values) or None."""
         p = self.cfg.ppo
         h = response_hidden(self.policy, ro, mb)  # (b, Tr, C)
         logprobs, entropy = ops.token_logprobs(self.policy.lm_head(h), ro.responses[mb], temperature=p.temperature,
                                                return_entropy=True)  # (b, Tr) each
-        values = self._values(ro, mb, h)
+        values = self._values(ro, mb, h) if values is None else values
         loss, stats = ops.ppo_loss(logprobs, ro.logprobs[mb], ro.advantages[mb], values, ro.values[mb],
                                    ro.returns[mb], ro.mask[mb], clip_range=p.clip_range,
                                    clip_range_value=p.clip_range_value, vf_coef=p.vf_coef, entropy=entropy,
@@ -272,10 +293,12 @@ class PPOTrainer:
         n, norms, params = 0, [], [q for q in self.trained.parameters() if q.requires_grad]
         total_updates = self.cfg.train.max_steps * p.ppo_epochs * p.n_minibatches
         B, mbs = p.rollout_batch // dist.world_size(), p.minibatch // dist.world_size()  # this rank's episodes
+        first, self._first = self._first, None  # (epoch 0's order, the first minibatch's values) or None
         for epoch in range(p.ppo_epochs):
-            perm = torch.randperm(B, generator=self.gens["shuffle"])
+            perm = first[0] if epoch == 0 and first else torch.randperm(B, generator=self.gens["shuffle"])
             for k in range(p.n_minibatches):
-                loss, stats, deviation = self._call(self._minibatch_loss, ro, perm[k * mbs : (k + 1) * mbs])
+                reuse = first[1] if epoch == 0 and k == 0 and first else None
+                loss, stats, deviation = self._call(self._minibatch_loss, ro, perm[k * mbs : (k + 1) * mbs], reuse)
                 bad, deviation, mean_dev, abs_kl = self._agree(loss, deviation, float(stats["approx_kl"]))
                 if bad:
                     if dist.active():
@@ -332,6 +355,7 @@ class PPOTrainer:
             finite = m.pop("finite") == 1.0
         finite = finite and all(math.isfinite(v) for v in m.values())
         stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
+        self._first = None  # a skipped update must not leave the rollout's graph behind
         t_train = time.perf_counter()
         self.step_count += 1
         if why:
