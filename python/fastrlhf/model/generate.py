@@ -107,7 +107,8 @@ def generate(
     try:
         cache = KVCache(cfg, B, total, device=device, dtype=next(model.parameters()).dtype)
         positions = left_pad_layout(seg[:, :Tp])[0]  # (B, Tp)
-        h = model.hidden(seq[:, :Tp], positions=positions, segment_ids=seg[:, :Tp], cache=cache, tail=1)[:, -1]  # (B, C)
+        # the prefill caches every prompt row's keys and values; only the last row's state is read
+        h = model.hidden(seq[:, :Tp], positions=positions, segment_ids=seg[:, :Tp], cache=cache, tail=1)[:, 0]  # (B, C)
         hidden = torch.empty((B, max_new_tokens, cfg.n_embd), device=device, dtype=h.dtype) if return_hidden else None
         head = model.lm_head.weight  # (V, C), tied to wte
         steps, check_eos = max_new_tokens, eos_token_id is not None
