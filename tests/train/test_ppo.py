@@ -269,7 +269,7 @@ def test_a_non_finite_loss_skips_the_update():
     tr = make_trainer()
     before = snapshot(tr.trained)
     loss_fn = tr._minibatch_loss
-    tr._minibatch_loss = lambda ro, mb: (lambda loss, s, d: (loss * math.nan, s, d))(*loss_fn(ro, mb))
+    tr._minibatch_loss = lambda ro, mb, *rest: (lambda loss, s, d: (loss * math.nan, s, d))(*loss_fn(ro, mb, *rest))
     m = tr.step()
     assert m["nonfinite_steps"] == 1 and math.isnan(m["pg_loss"]) and tr.updates == 0
     assert all(torch.equal(v, dict(tr.trained.named_parameters())[k]) for k, v in before.items())

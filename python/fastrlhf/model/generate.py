@@ -28,6 +28,9 @@ class Generation:
     """(B, Tr) float32: behaviour log-probs under softmax(logits / temperature), 0 where masked."""
     response_mask: Tensor
     """(B, Tr) bool: True up to and including the row's first EOS."""
+    hidden: Tensor | None = None
+    """(B, Tr, C) with return_hidden: the final-LayerNorm state that predicted each response token (what
+    a value head on the policy's trunk reads), from the sampling pass itself."""
 
     def layout(self) -> tuple[Tensor, Tensor]:
         """positions, segment_ids (B, Tp + Tr) to re-score `sequences` exactly as they were sampled."""
@@ -55,9 +58,11 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    return_hidden: bool = False,
 ) -> Generation:
     """Sample up to max_new_tokens after each prompt (token-id lists of any lengths, or a (B, T) tensor).
-    Sampling options as ops.sample (numbers or per-row (B,) tensors; temperature 0 = greedy)."""
+    Sampling options as ops.sample (numbers or per-row (B,) tensors; temperature 0 = greedy).
+    return_hidden=True also returns the hidden states behind each sampled token (Generation.hidden)."""
     cfg = model.config
     rows = _as_lists(prompts)
     if not rows:
@@ -102,24 +107,32 @@ def generate(
     try:
         cache = KVCache(cfg, B, total, device=device, dtype=next(model.parameters()).dtype)
         positions = left_pad_layout(seg[:, :Tp])[0]  # (B, Tp)
-        h = model.hidden(seq[:, :Tp], positions=positions, segment_ids=seg[:, :Tp], cache=cache)  # (B, Tp, C)
-        steps = max_new_tokens
+        # the prefill caches every prompt row's keys and values; only the last row's state is read
+        h = model.hidden(seq[:, :Tp], positions=positions, segment_ids=seg[:, :Tp], cache=cache, tail=1)[:, 0]  # (B, C)
+        hidden = torch.empty((B, max_new_tokens, cfg.n_embd), device=device, dtype=h.dtype) if return_hidden else None
+        head = model.lm_head.weight  # (V, C), tied to wte
+        steps, check_eos = max_new_tokens, eos_token_id is not None
         for t in range(max_new_tokens):
-            logits = model.lm_head(h[:, -1]).float()  # (B, V)
+            if hidden is not None:
+                hidden[:, t] = h
+            logits = ops.linear(h, head).float()  # (B, V)
             tok, lp = ops.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                  generator=generator)  # (B,), (B,)
-            responses[:, t] = torch.where(done, pad, tok)
-            logprobs[:, t] = torch.where(done, 0.0, lp)
-            mask[:, t] = ~done
-            if eos_token_id is not None:
+            if check_eos:  # rows already done write padding; without an EOS no row is ever done
+                responses[:, t] = torch.where(done, pad, tok)
+                logprobs[:, t] = torch.where(done, 0.0, lp)
+                mask[:, t] = ~done
                 done |= tok == eos_token_id
                 if bool(done.all()):
                     steps = t + 1
                     break
+            else:
+                responses[:, t], logprobs[:, t] = tok, lp
             if t + 1 < max_new_tokens:
-                h = model.hidden(responses[:, t : t + 1], positions=next_pos, segment_ids=seg[:, : Tp + t + 1],
-                                 cache=cache)  # (B, 1, C)
+                h = model.decode(responses[:, t : t + 1], next_pos, seg[:, : Tp + t + 1], cache)  # (B, C)
                 next_pos += 1
+        if not check_eos:
+            mask[:, :steps] = True
     finally:
         model.train(was_training)
     return Generation(
@@ -128,4 +141,5 @@ def generate(
         responses=responses[:, :steps],
         logprobs=logprobs[:, :steps],
         response_mask=mask[:, :steps],
+        hidden=hidden[:, :steps] if hidden is not None else None,
     )

@@ -54,14 +54,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int,
+                tail: int = 0) -> Tensor:
+        """(B, T, C), or with tail > 0 only the last `tail` rows' outputs (B, tail, C): every row's keys
+        and values, the last rows' queries (the kernel places Tq < Tk queries at the end)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        if tail:
+            q, T = q[:, -tail:], tail  # (B, tail, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, -1, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, Tk, D)
+        v = v.view(B, -1, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, Tk, D)
         if cache is not None:
-            end = cache.length + T
+            end = cache.length + x.shape[1]
             cache.k[layer, :, :, cache.length : end] = k
             cache.v[layer, :, :, cache.length : end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, H, end, D) views
@@ -90,8 +95,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
-        x = x + self.attn(self.ln_1(x), segment_ids, cache, layer)
+    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int,
+                tail: int = 0) -> Tensor:
+        a = self.attn(self.ln_1(x), segment_ids, cache, layer, tail)  # (B, tail or T, C)
+        x = (x[:, -tail:] if tail else x) + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -170,8 +177,11 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
         segment_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        tail: int = 0,
     ) -> Tensor:
         """The trunk: final-LayerNorm hidden states (B, T, C) for tokens idx (B, T).
+        tail > 0: only the last `tail` positions' states (B, tail, C); the last block then runs its
+        queries, projection and MLP on those rows only (a scorer that reads the response, a prefill).
 
         positions (B, T) or (T,): defaults to cache.length + arange(T). segment_ids (B, cached + T): a key
         is visible only to queries of its own segment (left pads, packed documents); None = one segment.
@@ -181,11 +191,39 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + idx.shape[1], device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        if not 0 <= tail <= idx.shape[1]:
+            raise ValueError(f"tail must be in [0, T = {idx.shape[1]}]; got {tail}")
+        last = len(self.transformer.h) - 1
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, segment_ids, cache, layer)
+            x = block(x, segment_ids, cache, layer, tail if layer == last else 0)
         if cache is not None:
             cache.length += idx.shape[1]
         return self.transformer.ln_f(x)
+
+    @torch.no_grad()
+    def decode(self, idx: Tensor, positions: Tensor, segment_ids: Tensor, cache: KVCache) -> Tensor:
+        """One KV-cache decode step, unchecked (generate validates once): final-LayerNorm hidden states
+        (B, C) for one new token per row, idx and positions (B, 1), segment_ids (B, cache.length + 1).
+        The same ops in the same order as `hidden` (so the same numbers), minus what a one-token step
+        does not need: module calls, input checks, dropout (eval only), the (B, T, C) reshapes."""
+        B, C, H, L = idx.shape[0], self.config.n_embd, self.config.n_head, cache.length
+        D, eps, tr = C // H, self.config.layer_norm_eps, self.transformer
+        x = (tr.wte.weight[idx[:, 0]] + tr.wpe.weight[positions[:, 0]])  # (B, C)
+        for layer, block in enumerate(tr.h):
+            a, m = block.attn, block.mlp
+            qkv = ops.linear(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps),
+                             a.c_attn.weight, a.c_attn.bias)  # (B, 3C)
+            q = qkv[:, :C].view(B, H, 1, D)  # (B, H, 1, D)
+            cache.k[layer, :, :, L] = qkv[:, C : 2 * C].view(B, H, D)  # (B, H, D) into slot L
+            cache.v[layer, :, :, L] = qkv[:, 2 * C :].view(B, H, D)
+            y = ops.causal_attention(q, cache.k[layer, :, :, : L + 1], cache.v[layer, :, :, : L + 1],
+                                     segment_ids=segment_ids)  # (B, H, 1, D)
+            x = x + ops.linear(y.view(B, C), a.c_proj.weight, a.c_proj.bias)  # (B, C): heads side by side
+            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)
+            h = F.gelu(ops.linear(h, m.c_fc.weight, m.c_fc.bias), approximate="tanh")  # (B, 4C)
+            x = x + ops.linear(h, m.c_proj.weight, m.c_proj.bias)  # (B, C)
+        cache.length += 1
+        return F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias, eps)  # (B, C)
 
     def forward(
         self,

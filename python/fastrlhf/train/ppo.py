@@ -93,9 +93,11 @@ class Rollout:
 
 
 def response_hidden(gpt: GPT, ro: Rollout, rows: Tensor | slice = slice(None)) -> Tensor:
-    """(b, Tr, C): the trunk's hidden state at the positions that predict each response token."""
-    h = gpt.hidden(ro.sequences[rows], positions=ro.positions[rows], segment_ids=ro.segment_ids[rows])
-    return h[:, ro.Tp - 1 : -1]  # (b, Tr, C)
+    """(b, Tr, C): the trunk's hidden state at the positions that predict each response token. Only the
+    last Tr + 1 positions are read, so the last block skips the prompt's rows (GPT.hidden's tail)."""
+    tail = ro.sequences.shape[1] - ro.Tp + 1  # positions Tp - 1 .. T - 1
+    h = gpt.hidden(ro.sequences[rows], positions=ro.positions[rows], segment_ids=ro.segment_ids[rows], tail=tail)
+    return h[:, :-1]  # (b, Tr, C)
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
@@ -163,6 +165,7 @@ class PPOTrainer:
         self.step_count = self.prompts_seen = self.updates = 0
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._perm_cache: tuple[int, list[int]] = (-1, [])
+        self._first: tuple[Tensor, Tensor] | None = None  # set by _rollout_values, taken by _update
 
     # ---- rollout -------------------------------------------------------------------------------------
     def _next_prompts(self) -> list[list[int]]:
@@ -183,20 +186,44 @@ class PPOTrainer:
         return self.value.head(response_hidden(self.value.trunk, ro, rows)).squeeze(-1)  # (b, Tr)
 
     def _scores(self, gen: Generation, ro: Rollout, prompts: list[list[int]]) -> Tensor:
-        if isinstance(self.reward, nn.Module):
+        if isinstance(self.reward, nn.Module):  # ScalarHeadModel.score, with the trunk's last block run only
+            T = ro.sequences.shape[1]  # from the earliest last token on (GPT.hidden's tail)
             index = ro.Tp + last_token_index(ro.mask)  # (B,) the last response token
-            return self.reward.score(ro.sequences, index, positions=ro.positions, segment_ids=ro.segment_ids).float()
+            tail = T - int(index.min())
+            h = self.reward.trunk.hidden(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids, tail=tail)
+            values = self.reward.head(h).squeeze(-1)  # (B, tail): positions T - tail .. T - 1
+            return values.gather(1, (index - (T - tail))[:, None]).squeeze(1).float()
         responses = [[t for t, m in zip(r, mk) if m] for r, mk in zip(gen.responses.tolist(), ro.mask.tolist())]
         scores = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float32, device=self.device)
         if scores.shape != (len(prompts),):
             raise ValueError(f"reward_fn must return {len(prompts)} scores; got shape {tuple(scores.shape)}")
         return scores
 
+    def _rollout_values(self, ro: Rollout) -> Tensor:
+        """(B, Tr) values of the separate value model. In one process the first minibatch's rows run with
+        gradients and the graph is kept (self._first): until the first optimizer step the update's forward
+        over those rows would compute exactly this again (same weights, same rows), so _update reuses it.
+        Epoch 0's minibatch order is therefore drawn here, from the same generator and in the same order."""
+        if dist.active():  # under DDP a forward must go through the wrapped module: no reuse
+            return self._values(ro)
+        perm = torch.randperm(self.cfg.ppo.rollout_batch, generator=self.gens["shuffle"])  # (B,)
+        first, rest = perm[: self.cfg.ppo.minibatch], perm[self.cfg.ppo.minibatch :]
+        with torch.enable_grad():
+            v_first = self._values(ro, first)  # (mb, Tr) with its graph
+        values = torch.empty_like(ro.logprobs)  # (B, Tr)
+        values[first] = v_first.detach()
+        if len(rest):
+            values[rest] = self._values(ro, rest)
+        self._first = (perm, v_first)
+        return values
+
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         p, moments = self.cfg.ppo, dist.global_masked_moments  # whitening over every rank's episodes
+        head_values = isinstance(self.value, ValueHead)  # then the sampling pass's states give the values
         gen = generate(self.policy, prompts, p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                       top_p=p.top_p, eos_token_id=self.eos, generator=self.gens["sample"])
+                       top_p=p.top_p, eos_token_id=self.eos, generator=self.gens["sample"],
+                       return_hidden=head_values)
         self._t_gen = time.perf_counter()
         positions, segment_ids = gen.layout()  # (B, Tp + Tr) each
         mask = gen.response_mask
@@ -205,7 +232,9 @@ class PPOTrainer:
                      gen.logprobs, z, z, z, z, z, z)
         ref_logits = self.ref.lm_head(response_hidden(self.ref, ro))  # (B, Tr, V)
         ref_logprobs = ops.token_logprobs(ref_logits, ro.responses, temperature=p.temperature)  # (B, Tr)
-        ro.values = self._values(ro) * mask
+        # policy_head: V(s_t) from the states that sampled the rollout (equal to a re-run of the policy
+        # trunk up to fp32 rounding), so the trunk is not run a second time
+        ro.values = (self.value(gen.hidden) if head_values else self._rollout_values(ro)) * mask
         score = self._scores(gen, ro, prompts)
         if self.eos is not None and p.missing_eos_penalty > 0:
             ended = ((ro.responses == self.eos) & mask).any(dim=1)  # (B,)
@@ -221,12 +250,14 @@ class PPOTrainer:
         return ro
 
     # ---- update --------------------------------------------------------------------------------------
-    def _minibatch_loss(self, ro: Rollout, mb: Tensor) -> tuple[Tensor, dict[str, Tensor], float]:
+    def _minibatch_loss(self, ro: Rollout, mb: Tensor, values: Tensor | None = None
+                        ) -> tuple[Tensor, dict[str, Tensor], float]:
+        """values: the rollout's own forward of these rows (first minibatch, see _rollout_values) or None."""
         p = self.cfg.ppo
         h = response_hidden(self.policy, ro, mb)  # (b, Tr, C)
         logprobs, entropy = ops.token_logprobs(self.policy.lm_head(h), ro.responses[mb], temperature=p.temperature,
                                                return_entropy=True)  # (b, Tr) each
-        values = self._values(ro, mb, h)
+        values = self._values(ro, mb, h) if values is None else values
         loss, stats = ops.ppo_loss(logprobs, ro.logprobs[mb], ro.advantages[mb], values, ro.values[mb],
                                    ro.returns[mb], ro.mask[mb], clip_range=p.clip_range,
                                    clip_range_value=p.clip_range_value, vf_coef=p.vf_coef, entropy=entropy,
@@ -262,10 +293,12 @@ class PPOTrainer:
         n, norms, params = 0, [], [q for q in self.trained.parameters() if q.requires_grad]
         total_updates = self.cfg.train.max_steps * p.ppo_epochs * p.n_minibatches
         B, mbs = p.rollout_batch // dist.world_size(), p.minibatch // dist.world_size()  # this rank's episodes
+        first, self._first = self._first, None  # (epoch 0's order, the first minibatch's values) or None
         for epoch in range(p.ppo_epochs):
-            perm = torch.randperm(B, generator=self.gens["shuffle"])
+            perm = first[0] if epoch == 0 and first else torch.randperm(B, generator=self.gens["shuffle"])
             for k in range(p.n_minibatches):
-                loss, stats, deviation = self._call(self._minibatch_loss, ro, perm[k * mbs : (k + 1) * mbs])
+                reuse = first[1] if epoch == 0 and k == 0 and first else None
+                loss, stats, deviation = self._call(self._minibatch_loss, ro, perm[k * mbs : (k + 1) * mbs], reuse)
                 bad, deviation, mean_dev, abs_kl = self._agree(loss, deviation, float(stats["approx_kl"]))
                 if bad:
                     if dist.active():
@@ -322,6 +355,7 @@ class PPOTrainer:
             finite = m.pop("finite") == 1.0
         finite = finite and all(math.isfinite(v) for v in m.values())
         stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
+        self._first = None  # a skipped update must not leave the rollout's graph behind
         t_train = time.perf_counter()
         self.step_count += 1
         if why:
