@@ -40,7 +40,8 @@ def _task(run: Run):
     from fastrlhf.tasks.arithmetic import ArithmeticTask
 
     a = run.cfg.arithmetic
-    return ArithmeticTask(n_train=a.train_problems, ops=tuple(a.ops), digits=tuple(range(1, a.max_digits + 1)))
+    return ArithmeticTask(n_train=a.train_problems, n_heldout=a.heldout_problems, ops=tuple(a.ops),
+                          digits=tuple(range(1, a.max_digits + 1)))
 
 
 def corpus_docs(run: Run) -> list[str]:
