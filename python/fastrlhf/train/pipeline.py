@@ -180,7 +180,7 @@ TASK_DEFAULTS: dict[str, list[str]] = {
                    # that SFT model is sure of itself: at K = 4 and temperature 1 91% of held-out pairs tie
                    # (RM accuracy 0.51); K = 8 at temperature 2 on 8192 prompts leaves 57% untied (RM 0.78)
                    "label.k=8", "label.temperature=2.0", "label.train_prompts=8192", "label.heldout_prompts=512",
-                   "rm.train.max_steps=600", "label.max_new_tokens=6", "ppo.ppo.max_new_tokens=6", "ppo.ppo.kl_target=1.0"],
+                   "rm.train.max_steps=600", "eval.prompts=512", "label.max_new_tokens=6", "ppo.ppo.max_new_tokens=6", "ppo.ppo.kl_target=1.0"],
 }
 
 

@@ -66,10 +66,11 @@ def _goals(run: Any, metrics: dict[str, float], rm_acc: float) -> list[str]:
     lines = ["| goal | measured | met |", "| --- | --- | --- |"]
     if metrics:
         delta = metrics["ppo_score"] - metrics["sft_score"]
-        sem = math.hypot(metrics["ppo_score_sem"], metrics["sft_score_sem"])
+        # paired (same prompts, same seed); runs from before it was recorded fall back to the unpaired error
+        sem = metrics.get("gain_sem", math.hypot(metrics["ppo_score_sem"], metrics["sft_score_sem"]))
         goal = f"PPO {what} beats SFT's by >= {gain:g}" if gain > 1e-6 else f"PPO {what} higher than SFT's"
         lines.append(f"| {goal} (held-out prompts) | SFT {metrics['sft_score']:.3f}, PPO {metrics['ppo_score']:.3f}: "
-                     f"{delta:+.3f} ± {sem:.3f} | {'yes' if delta >= gain else 'no'} |")
+                     f"{delta:+.3f} ± {sem:.3f} (paired standard error) | {'yes' if delta >= gain else 'no'} |")
         p = run.cfg.ppo.ppo
         if p.adaptive_kl:
             lines.append(f"| KL to the SFT model within the controller's target ({p.kl_target:g} nats) | "

@@ -165,6 +165,11 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
             metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = mean, std / math.sqrt(len(values))
+    # the same prompts and sampling seed for both models: the per-prompt differences give a paired error
+    diffs = [r["ppo"]["score"] - r["sft"]["score"] for r in rows]
+    gain = sum(diffs) / len(diffs)
+    spread = math.sqrt(sum((d - gain) ** 2 for d in diffs) / max(len(diffs) - 1, 1))
+    metrics["gain"], metrics["gain_sem"] = gain, spread / math.sqrt(len(diffs))
     (run.dir("eval") / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return {"prompts": len(rows), "sft_score": metrics["sft_score"], "ppo_score": metrics["ppo_score"],
             "ppo_kl": metrics["ppo_kl"]}
