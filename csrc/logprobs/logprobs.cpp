@@ -123,6 +123,7 @@ void row_grad_avx2(const T* x, T* dx, int64_t V, double inv_t, double lse, float
     const __m256 pd = _mm256_mul_ps(p, _mm256_max_ps(_mm256_fmsub_ps(xv, vinv, vmean), lowest));
     return _mm256_fmadd_ps(a, p, _mm256_mul_ps(b, pd));
   };
+  const float xt = to_acc(x[target]);  // read before the loop: dx may be x (in place)
   const int64_t full = V & ~int64_t(7);
   int64_t i = 0;
   for (; i + 16 <= full; i += 16) {
@@ -131,7 +132,7 @@ void row_grad_avx2(const T* x, T* dx, int64_t V, double inv_t, double lse, float
   }
   if (i < full) store8(dx + i, grad(load8(x + i)));
   if (full < V) store_tail(dx + full, V - full, grad(load_tail(x + full, V - full, -INFINITY)));
-  const float gt = _mm256_cvtss_f32(grad(_mm256_set1_ps(to_acc(x[target]))));
+  const float gt = _mm256_cvtss_f32(grad(_mm256_set1_ps(xt)));
   dx[target] = from_acc<T>(gt + g_lp * inv_f);
 }
 #endif
@@ -193,6 +194,25 @@ void bwd_rows(const TokenLogprobsBwdParams& p, int64_t r0, int64_t r1) {
   }
 }
 
+template <class T>
+void grad_rows(const TokenLogprobsGradParams& p, int64_t r0, int64_t r1) {
+  using acc = acc_t<T>;
+  for (int64_t n = r0; n < r1; ++n) {
+    T* x = static_cast<T*>(p.logits) + n * p.V;  // (V,) logits in, gradient out
+    const RowStats st = row_stats<T, false>(x, p.V, 1.0);
+    const int64_t t = p.targets[n];
+    static_cast<T*>(p.logprobs)[n] = from_acc<T>(acc(double(to_acc(x[t])) - st.lse));
+#if defined(FR_HAVE_AVX2)
+    if constexpr (!std::is_same_v<T, double>) {
+      row_grad_avx2<T, false>(x, x, p.V, 1.0, st.lse, 0.f, float(p.scale), 0.f, t);
+      continue;
+    }
+#endif
+    // elementwise, so in place is safe
+    row_grad_scalar<T>(x, x, p.V, acc(1), acc(st.lse), acc(0), acc(p.scale), acc(0), t);
+  }
+}
+
 // Rows of small V are cheap: batch them so a task has at least ~32k elements.
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -209,6 +229,12 @@ void token_logprobs_fwd_cpu(const TokenLogprobsFwdParams& p) {
 void token_logprobs_bwd_cpu(const TokenLogprobsBwdParams& p) {
   FR_DISPATCH_FLOAT(p.dtype, parallel_for(0, p.N, row_grain(p.V), [&](int64_t r0, int64_t r1) {
     bwd_rows<scalar_t>(p, r0, r1);
+  }));
+}
+
+void token_logprobs_grad_cpu(const TokenLogprobsGradParams& p) {
+  FR_DISPATCH_FLOAT(p.dtype, parallel_for(0, p.N, row_grain(p.V), [&](int64_t r0, int64_t r1) {
+    grad_rows<scalar_t>(p, r0, r1);
   }));
 }
 
