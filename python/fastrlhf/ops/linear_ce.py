@@ -21,6 +21,12 @@ from fastrlhf.ops.logprobs import token_logprobs
 
 CHUNK_ROWS = 512  # (512, 50257) fp32 = 103 MB: big enough for GEMM efficiency, 1/4 of the logits
 
+if HAS_EXT:
+
+    @torch.library.register_fake("fastrlhf::token_logprobs_grad_")
+    def _grad_fake(logits: Tensor, targets: Tensor, scale: float) -> Tensor:
+        return logits.new_empty(logits.shape[:1])  # (N,) log-probs; logits is overwritten in place
+
 
 def _check(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -37,6 +43,7 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> 
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
 
 
+# A Python custom op (the GEMMs are torch's): opaque to torch.compile, with a fake and an autograd formula.
 @torch.library.custom_op("fastrlhf::linear_cross_entropy_fwd", mutates_args=())
 def _fwd(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_grads: bool, chunk_rows: int
@@ -49,9 +56,8 @@ def _fwd(
     h = hidden if rows is None else hidden.index_select(0, rows)  # (n, C)
     t = targets if rows is None else targets.index_select(0, rows)  # (n,)
     n = h.shape[0]
-    empty = hidden.new_empty((0,))
-    d_h = h.new_empty((n, C)) if need_grads else empty
-    d_w = (weight.new_empty((V, C)) if n else weight.new_zeros((V, C))) if need_grads else empty
+    d_h = h.new_empty((n, C) if need_grads else (0,))  # outputs may not alias: two (0,) tensors otherwise
+    d_w = (weight.new_empty((V, C)) if n else weight.new_zeros((V, C))) if need_grads else weight.new_empty((0,))
     buf = h.new_empty((min(chunk_rows, n), V))  # (R, V): one chunk's logits, then their gradient
     total = torch.zeros((), dtype=torch.float64)
     for i in range(0, n, chunk_rows):
