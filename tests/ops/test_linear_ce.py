@@ -140,3 +140,20 @@ def test_bad_shapes_and_dtypes():
         linear_cross_entropy(h, w, t.int())
     with pytest.raises(ValueError, match="chunk_rows must be >= 1; got 0"):
         linear_cross_entropy(h, w, t, chunk_rows=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_kernel_with_minus_inf_logits(dtype):
+    logits = torch.randn(3, 5000, dtype=torch.float64) * 4
+    logits[0, :2048] = float("-inf")  # a whole first chunk masked (a padded vocabulary)
+    logits[1, 4990:] = float("-inf")
+    logits[2, ::3] = float("-inf")
+    t = torch.tensor([3000, 7, 4])
+    x = logits.clone().requires_grad_()
+    lp = torch.log_softmax(x, -1).gather(1, t[:, None]).squeeze(1)
+    (0.5 * lp.sum()).backward()
+    buf = logits.to(dtype, copy=True)
+    got = torch.ops.fastrlhf.token_logprobs_grad_(buf, t, 0.5)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got.double(), lp.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(buf.double(), x.grad, rtol=tol, atol=tol)
