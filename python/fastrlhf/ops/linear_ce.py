@@ -52,6 +52,10 @@ def _fwd(
     _check(hidden, weight, targets, chunk_rows)
     (N, C), V = hidden.shape, weight.shape[0]
     keep = targets != ignore_index  # (N,)
+    bad = (keep & ((targets < 0) | (targets >= V))).nonzero()  # (k, 1): checked here to name the position
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(f"targets must be in [0, V) = [0, {V}); got {int(targets[i])} at position ({i})")
     rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # (n,) kept rows: ignored ones cost nothing
     h = hidden if rows is None else hidden.index_select(0, rows)  # (n, C)
     t = targets if rows is None else targets.index_select(0, rows)  # (n,)
