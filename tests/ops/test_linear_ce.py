@@ -96,9 +96,13 @@ def test_opcheck():
     h, w, t = make(9, 5, 11, torch.float32, ignored=(4,))
     h, w = h.requires_grad_(), w.requires_grad_()
     torch.library.opcheck(torch.ops.fastrlhf.linear_cross_entropy_fwd.default, (h, w, t, IGN, True, 4))
-    torch.library.opcheck(torch.ops.fastrlhf.linear_cross_entropy_fwd.default, (h.detach(), w.detach(), t, IGN, False, 4))
+    torch.library.opcheck(
+        torch.ops.fastrlhf.linear_cross_entropy_fwd.default, (h.detach(), w.detach(), t, IGN, False, 4)
+    )
     logits = torch.randn(3, 7)
-    torch.library.opcheck(torch.ops.fastrlhf.token_logprobs_grad_.default, (logits, torch.tensor([0, 6, 2]), -0.5))
+    torch.library.opcheck(
+        torch.ops.fastrlhf.token_logprobs_grad_.default, (logits, torch.tensor([0, 6, 2]), -0.5)
+    )
 
 
 def test_in_place_kernel_writes_scaled_gradient_of_logprob():
@@ -126,15 +130,21 @@ def test_compile_fullgraph():
 def test_target_out_of_range(bad):
     h, w, t = make(9, 4, 11, torch.float32, ignored=(0,))
     t[7] = bad  # named by its position in the caller's targets, past the dropped row and the first chunk
-    with pytest.raises(ValueError, match=rf"targets must be in \[0, V\) = \[0, 11\); got {bad} at position \(7\)"):
+    with pytest.raises(
+        ValueError, match=rf"targets must be in \[0, V\) = \[0, 11\); got {bad} at position \(7\)"
+    ):
         linear_cross_entropy(h, w, t, chunk_rows=2)
 
 
 def test_bad_shapes_and_dtypes():
     h, w, t = make(3, 4, 11, torch.float32)
-    with pytest.raises(ValueError, match=r"hidden must be \(N, C\) and weight \(V, C\); got \(3, 4\) and \(11, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"hidden must be \(N, C\) and weight \(V, C\); got \(3, 4\) and \(11, 5\)"
+    ):
         linear_cross_entropy(h, torch.zeros(11, 5), t)
-    with pytest.raises(ValueError, match=r"targets must have the shape of hidden.shape\[:-1\] \(3,\); got \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"targets must have the shape of hidden.shape\[:-1\] \(3,\); got \(4,\)"
+    ):
         linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"targets must be \(N,\) = \(3,\) int64; got \(3,\) torch.int32"):
         linear_cross_entropy(h, w, t.int())

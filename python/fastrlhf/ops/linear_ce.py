@@ -34,11 +34,15 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> 
             f"hidden must be (N, C) and weight (V, C); got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if hidden.dtype not in (torch.float32, torch.float64) or weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden and weight must both be float32 or float64; got {hidden.dtype}, {weight.dtype}")
+        raise ValueError(
+            f"hidden and weight must both be float32 or float64; got {hidden.dtype}, {weight.dtype}"
+        )
     if hidden.device.type != "cpu":
         raise ValueError(f"linear_cross_entropy runs on the CPU; got {hidden.device}")
     if targets.dtype != torch.long or tuple(targets.shape) != (hidden.shape[0],):
-        raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},) int64; got {tuple(targets.shape)} {targets.dtype}")
+        raise ValueError(
+            f"targets must be (N,) = ({hidden.shape[0]},) int64; got {tuple(targets.shape)} {targets.dtype}"
+        )
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
 
@@ -56,12 +60,15 @@ def _fwd(
     if len(bad):
         i = int(bad[0, 0])
         raise ValueError(f"targets must be in [0, V) = [0, {V}); got {int(targets[i])} at position ({i})")
-    rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # (n,) kept rows: ignored ones cost nothing
+    # (n,) the kept rows: ignored ones cost no GEMM
+    rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
     h = hidden if rows is None else hidden.index_select(0, rows)  # (n, C)
     t = targets if rows is None else targets.index_select(0, rows)  # (n,)
     n = h.shape[0]
     d_h = h.new_empty((n, C) if need_grads else (0,))  # outputs may not alias: two (0,) tensors otherwise
-    d_w = (weight.new_empty((V, C)) if n else weight.new_zeros((V, C))) if need_grads else weight.new_empty((0,))
+    d_w = weight.new_empty((0,))
+    if need_grads:  # (V, C); written by the first chunk's GEMM, so zeros only when there is none
+        d_w = weight.new_empty((V, C)) if n else weight.new_zeros((V, C))
     buf = h.new_empty((min(chunk_rows, n), V))  # (R, V): one chunk's logits, then their gradient
     total = torch.zeros((), dtype=torch.float64)
     for i in range(0, n, chunk_rows):
@@ -130,8 +137,10 @@ def linear_cross_entropy(
     """
     same_device(hidden=hidden, weight=weight, targets=targets)
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets must have the shape of hidden.shape[:-1] {tuple(hidden.shape[:-1])}; "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have the shape of hidden.shape[:-1] {tuple(hidden.shape[:-1])}; "
+            f"got {tuple(targets.shape)}"
+        )
     fused = HAS_EXT and hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
     if not fused or weight.dtype != hidden.dtype:
         return _plain(hidden, weight, targets, ignore_index)
