@@ -379,6 +379,28 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
   return d_logits;
 }
 
+// logits (N, V) contiguous CPU float is overwritten with scale * d log p[target] / d logits; returns
+// log p[target] (N,). The fused LM-head loss calls it on each chunk of rows between its GEMMs.
+Tensor token_logprobs_grad_(Tensor logits, Tensor targets, double scale) {
+  check_cpu({{&logits, "logits"}, {&targets, "targets"}});
+  FR_CHECK(logits.is_cpu(), "token_logprobs_grad_ runs on the CPU only; got a CUDA tensor");
+  check_dim(logits, "logits", 2, "(N, V)");
+  const fr::DType dtype = check_logits(logits);
+  FR_CHECK(logits.is_contiguous(), "logits must be contiguous (it is overwritten in place)");
+  check_dtype(targets, "targets", ScalarType::Long);
+  check_lead_shape(targets, "targets", logits);
+  targets = contig(targets);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t* t = static_cast<const int64_t*>(targets.const_data_ptr());
+  for (int64_t n = 0; n < N; ++n)  // checked before any row is overwritten
+    FR_CHECK(t[n] >= 0 && t[n] < V, "targets must be in [0, V) = [0, ", V, "); got ", t[n], " at position (", n,
+             ")");
+  Tensor logprobs = torch::stable::new_empty(logits, {N});
+  fr::TokenLogprobsGradParams p{dtype, logits.mutable_data_ptr(), t, logprobs.mutable_data_ptr(), N, V, scale};
+  fr::token_logprobs_grad_cpu(p);
+  return logprobs;
+}
+
 // ---- ppo_loss ---------------------------------------------------------------------------------
 // Checks the (B, T) inputs and fills the kernel's view of them (contiguous copies are kept alive
 // in `hold`). Tensors other than logprobs must have its shape and dtype; mask is bool or weights.
@@ -754,6 +776,7 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor targets, "
         "Tensor lse, Tensor mean_scaled, float temperature) -> Tensor");
+  m.def("token_logprobs_grad_(Tensor(a!) logits, Tensor targets, float scale) -> Tensor");
   m.def("ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor values, Tensor old_values, "
         "Tensor returns, Tensor mask, Tensor? entropy, float clip_range, float clip_range_value, float vf_coef, "
         "float ent_coef, bool need_grads) -> (Tensor, Tensor, Tensor)");
@@ -777,6 +800,7 @@ STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("causal_attention_bwd", TORCH_BOX(&causal_attention_bwd));
   m.impl("sample", TORCH_BOX(&sample));
   m.impl("rows_linear", TORCH_BOX(&rows_linear));
+  m.impl("token_logprobs_grad_", TORCH_BOX(&token_logprobs_grad_));
 }
 
 #ifdef FR_WITH_CUDA

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common/simd.h"
 
@@ -123,6 +124,7 @@ void row_grad_avx2(const T* x, T* dx, int64_t V, double inv_t, double lse, float
     const __m256 pd = _mm256_mul_ps(p, _mm256_max_ps(_mm256_fmsub_ps(xv, vinv, vmean), lowest));
     return _mm256_fmadd_ps(a, p, _mm256_mul_ps(b, pd));
   };
+  const float xt = to_acc(x[target]);  // read before the loop: dx may be x (in place)
   const int64_t full = V & ~int64_t(7);
   int64_t i = 0;
   for (; i + 16 <= full; i += 16) {
@@ -131,8 +133,63 @@ void row_grad_avx2(const T* x, T* dx, int64_t V, double inv_t, double lse, float
   }
   if (i < full) store8(dx + i, grad(load8(x + i)));
   if (full < V) store_tail(dx + full, V - full, grad(load_tail(x + full, V - full, -INFINITY)));
-  const float gt = _mm256_cvtss_f32(grad(_mm256_set1_ps(to_acc(x[target]))));
+  const float gt = _mm256_cvtss_f32(grad(_mm256_set1_ps(xt)));
   dx[target] = from_acc<T>(gt + g_lp * inv_f);
+}
+
+// token_logprobs_grad_ on one fp32 row with one exp per element: the first pass stores
+// e = 2^(z - M_c) in place (M_c the running max when chunk c was read) and sums them as
+// row_stats_avx2 does; the second turns e into scale * (onehot - p) with p = e 2^(M_c - M) / S,
+// one multiply per element. Returns the row's lse (natural units).
+double row_grad_inplace_f32(float* x, int64_t V, double scale, int64_t target, float* chunk_max) {
+  using namespace simd;
+  const __m256 vc2 = _mm256_set1_ps(float(kLog2e)), ninf = _mm256_set1_ps(-INFINITY);
+  double M = -INFINITY, S = 0;
+  for (int64_t c = 0, k = 0; c < V; c += kChunk, ++k) {
+    float* xc = x + c;
+    const int64_t len = std::min(kChunk, V - c), full = len & ~int64_t(7);
+    __m256 m0 = ninf, m1 = ninf;
+    int64_t i = 0;
+    for (; i + 16 <= full; i += 16) {
+      m0 = _mm256_max_ps(m0, load8(xc + i));
+      m1 = _mm256_max_ps(m1, load8(xc + i + 8));
+    }
+    if (i < full) m0 = _mm256_max_ps(m0, load8(xc + i));
+    if (full < len) m1 = _mm256_max_ps(m1, load_tail(xc + full, len - full, -INFINITY));
+    const float Mn = std::max(float(M), hmax(_mm256_max_ps(m0, m1)) * float(kLog2e));
+    chunk_max[k] = Mn;
+    const __m256 vM = _mm256_set1_ps(Mn == -INFINITY ? 0.f : Mn);  // all -inf so far: e = 0 below
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    for (i = 0; i + 16 <= full; i += 16) {
+      const __m256 e0 = exp2(_mm256_fmsub_ps(load8(xc + i), vc2, vM));
+      const __m256 e1 = exp2(_mm256_fmsub_ps(load8(xc + i + 8), vc2, vM));
+      store8(xc + i, e0), store8(xc + i + 8, e1);
+      s0 = _mm256_add_ps(s0, e0), s1 = _mm256_add_ps(s1, e1);
+    }
+    if (i < full) {
+      const __m256 e = exp2(_mm256_fmsub_ps(load8(xc + i), vc2, vM));
+      store8(xc + i, e), s0 = _mm256_add_ps(s0, e);
+    }
+    if (full < len) {
+      const __m256 e = exp2(_mm256_fmsub_ps(load_tail(xc + full, len - full, -INFINITY), vc2, vM));
+      store_tail(xc + full, len - full, e), s1 = _mm256_add_ps(s1, e);
+    }
+    if (M != -INFINITY && M != Mn) S *= std::exp2(M - Mn);  // the max grew: rescale the running sum
+    S += hsum_d(_mm256_add_ps(s0, s1));
+    M = Mn;
+  }
+  for (int64_t c = 0, k = 0; c < V; c += kChunk, ++k) {
+    // p = e 2^(M_c - M) / S; the gradient of scale * log p[target] is scale * (onehot - p)
+    const float f = chunk_max[k] == -INFINITY ? 0.f : float(-scale * std::exp2(double(chunk_max[k]) - M) / S);
+    const __m256 vf = _mm256_set1_ps(f);
+    float* xc = x + c;
+    const int64_t len = std::min(kChunk, V - c), full = len & ~int64_t(7);
+    int64_t i = 0;
+    for (; i < full; i += 8) store8(xc + i, _mm256_mul_ps(load8(xc + i), vf));
+    if (full < len) store_tail(xc + full, len - full, _mm256_mul_ps(load_tail(xc + full, len - full, 0.f), vf));
+  }
+  x[target] += float(scale);
+  return kLn2 * M + std::log(S);
 }
 #endif
 
@@ -193,6 +250,38 @@ void bwd_rows(const TokenLogprobsBwdParams& p, int64_t r0, int64_t r1) {
   }
 }
 
+template <class T>
+void grad_rows(const TokenLogprobsGradParams& p, int64_t r0, int64_t r1) {
+  using acc = acc_t<T>;
+#if defined(FR_HAVE_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    std::vector<float> chunk_max(size_t((p.V + kChunk - 1) / kChunk));
+    for (int64_t n = r0; n < r1; ++n) {
+      float* x = static_cast<float*>(p.logits) + n * p.V;  // (V,) logits in, gradient out
+      const int64_t t = p.targets[n];
+      const double xt = x[t];
+      const double lse = row_grad_inplace_f32(x, p.V, p.scale, t, chunk_max.data());
+      static_cast<float*>(p.logprobs)[n] = float(xt - lse);
+    }
+    return;
+  }
+#endif
+  for (int64_t n = r0; n < r1; ++n) {
+    T* x = static_cast<T*>(p.logits) + n * p.V;  // (V,) logits in, gradient out
+    const RowStats st = row_stats<T, false>(x, p.V, 1.0);
+    const int64_t t = p.targets[n];
+    static_cast<T*>(p.logprobs)[n] = from_acc<T>(acc(double(to_acc(x[t])) - st.lse));
+#if defined(FR_HAVE_AVX2)
+    if constexpr (!std::is_same_v<T, double>) {
+      row_grad_avx2<T, false>(x, x, p.V, 1.0, st.lse, 0.f, float(p.scale), 0.f, t);
+      continue;
+    }
+#endif
+    // elementwise, so in place is safe
+    row_grad_scalar<T>(x, x, p.V, acc(1), acc(st.lse), acc(0), acc(p.scale), acc(0), t);
+  }
+}
+
 // Rows of small V are cheap: batch them so a task has at least ~32k elements.
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -209,6 +298,12 @@ void token_logprobs_fwd_cpu(const TokenLogprobsFwdParams& p) {
 void token_logprobs_bwd_cpu(const TokenLogprobsBwdParams& p) {
   FR_DISPATCH_FLOAT(p.dtype, parallel_for(0, p.N, row_grain(p.V), [&](int64_t r0, int64_t r1) {
     bwd_rows<scalar_t>(p, r0, r1);
+  }));
+}
+
+void token_logprobs_grad_cpu(const TokenLogprobsGradParams& p) {
+  FR_DISPATCH_FLOAT(p.dtype, parallel_for(0, p.N, row_grain(p.V), [&](int64_t r0, int64_t r1) {
+    grad_rows<scalar_t>(p, r0, r1);
   }));
 }
 

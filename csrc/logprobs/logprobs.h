@@ -41,6 +41,18 @@ struct TokenLogprobsBwdParams {
   double inv_temperature;
 };
 
+// In place, for a loss sum_n scale * log p_n[target_n] over contiguous rows: each row of logits
+// becomes its gradient scale * (onehot(target) - softmax(row)), and logprobs gets log p[target].
+// The fused LM-head loss runs this on a chunk of rows between its GEMMs (no (N, V) temporary).
+struct TokenLogprobsGradParams {
+  DType dtype;             // of logits and logprobs
+  void* logits;            // (N, V) in: logits, out: d(scale * logprob) / d logits
+  const int64_t* targets;  // (N,) in [0, V), validated by the caller
+  void* logprobs;          // (N,) out
+  int64_t N, V;
+  double scale;
+};
+
 // Asks Linux to back a fresh, large output buffer with 2 MiB pages before the kernel first
 // writes it: faulting in (2048, 50304) fp32 with 4 KiB pages costs more than computing it.
 // Only whole 2 MiB blocks inside [p, p + bytes) are affected; a no-op elsewhere.
@@ -58,3 +70,4 @@ inline void advise_huge_pages(void* p, size_t bytes) {
 
 FR_DECLARE_CPU_KERNEL(token_logprobs_fwd_cpu, TokenLogprobsFwdParams)
 FR_DECLARE_CPU_KERNEL(token_logprobs_bwd_cpu, TokenLogprobsBwdParams)
+FR_DECLARE_CPU_KERNEL(token_logprobs_grad_cpu, TokenLogprobsGradParams)

@@ -17,7 +17,8 @@ def test_shapes_and_initial_loss_near_uniform():
     m = model()
     x = torch.randint(0, 97, (3, 19))
     logits, loss = m(x, torch.randint(0, 97, (3, 19)))
-    assert logits.shape == (3, 19, 97)
+    assert logits is None  # the LM head is fused with the loss: no logits with targets
+    assert m(x)[0].shape == (3, 19, 97)
     assert abs(loss.item() - math.log(97)) < 0.1  # small init: close to the uniform distribution
     assert m.num_params() == sum(p.numel() for p in m.parameters())
     assert m.lm_head.weight is m.transformer.wte.weight
@@ -28,7 +29,8 @@ def test_ignore_index_targets_are_left_out():
     x = torch.randint(0, 97, (2, 9))
     t = x.clone()
     t[:, :4] = -100
-    logits, loss = m(x, t)
+    loss = m(x, t)[1]
+    logits = m(x)[0]
     want = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 97), x[:, 4:].reshape(-1))
     torch.testing.assert_close(loss, want)
 
@@ -151,6 +153,20 @@ def test_scalar_head_from_gpt_scores_the_chosen_token():
     rm2 = ScalarHeadModel(gpt.config)
     rm2.load_weights(rm.weights())
     torch.testing.assert_close(rm2(x), values)
+
+
+def test_training_loss_and_gradients_equal_the_unfused_path_in_float64():
+    m = model(dropout=0.0).double().train()
+    x = torch.randint(0, 97, (3, 13))
+    t = torch.roll(x, -1, 1)
+    t[:, -1] = -100
+    t[1, :5] = -100
+    loss = m(x, t)[1]
+    got = torch.autograd.grad(loss, list(m.parameters()))
+    want_loss = next_token_loss(m(x)[0], t)  # logits, then ops.token_logprobs (the path before the fusion)
+    want = torch.autograd.grad(want_loss, list(m.parameters()))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -233,13 +233,14 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
         segment_ids: Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """logits (B, T, V) and, given targets (B, T) (IGNORE_INDEX = skip), the mean next-token loss."""
-        logits = self.lm_head(self.hidden(idx, positions=positions, segment_ids=segment_ids, cache=cache))
-        loss = None
-        if targets is not None:
-            loss = next_token_loss(logits, targets)
-        return logits, loss
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Without targets: (logits (B, T, V), None). With targets (B, T) (IGNORE_INDEX = skip): (None, the
+        mean next-token loss), through ops.linear_cross_entropy, which fuses the LM head with the loss and
+        never holds the (B, T, V) logits (call again without targets for those)."""
+        h = self.hidden(idx, positions=positions, segment_ids=segment_ids, cache=cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(h), None
+        return None, ops.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX)
 
     def weights(self) -> dict[str, Tensor]:
         """Parameters by name, the tied lm_head left out (it is transformer.wte.weight)."""

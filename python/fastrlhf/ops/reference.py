@@ -4,6 +4,7 @@ and the public ops fall back to them when the extension is absent. Written for c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -141,6 +142,12 @@ def token_logprobs(
     # filling logp (not the product) keeps the gradient finite too.
     entropy = -(logp.exp() * logp.masked_fill(logp == float("-inf"), 0.0)).sum(-1)  # (...)
     return out, entropy.to(logits.dtype)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """F.cross_entropy(hidden @ weight.T, targets, ignore_index): the mean over kept targets (NaN if none)."""
+    logits = (hidden @ weight.t()).to(_math_dtype(hidden))  # (..., V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
 PPO_STATS = ("pg_loss", "v_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "entropy")
