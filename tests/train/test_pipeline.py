@@ -132,6 +132,7 @@ def test_the_shipped_gpu_config_loads():
     ("arithmetic.ops=+/", r"arithmetic.ops must be distinct operators from '\+-\*'; got '\+/'"),
     ("arithmetic.ops=++", r"arithmetic.ops must be distinct operators"),
     ("arithmetic.max_digits=7", r"arithmetic.max_digits must be in \[1, 6\]; got 7"),
+    ("arithmetic.max_digits=1", r"arithmetic.train_problems must be in \[1, 90\]; got 9000"),
 ])
 def test_bad_arithmetic_settings_name_the_field(override, match):
     with pytest.raises(ValueError, match=match):

@@ -160,6 +160,12 @@ class PipelineConfig:
         check_range("arithmetic.train_problems", a.train_problems, 1, float("inf"))
         check_range("arithmetic.pretrain_problems", a.pretrain_problems, 1, float("inf"))
         check_range("arithmetic.heldout_problems", a.heldout_problems, 1, float("inf"))
+        if self.run.task == "arithmetic":
+            from fastrlhf.tasks.arithmetic import split_size
+
+            digits = tuple(range(1, a.max_digits + 1))
+            for split, name in (("train", "train_problems"), ("heldout", "heldout_problems")):
+                check_range(f"arithmetic.{name}", getattr(a, name), 1, split_size(split, tuple(a.ops), digits))
         check_range("label.k", self.label.k, 2, 16)
         for name in ("train_prompts", "heldout_prompts", "max_new_tokens", "batch_prompts"):
             check_range(f"label.{name}", getattr(self.label, name), 1, float("inf"))
