@@ -44,6 +44,26 @@ def median_ms(fn: Callable[[], Any], reps: int = 7, warmup: int = 2, min_time_s:
     return statistics.median(samples)
 
 
+def interleaved_times(fns: list[Callable[[], Any]], reps: int) -> list[list[float]]:
+    """Wall times in ms of each fn over reps rounds, the fns timed alternately (after one warm-up call each):
+    on a shared machine the load drifts over seconds, and alternating exposes all of them to the same drift,
+    so their ratios stay meaningful."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def interleaved_ms(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    """The median of each fn's interleaved_times."""
+    return [statistics.median(t) for t in interleaved_times(fns, reps)]
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import assert_close, parse_args, report
+from _common import assert_close, interleaved_ms, parse_args, report
 from fastrlhf.ops import causal_attention, reference
 
 GOALS = {  # (B, H, T, D): (forward goal, forward + backward goal) as ratios SDPA / ours
@@ -50,21 +47,6 @@ def validate(q, k, v, dout) -> None:
             assert_close(f"{name} {part}", a, b, rtol=1e-4, atol=1e-5)
 
 
-def paired_median_ms(
-    base: Callable[[], object], ours: Callable[[], object], reps: int
-) -> tuple[float, float]:
-    """Medians of base and ours timed alternately: on a shared machine the load drifts over seconds,
-    and alternating exposes both to the same drift, so their ratio stays meaningful."""
-    base(), ours()  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, out in ((base, times[0]), (ours, times[1])):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def run(args) -> list[dict]:
     rows = []
     shapes = [(2, 4, 256, 64), (2, 2, 512, 64)] if args.quick else list(GOALS)
@@ -75,14 +57,12 @@ def run(args) -> list[dict]:
         goal_f, goal_fb = GOALS.get((B, H, T, D), ("", ""))
         shape = f"({B}, {H}, {T}, {D})"
         with torch.no_grad():
-            base, ours = paired_median_ms(
-                functools.partial(sdpa, q, k, v), functools.partial(causal_attention, q, k, v), args.reps
+            base, ours = interleaved_ms(
+                [functools.partial(sdpa, q, k, v), functools.partial(causal_attention, q, k, v)], args.reps
             )
         row = {"shape": shape, "baseline": "SDPA is_causal"}
         rows.append({"op": "attention fwd", **row, "base_ms": base, "ours_ms": ours, "goal": goal_f})
-        base, ours = paired_median_ms(
-            fwd_bwd(sdpa, q, k, v, dout), fwd_bwd(causal_attention, q, k, v, dout), args.reps
-        )
+        base, ours = interleaved_ms([fwd_bwd(sdpa, q, k, v, dout), fwd_bwd(causal_attention, q, k, v, dout)], args.reps)
         rows.append({"op": "attention fwd+bwd", **row, "base_ms": base, "ours_ms": ours, "goal": goal_fb})
     return rows
 

@@ -4,13 +4,10 @@ Forward + backward of the LM head and the mean next-token loss at GPT-2's vocabu
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
-from _common import assert_close, parse_args, report
+from _common import assert_close, interleaved_ms, parse_args, report
 from fastrlhf.ops import linear_cross_entropy, reference, token_logprobs
 
 
@@ -29,18 +26,6 @@ def fwd_bwd(fn, h, w, t):
     return (loss, *torch.autograd.grad(loss, (h, w)))
 
 
-def interleaved_ms(base, ours, reps: int) -> tuple[float, float]:
-    """Median ms of each, timed alternately so that load from other processes hits both alike."""
-    base(), ours()  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, out in ((base, times[0]), (ours, times[1])):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def run(args) -> list[dict]:
     N, C, V = (256, 256, 50257) if args.quick else (2048, 256, 50257)
     g = torch.Generator().manual_seed(0)
@@ -57,8 +42,8 @@ def run(args) -> list[dict]:
     rows = []
     reps = min(args.reps, 5)  # a call is seconds long at full size
     for name, base in (("unfused (token_logprobs)", unfused), ("eager cross_entropy", eager)):
-        base_ms, ours_ms = interleaved_ms(lambda b=base: fwd_bwd(b, h, w, t),
-                                          lambda: fwd_bwd(linear_cross_entropy, h, w, t), reps)  # fmt: skip
+        base_ms, ours_ms = interleaved_ms([lambda b=base: fwd_bwd(b, h, w, t),
+                                           lambda: fwd_bwd(linear_cross_entropy, h, w, t)], reps)  # fmt: skip
         rows.append({"op": "linear_cross_entropy", "shape": f"({N}, {C}) x ({V}, {C})", "baseline": name,
                      "base_ms": base_ms, "ours_ms": ours_ms, "goal": "LM head + loss, fwd+bwd"})  # fmt: skip
     return rows

@@ -6,32 +6,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import transformers
 
-from _common import report
+from _common import interleaved_ms, interleaved_times, report
 from fastrlhf.model import GPT, GPTConfig, generate
 from fastrlhf.model.hf import to_hf_model
 from fastrlhf.train.optim import OptimConfig, make_adamw
-
-
-BEST: dict[str, float] = {}  # fastest run of each side in the last interleaved_ms call: the least loaded
-
-
-def interleaved_ms(base: Callable[[], object], ours: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Median ms of each, timed alternately so that load from other processes hits both alike."""
-    base(), ours()  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, out in ((base, times[0]), (ours, times[1])):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    BEST.update(base=min(times[0]), ours=min(times[1]))
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def train_rows(args) -> list[dict]:
@@ -56,11 +38,12 @@ def train_rows(args) -> list[dict]:
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
-    base, mine = interleaved_ms(step_hf, step_ours, args.reps)
+    times = interleaved_times([step_hf, step_ours], args.reps)
+    (base, mine), (best_base, best_ours) = [statistics.median(t) for t in times], [min(t) for t in times]
     shape = f"L4 C256 B{B} T{T} V{cfg.vocab_size}"
     return [dict(op="train step", shape=shape, baseline="HF GPT2LMHeadModel sdpa", base_ms=base, ours_ms=mine,
                  goal=">= 1.3x", tokens_per_s_ours=B * T / mine * 1e3, tokens_per_s_hf=B * T / base * 1e3,
-                 best_base_ms=BEST["base"], best_ours_ms=BEST["ours"], best_ratio=BEST["base"] / BEST["ours"])]
+                 best_base_ms=best_base, best_ours_ms=best_ours, best_ratio=best_base / best_ours)]
 
 
 def gen_rows(args) -> list[dict]:
@@ -85,8 +68,8 @@ def gen_rows(args) -> list[dict]:
     # fp32 summation order differs between the two models; a near-tie argmax may flip and then diverge
     assert match > 0.9, f"greedy tokens agree on only {match:.0%} of positions"
     sampling = dict(top_k=50, top_p=0.9)
-    base, mine = interleaved_ms(lambda: run_hf(do_sample=True, temperature=1.0, **sampling),
-                                lambda: generate(ours, prompts, new, **sampling, generator=g), args.reps)
+    base, mine = interleaved_ms([lambda: run_hf(do_sample=True, temperature=1.0, **sampling),
+                                 lambda: generate(ours, prompts, new, **sampling, generator=g)], args.reps)
     tokens = n_prompts * new
     return [dict(op="generate", shape=f"{n_prompts} prompts x {new} new, V{cfg.vocab_size}",
                  baseline="HF generate top-k/top-p", base_ms=base, ours_ms=mine, goal=">= 3x",

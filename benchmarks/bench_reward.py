@@ -12,28 +12,13 @@ K-wise through the plain forward (the gain of model.shared alone).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from _common import report
+from _common import interleaved_ms, report
 from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.train.optim import OptimConfig, make_adamw
 from fastrlhf.train.reward import as_pairs, kwise_loss, score_batch
-
-
-def interleaved_ms(fns: list, reps: int) -> list[float]:
-    """Median ms of each fn, timed alternately so load from other processes hits all alike."""
-    for fn in fns:
-        fn()  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def main() -> None:

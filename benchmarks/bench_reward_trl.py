@@ -23,8 +23,7 @@ import time
 import warnings
 
 import torch
-from _common import report
-from bench_reward import interleaved_ms
+from _common import interleaved_ms, report
 from fastrlhf.model import GPTConfig, ScalarHeadModel
 from fastrlhf.train.optim import OptimConfig, lr_at, make_adamw, optimizer_step
 from fastrlhf.train.reward import kwise_loss, score_batch
