@@ -62,26 +62,33 @@ void row_grad_scalar(const T* x, T* dx, int64_t V, acc_t<T> inv_t, acc_t<T> lse,
 constexpr int64_t kChunk = 2048;  // elements: 8 KiB of fp32, re-read from L1 after the max pass
 constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 
+// max of x[0, len) (-inf when empty), two accumulators to hide the max latency
+template <class T>
+inline float block_max(const T* x, int64_t len) {
+  using namespace simd;
+  const int64_t full = len & ~int64_t(7);
+  __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+  int64_t i = 0;
+  for (; i + 16 <= full; i += 16) {
+    m0 = _mm256_max_ps(m0, load8(x + i));
+    m1 = _mm256_max_ps(m1, load8(x + i + 8));
+  }
+  if (i < full) m0 = _mm256_max_ps(m0, load8(x + i));
+  if (full < len) m1 = _mm256_max_ps(m1, load_tail(x + full, len - full, -INFINITY));
+  return hmax(_mm256_max_ps(m0, m1));
+}
+
 // As row_stats_scalar, in base-2 units: z = x log2(e) / T, so each lane needs 2^(z - M) only.
 template <class T, bool kMean>
 RowStats row_stats_avx2(const T* x, int64_t V, double inv_t) {
   using namespace simd;
   const float c2 = float(inv_t * kLog2e);
   const __m256 vc2 = _mm256_set1_ps(c2), lowest = _mm256_set1_ps(-FLT_MAX);
-  const __m256 ninf = _mm256_set1_ps(-INFINITY);
   double M = -INFINITY, S = 0, Tm = 0;  // running max of z, sum 2^(z - M), sum 2^(z - M) (z - M)
   for (int64_t c = 0; c < V; c += kChunk) {
     const T* xc = x + c;
     const int64_t len = std::min(kChunk, V - c), full = len & ~int64_t(7);
-    __m256 m0 = ninf, m1 = ninf;
-    int64_t i = 0;
-    for (; i + 16 <= full; i += 16) {
-      m0 = _mm256_max_ps(m0, load8(xc + i));
-      m1 = _mm256_max_ps(m1, load8(xc + i + 8));
-    }
-    if (i < full) m0 = _mm256_max_ps(m0, load8(xc + i));
-    if (full < len) m1 = _mm256_max_ps(m1, load_tail(xc + full, len - full, -INFINITY));
-    const float Mn = std::max(float(M), hmax(_mm256_max_ps(m0, m1)) * c2);  // x -> x c2 is monotone
+    const float Mn = std::max(float(M), block_max(xc, len) * c2);  // x -> x c2 is monotone
     if (Mn == -INFINITY) continue;  // all -inf so far: nothing to add
     const __m256 vM = _mm256_set1_ps(Mn);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, t0 = s0, t1 = s0;
@@ -90,7 +97,8 @@ RowStats row_stats_avx2(const T* x, int64_t V, double inv_t) {
       s = _mm256_add_ps(s, e);
       if (kMean) t = _mm256_fmadd_ps(e, _mm256_max_ps(z, lowest), t);  // e == 0 at -inf: 0, not NaN
     };
-    for (i = 0; i + 16 <= full; i += 16) {
+    int64_t i = 0;
+    for (; i + 16 <= full; i += 16) {
       step(load8(xc + i), s0, t0);
       step(load8(xc + i + 8), s1, t1);
     }
@@ -143,24 +151,17 @@ void row_grad_avx2(const T* x, T* dx, int64_t V, double inv_t, double lse, float
 // one multiply per element. Returns the row's lse (natural units).
 double row_grad_inplace_f32(float* x, int64_t V, double scale, int64_t target, float* chunk_max) {
   using namespace simd;
-  const __m256 vc2 = _mm256_set1_ps(float(kLog2e)), ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 vc2 = _mm256_set1_ps(float(kLog2e));
   double M = -INFINITY, S = 0;
   for (int64_t c = 0, k = 0; c < V; c += kChunk, ++k) {
     float* xc = x + c;
     const int64_t len = std::min(kChunk, V - c), full = len & ~int64_t(7);
-    __m256 m0 = ninf, m1 = ninf;
-    int64_t i = 0;
-    for (; i + 16 <= full; i += 16) {
-      m0 = _mm256_max_ps(m0, load8(xc + i));
-      m1 = _mm256_max_ps(m1, load8(xc + i + 8));
-    }
-    if (i < full) m0 = _mm256_max_ps(m0, load8(xc + i));
-    if (full < len) m1 = _mm256_max_ps(m1, load_tail(xc + full, len - full, -INFINITY));
-    const float Mn = std::max(float(M), hmax(_mm256_max_ps(m0, m1)) * float(kLog2e));
+    const float Mn = std::max(float(M), block_max(xc, len) * float(kLog2e));
     chunk_max[k] = Mn;
     const __m256 vM = _mm256_set1_ps(Mn == -INFINITY ? 0.f : Mn);  // all -inf so far: e = 0 below
     __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    for (i = 0; i + 16 <= full; i += 16) {
+    int64_t i = 0;
+    for (; i + 16 <= full; i += 16) {
       const __m256 e0 = exp2(_mm256_fmsub_ps(load8(xc + i), vc2, vM));
       const __m256 e1 = exp2(_mm256_fmsub_ps(load8(xc + i + 8), vc2, vM));
       store8(xc + i, e0), store8(xc + i + 8, e1);
