@@ -50,6 +50,19 @@ def test_splits_never_overlap_whatever_the_seeds():
     assert heldout and train and not heldout & train
 
 
+def test_heldout_split_is_not_a_slice_of_the_space():
+    # every tenth position of an affine permutation once held out only sums whose second operand ended
+    # in 5 (the units-digit pairs of training never contained it): each (a, b) last-digit pair, each
+    # operator and each tens-digit pair must appear in held-out as in train
+    heldout = make_problems(1000, split="heldout", ops=("+",), digits=(1, 2))
+    assert len({(p.a % 10, p.b % 10) for p in heldout}) == 100
+    assert len({(p.a // 10, p.b // 10) for p in heldout}) == 100
+    for last in range(10):  # about a tenth of them each (a binomial 100 +- 9.5)
+        assert 60 < sum(p.b % 10 == last for p in heldout) < 140
+    mixed = make_problems(3000, split="heldout", ops=("+", "-", "*"), digits=(1, 2))
+    assert {p.op for p in mixed} == {"+", "-", "*"} and len({(p.op, p.b % 10) for p in mixed}) == 30
+
+
 def test_large_spaces_sample_fast():
     problems = make_problems(5000, digits=(3, 4), seed=0)  # 3 * 9900^2 problems: never enumerated
     assert len(set(problems)) == 5000 and all(100 <= p.a <= 9999 for p in problems)

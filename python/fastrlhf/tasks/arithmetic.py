@@ -1,14 +1,15 @@
 """The arithmetic task: seeded synthetic problems ("What is 37+45?" -> "82"), exactly checkable.
 
 The problem space (every operator x every pair of operands with the allowed digit counts) is numbered
-0..N-1 and permuted by a fixed affine bijection; every HELDOUT_EVERY-th position of that permutation is
-held out. The split depends on the space alone, never on a seed, so train and held-out never overlap
+0..N-1 and permuted by a fixed pseudo-random bijection (a Feistel network with cycle walking); every
+HELDOUT_EVERY-th position of that permutation is held out. (An affine map p -> p * m + c mod N is no good
+here: it keeps p mod gcd(10, N) as a fixed residue of the index, so a held-out set of every tenth position
+shared the second operand's last digit, a slice of problems that training never saw.) The split depends on the space alone, never on a seed, so train and held-out never overlap
 whatever seeds draw from them, and sampling without replacement is O(n) even when N is in the millions.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ __all__ = [
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 HELDOUT_EVERY = 10
-_MIX = 1_000_003  # multiplier of the bijection; bumped until coprime with N, which makes it one
+_ROUND_KEYS = (0x9E3779B9, 0x7F4A7C15, 0x85EBCA6B, 0xC2B2AE35)  # fixed: the split must never change
 _PROBLEM = re.compile(r"What is (\d+)([+\-*])(\d+)\?")
 _ANSWER = re.compile(r"[-+]?\d{1,64}")  # 64 digits bounds int() work on junk
 
@@ -86,9 +87,7 @@ class _Space:
         self.ranges = [range(0 if d == 1 else 10 ** (d - 1), 10**d) for d in sorted(digits)]
         self.m = sum(len(r) for r in self.ranges)
         self.n = len(ops) * self.m * self.m
-        self.mix = _MIX
-        while math.gcd(self.mix, self.n) != 1:
-            self.mix += 2
+        self.half = max(1, ((self.n - 1).bit_length() + 1) // 2)  # Feistel halves: 4^half >= N, < 4N
         self.n_heldout = -(-self.n // HELDOUT_EVERY)  # positions 0, 10, 20, ... < n
 
     def operand(self, i: int) -> int:
@@ -98,8 +97,26 @@ class _Space:
             i -= len(r)
         raise IndexError(i)
 
+    def _feistel(self, x: int) -> int:
+        """A bijection of 0..4^half - 1 (each round swaps the halves and mixes one into the other)."""
+        mask = (1 << self.half) - 1
+        left, right = x >> self.half, x & mask
+        for key in _ROUND_KEYS:
+            f = ((right + key) * 0x2C1B3C6D) & 0xFFFFFFFF  # 32-bit multiply-xorshift round function
+            f ^= f >> 15
+            left, right = right, left ^ (f & mask)
+        return (left << self.half) | right
+
+    def index(self, position: int) -> int:
+        """The problem index at a position: the Feistel bijection, re-applied until it lands below N
+        (cycle walking keeps it a bijection of 0..N-1; 4^half < 4N, so a few rounds on average)."""
+        x = self._feistel(position)
+        while x >= self.n:
+            x = self._feistel(x)
+        return x
+
     def problem(self, position: int) -> Problem:
-        index = (position * self.mix + 12345) % self.n  # the fixed bijection
+        index = self.index(position)
         op, rest = divmod(index, self.m * self.m)
         return Problem(self.operand(rest // self.m), self.ops[op], self.operand(rest % self.m))
 
