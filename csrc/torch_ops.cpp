@@ -21,6 +21,7 @@
 #include "attention/attention.h"
 #include "common/runtime.h"
 #include "gae/gae.h"
+#include "gelu/gelu.h"
 #include "linear/linear.h"
 #include "logprobs/logprobs.h"
 #include "ppo_loss/ppo_loss.h"
@@ -768,6 +769,30 @@ Tensor rows_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   return y;
 }
 
+// ---- gelu (tanh approximation) ----------------------------------------------------------------
+// Any shape; the kernels see the flattened contiguous tensor. CPU only (Python sends CUDA to F.gelu).
+Tensor gelu_fwd(Tensor x) {
+  check_cpu({{&x, "x"}});
+  const fr::DType dtype = float_dtype(x, "x");
+  x = contig(x);
+  Tensor y = torch::stable::empty_like(x);
+  fr::gelu_tanh_fwd_cpu(fr::GeluFwdParams{dtype, x.const_data_ptr(), y.mutable_data_ptr(), x.numel()});
+  return y;
+}
+
+Tensor gelu_bwd(Tensor x, Tensor dy) {
+  check_cpu({{&x, "x"}, {&dy, "dy"}});
+  const fr::DType dtype = float_dtype(x, "x");
+  check_same_dtype(dy, "dy", x, "x");
+  check_same_shape(dy, "dy", x, "x");
+  x = contig(x);
+  dy = contig(dy);
+  Tensor dx = torch::stable::empty_like(x);
+  fr::gelu_tanh_bwd_cpu(
+      fr::GeluBwdParams{dtype, x.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), x.numel()});
+  return dx;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(fastrlhf, m) {
@@ -788,6 +813,8 @@ STABLE_TORCH_LIBRARY(fastrlhf, m) {
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed) "
         "-> (Tensor, Tensor)");
   m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("gelu_fwd(Tensor x) -> Tensor");
+  m.def("gelu_bwd(Tensor x, Tensor dy) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
@@ -801,6 +828,8 @@ STABLE_TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("sample", TORCH_BOX(&sample));
   m.impl("rows_linear", TORCH_BOX(&rows_linear));
   m.impl("token_logprobs_grad_", TORCH_BOX(&token_logprobs_grad_));
+  m.impl("gelu_fwd", TORCH_BOX(&gelu_fwd));
+  m.impl("gelu_bwd", TORCH_BOX(&gelu_bwd));
 }
 
 #ifdef FR_WITH_CUDA

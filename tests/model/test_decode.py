@@ -50,7 +50,9 @@ def test_tail_equals_the_last_rows_of_the_full_forward_with_gradients(m, tail):
     g_full = torch.autograd.grad((full[:, -tail:] * w).sum(), list(m.parameters()))
     g_part = torch.autograd.grad((part * w).sum(), list(m.parameters()))
     for a, b in zip(g_full, g_part):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        # the tail runs the last block's GEMMs on fewer rows (another summation order): entries may differ
+        # by a few ulps of the tensor's largest entry (~100 here), which a per-element rtol misses
+        torch.testing.assert_close(a, b, atol=max(1e-5, 1e-6 * b.abs().max().item()), rtol=1e-4)
 
 
 def test_tail_with_a_cache_fills_every_rows_keys(m):

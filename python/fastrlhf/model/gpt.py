@@ -84,7 +84,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # GPT-2's "gelu_new" is the tanh approximation; HF weights only match with it.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(ops.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -220,7 +220,7 @@ class GPT(nn.Module):
                                      segment_ids=segment_ids)  # (B, H, 1, D)
             x = x + ops.linear(y.view(B, C), a.c_proj.weight, a.c_proj.bias)  # (B, C): heads side by side
             h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)
-            h = F.gelu(ops.linear(h, m.c_fc.weight, m.c_fc.bias), approximate="tanh")  # (B, 4C)
+            h = ops.gelu(ops.linear(h, m.c_fc.weight, m.c_fc.bias))  # (B, 4C)
             x = x + ops.linear(h, m.c_proj.weight, m.c_proj.bias)  # (B, C)
         cache.length += 1
         return F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias, eps)  # (B, C)

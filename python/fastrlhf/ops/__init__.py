@@ -4,10 +4,11 @@ pure-PyTorch twins the tests and benchmarks compare against."""
 
 from fastrlhf.ops.attention import causal_attention
 from fastrlhf.ops.gae import gae
+from fastrlhf.ops.gelu import gelu
 from fastrlhf.ops.linear import linear, rows_linear
 from fastrlhf.ops.linear_ce import linear_cross_entropy
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.ops.ppo_loss import ppo_loss
 from fastrlhf.ops.sample import sample
 
-__all__ = ["causal_attention", "gae", "linear", "linear_cross_entropy", "ppo_loss", "rows_linear", "sample", "token_logprobs"]
+__all__ = ["causal_attention", "gae", "gelu", "linear", "linear_cross_entropy", "ppo_loss", "rows_linear", "sample", "token_logprobs"]

@@ -3,6 +3,8 @@ and the public ops fall back to them when the extension is absent. Written for c
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +36,20 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
 def _math_dtype(t: Tensor) -> torch.dtype:
     """float64 stays float64; every other float type is computed in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GPT-2's "gelu_new", F.gelu(x, approximate="tanh"): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    Written as x sigmoid(2u), which equals it and keeps the negative tail's relative accuracy (1 + tanh(u)
+    cancels). |x| is clamped at 30 inside, which changes nothing for finite x (sigmoid(2u) is exactly 0 or
+    1 there, even in float64) and makes -inf give the limit 0 instead of -inf * 0 = NaN. Math in float32
+    (float64 for float64), result in x's dtype.
+    """
+    xm = x.to(_math_dtype(x))
+    xc = xm.clamp(-30.0, 30.0)
+    z = 2 * math.sqrt(2 / math.pi) * (xc + 0.044715 * xc**3)  # 2u
+    return (xm.clamp(min=-30.0) * torch.sigmoid(z)).to(x.dtype)
 
 
 def attention_mask(Tq: int, Tk: int, segment_ids: Tensor | None, device: torch.device) -> Tensor:
