@@ -52,6 +52,26 @@ def test_leading_dims_and_upstream_gradient_scale():
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-14)
 
 
+def test_unit_seed_fast_path_survives_retain_graph_and_tied_weights():
+    # loss.backward() returns the saved gradients unscaled; a second backward through the same graph and
+    # a tied embedding (whose gradient autograd adds to the head's) must still see them intact
+    h, w, t = make(10, 4, 7)
+    idx = torch.randint(0, 7, (10,))
+    def run(fn):  # (V, C) weight used as embedding and head, like GPT's wte
+        wt = w.clone().requires_grad_()
+        loss = fn(F.embedding(idx, wt) + h, wt, t)
+        grads = []
+        for scale in (1.0, 1.0, 3.0):
+            (loss if scale == 1.0 else scale * loss).backward(retain_graph=True)
+            grads.append(wt.grad)
+            wt.grad = None
+        return grads
+    got, want = run(linear_cross_entropy), run(reference.linear_cross_entropy)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], got[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], 3.0 * got[0], rtol=1e-12, atol=1e-14)
+
+
 def test_gradcheck():
     h, w, t = make(6, 4, 7, ignored=(2,))
     h, w = h.requires_grad_(), w.requires_grad_()

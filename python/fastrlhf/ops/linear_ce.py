@@ -103,12 +103,20 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     ctx.need_grads = inputs[4]
     ctx.save_for_backward(d_h, d_w)
     ctx.mark_non_differentiable(d_h, d_w)
+    ctx.set_materialize_grads(False)  # else autograd fills (N, C) and (V, C) zeros for the unused outputs
 
 
 def _backward(ctx, grad_loss, _grad_dh, _grad_dw):  # type: ignore[no-untyped-def]
     if not ctx.need_grads:
         raise RuntimeError("linear_cross_entropy was called with need_grads=False; it has no gradient")
+    if grad_loss is None:
+        return None, None, None, None, None, None
     d_h, d_w = ctx.saved_tensors
+    eager = type(grad_loss) is Tensor and not torch.compiler.is_compiling()  # not fake/functional/traced
+    if eager and grad_loss.item() == 1.0:
+        # loss.backward() seeds 1: skip a pass over (V, C). Returning the saved tensors is safe: autograd
+        # only adds into a gradient in place when nothing else holds it (not with retain_graph)
+        return d_h, d_w, None, None, None, None
     return grad_loss * d_h, grad_loss * d_w, None, None, None, None
 
 
