@@ -186,7 +186,10 @@ TASK_DEFAULTS: dict[str, list[str]] = {
                    # that SFT model is sure of itself: at K = 4 and temperature 1 91% of held-out pairs tie
                    # (RM accuracy 0.51); K = 8 at temperature 2 on 8192 prompts leaves 57% untied (RM 0.78)
                    "label.k=8", "label.temperature=2.0", "label.train_prompts=8192", "label.heldout_prompts=512",
-                   "rm.train.max_steps=600", "eval.prompts=512", "label.max_new_tokens=6", "ppo.ppo.max_new_tokens=6", "ppo.ppo.kl_target=1.0"],
+                   "rm.train.max_steps=600", "eval.prompts=512", "label.max_new_tokens=6", "ppo.ppo.max_new_tokens=6",
+                   # the RM (0.82) prefers some near misses (+1, +10) to the right sum and PPO finds them: on the
+                   # same SFT model and RM, held-out accuracy fell 14.5 points at a KL target of 1, 2.1 at 0.2
+                   "ppo.ppo.kl_target=0.2"],
 }
 
 
