@@ -51,7 +51,8 @@ def rankings_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(sft_run, rankings_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm_full")
-    extra = ["train.max_steps=12", "train.ckpt_interval=6", "train.eval_interval=6"]
+    val = write_ranking_file(out / "val.jsonl", arithmetic_rankings(9, seed=7, ks=(4, 2, 3)))  # every K
+    extra = ["train.max_steps=12", "train.ckpt_interval=6", "train.eval_interval=6", f"data.val={val}"]
     last = train_rm(rm_config(sft_run, rankings_file, out, *extra), quiet=True)
     return out, extra, last
 
@@ -85,7 +86,7 @@ def test_kwise_loss_is_the_mean_of_the_explicit_pair_losses():
 def test_loss_falls_every_parameter_changes_and_metrics(full_run, sft_run):
     out, _, last = full_run
     log = read_jsonl(out / "log.jsonl")
-    assert log[0]["step"] == 0 and log[0]["dropped"] == 0 and log[0]["train_rankings"] + log[0]["val_rankings"] == 80
+    assert log[0]["step"] == 0 and log[0]["dropped"] == 0 and (log[0]["train_rankings"], log[0]["val_rankings"]) == (80, 9)
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -219,7 +220,9 @@ def test_score_batch_shared_equals_plain_with_gradients(sft_run, rankings_file):
     every parameter's gradient equal the plain forward's (float64)."""
     gpt, tok = ckpt.load_gpt(ckpt.resolve_checkpoint(sft_run))
     rm = ScalarHeadModel.from_gpt(gpt).double()
-    enc = encode_rankings(tok, read_rankings(rankings_file)[:9], gpt.config.block_size, "drop")[0]
+    # one-digit prompts may all tokenise to one length: two-digit ones make the shared prefixes differ
+    longer = [Ranking("What is 12+30?", ["42", "43", "52"], [0, 1, 2]), Ranking("What is 45+45?", ["90", "80"], [0, 1])]
+    enc = encode_rankings(tok, read_rankings(rankings_file)[:7] + longer, gpt.config.block_size, "drop")[0]
     assert {len(s) for s, _ in enc} == {2, 3, 4} and len({common_prefix(s) for s, _ in enc}) > 1
     out = []
     for share in (True, False):
