@@ -53,9 +53,12 @@ def test_every_stage_runs_and_the_report_has_goals_tables_samples_and_plots(fini
     for heading in ("## Goals", "## Stages", "## Plots", "## Evaluation on held-out prompts", "## Samples"):
         assert heading in text
     assert "mean VADER compound beats SFT's by >= 0.3" in text and "pairwise accuracy >= 0.75" in text
-    for name in ("losses", "rm_accuracy", "reward", "kl", "entropy"):
+    for name in ("losses", "rm_accuracy", "reward", "kl", "entropy", "true_score"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}.png" in text
+    ppo_log = [json.loads(line) for line in (out / "ppo" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in ppo_log if "score_mean" in r]  # every step logs the rollouts' VADER mean too
+    assert steps and all(-1.0 <= r["true_score"] <= 1.0 for r in steps) and "| true_score |" in text
     rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["sft"]["kl"] == pytest.approx(0.0, abs=1e-4) for r in rows)
     assert all(-1.0 <= r[w]["score"] <= 1.0 for r in rows for w in ("sft", "ppo"))

@@ -59,6 +59,26 @@ def make_trainer(*extra, reward=None, value=None, **kw):
     return PPOTrainer(cfg, policy, ref, reward, prompts(), value_model=value, eos_token_id=EOS, quiet=True, **kw)
 
 
+def test_true_score_is_logged_never_trained_on():
+    seen = []
+
+    def truth(prompts, responses):  # (ids, ids) of this step's rollouts; the mask keeps up to EOS
+        seen.append((prompts, responses))
+        return [float(len(r)) for r in responses]
+
+    def timing(key):
+        return key.startswith("time") or key == "tokens_per_s"
+
+    plain, checked = make_trainer(), make_trainer(true_score=truth)
+    a, b = plain.step(), checked.step()
+    (ps, rs), = seen
+    assert len(ps) == len(rs) == checked.cfg.ppo.rollout_batch and all(1 <= len(r) <= 8 for r in rs)
+    assert b["true_score"] == pytest.approx(sum(map(len, rs)) / len(rs))
+    assert b["true_score"] == pytest.approx(b["response_length"])  # lengths include the EOS, like the mask
+    assert "true_score" not in a and {k: v for k, v in b.items() if k != "true_score" and not timing(k)} \
+        == {k: v for k, v in a.items() if not timing(k)}
+
+
 def snapshot(module):
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 

@@ -113,8 +113,9 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, policy: GPT, ref: GPT, reward: ScalarHeadModel | RewardFn,
                  prompts: Sequence[Sequence[int]], *, value_model: ScalarHeadModel | None = None,
                  eos_token_id: int | None = None, tokenizer: Any = None, reward_tokenizer: Any = None,
-                 ptx_tokens: np.ndarray | None = None, quiet: bool = False):
+                 ptx_tokens: np.ndarray | None = None, quiet: bool = False, true_score: RewardFn | None = None):
         self.cfg, p = cfg, cfg.ppo
+        self.true_score = true_score  # e.g. a task's checker: logged to show reward hacking, never trained on
         self.prompts = [list(map(int, x)) for x in prompts]
         if not self.prompts:
             raise ValueError("prompts must hold at least one prompt; got none")
@@ -339,7 +340,8 @@ class PPOTrainer:
         if dist.active():  # a stream per rank and step: ranks sample differently, a resume repeats them
             for name in ("sample", "ptx"):
                 self.gens[name].manual_seed(dist.stream_seed(self.cfg.train.seed, name, self.step_count))
-        ro = self.rollout(self._next_prompts()[dist.shard(p.rollout_batch)])
+        prompts = self._next_prompts()[dist.shard(p.rollout_batch)]
+        ro = self.rollout(prompts)
         t_gen, t_score = self._t_gen, time.perf_counter()
         kl_coef, mask = self.kl_ctl.value, ro.mask
         seq_kl = ro.kl.sum(dim=1)  # (B,)
@@ -347,6 +349,9 @@ class PPOTrainer:
         m = {"score_mean": ro.score.mean().item(), "score_std": ro.score.std().item() if len(ro.score) > 1 else 0.0,
              "kl": seq_kl.mean().item(), "kl_coef": kl_coef, "non_score_reward": non_score.mean().item(),
              "rlhf_reward": (ro.score + non_score).mean().item()}
+        if self.true_score is not None:
+            responses = [[t for t, k in zip(r, mk) if k] for r, mk in zip(ro.responses.tolist(), ro.mask.tolist())]
+            m["true_score"] = float(np.mean(self.true_score(prompts, responses)))
         finite = bool(torch.isfinite(ro.advantages).all())
         if dist.active():  # the ranks hold equal shares: means of their means are global means
             everyone = torch.ones_like(ro.score, dtype=torch.bool)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,17 +29,24 @@ def _need(path: str, field: str, command: str) -> str:
     return path
 
 
-def read_prompts(path: str, tokenizer: Any, chat: bool) -> list[list[int]]:
-    from fastrlhf.data import encode_prompt
-
+def prompt_lines(path: str) -> list[str]:
+    """The prompts of a prompts file, one a line ("\\n" for a newline inside one)."""
     lines = [line.replace("\\n", "\n") for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"train.prompts = {path} holds no prompts")
-    return [encode_prompt(tokenizer, x) if chat else tokenizer.encode(x) for x in lines]
+    return lines
 
 
-def build_trainer(cfg: PPOConfig, quiet: bool = False) -> PPOTrainer:
-    """Load the four models, the prompts and the PPO-ptx tokens that cfg names; returns the trainer."""
+def read_prompts(path: str, tokenizer: Any, chat: bool) -> list[list[int]]:
+    from fastrlhf.data import encode_prompt
+
+    return [encode_prompt(tokenizer, x) if chat else tokenizer.encode(x) for x in prompt_lines(path)]
+
+
+def build_trainer(cfg: PPOConfig, quiet: bool = False,
+                  true_score: Callable[[str, str], float] | None = None) -> PPOTrainer:
+    """Load the four models, the prompts and the PPO-ptx tokens that cfg names; returns the trainer.
+    true_score(prompt, response), e.g. a task's checker, is logged per step as `true_score` (never trained on)."""
     from fastrlhf.data import TokenFile
     from fastrlhf.train.checkpoint import load_gpt
 
@@ -62,8 +70,17 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False) -> PPOTrainer:
         ptx = TokenFile(_need(t.ptx_data, "train.ptx_data", "python -m fastrlhf data")).tokens
     torch.manual_seed(t.seed)
     models = [x.to(device) if x is not None else None for x in (policy, ref, reward, value)]
+    truth = None
+    if true_score is not None:  # the trainer hands over ids: map them back to the file's text
+        from fastrlhf.data import decode_response
+
+        text = {tuple(ids): line for ids, line in zip(prompts, prompt_lines(t.prompts))}
+
+        def truth(ps: list[list[int]], rs: list[list[int]]) -> list[float]:
+            return [true_score(text[tuple(p)], decode_response(tok, r)) for p, r in zip(ps, rs)]
+
     return PPOTrainer(cfg, models[0], models[1], models[2], prompts, value_model=models[3], eos_token_id=tok.eot_id,
-                      tokenizer=tok, reward_tokenizer=reward_tok, ptx_tokens=ptx, quiet=quiet)
+                      tokenizer=tok, reward_tokenizer=reward_tok, ptx_tokens=ptx, quiet=quiet, true_score=truth)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -119,12 +119,15 @@ def write_report(run: Any) -> Path:
               ("kl_target", cfg.ppo.ppo.kl_target) if cfg.ppo.ppo.adaptive_kl else None),
         _plot(out, "entropy", "PPO: policy entropy (nats per token)", {"entropy": _rows(logs["ppo"], "entropy")},
               "PPO step"),
+        _plot(out, "true_score", "PPO: the labeler's score of the rollouts (never trained on)",
+              {"true_score": _rows(logs["ppo"], "true_score")}, "PPO step"),
     ]
     md += ["## Plots", ""] + [p + "\n" for p in plots if p]
     if logs["ppo"].is_file():
         last = read_jsonl(logs["ppo"])[-10:]
         keys = ("score_mean", "rlhf_reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "explained_variance",
                 "response_length", "eos_frac", "time_generate", "time_score", "time_train")
+        keys = ("true_score", *keys) if any("true_score" in r for r in last) else keys
         md += ["## PPO, mean of the last 10 logged steps", "", "| " + " | ".join(keys) + " |",
                "|" + " --- |" * len(keys),
                "| " + " | ".join(_fmt(sum(r.get(k) or 0.0 for r in last) / len(last)) for k in keys) + " |", ""]

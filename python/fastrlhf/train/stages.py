@@ -131,6 +131,7 @@ def stage_rm(run: Run, quiet: bool) -> dict[str, Any]:
 
 
 def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
+    from fastrlhf.train.evaluate import true_scorer
     from fastrlhf.train.ppo_cli import build_trainer
 
     cfg = copy.deepcopy(run.cfg.ppo)
@@ -140,10 +141,12 @@ def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
     cfg.models.policy, cfg.models.reward = str(run.dir("sft")), str(run.dir("rm"))
     cfg.train.prompts, cfg.train.out_dir = str(prompts), str(run.dir("ppo"))
     cfg.train.ptx_data = str(run.dir("data") / "train.bin") if cfg.ppo.ptx_coef > 0 else ""
-    history = build_trainer(cfg, quiet=quiet).train()
+    # the evaluation's true score (VADER, or 1/0 for a sum) of every rollout: logged, to see reward hacking
+    history = build_trainer(cfg, quiet=quiet, true_score=true_scorer(run.cfg.run.task)).train()
     tail = history[-10:]
+    keys = ("true_score", "score_mean", "kl", "kl_coef", "entropy")
     return {"steps": _last(run.dir("ppo") / "log.jsonl", "step"),
-            **{k: sum(m[k] for m in tail) / len(tail) for k in ("score_mean", "kl", "kl_coef", "entropy")}} if tail else {}
+            **{k: sum(m[k] for m in tail) / len(tail) for k in keys}} if tail else {}
 
 
 @torch.no_grad()
