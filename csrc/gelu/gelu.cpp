@@ -64,21 +64,9 @@ inline __m256 z2_8(__m256 xc) {
                                            _mm256_set1_ps(float(kC0 * kLog2e))));
 }
 
-// 2^w as simd::exp2 (same reduction and polynomial) but clamped to [-127, 128]: 2^128 gives +inf,
-// which the forward wants (x / inf = -0 in the far negative tail).
-inline __m256 exp2_to_inf(__m256 w) {
-  w = _mm256_min_ps(_mm256_set1_ps(128.0f), _mm256_max_ps(_mm256_set1_ps(simd::kExp2Lo), w));
-  const __m256 magic = _mm256_set1_ps(simd::kExp2Magic);
-  const __m256 t = _mm256_add_ps(w, magic);
-  const __m256 f = _mm256_sub_ps(w, _mm256_sub_ps(t, magic));
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(simd::kP6), f, _mm256_set1_ps(simd::kP5));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(simd::kP4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(simd::kP3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(simd::kP2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(simd::kP1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
-}
+// simd::exp2 with w also clamped above at 128, where its exponent trick gives +inf: the forward wants
+// that (x / inf = -0 in the far negative tail). min(128, NaN) is NaN.
+inline __m256 exp2_to_inf(__m256 w) { return simd::exp2(_mm256_min_ps(_mm256_set1_ps(128.0f), w)); }
 
 // y = x / (1 + exp(-z)): no select between the tails and one rounding division (~1 ulp); exp(-z) is
 // +inf for x <= -L, where max(x, -L) / inf = -0 (also for x = -inf).

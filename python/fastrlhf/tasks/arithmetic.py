@@ -4,8 +4,9 @@ The problem space (every operator x every pair of operands with the allowed digi
 0..N-1 and permuted by a fixed pseudo-random bijection (a Feistel network with cycle walking); every
 HELDOUT_EVERY-th position of that permutation is held out. (An affine map p -> p * m + c mod N is no good
 here: it keeps p mod gcd(10, N) as a fixed residue of the index, so a held-out set of every tenth position
-shared the second operand's last digit, a slice of problems that training never saw.) The split depends on the space alone, never on a seed, so train and held-out never overlap
-whatever seeds draw from them, and sampling without replacement is O(n) even when N is in the millions.
+shared the second operand's last digit, a slice of problems that training never saw.) The split depends
+on the space alone, never on a seed, so train and held-out never overlap whatever seeds draw from them, and
+sampling without replacement is O(n) even when N is in the millions.
 """
 
 from __future__ import annotations

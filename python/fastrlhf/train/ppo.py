@@ -92,6 +92,11 @@ class Rollout:
     returns: Tensor
 
 
+def masked_responses(ro: Rollout) -> list[list[int]]:
+    """Each episode's response ids up to and including EOS (what a reward function or scorer reads)."""
+    return [[t for t, k in zip(r, mk) if k] for r, mk in zip(ro.responses.tolist(), ro.mask.tolist())]
+
+
 def response_hidden(gpt: GPT, ro: Rollout, rows: Tensor | slice = slice(None)) -> Tensor:
     """(b, Tr, C): the trunk's hidden state at the positions that predict each response token. Only the
     last Tr + 1 positions are read, so the last block skips the prompt's rows (GPT.hidden's tail)."""
@@ -194,8 +199,7 @@ class PPOTrainer:
             h = self.reward.trunk.hidden(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids, tail=tail)
             values = self.reward.head(h).squeeze(-1)  # (B, tail): positions T - tail .. T - 1
             return values.gather(1, (index - (T - tail))[:, None]).squeeze(1).float()
-        responses = [[t for t, m in zip(r, mk) if m] for r, mk in zip(gen.responses.tolist(), ro.mask.tolist())]
-        scores = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float32, device=self.device)
+        scores = torch.as_tensor(self.reward(prompts, masked_responses(ro)), dtype=torch.float32, device=self.device)
         if scores.shape != (len(prompts),):
             raise ValueError(f"reward_fn must return {len(prompts)} scores; got shape {tuple(scores.shape)}")
         return scores
@@ -350,8 +354,7 @@ class PPOTrainer:
              "kl": seq_kl.mean().item(), "kl_coef": kl_coef, "non_score_reward": non_score.mean().item(),
              "rlhf_reward": (ro.score + non_score).mean().item()}
         if self.true_score is not None:
-            responses = [[t for t, k in zip(r, mk) if k] for r, mk in zip(ro.responses.tolist(), ro.mask.tolist())]
-            m["true_score"] = float(np.mean(self.true_score(prompts, responses)))
+            m["true_score"] = float(np.mean(self.true_score(prompts, masked_responses(ro))))
         finite = bool(torch.isfinite(ro.advantages).all())
         if dist.active():  # the ranks hold equal shares: means of their means are global means
             everyone = torch.ones_like(ro.score, dtype=torch.bool)

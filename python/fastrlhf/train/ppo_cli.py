@@ -8,8 +8,8 @@ by default, the value model's start); [train] prompts is a text file with one pr
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ def _need(path: str, field: str, command: str) -> str:
     return path
 
 
-def prompt_lines(path: str) -> list[str]:
+def read_prompts(path: str) -> list[str]:
     """The prompts of a prompts file, one a line ("\\n" for a newline inside one)."""
     lines = [line.replace("\\n", "\n") for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
@@ -37,17 +37,11 @@ def prompt_lines(path: str) -> list[str]:
     return lines
 
 
-def read_prompts(path: str, tokenizer: Any, chat: bool) -> list[list[int]]:
-    from fastrlhf.data import encode_prompt
-
-    return [encode_prompt(tokenizer, x) if chat else tokenizer.encode(x) for x in prompt_lines(path)]
-
-
 def build_trainer(cfg: PPOConfig, quiet: bool = False,
                   true_score: Callable[[str, str], float] | None = None) -> PPOTrainer:
     """Load the four models, the prompts and the PPO-ptx tokens that cfg names; returns the trainer.
     true_score(prompt, response), e.g. a task's checker, is logged per step as `true_score` (never trained on)."""
-    from fastrlhf.data import TokenFile
+    from fastrlhf.data import TokenFile, decode_response, encode_prompt
     from fastrlhf.train.checkpoint import load_gpt
 
     from fastrlhf.train import dist
@@ -64,7 +58,8 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False,
         value = load_reward_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0] if m.value else None
     if reward_tok is None:
         raise ValueError(f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's")
-    prompts = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"), tok, t.chat)
+    lines = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"))
+    prompts = [encode_prompt(tok, x) if t.chat else tok.encode(x) for x in lines]
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         ptx = TokenFile(_need(t.ptx_data, "train.ptx_data", "python -m fastrlhf data")).tokens
@@ -72,9 +67,7 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False,
     models = [x.to(device) if x is not None else None for x in (policy, ref, reward, value)]
     truth = None
     if true_score is not None:  # the trainer hands over ids: map them back to the file's text
-        from fastrlhf.data import decode_response
-
-        text = {tuple(ids): line for ids, line in zip(prompts, prompt_lines(t.prompts))}
+        text = {tuple(ids): line for ids, line in zip(prompts, lines)}
 
         def truth(ps: list[list[int]], rs: list[list[int]]) -> list[float]:
             return [true_score(text[tuple(p)], decode_response(tok, r)) for p, r in zip(ps, rs)]

@@ -119,7 +119,7 @@ def write_report(run: Any) -> Path:
               ("kl_target", cfg.ppo.ppo.kl_target) if cfg.ppo.ppo.adaptive_kl else None),
         _plot(out, "entropy", "PPO: policy entropy (nats per token)", {"entropy": _rows(logs["ppo"], "entropy")},
               "PPO step"),
-        _plot(out, "true_score", "PPO: the labeler's score of the rollouts (never trained on)",
+        _plot(out, "true_score", "PPO: true score of the rollouts (never trained on)",
               {"true_score": _rows(logs["ppo"], "true_score")}, "PPO step"),
     ]
     md += ["## Plots", ""] + [p + "\n" for p in plots if p]

@@ -149,6 +149,13 @@ def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
             **{k: sum(m[k] for m in tail) / len(tail) for k in keys}} if tail else {}
 
 
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n))."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+    return mean, std / math.sqrt(len(values))
+
+
 @torch.no_grad()
 def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
     """The SFT and the PPO model answer the same held-out prompts with the same sampling seed; each answer
@@ -164,15 +171,9 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
     metrics = {}
     for who in ("sft", "ppo"):
         for key in ("score", "reward", "kl", "length"):
-            values = [r[who][key] for r in rows]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
-            metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = mean, std / math.sqrt(len(values))
+            metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = _mean_sem([r[who][key] for r in rows])
     # the same prompts and sampling seed for both models: the per-prompt differences give a paired error
-    diffs = [r["ppo"]["score"] - r["sft"]["score"] for r in rows]
-    gain = sum(diffs) / len(diffs)
-    spread = math.sqrt(sum((d - gain) ** 2 for d in diffs) / max(len(diffs) - 1, 1))
-    metrics["gain"], metrics["gain_sem"] = gain, spread / math.sqrt(len(diffs))
+    metrics["gain"], metrics["gain_sem"] = _mean_sem([r["ppo"]["score"] - r["sft"]["score"] for r in rows])
     (run.dir("eval") / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return {"prompts": len(rows), "sft_score": metrics["sft_score"], "ppo_score": metrics["ppo_score"],
             "ppo_kl": metrics["ppo_kl"]}
