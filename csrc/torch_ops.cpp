@@ -129,7 +129,7 @@ void run_on_cuda(const Tensor& t, const F& f) {
   const int32_t dev = t.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(dev);
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &stream));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &stream));
   f(static_cast<cudaStream_t>(stream));
 }
 #define FR_CUDA_CALL(t, ...) run_on_cuda(t, [&](cudaStream_t stream) { __VA_ARGS__; })
