@@ -88,13 +88,49 @@ def eager_logprobs_fwd_bwd(x: torch.Tensor, t: torch.Tensor) -> None:
     logp = torch.log_softmax(x.float(), dim=-1)  # (N, V) fp32, as most trainers do
     lp = logp.gather(-1, t[:, None]).squeeze(-1)
     ent = -(logp.exp() * logp).sum(-1)
-    (lp.sum() + ent.sum()).backward()
+    torch.autograd.grad(lp.sum() + ent.sum(), x)  # the gradient alone: no accumulation into x.grad
+
+
+def graph_ms(fn, reps: int, calls: int = 20) -> float:
+    """Median device ms per fn() from replays of a CUDA graph of `calls` calls: no host overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the graph (allocator, module load)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return cuda_ms(g.replay, reps) / calls
+
+
+def kernels_launched(fn, name: str) -> int:
+    """How many CUDA kernels whose name holds `name` fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and name in e.name)
+
+
+BASE_KEYS = {"op", "shape", "baseline", "base_ms", "ours_ms", "ratio", "goal"}
+
+
+def extras(r: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in r.items() if k not in BASE_KEYS)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and reps")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument(
+        "--only", default="", help="comma list of gae,ppo_loss,token_logprobs,sample,attention,decode"
+    )
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench_cuda needs a CUDA device"
     ensure_built()
@@ -105,6 +141,10 @@ def main() -> None:
     reps = 3 if args.quick else args.reps
     torch.manual_seed(0)
     rows: list[dict] = []
+    only = set(filter(None, args.only.split(",")))
+
+    def want(op: str) -> bool:
+        return not only or op in only
 
     def row(op, shape, baseline, base_ms, ours_ms, goal="", **extra):
         rows.append(
@@ -155,7 +195,7 @@ def main() -> None:
     print(f"d2d copy: {hbm:.0f} GB/s", flush=True)
 
     # ---- gae, ppo_loss ------------------------------------------------------------------------------------
-    for B, T in ((64, 512), (8, 4096)):
+    for B, T in ((64, 512), (8, 4096)) if want("gae") else ():
         r, v = torch.randn(B, T, device=dev), torch.randn(B, T, device=dev)
         m = torch.rand(B, T, device=dev) > 0.1
         row(
@@ -165,48 +205,54 @@ def main() -> None:
             cuda_ms(lambda: reference.gae(r, v, m), reps),
             cuda_ms(lambda: gae(r, v, m), reps),
             "one launch; <= 10 us at (64, 512)",
+            graph_us=round(1e3 * graph_ms(lambda: gae(r, v, m), reps), 2),  # device time per call
+            kernels=kernels_launched(lambda: gae(r, v, m), "gae"),
         )
-    xs = [torch.randn(64, 512, device=dev, requires_grad=i in (0, 3)) for i in range(6)]
-    m = torch.rand(64, 512, device=dev) > 0.2
+    if want("ppo_loss"):
+        xs = [torch.randn(64, 512, device=dev, requires_grad=i in (0, 3)) for i in range(6)]
+        m = torch.rand(64, 512, device=dev) > 0.2
 
-    def ppo_step(fn):
-        loss, _ = fn(*xs, m)
-        loss.backward()
+        def ppo_step(fn):
+            loss, _ = fn(*xs, m)
+            loss.backward()
 
-    row(
-        "ppo_loss fwd+bwd",
-        "(64, 512) fp32",
-        "eager reference",
-        cuda_ms(lambda: ppo_step(reference.ppo_loss), reps),
-        cuda_ms(lambda: ppo_step(ppo_loss), reps),
-        "one kernel each way",
-    )
+        row(
+            "ppo_loss fwd+bwd",
+            "(64, 512) fp32",
+            "eager reference",
+            cuda_ms(lambda: ppo_step(reference.ppo_loss), reps),
+            cuda_ms(lambda: ppo_step(ppo_loss), reps),
+            "one kernel each way",
+            kernels_fwd=kernels_launched(lambda: ppo_loss(*xs, m), "ppo"),
+            kernels_fwd_bwd=kernels_launched(lambda: ppo_step(ppo_loss), "ppo"),
+        )
 
     # ---- token_logprobs -----------------------------------------------------------------------------------
-    N, V = (2048, 50304) if args.quick else (8192, 50304)
-    x = torch.randn(N, V, device=dev, dtype=bf)
-    t = torch.randint(0, V, (N,), device=dev)
-    xg = x.detach().requires_grad_()
+    if want("token_logprobs"):
+        N, V = (2048, 50304) if args.quick else (8192, 50304)
+        x = torch.randn(N, V, device=dev, dtype=bf)
+        t = torch.randint(0, V, (N,), device=dev)
+        xg = x.detach().requires_grad_()
 
-    def ours_lp():
-        lp, ent = token_logprobs(xg, t, return_entropy=True)
-        torch.autograd.backward([lp, ent], [torch.ones_like(lp), torch.ones_like(ent)])
+        def ours_lp():
+            lp, ent = token_logprobs(xg, t, return_entropy=True)
+            torch.autograd.grad([lp, ent], xg, [torch.ones_like(lp), torch.ones_like(ent)])  # no accumulation
 
-    ours = cuda_ms(ours_lp, reps)
-    gbs = 3 * x.numel() * x.element_size() / ours / 1e6  # two reads and one write of the logits
-    row(
-        "token_logprobs+ent f+b",
-        f"({N}, {V}) bf16",
-        "eager log_softmax",
-        cuda_ms(lambda: eager_logprobs_fwd_bwd(x, t), reps),
-        ours,
-        ">= 70% HBM, >= 3x eager",
-        GBs=round(gbs),
-        hbm_frac=round(gbs / hbm, 3),
-    )
+        ours = cuda_ms(ours_lp, reps)
+        gbs = 3 * x.numel() * x.element_size() / ours / 1e6  # two reads and one write of the logits
+        row(
+            "token_logprobs+ent f+b",
+            f"({N}, {V}) bf16",
+            "eager log_softmax",
+            cuda_ms(lambda: eager_logprobs_fwd_bwd(x, t), reps),
+            ours,
+            ">= 70% HBM, >= 3x eager",
+            GBs=round(gbs),
+            hbm_frac=round(gbs / hbm, 3),
+        )
 
     # ---- sample -------------------------------------------------------------------------------------------
-    for B, V in ((64, 50304), (256, 128256)):
+    for B, V in ((64, 50304), (256, 128256)) if want("sample") else ():
         x = torch.randn(B, V, device=dev, dtype=bf) * 3
         row(
             "sample top-k50 top-p.9",
@@ -242,7 +288,7 @@ def main() -> None:
         return run
 
     Ts = (512, 2048) if args.quick else (512, 1024, 2048, 4096, 8192)
-    for D in (64, 128):
+    for D in (64, 128) if want("attention") else ():
         for T in Ts:
             B, H = 16384 // T, 2048 // D
             q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=bf, requires_grad=True) for _ in range(3))
@@ -277,7 +323,7 @@ def main() -> None:
                     ours_tflops=round(3.5 * flops / ours_b / 1e9, 1),
                     base_tflops=round(3.5 * flops / base_b / 1e9, 1),
                 )
-    for Tk in (1024, 4096, 8192):
+    for Tk in (1024, 4096, 8192) if want("decode") else ():
         B, H, D = 64, 16, 128
         q = torch.randn(B, H, 1, D, device=dev, dtype=bf)
         k, v = (torch.randn(B, H, Tk, D, device=dev, dtype=bf) for _ in range(2))
@@ -311,7 +357,7 @@ def main() -> None:
     for r_ in rows:
         print(
             f"{r_['op']:<24} {r_['shape']:<26} {r_['baseline']:<16} {r_['base_ms']:>9.3f} {r_['ours_ms']:>9.3f} "
-            f"{r_['ratio']:>6.2f}x  {r_['goal']}"
+            f"{r_['ratio']:>6.2f}x  {r_['goal']}  {extras(r_)}"
         )
 
 

@@ -288,7 +288,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Ten
   Tensor lse = torch::stable::new_empty(logits, lead, acc);
   Tensor mean_scaled = torch::stable::new_empty(logits, ent_shape, acc);
   const int64_t V = logits.size(logits.dim() - 1);
-  int64_t bad_row = -1;
+  int64_t bad_row = -1, bad_target = 0;
   fr::TokenLogprobsFwdParams p{dtype,
                                logits.const_data_ptr(),
                                offsets.data(),
@@ -306,11 +306,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Ten
       const fr::RowLayout layout = cuda_rows(logits);
       p.logits = logits.const_data_ptr();  // cuda_rows may have made a contiguous copy
       Tensor scratch = torch::stable::new_empty(logits, {1}, ScalarType::Long);
-      bad_row = fr::token_logprobs_fwd_cuda(p, layout, static_cast<int64_t*>(scratch.mutable_data_ptr()), stream);
+      bad_row = fr::token_logprobs_fwd_cuda(p, layout, static_cast<int64_t*>(scratch.mutable_data_ptr()),
+                                            &bad_target, stream);
     });
-    if (bad_row >= 0) targets = to_cpu(targets);  // to name the bad value below
   } else {
     fr::token_logprobs_fwd_cpu(p);
+    if (bad_row >= 0) bad_target = static_cast<const int64_t*>(targets.const_data_ptr())[bad_row];
   }
   if (bad_row >= 0) {  // name the value and its position in targets
     std::vector<int64_t> pos(lead.size());
@@ -318,8 +319,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Ten
       pos[size_t(d)] = r % lead[size_t(d)];
       r /= lead[size_t(d)];
     }
-    FR_CHECK(false, "targets must be in [0, V) = [0, ", V, "); got ",
-             static_cast<const int64_t*>(targets.const_data_ptr())[bad_row], " at position ", shape_str(pos));
+    FR_CHECK(false, "targets must be in [0, V) = [0, ", V, "); got ", bad_target, " at position ", shape_str(pos));
   }
   return {logprobs, entropy, lse, mean_scaled};
 }

@@ -29,9 +29,10 @@ void ppo_loss_cuda(const PpoLossParams& p, cudaStream_t stream);
 void ppo_loss_scale_cuda(const PpoLossScaleParams& p, const void* grad_loss, cudaStream_t stream);
 
 // p.row_offset and p.bad_row are unused (layout gives the rows); bad_row_dev is a (1,) int64 device
-// scratch. Returns the first row whose target is outside [0, V), or -1 (this syncs the stream).
+// scratch. Returns the first row whose target is outside [0, V), or -1, and then that target in
+// *bad_target (host). This syncs the stream.
 int64_t token_logprobs_fwd_cuda(const TokenLogprobsFwdParams& p, const RowLayout& layout, int64_t* bad_row_dev,
-                                cudaStream_t stream);
+                                int64_t* bad_target, cudaStream_t stream);
 void token_logprobs_bwd_cuda(const TokenLogprobsBwdParams& p, const RowLayout& layout, cudaStream_t stream);
 
 // p.status is a (B,) device buffer; status_host (B,) receives it (this syncs the stream). The CUDA

@@ -2,8 +2,8 @@
 //   logprob = y[target] - lse,  entropy = lse - E_p[y],  lse = log sum exp y,
 //   d x_i = (g_lp * (1[i == target] - p_i) - g_H * p_i * (y_i - E_p[y])) / T.
 // The forward reads the row once: each thread keeps an online-softmax state (Milakov & Gimelshein
-// 2018, arXiv 1805.02867) relative to its running max M: s = sum e^(y - M), t = sum e^(y - M)(y - M),
-// and the block merges the states in a fixed order. The backward reads the row once more and writes
+// 2018, arXiv 1805.02867) relative to its running max M: s = sum e^(y - M), t = sum e^(y - M)(y - M)
+// (in log2 units for fp32, see Units), and the block merges the states in a fixed order. The backward reads the row once more and writes
 // d logits once. Rows are read in 16-byte packs (a scalar head and tail around the aligned body).
 #include "common/cuda_ops.h"
 #include "common/cuda_utils.cuh"
@@ -39,7 +39,25 @@ __device__ __forceinline__ void load_pack(const T* x, acc_t<T>* out) {
   for (int k = 0; k < Pack<T>::n; ++k) out[k] = load(e + k);
 }
 
-// Online softmax state: s = sum e^(y - m), t = sum e^(y - m) (y - m); s == 0 means empty.
+// The forward works in units where exp is cheapest: log2 units for fp32 (exp2f is one instruction,
+// expf several, and at 2 bytes a logit the fp32 forward was bound by instructions, not memory), natural
+// units for fp64. Scores are y = x * (inv_t * kScale); results are converted back with kToNat.
+template <class A>
+struct Units;
+template <>
+struct Units<float> {
+  static constexpr float kScale = 1.4426950408889634f, kToNat = 0.6931471805599453f;
+  __device__ static float ex(float d) { return exp2f(d); }
+  __device__ static float lg(float s) { return log2f(s); }
+};
+template <>
+struct Units<double> {
+  static constexpr double kScale = 1.0, kToNat = 1.0;
+  __device__ static double ex(double d) { return exp(d); }
+  __device__ static double lg(double s) { return log(s); }
+};
+
+// Online softmax state in those units: s = sum e^(y - m), t = sum e^(y - m) (y - m); s == 0: empty.
 template <class A>
 struct State {
   A m, s, t;
@@ -49,7 +67,7 @@ template <class A>
 __device__ __forceinline__ State<A> merge(State<A> a, State<A> b) {
   if (b.s == A(0)) return a;
   if (a.s == A(0)) return b;
-  const A M = max(a.m, b.m), ea = exp(a.m - M), eb = exp(b.m - M);
+  const A M = max(a.m, b.m), ea = Units<A>::ex(a.m - M), eb = Units<A>::ex(b.m - M);
   return {M, a.s * ea + b.s * eb, ea * (a.t + (a.m - M) * a.s) + eb * (b.t + (b.m - M) * b.s)};
 }
 
@@ -59,20 +77,21 @@ __device__ __forceinline__ void add(State<A>& st, const A* y) {
   A local = y[0];
 #pragma unroll
   for (int k = 1; k < n; ++k) local = max(local, y[k]);
-  if (local == -INFINITY) return;  // -inf logits carry no mass (and no 0 * inf)
+  if (local == -INFINITY) return;  // -inf logits carry no mass
   if (st.s == A(0)) {
     st = {local, A(0), A(0)};
   } else if (local > st.m) {
-    const A r = exp(st.m - local);
+    const A r = Units<A>::ex(st.m - local);
     st.t = r * (st.t + (st.m - local) * st.s);
     st.s *= r;
     st.m = local;
   }
 #pragma unroll
   for (int k = 0; k < n; ++k) {
-    const A d = y[k] - st.m, e = exp(d);
+    // a -inf logit gives e = 0; clamping d keeps e * d = 0 (not 0 * inf = NaN) without a branch
+    const A d = max(y[k] - st.m, A(-1e30)), e = Units<A>::ex(d);
     st.s += e;
-    if (e > A(0)) st.t += e * d;
+    st.t += e * d;
   }
 }
 
@@ -88,22 +107,22 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(TokenLogprobsFwdParams p,
   __shared__ State<A> s_state[kThreads / 32];
   const int64_t n = blockIdx.x;
   const T* x = row_ptr(static_cast<const T*>(p.logits), L, n);  // (V,)
-  const A inv_t = A(p.inv_temperature);
+  const A inv_t = A(p.inv_temperature), scale = inv_t * Units<A>::kScale;
   const Split<T> sp(x, p.V);
   State<A> st{A(-INFINITY), A(0), A(0)};
   for (int64_t i = threadIdx.x; i < sp.head; i += kThreads) {
-    const A y = load(x + i) * inv_t;
+    const A y = load(x + i) * scale;
     add<A, 1>(st, &y);
   }
   for (int64_t q = threadIdx.x; q < sp.packs; q += kThreads) {
     A y[Pack<T>::n];
     load_pack(x + sp.head + q * Pack<T>::n, y);
 #pragma unroll
-    for (int k = 0; k < Pack<T>::n; ++k) y[k] *= inv_t;
+    for (int k = 0; k < Pack<T>::n; ++k) y[k] *= scale;
     add<A, Pack<T>::n>(st, y);
   }
   for (int64_t i = sp.tail + threadIdx.x; i < p.V; i += kThreads) {
-    const A y = load(x + i) * inv_t;
+    const A y = load(x + i) * scale;
     add<A, 1>(st, &y);
   }
   // merge: warps by shuffles, then warp 0 over the warps' states, in a fixed order
@@ -118,7 +137,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(TokenLogprobsFwdParams p,
   st = s_state[0];
   for (int w = 1; w < kThreads / 32; ++w) st = merge(st, s_state[w]);
   // a row of all -inf has s == 0: lse = -inf and NaN statistics, as log_softmax gives
-  const A log_s = log(st.s), lse = st.m + log_s, tm = st.s > A(0) ? st.t / st.s : A(NAN);
+  const A to_nat = Units<A>::kToNat;
+  const A log_s = Units<A>::lg(st.s), lse = (st.m + log_s) * to_nat, tm = st.s > A(0) ? st.t / st.s : A(NAN);
   const int64_t target = p.targets[n];
   A lp = A(NAN);
   if (target >= 0 && target < p.V) lp = load(x + target) * inv_t - lse;
@@ -126,8 +146,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(TokenLogprobsFwdParams p,
   store(static_cast<T*>(p.logprobs) + n, lp);
   static_cast<A*>(p.lse)[n] = lse;
   if (p.entropy) {
-    store(static_cast<T*>(p.entropy) + n, A(log_s - tm));
-    static_cast<A*>(p.mean_scaled)[n] = st.m + tm;
+    store(static_cast<T*>(p.entropy) + n, A((log_s - tm) * to_nat));
+    static_cast<A*>(p.mean_scaled)[n] = (st.m + tm) * to_nat;
   }
 }
 
@@ -177,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(TokenLogprobsBwdParams p,
 namespace fr {
 
 int64_t token_logprobs_fwd_cuda(const TokenLogprobsFwdParams& p, const RowLayout& layout, int64_t* bad_row_dev,
-                                cudaStream_t stream) {
+                                int64_t* bad_target, cudaStream_t stream) {
   if (p.N == 0) return -1;
   auto* bad = reinterpret_cast<unsigned long long*>(bad_row_dev);
   cuda::check(cudaMemsetAsync(bad, 0xff, sizeof(*bad), stream), "token_logprobs_fwd: memset");  // no bad row
@@ -185,11 +205,14 @@ int64_t token_logprobs_fwd_cuda(const TokenLogprobsFwdParams& p, const RowLayout
     cuda::fwd_kernel<scalar_t><<<unsigned(p.N), cuda::kThreads, 0, stream>>>(p, layout, bad);
   });
   cuda::check_launch("token_logprobs_fwd");
-  unsigned long long host = 0;
-  cuda::check(cudaMemcpyAsync(&host, bad, sizeof(host), cudaMemcpyDeviceToHost, stream),
+  unsigned long long row = 0;
+  cuda::check(cudaMemcpyAsync(&row, bad, sizeof(row), cudaMemcpyDeviceToHost, stream),
               "token_logprobs_fwd: copy back");
+  if (row != ~0ull)  // the offending value, for the error message
+    cuda::check(cudaMemcpyAsync(bad_target, p.targets + row, sizeof(int64_t), cudaMemcpyDeviceToHost, stream),
+                "token_logprobs_fwd: copy back");
   cuda::check(cudaStreamSynchronize(stream), "token_logprobs_fwd: sync");
-  return host == ~0ull ? -1 : int64_t(host);
+  return row == ~0ull ? -1 : int64_t(row);
 }
 
 void token_logprobs_bwd_cuda(const TokenLogprobsBwdParams& p, const RowLayout& layout, cudaStream_t stream) {

@@ -1,7 +1,7 @@
 // PPO's clipped surrogate + clipped value loss on the GPU, to the CPU kernel's contract (ppo_loss.h):
 // the forward writes the loss and the eight statistics and, when asked, the gradients for a unit
-// upstream gradient (a second kernel, launched right after); the backward only scales them by
-// grad_loss, read on the device (no sync). The loss kernels are each a single block of 1024 threads striding over the N = B * T
+// upstream gradient, in one kernel; the backward is one kernel that scales them by grad_loss, read on
+// the device (no sync). The loss kernel is a single block of 1024 threads striding over the N = B * T
 // tokens and reducing in a fixed order (thread partials in double, then a fixed tree), so results
 // are the same run after run: at RLHF sizes (N ~ 32k) one block beats a multi-block reduction that
 // would need a second launch or atomics. Same per-token math as ppo_loss.cpp (ties and clamp edges
@@ -50,8 +50,32 @@ struct Args {
   double clip, clip_v, vf_coef, ent_coef;
 };
 
-template <class T, class M>
-__global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(Args a, T* loss, acc_t<T>* stats) {
+// Per-token gradients of a unit upstream gradient: d loss / d logprobs, d values (and d entropy).
+template <class A>
+struct TokenGrads {
+  A lp, v;
+};
+template <class A>
+__device__ __forceinline__ TokenGrads<A> token_grads(const Token<A>& t, A m, double g_over_n, const Args& a,
+                                                     A lo, A hi) {
+  const A half = A(0.5);
+  const A w_pg = A(m * g_over_n), w_v = A(m * g_over_n * a.vf_coef);
+  // torch.maximum sends half the gradient to each side of a tie; clamp passes it on [lo, hi]
+  const A tie = t.pg1 == t.pg2 ? half : A(0);
+  const A in_r = t.ratio >= lo && t.ratio <= hi ? A(1) : A(0);
+  const A g_lp = w_pg * t.pg1 * (A(t.pg1 > t.pg2) + tie + (A(t.pg2 > t.pg1) + tie) * in_r);
+  const A vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err, vtie = vl1 == vl2 ? half : A(0);
+  // 0.5 d(x^2) = x: the 0.5 of v_loss cancels the 2
+  const A g_v = w_v * ((A(vl1 > vl2) + vtie) * t.v_err + (A(vl2 > vl1) + vtie) * t.vc_err * A(t.v_in));
+  return {g_lp, g_v};
+}
+
+// The loss, its statistics and (kGrads) the per-token gradients in one launch of one block. The
+// gradients need n = sum(mask) before the first token, so kGrads adds a pass over the mask first
+// (N bytes); the sums are then the same as without it, bit for bit.
+template <class T, class M, bool kGrads>
+__global__ void __launch_bounds__(kThreads) ppo_kernel(Args a, T* loss, acc_t<T>* stats, acc_t<T>* d_lp,
+                                                       acc_t<T>* d_v, acc_t<T>* d_ent) {
   using A = acc_t<T>;
   __shared__ double scratch[32];
   const T *lp = static_cast<const T*>(a.lp), *olp = static_cast<const T*>(a.olp),
@@ -60,6 +84,12 @@ __global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(Args a, T* loss, acc_
           *ent = static_cast<const T*>(a.ent);
   const M* mask = static_cast<const M*>(a.mask);
   const A lo = A(1.0 - a.clip), hi = A(1.0 + a.clip), cv = A(a.clip_v);
+  double g_over_n = 0;
+  if constexpr (kGrads) {
+    double msum = 0;
+    for (int64_t i = threadIdx.x; i < a.N; i += kThreads) msum += double(mask_val(mask, i));
+    g_over_n = 1.0 / max(block_reduce(msum, 0.0, Sum(), scratch), 1.0);
+  }
   double s[kNumSums] = {};
   double rmax = -INFINITY;
   for (int64_t i = threadIdx.x; i < a.N; i += kThreads) {
@@ -76,6 +106,12 @@ __global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(Args a, T* loss, acc_
     if (ent) s[kSumEnt] += double(m * load(ent + i));
     s[kSumMask] += double(m);
     if (m != A(0)) rmax = max(rmax, double(t.ratio));
+    if constexpr (kGrads) {
+      const TokenGrads<A> g = token_grads(t, m, g_over_n, a, lo, hi);
+      d_lp[i] = g.lp;
+      d_v[i] = g.v;
+      if (d_ent) d_ent[i] = A(-m * g_over_n * a.ent_coef);
+    }
   }
 #pragma unroll
   for (int k = 0; k < kNumSums; ++k) s[k] = block_reduce(s[k], 0.0, Sum(), scratch);
@@ -93,40 +129,6 @@ __global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(Args a, T* loss, acc_
   st[kEntropy] = s[kSumEnt] / n;
   for (int k = 0; k < kNumPpoStats; ++k) stats[k] = A(st[k]);
   store(loss, A(st[kPgLoss] + a.vf_coef * st[kVLoss] - a.ent_coef * st[kEntropy]));
-}
-
-// One block: the mask sum first (every thread needs n), then the per-token gradients of a unit
-// upstream gradient, in acc_t<T> (rows of PpoLossParams::grads).
-template <class T, class M>
-__global__ void __launch_bounds__(kThreads) ppo_grad_kernel(Args a, acc_t<T>* d_lp, acc_t<T>* d_v,
-                                                            acc_t<T>* d_ent) {
-  using A = acc_t<T>;
-  __shared__ double scratch[32];
-  const T *lp = static_cast<const T*>(a.lp), *olp = static_cast<const T*>(a.olp),
-          *adv = static_cast<const T*>(a.adv), *v = static_cast<const T*>(a.v),
-          *ov = static_cast<const T*>(a.ov), *ret = static_cast<const T*>(a.ret);
-  const M* mask = static_cast<const M*>(a.mask);
-  double msum = 0;
-  for (int64_t i = threadIdx.x; i < a.N; i += kThreads) msum += double(mask_val(mask, i));
-  msum = block_reduce(msum, 0.0, Sum(), scratch);
-  const double g_over_n = 1.0 / max(msum, 1.0);
-  const A lo = A(1.0 - a.clip), hi = A(1.0 + a.clip), cv = A(a.clip_v), half = A(0.5);
-  for (int64_t i = threadIdx.x; i < a.N; i += kThreads) {
-    const A m = A(mask_val(mask, i));
-    const Token<A> t = token<A>(load(lp + i), load(olp + i), load(adv + i), load(v + i), load(ov + i),
-                                load(ret + i), lo, hi, cv);
-    const A w_pg = A(m * g_over_n), w_v = A(m * g_over_n * a.vf_coef);
-    // torch.maximum sends half the gradient to each side of a tie; clamp passes it on [lo, hi]
-    const A tie = t.pg1 == t.pg2 ? half : A(0);
-    const A in_r = t.ratio >= lo && t.ratio <= hi ? A(1) : A(0);
-    const A g_lp = w_pg * t.pg1 * (A(t.pg1 > t.pg2) + tie + (A(t.pg2 > t.pg1) + tie) * in_r);
-    const A vl1 = t.v_err * t.v_err, vl2 = t.vc_err * t.vc_err, vtie = vl1 == vl2 ? half : A(0);
-    // 0.5 d(x^2) = x: the 0.5 of v_loss cancels the 2
-    const A g_v = w_v * ((A(vl1 > vl2) + vtie) * t.v_err + (A(vl2 > vl1) + vtie) * t.vc_err * A(t.v_in));
-    d_lp[i] = g_lp;
-    d_v[i] = g_v;
-    if (d_ent) d_ent[i] = A(-m * g_over_n * a.ent_coef);
-  }
 }
 
 // out (n,) = grads (n,) * grad_loss (one value of out's dtype T, on the device), rounded to T.
@@ -161,12 +163,15 @@ namespace fr {
 void ppo_loss_cuda(const PpoLossParams& p, cudaStream_t stream) {
   FR_PPO_CUDA_DISPATCH(p.in, {
     using A = acc_t<scalar_t>;
-    cuda::ppo_fwd_kernel<scalar_t, mask_t><<<1, cuda::kThreads, 0, stream>>>(
-        cuda::args_of(p.in), static_cast<scalar_t*>(p.loss), static_cast<A*>(p.stats));
+    auto* loss = static_cast<scalar_t*>(p.loss);
+    auto* stats = static_cast<A*>(p.stats);
     if (p.grads != nullptr && p.in.N > 0) {
       A* rows = static_cast<A*>(p.grads);  // (K, N): d/d logprobs, d/d values[, d/d entropy]
-      cuda::ppo_grad_kernel<scalar_t, mask_t><<<1, cuda::kThreads, 0, stream>>>(
-          cuda::args_of(p.in), rows, rows + p.in.N, p.in.entropy ? rows + 2 * p.in.N : nullptr);
+      cuda::ppo_kernel<scalar_t, mask_t, true><<<1, cuda::kThreads, 0, stream>>>(
+          cuda::args_of(p.in), loss, stats, rows, rows + p.in.N, p.in.entropy ? rows + 2 * p.in.N : nullptr);
+    } else {
+      cuda::ppo_kernel<scalar_t, mask_t, false><<<1, cuda::kThreads, 0, stream>>>(
+          cuda::args_of(p.in), loss, stats, nullptr, nullptr, nullptr);
     }
   });
   cuda::check_launch("ppo_loss");
