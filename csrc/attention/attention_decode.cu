@@ -7,6 +7,7 @@
 // partials into out and lse (natural log, fp64, as the other kernels). k and v may be a KV-cache view:
 // planes kv_plane elements apart, rows D apart.
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -19,9 +20,28 @@ using attn::kLn2;
 using attn::kLog2e;
 constexpr int kWarps = 4;  // warps per block: consecutive chunks of the same (b, kv head, row group)
 
-// Keys per lane group per step: 2 * unroll loads in flight per lane, fewer when the registers for
-// q and o (rows x elements) are many.
+constexpr int kStages = 3;  // 16-byte loads: a ring of cp.async stages per warp, kStages - 1 steps in flight
+
+// Keys per lane group per step: fewer when the registers for q and o (rows x elements) are many.
 __host__ __device__ constexpr int unroll_for(int E, int NV, int RB) { return E == 1 || NV * RB >= 8 ? 2 : 4; }
+
+// Dynamic shared memory of a block: each lane's own 16-byte slots for K and V of every stage (none for
+// element loads, which go straight to registers).
+constexpr size_t smem_for(int E, int NV, int RB) {
+  return E == 1 ? 0 : size_t(kWarps) * kStages * unroll_for(E, NV, RB) * NV * 2 * 32 * 16;
+}
+
+// cp.async (sm_80+): a 16-byte global -> shared copy that bypasses registers, so the bytes in flight are
+// not bounded by the registers q and o need. fill = false writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(uint4* dst, const void* src, bool fill) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(fill ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // What the host chose for a launch (plan() below), passed to the split kernel.
 struct Split {
@@ -100,28 +120,66 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(AttnFwdParams p, Spl
   }
 
   const int64_t c0 = split * s.chunk, c1 = min(c0 + s.chunk, key_end);  // keys past every row's: masked
-  for (int64_t j0 = c0; j0 < c1; j0 += KG * U) {
-    // all loads of the step first, so that 2 * U * NV of them are in flight
+  const int64_t step = KG * U;
+  // The ring (kWarps, kStages, U, NV, 2, 32) of uint4: a lane reads back only the slots its own copies
+  // filled, so cp.async.wait_group alone orders them (no barrier).
+  extern __shared__ uint4 ring[];
+  uint4* mine = ring + warp * (kStages * U * NV * 2 * 32) + lane;
+  const auto at = [&](int st, int u, int v, int kv) { return mine + (((st * U + u) * NV + v) * 2 + kv) * 32; };
+  const auto issue = [&](int st, int64_t j0) {  // keys >= c1 and lanes past D: zeros (0 * junk could be NaN)
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        const int64_t jj = j0 + u * KG + slot, d0 = (v * L + g) * E;
+        const bool in = jj < c1 && d0 < D;
+        const int64_t off = in ? jj * D + d0 : 0;
+        cp_async16(at(st, u, v, 0), kp + off, in);
+        cp_async16(at(st, u, v, 1), vp + off, in);
+      }
+    cp_async_commit();
+  };
+  constexpr bool kAsync = E > 1;
+  if constexpr (kAsync)
+    for (int st = 0; st < kStages - 1; ++st) issue(st, c0 + st * step);
+  int st_use = 0;
+  for (int64_t j0 = c0; j0 < c1; j0 += step) {
     typename V::Raw kr[U][NV], vr[U][NV];
     int64_t j[U], seg_k[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       j[u] = j0 + u * KG + slot;
       seg_k[u] = seg && j[u] < c1 ? seg[j[u]] : 0;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        const int64_t d0 = (v * L + g) * E;
-        const bool in = j[u] < c1 && d0 < D;
-        kr[u][v] = in ? V::load(kp + j[u] * D + d0) : typename V::Raw{};
-        vr[u][v] = in ? V::load(vp + j[u] * D + d0) : typename V::Raw{};
-      }
     }
+    if constexpr (kAsync) {
+      issue((st_use + kStages - 1) % kStages, j0 + (kStages - 1) * step);  // the slot read last step
+      cp_async_wait<kStages - 1>();                                          // this step's copies landed
+    } else {  // element loads, all of the step's first
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          const int64_t d0 = (v * L + g) * E;
+          const bool in = j[u] < c1 && d0 < D;
+          kr[u][v] = in ? V::load(kp + j[u] * D + d0) : typename V::Raw{};
+          vr[u][v] = in ? V::load(vp + j[u] * D + d0) : typename V::Raw{};
+        }
+    }
+    // K, V of key u, vector v: from the ring (read where used, to save registers) or the registers
+    const auto kraw = [&](int u, int v) {
+      if constexpr (kAsync) return *at(st_use, u, v, 0);
+      else return kr[u][v];
+    };
+    const auto vraw = [&](int u, int v) {
+      if constexpr (kAsync) return *at(st_use, u, v, 1);
+      else return vr[u][v];
+    };
     float sc[U][RB];  // scores, then probabilities
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[NV][E];
 #pragma unroll
-      for (int v = 0; v < NV; ++v) V::unpack(kr[u][v], kf[v]);
+      for (int v = 0; v < NV; ++v) V::unpack(kraw(u, v), kf[v]);
 #pragma unroll
       for (int r = 0; r < RB; ++r) {
         float acc = 0.f;
@@ -174,7 +232,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(AttnFwdParams p, Spl
     for (int u = 0; u < U; ++u) {
       float vf[NV][E];
 #pragma unroll
-      for (int v = 0; v < NV; ++v) V::unpack(vr[u][v], vf[v]);
+      for (int v = 0; v < NV; ++v) V::unpack(vraw(u, v), vf[v]);
 #pragma unroll
       for (int r = 0; r < RB; ++r)
 #pragma unroll
@@ -182,7 +240,10 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(AttnFwdParams p, Spl
 #pragma unroll
           for (int e = 0; e < E; ++e) o[r][v][e] = fmaf(sc[u][r], vf[v][e], o[r][v][e]);
     }
+    st_use = st_use + 1 == kStages ? 0 : st_use + 1;
   }
+
+  if constexpr (kAsync) cp_async_wait<0>();  // no copy into shared memory outlives the block
 
   // Merge the slots of the warp (lanes L, 2L, ... apart own the same elements); slot 0 ends with the chunk's.
   for (int off = L; off < 32; off <<= 1) {
@@ -275,6 +336,7 @@ SplitFn pick(bool vec, int nv, int rb) {
 
 struct Plan {
   SplitFn fn;
+  size_t smem;
   Split split;
   int row_groups;
 };
@@ -285,8 +347,9 @@ int next_pow2(int64_t n) {
   return p;
 }
 
-// Resident blocks of `fn` on the current device, cached per thread (the queries cost microseconds per step).
-int64_t capacity(SplitFn fn) {
+// Resident blocks of `fn` on the current device, cached per thread (the queries cost microseconds per step);
+// also raises fn's dynamic shared-memory limit there, before the occupancy query and any launch.
+int64_t capacity(SplitFn fn, size_t smem) {
   struct Entry {
     int dev;
     SplitFn fn;
@@ -298,14 +361,17 @@ int64_t capacity(SplitFn fn) {
   for (const Entry& e : cache)
     if (e.dev == dev && e.fn == fn) return e.blocks;
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "attention decode: SM count");
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kWarps * 32, 0), "attention decode: occupancy");
+  check(cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             int(smem)),
+        "attention decode: shared-memory limit");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kWarps * 32, smem), "attention decode: occupancy");
   cache.push_back({dev, fn, int64_t(std::max(per_sm, 1)) * sms});
   return cache.back().blocks;
 }
 
-// The launch for p: lanes per key from D and the load width, rows per block from H / Hkv * Tq, and as many
-// chunks per (b, kv head, row group) as fill the device once (every block resident, equal work), but at
-// least 4 steps of keys per warp.
+// The launch for p: lanes per key from D and the load width, rows per block from H / Hkv * Tq, and the
+// blocks (chunks of kWarps warps) per (b, kv head, row group): the fewest whose last wave of equal blocks
+// is nearly full (a part-filled last wave runs with too few loads in flight), with >= 4 steps per warp.
 Plan plan(const AttnFwdParams& p) {
   const int es = p.dtype == DType::f32 ? 4 : 2;
   const bool vec = (p.D * es) % 16 == 0 && (p.kv_plane * es) % 16 == 0 &&
@@ -320,9 +386,18 @@ Plan plan(const AttnFwdParams& p) {
   FR_DISPATCH_HALF_FLOAT(p.dtype, pl.fn = pick<scalar_t>(vec, nv, rb));
   pl.row_groups = int(ceil_div(R, rb));
   const int64_t step = (32 / lanes) * unroll_for(E, nv, rb);  // keys per warp step
-  const int64_t pairs = p.B * p.Hkv * pl.row_groups, cap = capacity(pl.fn);
-  const int64_t most = std::max<int64_t>(1, ceil_div(p.Tk, 4 * step * kWarps));
-  const int64_t blocks = std::min(most, std::max<int64_t>(1, cap / pairs));  // blocks per (b, hk, row group)
+  pl.smem = smem_for(E, nv, rb);
+  const int64_t pairs = p.B * p.Hkv * pl.row_groups, cap = capacity(pl.fn, pl.smem);
+  const int64_t most = std::min<int64_t>(ceil_div(p.Tk, 4 * step * kWarps), 4 * cap / pairs + 1);
+  int64_t blocks = 1;  // per (b, hk, row group)
+  double best = 0.0;
+  for (int64_t n = 1; n <= most; ++n) {
+    const double waves = double(pairs * n) / double(cap), fill = waves / std::ceil(waves);
+    if (fill > best + 0.02) {  // more chunks only for a clearly fuller last wave
+      blocks = n;
+      best = fill;
+    }
+  }
   pl.split.lanes = lanes;
   pl.split.splits = int(blocks * kWarps);
   pl.split.chunk = ceil_div(ceil_div(p.Tk, pl.split.splits), step) * step;
@@ -344,7 +419,7 @@ void attention_decode_cuda(const AttnFwdParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.H == 0 || p.Tq == 0) return;
   const Plan pl = plan(p);
   const dim3 grid(unsigned(p.B * p.Hkv), unsigned(pl.split.splits / kWarps), unsigned(pl.row_groups));
-  pl.fn<<<grid, kWarps * 32, 0, stream>>>(p, pl.split);
+  pl.fn<<<grid, kWarps * 32, pl.smem, stream>>>(p, pl.split);
   const int64_t rows = p.B * p.H * p.Tq;
   FR_DISPATCH_HALF_FLOAT(p.dtype, merge_kernel<scalar_t>
                          <<<unsigned(cuda::ceil_div(rows, 4)), 128, 0, stream>>>(p, pl.split.splits));
