@@ -31,6 +31,14 @@ constexpr size_t smem_for(int E, int NV, int RB) {
   return E == 1 ? 0 : size_t(kWarps) * kStages * unroll_for(E, NV, RB) * NV * 2 * 32 * 16;
 }
 
+// 2^x by the SFU alone (ex2.approx, ~2 ulp, denormal results flushed; -inf -> 0): exp2f adds range
+// handling that costs issue slots, which GQA's rows (4-8 per key) make scarce.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // cp.async (sm_80+): a 16-byte global -> shared copy that bypasses registers, so the bytes in flight are
 // not bounded by the registers q and o need. fill = false writes 16 zero bytes and reads nothing.
 __device__ __forceinline__ void cp_async16(uint4* dst, const void* src, bool fill) {
@@ -212,11 +220,11 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(AttnFwdParams p, Spl
         for (int u = 0; u < U; ++u) sc[u][r] = 0.f;
         continue;
       }
-      alpha[r] = exp2f(m[r] - mx);  // 0 while m was -inf
+      alpha[r] = fast_exp2(m[r] - mx);  // 0 while m was -inf
       float ps = 0.f;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        sc[u][r] = exp2f(sc[u][r] - mx);  // 0 for masked keys
+        sc[u][r] = fast_exp2(sc[u][r] - mx);  // 0 for masked keys
         ps += sc[u][r];
       }
       l[r] = l[r] * alpha[r] + ps;
@@ -251,7 +259,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(AttnFwdParams p, Spl
     for (int r = 0; r < RB; ++r) {
       const float mo = __shfl_xor_sync(0xffffffffu, m[r], off), lo = __shfl_xor_sync(0xffffffffu, l[r], off);
       const float mx = fmaxf(m[r], mo);
-      const float a = mx == -INFINITY ? 0.f : exp2f(m[r] - mx), c = mx == -INFINITY ? 0.f : exp2f(mo - mx);
+      const float a = mx == -INFINITY ? 0.f : fast_exp2(m[r] - mx), c = mx == -INFINITY ? 0.f : fast_exp2(mo - mx);
       l[r] = l[r] * a + lo * c;
       m[r] = mx;
 #pragma unroll
