@@ -32,8 +32,7 @@ def main() -> None:
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    hbm = 2 * buf.numel() / cuda_ms(lambda: buf.clone(), args.reps) / 1e6  # GB/s, read + written
-    del buf
+    hbm = 2 * buf.numel() / cuda_ms(buf.clone, args.reps) / 1e6  # GB/s, read + written
 
     def sdpa(q, k, v):  # Tq = 1 sees every key: no causal mask
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
@@ -52,14 +51,15 @@ def main() -> None:
         sub = slice(0, 4)  # a few batch rows against float64
         want = reference.causal_attention(q[sub].double(), k[sub].double(), v[sub].double())
         check(name, rel_err(got[sub], want) < 1e-2, f"rel err {rel_err(got[sub], want):.2e}")
-        own = cuda_ms(lambda: causal_attention(q, k, v), args.reps)
-        base = cuda_ms(lambda: sdpa(q, k, v), args.reps)
+        own = cuda_ms(lambda q=q, k=k, v=v: causal_attention(q, k, v), args.reps)
+        base = cuda_ms(lambda q=q, k=k, v=v: sdpa(q, k, v), args.reps)
         gb = 2 * k.numel() * k.element_size() / 1e9
         rows.append(
             {
                 "op": "attention decode",
                 "case": name,
-                "shape": f"B={B} H={H} Hkv={Hkv} Tk={Tk} D={D}" + (f" cache={max_len}" if max_len > Tk else ""),
+                "shape": f"B={B} H={H} Hkv={Hkv} Tk={Tk} D={D}"
+                + (f" cache={max_len}" if max_len > Tk else ""),
                 "base_ms": base,
                 "ours_ms": own,
                 "ratio": base / own,
@@ -78,8 +78,12 @@ def main() -> None:
     }
     for r in rows:
         print("JSON " + json.dumps({**r, **info}))
-    print(f"\ndecode attention, bf16, Tq = 1, on {info['gpu']} (d2d copy {hbm:.0f} GB/s); ratio = SDPA / ours")
-    print(f"{'case':<16} {'shape':<40} {'SDPA ms':>8} {'ours ms':>8} {'ratio':>6} {'SDPA GB/s':>10} {'ours GB/s':>10}")
+    print(
+        f"\ndecode attention, bf16, Tq = 1, on {info['gpu']} (d2d copy {hbm:.0f} GB/s); ratio = SDPA / ours"
+    )
+    print(
+        f"{'case':<16} {'shape':<40} {'SDPA ms':>8} {'ours ms':>8} {'ratio':>6} {'SDPA GB/s':>10} {'ours GB/s':>10}"
+    )
     for r in rows:
         print(
             f"{r['case']:<16} {r['shape']:<40} {r['base_ms']:>8.3f} {r['ours_ms']:>8.3f} {r['ratio']:>5.2f}x "
