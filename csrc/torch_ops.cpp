@@ -569,6 +569,12 @@ int64_t kv_plane(const Tensor& k, const Tensor& v, const AttnShape& s) {
   return P >= s.Tk * s.D ? P : 0;
 }
 
+#ifdef FR_WITH_CUDA
+constexpr int64_t kCudaDecodeTq = fr::kAttnDecodeTq;  // below it the CUDA forward honours kv_plane
+#else
+constexpr int64_t kCudaDecodeTq = 0;
+#endif
+
 const int64_t* seg_ptr(const std::optional<Tensor>& seg) {
   return seg ? static_cast<const int64_t*>(seg->const_data_ptr()) : nullptr;
 }
@@ -581,8 +587,9 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
   const fr::DType dtype = float_dtype(q, "q");
   if (q.is_cuda()) check_attention_cuda(q, s);
   q = contig(q);
-  // A KV-cache view k[:, :, :Tk] of a (B, Hkv, max_len, D) buffer is read in place (no per-step copy).
-  const int64_t plane = q.is_cuda() ? 0 : kv_plane(k, v, s);  // the CUDA kernel reads contiguous k, v
+  // A KV-cache view k[:, :, :Tk] of a (B, Hkv, max_len, D) buffer is read in place (no per-step copy) on
+  // the CPU and by the CUDA decode kernel (Tq < 16); the other CUDA kernels read contiguous k, v.
+  const int64_t plane = q.is_cuda() && s.Tq >= kCudaDecodeTq ? 0 : kv_plane(k, v, s);
   if (plane == 0) {
     k = contig(k);
     v = contig(v);
@@ -605,8 +612,17 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
                       s.D,
                       scale,
                       plane ? plane : s.Tk * s.D};
-  if (q.is_cuda()) FR_CUDA_CALL(q, fr::attention_fwd_cuda(p, stream));
-  else fr::attention_fwd_cpu(p);
+  if (q.is_cuda()) {
+    FR_CUDA_CALL(q, {
+      // The decode kernel's split-KV partials: from torch's caching allocator (stream-ordered reuse, no
+      // cudaMalloc per decoding step, fine under CUDA graph capture); empty for the other kernels.
+      Tensor work = torch::stable::new_empty(q, {fr::attention_fwd_cuda_workspace(p)}, ScalarType::Float);
+      p.work = static_cast<float*>(work.mutable_data_ptr());
+      fr::attention_fwd_cuda(p, stream);
+    });
+  } else {
+    fr::attention_fwd_cpu(p);
+  }
   return {out, lse};
 }
 

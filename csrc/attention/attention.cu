@@ -116,6 +116,7 @@ namespace fr {
 
 void attention_fwd_cuda(const AttnFwdParams& p, cudaStream_t stream) {
   using namespace cuda::attn;
+  if (p.Tq < kAttnDecodeTq) return attention_decode_cuda(p, stream);  // attention_decode.cu
   if (p.B == 0 || p.H == 0 || p.Tq == 0) return;
   const size_t smem = size_t(kRows + 2 * kTile) * size_t(p.D + 1) * sizeof(float);
   const dim3 grid(unsigned(cuda::ceil_div(p.Tq, kRows)), unsigned(p.H), unsigned(p.B));

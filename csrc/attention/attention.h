@@ -20,6 +20,7 @@ struct AttnFwdParams {
   double scale;
   int64_t kv_plane;    // elements between consecutive (b, h) planes of k and v: Tk * D when contiguous,
                        // more for a view of the first Tk positions of a preallocated KV cache
+  float* work = nullptr;  // CUDA only: attention_fwd_cuda_workspace(*this) floats of scratch (cuda_ops.h)
 };
 
 struct AttnBwdParams {

@@ -40,8 +40,14 @@ void token_logprobs_bwd_cuda(const TokenLogprobsBwdParams& p, const RowLayout& l
 enum CudaRowStatus : uint8_t { kRowBadTemperature = 16, kRowBadTopK, kRowBadTopP, kRowBadMinP };
 void sample_cuda(const SampleParams& p, uint8_t* status_host, cudaStream_t stream);
 
-// fp32/bf16/fp16 (no float64 on CUDA); 1 <= D <= 256.
+// fp32/bf16/fp16 (no float64 on CUDA); 1 <= D <= 256. Below Tq = kAttnDecodeTq the forward is the split-KV
+// decode kernel (attention_decode.cu), which reads k, v through p.kv_plane (a KV-cache view in place) and
+// needs p.work: attention_fwd_cuda_workspace(p) floats of device memory (0 otherwise). The other
+// attention kernels read contiguous k, v.
+constexpr int64_t kAttnDecodeTq = 16;
+int64_t attention_fwd_cuda_workspace(const AttnFwdParams& p);
 void attention_fwd_cuda(const AttnFwdParams& p, cudaStream_t stream);
+void attention_decode_cuda(const AttnFwdParams& p, cudaStream_t stream);
 void attention_bwd_cuda(const AttnBwdParams& p, cudaStream_t stream);
 
 }  // namespace fr

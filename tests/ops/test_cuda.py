@@ -298,3 +298,85 @@ def test_opcheck_on_device():
     torch.library.opcheck(
         torch.ops.fastrlhf.gae.default, (r, r, torch.ones(2, 5, dtype=torch.bool, device=DEV), 1.0, 0.9)
     )
+
+
+# ---- causal_attention forward for Tq < 16: the split-KV decode kernel ---------------------------------------
+def attn_fwd_exact(q, k, v, segment_ids):
+    """float64 out and lse (natural log) of the contract, on the inputs as given (rounded, for half)."""
+    G = q.shape[1] // k.shape[1]
+    kk, vv = (t.double().cpu().repeat_interleave(G, dim=1) for t in (k, v))  # (B, H, Tk, D)
+    scores = q.double().cpu() @ kk.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, Tq, Tk)
+    seg = None if segment_ids is None else segment_ids.cpu()
+    allowed = reference.attention_mask(q.shape[2], k.shape[2], seg, torch.device("cpu"))
+    scores = scores.masked_fill(~(allowed[:, None] if allowed.dim() == 3 else allowed), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ vv, torch.logsumexp(scores, dim=-1)
+
+
+def decode_check(B, H, Hkv, Tq, Tk, D, dtype, seg):
+    q, k, v, _, segment_ids = attn_inputs(B, H, Hkv, Tq, Tk, D, seg)
+    to = lambda t: None if t is None else t.to(DEV)
+    qh, kh, vh = (t.to(dtype) for t in (q, k, v))
+    out, lse = torch.ops.fastrlhf.causal_attention_fwd(to(qh), to(kh), to(vh), D**-0.5, to(segment_ids))
+    exact, _ = attn_fwd_exact(q, k, v, segment_ids)
+    assert out.dtype == dtype and lse.dtype == torch.float64 and lse.shape == (B, H, Tq)
+    assert torch.isfinite(out.float()).all()
+    if dtype == torch.float32:
+        assert rel_err(out, exact) < 1e-5
+    else:  # within twice PyTorch's own error in this dtype
+        own = reference.causal_attention(qh, kh, vh, segment_ids=segment_ids)
+        assert rel_err(out, exact) <= 2 * rel_err(own, exact)
+    # lse must match out (the backward recomputes P from it): exact on the same rounded inputs
+    torch.testing.assert_close(lse.cpu(), attn_fwd_exact(qh, kh, vh, segment_ids)[1], atol=1e-4, rtol=1e-5)
+
+
+DECODE_SHAPES = [  # B, H, Hkv, Tq, Tk, D
+    (3, 8, 8, 1, 1, 128),  # Tk = 1
+    (2, 8, 2, 1, 3000, 128),  # GQA 4, long
+    (1, 32, 4, 1, 777, 64),  # GQA 8: 8 rows per block
+    (2, 6, 3, 3, 40, 59),  # odd D: element loads
+    (1, 4, 1, 15, 15, 256),  # Tq = Tk = 15: 60 rows, 8 row groups
+    (2, 2, 2, 7, 1000, 256),  # fp32: two 16-byte loads per lane
+    (1, 3, 1, 2, 517, 8),  # D = 8: one or two lanes per key
+    (1, 1, 1, 1, 2999, 1),  # D = 1
+    (2, 12, 4, 5, 301, 96),  # 12 loads per row -> 16 lanes, 4 idle
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=str)
+@pytest.mark.parametrize("seg", [False, True])
+def test_attention_decode_matches_reference(shape, dtype, seg):
+    decode_check(*shape, dtype, seg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_decode_every_tq(dtype):
+    gen = torch.Generator().manual_seed(7)
+    for Tq in range(1, 16):
+        Hkv = int(torch.randint(1, 4, (1,), generator=gen))
+        G = int(torch.randint(1, 5, (1,), generator=gen))
+        Tk = int(torch.randint(Tq, 3001, (1,), generator=gen))
+        D = int(torch.randint(1, 257, (1,), generator=gen))
+        decode_check(2, Hkv * G, Hkv, Tq, Tk, D, dtype, Tq % 2 == 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_decode_reads_cache_view_in_place(dtype):
+    B, H, Hkv, Tq, Tk, max_len, D = 2, 8, 2, 1, 2000, 2048, 128
+    q = torch.randn(B, H, Tq, D, device=DEV, dtype=dtype)
+    cache_k, cache_v = torch.randn(2, B, Hkv, max_len, D, device=DEV, dtype=dtype)  # junk past Tk
+    k, v = cache_k[:, :, :Tk], cache_v[:, :, :Tk]  # (B, Hkv, Tk, D) views, planes max_len * D apart
+    seg = torch.ones(B, Tk, dtype=torch.long, device=DEV)
+    seg[0, : Tk // 3] = 0  # a left-padded row
+    fwd = torch.ops.fastrlhf.causal_attention_fwd.default
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    out, lse = fwd(q, k, v, D**-0.5, seg)
+    if DEV == "cuda":  # no copy of k and v (twice this): the peak grows by out, lse and the workspace
+        assert torch.cuda.max_memory_allocated() - before < k.numel() * k.element_size()
+    want, want_lse = fwd(q, k.contiguous(), v.contiguous(), D**-0.5, seg)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    exact, _ = attn_fwd_exact(q, k, v, seg)
+    assert rel_err(out, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
