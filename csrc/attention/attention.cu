@@ -117,6 +117,7 @@ namespace fr {
 void attention_fwd_cuda(const AttnFwdParams& p, cudaStream_t stream) {
   using namespace cuda::attn;
   if (p.B == 0 || p.H == 0 || p.Tq == 0) return;
+  if (fwd_mma(p, stream)) return;  // bf16/fp16, D 64 or 128, Tq >= 16: tensor cores
   const size_t smem = size_t(kRows + 2 * kTile) * size_t(p.D + 1) * sizeof(float);
   const dim3 grid(unsigned(cuda::ceil_div(p.Tq, kRows)), unsigned(p.H), unsigned(p.B));
   FR_DISPATCH_HALF_FLOAT(p.dtype, FR_ATTN_DISPATCH_DC(p.D, {
