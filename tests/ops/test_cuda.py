@@ -334,7 +334,9 @@ def test_attention_mma_every_short_length(dtype, D):
         exact = attn_run(reference.causal_attention, *[t.double() for t in half], segment_ids=segment_ids)
         own = attn_run(reference.causal_attention, *half, segment_ids=segment_ids)
         for name, a, e, o in zip(["out", "dq", "dk", "dv"], got, exact, own):
-            assert rel_err(a, e) <= 2 * rel_err(o, e) + 1e-6, (T, name)
+            # in norms, not ratios: at T = 1 dq is exactly zero (one visible key), and rounding is not
+            err, own_err = (a.double().cpu() - e).norm().item(), (o.double() - e).norm().item()
+            assert err <= 2 * own_err + 1e-5 * (1 + e.norm().item()), (T, name)
 
 
 @pytest.mark.parametrize("dtype", HALF)
