@@ -9,13 +9,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+
 #include "attention/attention_cuda.cuh"
 
 namespace fr::cuda::attn {
 namespace {
 
-constexpr int kM = 64;  // query rows per block (16 per warp)
-constexpr int kN = 64;  // keys per tile
+
 
 template <class T> struct MmaType;
 template <> struct MmaType<bf16_t> {
@@ -90,11 +91,16 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ sr
   }
 }
 
-template <class T, int D>
+// MT m16 tiles per warp (16 * MT query rows): each K/V fragment read from shared memory feeds MT mma
+// pairs, so MT = 2 halves the shared-memory traffic per mma (the limit at MT = 1). QREG keeps the Q
+// fragments in registers for the whole loop; without it they are re-read from shared memory per k-step
+// (D = 128, MT = 2 has no registers to spare for them).
+template <class T, int D, int MT, int kN, bool QREG>
 __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(AttnFwdParams p) {
   using M = MmaType<T>;
-  constexpr int kKD = D / 16;  // k-steps of Q K^T
-  constexpr int kND = D / 8;   // n-tiles of O
+  constexpr int kM = 4 * 16 * MT;  // query rows per block
+  constexpr int kKD = D / 16;      // k-steps of Q K^T
+  constexpr int kND = D / 8;       // n-tiles of O
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (kM, D) swizzled
   T* sK = sQ + kM * D;                     // (2, kN, D) swizzled, two stages
@@ -110,6 +116,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(AttnFwdParams p) {
   const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * plane;  // (Tk, D)
   const int64_t* seg = p.seg ? p.seg + b * p.Tk : nullptr;            // (Tk,)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int wrow = warp * 16 * MT;  // the warp's first row in the block
 
   // Keys past the block's last visible one are never loaded.
   const int64_t k_end = min(p.Tk, min(q0 + kM, p.Tq) + offset);
@@ -124,20 +131,23 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(AttnFwdParams p) {
   load_kv(0, 0);
   cp_async_commit();
 
-  // This thread's two rows: g and g + 8 of the warp's 16.
-  int64_t pos[2], seg_q[2];
+  // This thread's rows: g and g + 8 of each of the warp's m-tiles (block row wrow + 16 mt + g + 8 r).
+  // Padding rows (past Tq) compute but never write. No per-row 64-bit state: registers are short.
+  float m[MT][2], l[MT][2], o[MT][kND][4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = q0 + warp * 16 + g + 8 * r;
-    pos[r] = i + offset;  // padding rows (i >= Tq) compute but never write
-    seg_q[r] = seg && i < p.Tq ? seg[i + offset] : 0;
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m[mt][r] = -INFINITY;
+      l[mt][r] = 0.f;
+#pragma unroll
+      for (int n = 0; n < kND; ++n) o[mt][n][2 * r] = o[mt][n][2 * r + 1] = 0.f;
+    }
   const float qk_scale = float(p.scale) * kLog2e;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float o[kND][4];
-#pragma unroll
-  for (int n = 0; n < kND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  uint32_t qa[kKD][4];
+  uint32_t qa[QREG ? MT : 1][QREG ? kKD : 1][4];
+  auto q_frag = [&](uint32_t* r, int mt, int kk) {
+    ldsm_x4(r, smem_addr(sQ + swz<D>(wrow + 16 * mt + (lane & 15), 2 * kk + (lane >> 4))));
+  };
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
@@ -145,84 +155,114 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(AttnFwdParams p) {
     __syncthreads();  // tile `tile` is visible to all; everyone is done with the other stage
     if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
     cp_async_commit();
-    if (tile == 0) {
+    if (QREG && tile == 0) {
 #pragma unroll
-      for (int kk = 0; kk < kKD; ++kk)
-        ldsm_x4(qa[kk], smem_addr(sQ + swz<D>(warp * 16 + (lane & 15), 2 * kk + (lane >> 4))));
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < kKD; ++kk) q_frag(qa[QREG ? mt : 0][QREG ? kk : 0], mt, kk);
     }
     const T* tK = sK + stage * kN * D;
     const T* tV = sV + stage * kN * D;
 
-    // S = Q K^T (16 x 64 per warp): n-tile j holds keys 8j..8j+7.
-    float s[kN / 8][4];
+    // S = Q K^T (16 MT x 64 per warp): n-tile j holds keys 8j..8j+7.
+    float s[MT][kN / 8][4];
 #pragma unroll
-    for (int j = 0; j < kN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kKD; ++kk) {
+      uint32_t qk[QREG ? 1 : MT][4];
+      if (!QREG) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) q_frag(qk[QREG ? 0 : mt], mt, kk);
+      }
 #pragma unroll
       for (int jp = 0; jp < kN / 16; ++jp) {
         uint32_t bk[4];  // keys 16jp + (0..7 | 8..15) x d-halves of this k-step
         ldsm_x4(bk, smem_addr(tK + swz<D>(16 * jp + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1))));
-        M::mma(s[2 * jp], qa[kk], bk[0], bk[1]);
-        M::mma(s[2 * jp + 1], qa[kk], bk[2], bk[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t* a = QREG ? qa[QREG ? mt : 0][QREG ? kk : 0] : qk[QREG ? 0 : mt];
+          M::mma(s[mt][2 * jp], a, bk[0], bk[1]);
+          M::mma(s[mt][2 * jp + 1], a, bk[2], bk[3]);
+        }
       }
     }
 
     // Scale to log2 units and mask where this tile needs it.
+    // Key k0 + jj is visible to block row i iff jj - i <= diag (causal) and jj < kend (Tk).
     const int64_t k0 = int64_t(tile) * kN;
     const bool need_mask = seg || k0 + kN > p.Tk || k0 + kN - 1 > q0 + offset;
+    const int diag = int(min(q0 + offset - k0, int64_t(kN))), kend = int(min(p.Tk - k0, int64_t(kN)));
 #pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float x = s[j][c] * qk_scale;
-        if (need_mask) {
-          const int jj = 8 * j + 2 * t + (c & 1);
-          const int r = c >> 1;
-          const bool ok = k0 + jj <= pos[r] && k0 + jj < p.Tk && (!seg || sSeg[stage][jj] == seg_q[r]);
-          x = ok ? x : -INFINITY;
-        }
-        s[j][c] = x;
+      for (int r = 0; r < 2; ++r) {
+        const int i = wrow + 16 * mt + g + 8 * r;
+        const int64_t seg_q = seg && q0 + i < p.Tq ? seg[q0 + i + offset] : 0;
+#pragma unroll
+        for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+          for (int c = 2 * r; c < 2 * r + 2; ++c) {
+            float x = s[mt][j][c] * qk_scale;
+            if (need_mask) {
+              const int jj = 8 * j + 2 * t + (c & 1);
+              const bool ok = jj - i <= diag && jj < kend && (!seg || sSeg[stage][jj] == seg_q);
+              x = ok ? x : -INFINITY;
+            }
+            s[mt][j][c] = x;
+          }
       }
 
     // Online softmax per row; the 4 threads of a quad share a row.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at zero
-      const float alpha = fast_exp2(m[r] - base);
-      float sum = 0.f;
+      for (int r = 0; r < 2; ++r) {
+        float mx = m[mt][r];
 #pragma unroll
-      for (int j = 0; j < kN / 8; ++j) {
-        s[j][2 * r] = fast_exp2(s[j][2 * r] - base);
-        s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - base);
-        sum += s[j][2 * r] + s[j][2 * r + 1];
+        for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at zero
+        const float alpha = fast_exp2(m[mt][r] - base);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kN / 8; ++j) {
+          s[mt][j][2 * r] = fast_exp2(s[mt][j][2 * r] - base);
+          s[mt][j][2 * r + 1] = fast_exp2(s[mt][j][2 * r + 1] - base);
+          sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+        }
+        l[mt][r] = l[mt][r] * alpha + sum;  // this thread's partial row sum: the quad is summed at the end
+        m[mt][r] = mx;
+#pragma unroll
+        for (int n = 0; n < kND; ++n) {
+          o[mt][n][2 * r] *= alpha;
+          o[mt][n][2 * r + 1] *= alpha;
+        }
       }
-      l[r] = l[r] * alpha + sum;  // this thread's partial row sum: the quad is summed at the end
-      m[r] = mx;
-#pragma unroll
-      for (int n = 0; n < kND; ++n) {
-        o[n][2 * r] *= alpha;
-        o[n][2 * r + 1] *= alpha;
-      }
-    }
 
     // O += P V: P's accumulator layout is the A fragment of keys 16kk..16kk+15.
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
-      const uint32_t pa[4] = {M::pack(s[2 * kk][0], s[2 * kk][1]), M::pack(s[2 * kk][2], s[2 * kk][3]),
-                              M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = M::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = M::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = M::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = M::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < kND / 2; ++np) {
         uint32_t bv[4];  // keys (0..7 | 8..15) of this k-step x d-columns 16np + (0..7 | 8..15)
         ldsm_x4_t(bv, smem_addr(tV + swz<D>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * np + (lane >> 4))));
-        M::mma(o[2 * np], pa, bv[0], bv[1]);
-        M::mma(o[2 * np + 1], pa, bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          M::mma(o[mt][2 * np], pa[mt], bv[0], bv[1]);
+          M::mma(o[mt][2 * np + 1], pa[mt], bv[2], bv[3]);
+        }
       }
     }
   }
@@ -230,27 +270,47 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(AttnFwdParams p) {
   T* out = static_cast<T*>(p.out) + bh * p.Tq * D;  // (Tq, D)
   double* lse = p.lse + bh * p.Tq;                   // (Tq,)
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float lr = l[r];
-    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-    const int64_t i = q0 + warp * 16 + g + 8 * r;
-    if (i >= p.Tq) continue;
-    const float inv_l = 1.f / lr;  // l >= 1: every query sees its own key
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int n = 0; n < kND; ++n)
-      *reinterpret_cast<uint32_t*>(out + i * D + 8 * n + 2 * t) = M::pack(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l);
-    if (t == 0) lse[i] = double((m[r] + log2f(lr)) * kLn2);
-  }
+    for (int r = 0; r < 2; ++r) {
+      float lr = l[mt][r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      const int64_t i = q0 + wrow + 16 * mt + g + 8 * r;
+      if (i >= p.Tq) continue;
+      const float inv_l = 1.f / lr;  // l >= 1: every query sees its own key
+#pragma unroll
+      for (int n = 0; n < kND; ++n)
+        *reinterpret_cast<uint32_t*>(out + i * D + 8 * n + 2 * t) =
+            M::pack(o[mt][n][2 * r] * inv_l, o[mt][n][2 * r + 1] * inv_l);
+      if (t == 0) lse[i] = double((m[mt][r] + log2f(lr)) * kLn2);
+    }
+}
+
+template <class T, int D, int MT, int kN>
+void launch_variant(const AttnFwdParams& p, cudaStream_t stream) {
+  constexpr bool QREG = MT == 1 || D == 64;
+  constexpr int kM = 4 * 16 * MT;
+  const size_t smem = size_t(kM + 4 * kN) * D * sizeof(T);
+  const dim3 grid(unsigned(p.B * p.H), unsigned(ceil_div(p.Tq, kM)));
+  auto* kernel = &fwd_mma_kernel<T, D, MT, kN, QREG>;
+  set_smem(reinterpret_cast<const void*>(kernel), smem);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
 }
 
 template <class T, int D>
 void launch(const AttnFwdParams& p, cudaStream_t stream) {
-  const size_t smem = size_t(kM + 4 * kN) * D * sizeof(T);
-  const dim3 grid(unsigned(p.B * p.H), unsigned(ceil_div(p.Tq, kM)));
-  auto* kernel = &fwd_mma_kernel<T, D>;
-  set_smem(reinterpret_cast<const void*>(kernel), smem);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  static const int variant = [] {
+    const char* e = getenv("FR_MMA_VARIANT");
+    return e ? atoi(e) : 0;
+  }();
+  switch (variant) {
+    case 1: launch_variant<T, D, 1, 64>(p, stream); break;
+    case 2: launch_variant<T, D, 2, 64>(p, stream); break;
+    case 3: launch_variant<T, D, 2, 32>(p, stream); break;
+    case 4: launch_variant<T, D, 1, 128>(p, stream); break;
+    default: launch_variant<T, D, 2, 64>(p, stream); break;
+  }
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
@@ -261,7 +321,7 @@ bool fwd_mma(const AttnFwdParams& p, cudaStream_t stream) {
   const bool half = p.dtype == DType::bf16 || p.dtype == DType::f16;
   const int64_t plane = p.kv_plane > 0 ? p.kv_plane : p.Tk * p.D;
   // 16-byte copies need 16-byte aligned rows; gridDim.y caps the query tiles.
-  if (!half || (p.D != 64 && p.D != 128) || p.Tq < 16 || ceil_div(p.Tq, kM) > 65535 || plane % 8 != 0 ||
+  if (!half || (p.D != 64 && p.D != 128) || p.Tq < 16 || ceil_div(p.Tq, 16) > 65535 || plane % 8 != 0 ||
       !aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out))
     return false;
   if (p.dtype == DType::bf16) {
