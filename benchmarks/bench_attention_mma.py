@@ -35,20 +35,44 @@ def main() -> None:
             err = rel_err(ours_out, sdpa_out)
             assert err < 1e-2, f"mismatch at T={T} D={D}: {err}"
             flops = 4 * B * H * T * T * D / 2
-            ours = cuda_ms(lambda: causal_attention(q, k, v), args.reps)
-            base = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.reps)
-            rows.append(dict(T=T, D=D, B=B, H=H, ours_ms=round(ours, 4), sdpa_ms=round(base, 4),
-                             ours_tflops=round(flops / ours / 1e9, 1), sdpa_tflops=round(flops / base / 1e9, 1),
-                             ratio=round(base / ours, 3), rel_err_vs_sdpa=round(err, 5)))
+            ours = cuda_ms(lambda q=q, k=k, v=v: causal_attention(q, k, v), args.reps)
+            base = cuda_ms(
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.reps
+            )
+            rows.append(
+                {
+                    "T": T,
+                    "D": D,
+                    "B": B,
+                    "H": H,
+                    "ours_ms": round(ours, 4),
+                    "sdpa_ms": round(base, 4),
+                    "ours_tflops": round(flops / ours / 1e9, 1),
+                    "sdpa_tflops": round(flops / base / 1e9, 1),
+                    "ratio": round(base / ours, 3),
+                    "rel_err_vs_sdpa": round(err, 5),
+                }
+            )
     print("all results match SDPA")
     print(f"{'shape':<28}{'SDPA ms':>9}{'ours ms':>9}{'SDPA TF':>9}{'ours TF':>9}{'ratio':>7}")
     for r in rows:
         shape = f"T={r['T']} D={r['D']} B={r['B']} H={r['H']}"
-        print(f"{shape:<28}{r['sdpa_ms']:>9.3f}{r['ours_ms']:>9.3f}{r['sdpa_tflops']:>9.1f}{r['ours_tflops']:>9.1f}"
-              f"{r['ratio']:>7.2f}")
+        print(
+            f"{shape:<28}{r['sdpa_ms']:>9.3f}{r['ours_ms']:>9.3f}{r['sdpa_tflops']:>9.1f}{r['ours_tflops']:>9.1f}"
+            f"{r['ratio']:>7.2f}"
+        )
     for r in rows:
-        print(json.dumps({"bench": "attention_mma_fwd", "dtype": args.dtype, "gpu": torch.cuda.get_device_name(),
-                          "torch": torch.__version__, **r}))
+        print(
+            json.dumps(
+                {
+                    "bench": "attention_mma_fwd",
+                    "dtype": args.dtype,
+                    "gpu": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    **r,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -294,7 +294,7 @@ MMA_SHAPES = [  # B, H, Hkv, Tq, Tk: the tensor-core forward (bf16/fp16, D 64/12
 
 def exact_lse(q, k, v, scale, segment_ids):
     """float64 log-sum-exp of each query's visible scaled scores: (B, H, Tq)."""
-    B, H, Tq, _ = q.shape
+    H, Tq = q.shape[1], q.shape[2]
     Hkv, Tk = k.shape[1], k.shape[2]
     kk = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
     s = (q @ kk.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
