@@ -118,6 +118,7 @@ void attention_fwd_cuda(const AttnFwdParams& p, cudaStream_t stream) {
   using namespace cuda::attn;
   if (p.Tq < kAttnDecodeTq) return attention_decode_cuda(p, stream);  // attention_decode.cu
   if (p.B == 0 || p.H == 0 || p.Tq == 0) return;
+  if (fwd_mma(p, stream)) return;  // bf16/fp16, D 64 or 128, Tq >= 16: tensor cores
   const size_t smem = size_t(kRows + 2 * kTile) * size_t(p.D + 1) * sizeof(float);
   const dim3 grid(unsigned(cuda::ceil_div(p.Tq, kRows)), unsigned(p.H), unsigned(p.B));
   FR_DISPATCH_HALF_FLOAT(p.dtype, FR_ATTN_DISPATCH_DC(p.D, {

@@ -48,4 +48,8 @@ inline void set_smem(const void* kernel, size_t bytes) {
     default: { constexpr int DC = 8; __VA_ARGS__; break; } \
   }
 
+// The tensor-core forward (attention_mma.cu) for bf16/fp16, D in {64, 128}, Tq >= 16 with 16-byte aligned
+// rows; returns false (and launches nothing) for any other input.
+bool fwd_mma(const AttnFwdParams& p, cudaStream_t stream);
+
 }  // namespace fr::cuda::attn

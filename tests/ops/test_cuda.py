@@ -283,6 +283,74 @@ def test_attention_half_within_twice_pytorch_error(dtype, shape):
         assert a.dtype == dtype and rel_err(a, e) <= 2 * rel_err(o, e), name
 
 
+MMA_SHAPES = [  # B, H, Hkv, Tq, Tk: the tensor-core forward (bf16/fp16, D 64/128, Tq >= 16)
+    (2, 4, 2, 200, 200),  # GQA, T not a multiple of 64
+    (1, 3, 1, 16, 16),
+    (1, 2, 2, 64, 64),
+    (2, 2, 1, 100, 333),  # KV cache: Tq < Tk, ragged
+    (1, 2, 1, 130, 4000),
+]
+
+
+def exact_lse(q, k, v, scale, segment_ids):
+    """float64 log-sum-exp of each query's visible scaled scores: (B, H, Tq)."""
+    H, Tq = q.shape[1], q.shape[2]
+    Hkv, Tk = k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
+    s = (q @ kk.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    pos = torch.arange(Tq)[:, None] + Tk - Tq
+    ok = torch.arange(Tk)[None, :] <= pos  # (Tq, Tk)
+    if segment_ids is not None:
+        ok = ok & (segment_ids[:, None, :] == segment_ids[:, pos[:, 0]][:, :, None])[:, None]
+    return s.masked_fill(~ok, float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=str)
+@pytest.mark.parametrize("seg", [False, True])
+def test_attention_mma_forward(dtype, D, shape, seg):
+    q, k, v, _, segment_ids = attn_inputs(*shape, D, seg)
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # the exact reference sees the same rounded inputs
+    to = lambda t: None if t is None else t.to(DEV)
+    scale = D**-0.5
+    out, lse = torch.ops.fastrlhf.causal_attention_fwd(to(q), to(k), to(v), scale, to(segment_ids))
+    exact = reference.causal_attention(q.double(), k.double(), v.double(), segment_ids=segment_ids)
+    own = reference.causal_attention(q, k, v, segment_ids=segment_ids)
+    assert out.dtype == dtype and rel_err(out, exact) <= 2 * rel_err(own, exact)
+    want = exact_lse(q.double(), k.double(), v.double(), scale, segment_ids)
+    assert lse.dtype == torch.float64 and (lse.cpu() - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_mma_every_short_length(dtype, D):
+    """T = 1..17, both sides of the Tq >= 16 switch: out within 2x PyTorch's error, lse close."""
+    for T in range(1, 18):
+        q, k, v, _, segment_ids = attn_inputs(2, 4, 2, T, T, D, T % 2 == 1)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        to = lambda t: None if t is None else t.to(DEV)
+        out, lse = torch.ops.fastrlhf.causal_attention_fwd(to(q), to(k), to(v), D**-0.5, to(segment_ids))
+        exact = reference.causal_attention(q.double(), k.double(), v.double(), segment_ids=segment_ids)
+        own = reference.causal_attention(q, k, v, segment_ids=segment_ids)
+        assert rel_err(out, exact) <= 2 * rel_err(own, exact), T
+        want = exact_lse(q.double(), k.double(), v.double(), D**-0.5, segment_ids)
+        assert (lse.cpu() - want).abs().max().item() < 1e-4, T
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_attention_mma_backward_consistent(dtype):
+    """The backward recomputes P from the tensor-core forward's lse: gradients stay within 2x."""
+    q, k, v, dout, segment_ids = attn_inputs(2, 4, 2, 150, 150, 128, True)
+    half = [t.to(dtype) for t in (q, k, v, dout)]
+    to = lambda t: None if t is None else t.to(DEV)
+    got = attn_run(causal_attention, *[to(t) for t in half], segment_ids=to(segment_ids))
+    exact = attn_run(reference.causal_attention, *[t.double() for t in half], segment_ids=segment_ids)
+    own = attn_run(reference.causal_attention, *half, segment_ids=segment_ids)
+    for name, a, e, o in zip(["out", "dq", "dk", "dv"], got, exact, own):
+        assert rel_err(a, e) <= 2 * rel_err(o, e), name
+
+
 def test_attention_float64_refused_on_cuda():
     if DEV != "cuda":
         pytest.skip("float64 attention runs on the CPU")
