@@ -4,14 +4,15 @@
 // the token is the first index whose inclusive running sum of allowed e exceeds u * (their total),
 // u = philox_uniform(seed, row, 0): the same Philox stream as the CPU, so the same seed gives the same
 // tokens (up to the last bits of the sums when a draw lands exactly on a boundary).
-// Thresholds from a histogram: the softmax pass also bins every token by d = (max - x) / T in 1/16ths
-// of a bit of probability (2048 bins, monotone in x), counting tokens for top-k and summing e in 2^-32
-// fixed point for top-p, so the integer atomics add up the same in any order. The bins give the one
-// bin range that holds the top-k and top-p boundaries; a second pass gathers its tokens' keys into
-// shared memory, sorts them and finds the exact thresholds there. Rows whose range holds too many
-// tokens (ties, flat rows) fall back to radix select over the row, 8 bits a pass. The draw sums the
-// allowed mass of 64 index-ordered segments, then one warp walks the segment holding u * total.
-// Every pass uses 16-byte loads where the row is aligned; every sum is deterministic run after run.
+// Thresholds from a histogram: the softmax pass also bins every token by d = (max - x) log2(e) / T in
+// 1/16ths of a bit (2048 bins, monotone in x), counting tokens for top-k and summing e in 2^-32 fixed
+// point for top-p, so the integer atomics add up the same in any order. The bins give the one bin
+// range that holds the top-k and top-p boundaries; a second pass gathers its tokens' keys into shared
+// memory, sorts them and finds the exact thresholds there (top-p's mass above the range is exact too).
+// Rows whose range holds too many tokens (ties, flat rows) fall back to radix select over the row,
+// 8 bits a pass. The draw sums the allowed mass of 64 index-ordered segments, then one warp walks the
+// segment holding u * total. Every pass uses 16-byte loads where the row is aligned; every sum is
+// deterministic run after run.
 #include <cfloat>
 
 #include "common/cuda_ops.h"
@@ -120,11 +121,16 @@ __device__ __forceinline__ void for_each(const T* x, int64_t V, int64_t j0, int6
   }
 }
 
+// A bin's mass in 2^-32 fixed point is (hi << 16) + lo, each half a 32-bit sum (shared-memory
+// atomics on 64 bits are compare-and-swap loops): exact while the bin holds < 2^16 tokens.
 template <class Key> union Pool {
   struct {
-    unsigned int count[kSlots];
-    unsigned long long mass[kSlots];
+    unsigned int count[kSlots], hi[kSlots], lo[kSlots];
   } h;
+  struct {  // the radix fallback's
+    unsigned int count[256];
+    unsigned long long mass[256];
+  } r;
   Key keys[kPoolBytes / sizeof(Key)];
 };
 template <class Key> struct Shared {
@@ -152,21 +158,27 @@ template <class Key> constexpr int kCap = kPoolBytes / int(sizeof(Key));  // gat
 // k. Top-p: the boundary bin is the last non-empty bin whose mass above, M(b), is < target; with top-k,
 // target >= t_lo = top_p * M(b_k) (the survivors weigh at least the bins above b_k), so the boundary
 // lies in [b_lo, b_k] with b_lo that bin for t_lo. The gathered range [g0, g1] holds both.
-template <class Key> __device__ __forceinline__ void pick_bins(Shared<Key>& sh, int64_t k, double top_p) {
+template <class Key>
+__device__ __forceinline__ void pick_bins(Shared<Key>& sh, int64_t k, double top_p, int cut) {
   constexpr int kPer = kBins / 32;
   const int lane = threadIdx.x & 31;
   const unsigned int* count = sh.pool.h.count;
-  const unsigned long long* mass = sh.pool.h.mass;
+  auto mass = [&](int b) { return (uint64_t(sh.pool.h.hi[slot(b)]) << 16) + sh.pool.h.lo[slot(b)]; };
   const bool topp = top_p < 1;
   unsigned long long c = 0, m = 0;
-  for (int b = lane * kPer; b < (lane + 1) * kPer; ++b) c += count[slot(b)], m += topp ? mass[slot(b)] : 0;
+  bool crowded = false;  // a bin of >= 2^16 tokens: its halves may have wrapped
+  for (int b = lane * kPer; b < (lane + 1) * kPer; ++b) {
+    c += count[slot(b)], m += topp ? mass(b) : 0;
+    crowded |= b < cut && count[slot(b)] >= 65536u;
+  }
+  crowded = __any_sync(0xffffffffu, crowded) && topp;
   unsigned long long c0 = c, m0 = m;  // exclusive scans over the lanes
   for (int o = 1; o < 32; o <<= 1) {
     const unsigned long long uc = __shfl_up_sync(0xffffffffu, c0, o), um = __shfl_up_sync(0xffffffffu, m0, o);
     if (lane >= o) c0 += uc, m0 += um;
   }
   c0 -= c, m0 -= m;
-  const unsigned long long mtot = __shfl_sync(0xffffffffu, m0 + m, 31);
+  const unsigned long long mtot = sh.mtot;  // exact: the bins may leave out the negligible tail
   // top-k: b_k, the count above it and its M
   int bk = kBins - 1;
   unsigned long long bk_count = 0, bk_mass = 0;
@@ -179,7 +191,7 @@ template <class Key> __device__ __forceinline__ void pick_bins(Shared<Key>& sh, 
           mine = b, at_c = cc, at_m = mm;
           break;
         }
-        cc += count[slot(b)], mm += topp ? mass[slot(b)] : 0;
+        cc += count[slot(b)], mm += topp ? mass(b) : 0;
       }
     }
     const unsigned hit = __ballot_sync(0xffffffffu, mine >= 0);
@@ -197,7 +209,7 @@ template <class Key> __device__ __forceinline__ void pick_bins(Shared<Key>& sh, 
     unsigned long long cc = c0, mm = m0, at_c = 0, at_m = 0;
     for (int b = lane * kPer; b < (lane + 1) * kPer && double(mm) < t_lo; ++b) {
       if (count[slot(b)] > 0) mine = b, at_c = cc, at_m = mm;
-      cc += count[slot(b)], mm += mass[slot(b)];
+      cc += count[slot(b)], mm += mass(b);
     }
     const unsigned hit = __ballot_sync(0xffffffffu, mine >= 0);
     if (hit) {
@@ -222,8 +234,8 @@ template <class Key> __device__ __forceinline__ void pick_bins(Shared<Key>& sh, 
   }
   if (lane == 0) {
     sh.g0 = g0, sh.g1 = g1;
-    sh.ok = blo >= 0 || !topp || k > 0 ? int(end_c - above_c <= (unsigned long long)kCap<Key>) : 0;
-    sh.above_count = int64_t(above_c), sh.above_mass = above_m, sh.mtot = mtot;
+    sh.ok = (blo >= 0 || !topp || k > 0) && !crowded ? int(end_c - above_c <= (unsigned long long)kCap<Key>) : 0;
+    sh.above_count = int64_t(above_c), sh.above_mass = above_m;
   }
 }
 
@@ -290,8 +302,8 @@ template <class Key> __device__ __forceinline__ int walk_topk(Shared<Key>& sh, i
     int64_t r = remaining;
     int b = 255;
     for (; b > 0; --b) {
-      if (int64_t(sh.pool.h.count[b]) >= r) break;
-      r -= sh.pool.h.count[b];
+      if (int64_t(sh.pool.r.count[b]) >= r) break;
+      r -= sh.pool.r.count[b];
     }
     sh.pick = uint64_t(b);
     sh.pick_above = double(r);
@@ -306,11 +318,11 @@ template <class Key> __device__ __forceinline__ int walk_topp(Shared<Key>& sh, u
     unsigned long long a = above, chosen_above = above;
     int chosen = -1;
     for (int b = 255; b >= 0; --b) {
-      if (sh.pool.h.count[b] == 0) continue;
+      if (sh.pool.r.count[b] == 0) continue;
       if (!(double(a) < target)) break;
       chosen = b;
       chosen_above = a;
-      a += sh.pool.h.mass[b];
+      a += sh.pool.r.mass[b];
     }
     sh.pick = uint64_t(chosen < 0 ? 0 : chosen);  // chosen >= 0: the walk starts with above < target
     sh.pick_mass = chosen_above;
@@ -325,8 +337,8 @@ template <class T, class Key, class E>
 __device__ __forceinline__ acc_t<T> radix_threshold(Shared<Key>& sh, const T* x, int64_t V, int64_t k, double top_p, E e_of) {
   using A = acc_t<T>;
   constexpr int kBits = int(sizeof(Key)) * 8;
-  unsigned int* count = sh.pool.h.count;
-  unsigned long long* mass = sh.pool.h.mass;
+  unsigned int* count = sh.pool.r.count;
+  unsigned long long* mass = sh.pool.r.mass;
   const int tid = threadIdx.x;
   A lo = A(-INFINITY);
   if (k > 0) {  // the k-th largest key, by counts (ties kept: x >= vk)
@@ -528,26 +540,41 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleParams p) {
 
   // Pass 2: Z = sum e over the row (the unfiltered softmax of the logprob), the first argmax for
   // greedy rows, and the histogram for top-k / top-p.
+  // Top-p's boundary never lies among tokens of e < 2^(-cut / 16): they weigh < (1 - top_p) Zk / 4
+  // (Zk >= 1: the max survives), so their bins skip the mass (and, without top-k, the count).
+  int cut = kBins;
+  if (topp && (1 - top_p) * 1073741824.0 >= double(V))  // V / 2 rounding halves weigh < (1 - top_p) / 8
+    cut = int(min(double(kBins), ceil(16 * log2(8 * double(V) / (1 - top_p))) + 2));
   if (hist) {
-    for (int b = tid; b < kSlots; b += kThreads) sh.pool.h.count[b] = 0, sh.pool.h.mass[b] = 0;
+    for (int b = tid; b < kSlots; b += kThreads) sh.pool.h.count[b] = 0, sh.pool.h.hi[b] = 0, sh.pool.h.lo[b] = 0;
     __syncthreads();
   }
   double z = 0;
+  unsigned long long zfix = 0;  // Z in fixed point, exact
   int64_t first = INT64_MAX;
   for_each(x, V, tid, nvec, kThreads, [&](int64_t i, A v) {
     const A e = e_of(v);
     z += double(e);
     if (greedy && v == m) first = min(first, i);
     if (hist) {
-      const int b = slot(bin_of(v));
-      atomicAdd(&sh.pool.h.count[b], 1u);
+      const int b = bin_of(v);
+      if (b < cut || k > 0) atomicAdd(&sh.pool.h.count[slot(b)], 1u);
       if (topp) {
         const unsigned long long f = fixed(double(e));
-        if (f) atomicAdd(&sh.pool.h.mass[b], f);
+        zfix += f;
+        if (b < cut && f) {
+          atomicAdd(&sh.pool.h.hi[slot(b)], unsigned(f >> 16));
+          atomicAdd(&sh.pool.h.lo[slot(b)], unsigned(f & 0xffffu));
+        }
       }
     }
   });
   z = block_reduce(z, 0.0, Sum(), sh.dscratch);  // its barriers also complete the histogram
+  if (topp) {
+    zfix = block_reduce(zfix, 0ull, Sum(), reinterpret_cast<unsigned long long*>(sh.iscratch));
+    if (tid == 0) sh.mtot = zfix;
+    __syncthreads();
+  }
 
   int64_t token;
   if (greedy) {
@@ -555,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleParams p) {
   } else {
     A lo = A(-INFINITY);
     if (hist) {
-      if (tid < 32) pick_bins(sh, k, top_p);
+      if (tid < 32) pick_bins(sh, k, top_p, cut);
       __syncthreads();
       const int g0 = sh.g0, g1 = sh.g1;
       if (sh.ok) {  // gather the keys of bins [g0, g1] (the pool is free: pick_bins is done)
