@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cuda import cuda_ms, ensure_built, torch_sample  # noqa: E402
+from bench_cuda import cuda_ms, ensure_built, torch_sample
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     for B, V in ((64, 50304), (16, 128256)):
         x = torch.randn(B, V, device=dev, dtype=bf) * 3
         for f in ({"top_k": 50, "top_p": 0.9}, {"top_p": 0.9}, {"top_k": 50}, {"top_p": 0.5, "min_p": 0.01}):
-            gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+            gen = lambda: torch.Generator().manual_seed(7)
             tok, lp = sample(x, generator=gen(), **f)
             tok2, lp2 = sample(x, generator=gen(), **f)
             cpu_tok, _ = sample(x.cpu(), generator=gen(), **f)
@@ -45,33 +46,36 @@ def main() -> None:
             diff = int((tok.cpu() != cpu_tok).sum())
             same = torch.equal(tok, tok2) and torch.equal(lp, lp2)
             if not (ok and same and diff <= 1):
-                sys.exit(f"MISMATCH sample {f} ({B}, {V}): allowed {ok}, deterministic {same}, {diff} differ from CPU")
+                sys.exit(
+                    f"MISMATCH sample {f} ({B}, {V}): allowed {ok}, deterministic {same}, {diff} differ from CPU"
+                )
     print("all results match", flush=True)
 
     # ---- time ---------------------------------------------------------------------------------------------
     rows = []
 
     def row(op, shape, base_ms, ours_ms):
-        rows.append({"op": op, "shape": shape, "base_ms": base_ms, "ours_ms": ours_ms, "ratio": base_ms / ours_ms})
+        rows.append(
+            {"op": op, "shape": shape, "base_ms": base_ms, "ours_ms": ours_ms, "ratio": base_ms / ours_ms}
+        )
 
     for B, V in ((64, 50304), (256, 128256)):
         x = torch.randn(B, V, device=dev, dtype=bf) * 3
-        shape = f"({B}, {V}) bf16"
-        for name, k, p in (("top-k50 top-p.9", 50, 0.9), ("top-p.9", V, 0.9), ("top-k50", 50, 1.0)):
-            base = cuda_ms(lambda: torch_sample(x, k, p), args.reps)
-            kw = {"top_k": k if k < V else 0, "top_p": p}
-            row(f"sample {name}", shape, base, cuda_ms(lambda: sample(x, **kw), args.reps))
         flat = torch.randn(B, V, device=dev, dtype=bf)  # top-p .9 keeps ~70 % of the row
-        row("sample top-p.9 flat", shape, cuda_ms(lambda: torch_sample(flat, V, 0.9), args.reps),
-            cuda_ms(lambda: sample(flat, top_p=0.9), args.reps))
         ties = torch.randint(0, 4, (B, V), device=dev).to(bf)  # boundary bins of ~V/4 tokens: radix
-        row("sample top-p.9 ties", shape, cuda_ms(lambda: torch_sample(ties, V, 0.9), args.reps),
-            cuda_ms(lambda: sample(ties, top_p=0.9), args.reps))
-        row("sample greedy", shape, cuda_ms(lambda: torch.argmax(x, -1), args.reps),
-            cuda_ms(lambda: sample(x, temperature=0.0), args.reps))
+        shape = f"({B}, {V}) bf16"
+        for name, base, ours in (
+            ("top-k50 top-p.9", partial(torch_sample, x, 50, 0.9), partial(sample, x, top_k=50, top_p=0.9)),
+            ("top-p.9", partial(torch_sample, x, V, 0.9), partial(sample, x, top_p=0.9)),
+            ("top-k50", partial(torch_sample, x, 50, 1.0), partial(sample, x, top_k=50)),
+            ("top-p.9 flat", partial(torch_sample, flat, V, 0.9), partial(sample, flat, top_p=0.9)),
+            ("top-p.9 ties", partial(torch_sample, ties, V, 0.9), partial(sample, ties, top_p=0.9)),
+            ("greedy (vs argmax)", partial(torch.argmax, x, -1), partial(sample, x, temperature=0.0)),
+        ):
+            row(f"sample {name}", shape, cuda_ms(base, args.reps), cuda_ms(ours, args.reps))
     tiny = torch.randn(1, 16, device=dev)
-    row("sample per-call floor", "(1, 16) fp32", cuda_ms(lambda: torch_sample(tiny, 16, 0.9), args.reps),
-        cuda_ms(lambda: sample(tiny, top_p=0.9), args.reps))
+    base, ours = partial(torch_sample, tiny, 16, 0.9), partial(sample, tiny, top_p=0.9)
+    row("sample per-call floor", "(1, 16) fp32", cuda_ms(base, args.reps), cuda_ms(ours, args.reps))
 
     gpu = torch.cuda.get_device_name()
     for r in rows:

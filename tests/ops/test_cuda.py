@@ -207,7 +207,7 @@ def test_sample_large_vocab_and_per_row_params():
 
 def same_as_cpu(logits: torch.Tensor, **filters) -> None:
     """CUDA tokens: allowed, deterministic, the CPU's for the same seed (up to one boundary draw)."""
-    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(11)
     tok, lp = sample(logits.to(DEV), generator=gen(), **filters)
     tok2, lp2 = sample(logits.to(DEV), generator=gen(), **filters)
     assert torch.equal(tok, tok2) and torch.equal(lp, lp2), "not deterministic"
@@ -218,7 +218,9 @@ def same_as_cpu(logits: torch.Tensor, **filters) -> None:
 
 
 @pytest.mark.parametrize(
-    "filters", [{"top_k": 50, "top_p": 0.9}, {"top_p": 0.9}, {"top_k": 3000}, {"top_p": 0.3, "min_p": 0.02}], ids=str
+    "filters",
+    [{"top_k": 50, "top_p": 0.9}, {"top_p": 0.9}, {"top_k": 3000}, {"top_p": 0.3, "min_p": 0.02}],
+    ids=str,
 )
 def test_sample_large_vocab_same_as_cpu(filters):
     # rows of 16-byte aligned bf16 (the vector loads) and fp16 / fp32 rows with a ragged tail
