@@ -205,6 +205,41 @@ def test_sample_large_vocab_and_per_row_params():
     assert torch.isfinite(allowed.gather(1, tok.cpu()[:, None])).all() and torch.isfinite(lp).all()
 
 
+def same_as_cpu(logits: torch.Tensor, **filters) -> None:
+    """CUDA tokens: allowed, deterministic, the CPU's for the same seed (up to one boundary draw)."""
+    gen = lambda: torch.Generator().manual_seed(11)
+    tok, lp = sample(logits.to(DEV), generator=gen(), **filters)
+    tok2, lp2 = sample(logits.to(DEV), generator=gen(), **filters)
+    assert torch.equal(tok, tok2) and torch.equal(lp, lp2), "not deterministic"
+    cpu_tok, _ = sample(logits, generator=gen(), **filters)
+    assert (tok.cpu() != cpu_tok).sum() <= 1
+    allowed = reference.sample_filter(logits, **filters)  # (B, V)
+    assert torch.isfinite(allowed.gather(1, tok.cpu()[:, None])).all()
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [{"top_k": 50, "top_p": 0.9}, {"top_p": 0.9}, {"top_k": 3000}, {"top_p": 0.3, "min_p": 0.02}],
+    ids=str,
+)
+def test_sample_large_vocab_same_as_cpu(filters):
+    # rows of 16-byte aligned bf16 (the vector loads) and fp16 / fp32 rows with a ragged tail
+    same_as_cpu((torch.randn(12, 50304) * 3).bfloat16(), **filters)
+    same_as_cpu((torch.randn(5, 30011) * 2).half(), **filters)
+    same_as_cpu(torch.randn(5, 30011) * 4, **filters)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("filters", [{"top_k": 50}, {"top_p": 0.6}, {"top_k": 9000, "top_p": 0.9}], ids=str)
+def test_sample_crowded_boundary_bins(filters, dtype):
+    # three logit values: the boundary bin holds ~V/3 ties, more than shared memory takes (radix select)
+    same_as_cpu(torch.randint(0, 3, (6, 30011)).to(dtype), **filters)
+    # all equal but one: every token in the max's bin
+    flat = torch.zeros(3, 30011, dtype=dtype)
+    flat[:, 7] = 1
+    same_as_cpu(flat, **filters)
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
