@@ -72,7 +72,9 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
@@ -100,4 +102,6 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def assert_close(name: str, got: Any, want: Any, **tol: float) -> None:
-    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: result differs from the reference: {m}")
+    torch.testing.assert_close(
+        got, want, **tol, msg=lambda m: f"{name}: result differs from the reference: {m}"
+    )

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_cuda import check, cuda_ms, ensure_built, rel_err
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_cuda import check, cuda_ms, ensure_built, rel_err, run_info
 
 
 def main() -> None:
@@ -68,14 +64,7 @@ def main() -> None:
             }
         )
     print("all results match")
-    info = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "hbm_GBs": round(hbm),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
-    }
+    info = run_info(hbm)
     for r in rows:
         print("JSON " + json.dumps({**r, **info}))
     print(

@@ -61,6 +61,22 @@ def cuda_ms(fn, reps: int = 10, inner: int | None = None) -> float:
     return statistics.median(samples)
 
 
+def run_info(hbm: float) -> dict:
+    """What every JSON line carries: the GPU, torch, the measured d2d bandwidth, commit and compiler."""
+    import fastrlhf
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "hbm_GBs": round(hbm),
+        "commit": commit,
+        "build": fastrlhf.build_info().get("compiler"),
+    }
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
@@ -134,7 +150,6 @@ def main() -> None:
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench_cuda needs a CUDA device"
     ensure_built()
-    import fastrlhf
     from fastrlhf.ops import causal_attention, gae, ppo_loss, reference, sample, token_logprobs
 
     dev, bf = "cuda", torch.bfloat16
@@ -338,15 +353,7 @@ def main() -> None:
             GBs=round(2 * k.numel() * k.element_size() / ours / 1e6),
         )  # K and V read once
 
-    info = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "hbm_GBs": round(hbm),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
-        "build": fastrlhf.build_info().get("compiler"),
-    }
+    info = run_info(hbm)
     for r_ in rows:
         print("JSON " + json.dumps({**r_, **info}))
     print(

@@ -15,8 +15,6 @@
 namespace fr::cuda::attn {
 namespace {
 
-
-
 template <class T> struct MmaType;
 template <> struct MmaType<bf16_t> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
