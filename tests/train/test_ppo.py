@@ -183,6 +183,8 @@ def test_ptx_adds_a_pretraining_loss():
     assert math.isfinite(m["ptx_loss"]) and m["ptx_loss"] > 3.0  # random 61-way text: about ln 61 = 4.1
     with pytest.raises(ValueError, match="ppo.ptx_coef = 0.5 needs pretraining tokens"):
         make_trainer("ppo.ptx_coef=0.5")
+    with pytest.raises(ValueError, match=r"ppo.ptx_block \(33\) exceeds the policy's block_size \(32\)"):
+        make_trainer("ppo.ptx_coef=0.5", "ppo.ptx_block=33", ptx_tokens=tokens)
 
 
 @pytest.mark.parametrize("override, match", [

@@ -143,6 +143,9 @@ class PPOTrainer:
         if p.ptx_coef > 0 and (ptx_tokens is None or len(ptx_tokens) <= p.ptx_block + 1):
             raise ValueError(f"ppo.ptx_coef = {p.ptx_coef} needs pretraining tokens longer than ppo.ptx_block "
                              f"({p.ptx_block}); set train.ptx_data to a token file")
+        if p.ptx_coef > 0 and p.ptx_block > policy.config.block_size:
+            raise ValueError(f"ppo.ptx_block ({p.ptx_block}) exceeds the policy's block_size "
+                             f"({policy.config.block_size}); set ppo.ptx_block <= {policy.config.block_size}")
         dist.check_divides("ppo.rollout_batch", p.rollout_batch)
         dist.check_divides("ppo.minibatch", p.minibatch)
         self.device = next(policy.parameters()).device
