@@ -176,6 +176,17 @@ def test_non_finite_steps_are_skipped_counted_then_abort():
         tr.step()
 
 
+def test_value_warmup_trains_only_the_critic_first():
+    tr = make_trainer("ppo.value_warmup_steps=1", "optim.weight_decay=0")
+    policy0 = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    value0 = {k: v.clone() for k, v in tr.value.state_dict().items()}
+    tr.step()  # warm-up: advantages zeroed, the value loss alone
+    assert all(torch.equal(v, tr.policy.state_dict()[k]) for k, v in policy0.items())
+    assert not all(torch.equal(v, tr.value.state_dict()[k]) for k, v in value0.items())
+    tr.step()  # PPO proper
+    assert not all(torch.equal(v, tr.policy.state_dict()[k]) for k, v in policy0.items())
+
+
 def test_ptx_adds_a_pretraining_loss():
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, 500).astype(np.uint16)
     tr = make_trainer("ppo.ptx_coef=0.5", "ppo.ptx_block=16", ptx_tokens=tokens)
@@ -196,6 +207,7 @@ def test_ptx_adds_a_pretraining_loss():
     ("ppo.kl_estimator=k2", r"ppo.kl_estimator must be one of \['k1', 'k3'\]; got 'k2'"),
     ("ppo.value_model=shared", "ppo.value_model must be one of"),
     ("ppo.lam=1.5", r"ppo.lam must be in \[0.0, 1.0\]; got 1.5"),
+    ("ppo.value_warmup_steps=-1", r"ppo.value_warmup_steps must be in \[0, inf\]; got -1"),
     ("ppo.kl_coef=-1", r"ppo.kl_coef must be in \[0.0, inf\); got -1.0"),
     ("train.max_steps=0", r"train.max_steps must be in \[1, inf\]; got 0"),
     ("ppo.clip_rnage=0.1", r"unknown field\(s\) \['ppo.clip_rnage'\]"),

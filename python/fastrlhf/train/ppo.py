@@ -358,6 +358,8 @@ class PPOTrainer:
              "rlhf_reward": (ro.score + non_score).mean().item()}
         if self.true_score is not None:
             m["true_score"] = float(np.mean(self.true_score(prompts, masked_responses(ro))))
+        if self.step_count < p.value_warmup_steps:  # critic warm-up: the value loss alone
+            ro.advantages.zero_()
         finite = bool(torch.isfinite(ro.advantages).all())
         if dist.active():  # the ranks hold equal shares: means of their means are global means
             everyone = torch.ones_like(ro.score, dtype=torch.bool)

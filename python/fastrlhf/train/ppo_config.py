@@ -95,6 +95,10 @@ class PPOHyperConfig:
     """Tokens per pretraining sequence."""
     value_model: str = "separate"
     """'separate' (own trunk, from the RM) or 'policy_head' (a value head on the policy trunk)."""
+    value_warmup_steps: int = 0
+    """First steps that train only the value function: their advantages are zeroed, so the policy gets no
+    policy-gradient (an untrained critic's advantages are noise). With 'policy_head' the value loss still
+    moves the shared trunk."""
     max_nonfinite: int = 3
     """Abort after this many non-finite steps in a row."""
     check_invariants: bool = True
@@ -110,6 +114,7 @@ class PPOHyperConfig:
                              f"({self.minibatch})")
         check_range(w + "temperature", self.temperature, 0.0, INF, lo_open=True)
         check_range(w + "top_k", self.top_k, 0, INF)
+        check_range(w + "value_warmup_steps", self.value_warmup_steps, 0, INF)
         check_range(w + "top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_range(w + "gamma", self.gamma, 0.0, 1.0)
         check_range(w + "lam", self.lam, 0.0, 1.0)
