@@ -176,6 +176,20 @@ def test_non_finite_steps_are_skipped_counted_then_abort():
         tr.step()
 
 
+@pytest.mark.parametrize("whiten", [True, False])
+def test_advantages_are_gae_whitened_or_not(whiten):
+    from fastrlhf import ops
+
+    tr = make_trainer(f"ppo.whiten_advantages={str(whiten).lower()}")
+    ro = tr.rollout(tr._next_prompts())
+    gae, _ = ops.gae(ro.rewards, ro.values, ro.mask, gamma=1.0, lam=0.95)  # (B, Tr)
+    live = ro.advantages[ro.mask]
+    if whiten:
+        assert abs(float(live.mean())) < 1e-5 and abs(float(live.std()) - 1) < 0.05
+    else:
+        assert torch.equal(ro.advantages, gae)
+
+
 def test_value_warmup_trains_only_the_critic_first():
     tr = make_trainer("ppo.value_warmup_steps=1", "optim.weight_decay=0")
     policy0 = {k: v.clone() for k, v in tr.policy.state_dict().items()}

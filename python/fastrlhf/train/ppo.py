@@ -254,7 +254,7 @@ class PPOTrainer:
         rewards = shape_rewards(score, ro.kl, self.kl_ctl.value, mask)
         ro.rewards = masked_whiten(rewards, mask, shift_mean=False, moments=moments) if p.whiten_rewards else rewards
         advantages, ro.returns = ops.gae(ro.rewards, ro.values, mask, gamma=p.gamma, lam=p.lam)
-        ro.advantages = masked_whiten(advantages, mask, moments=moments)
+        ro.advantages = masked_whiten(advantages, mask, moments=moments) if p.whiten_advantages else advantages
         return ro
 
     # ---- update --------------------------------------------------------------------------------------

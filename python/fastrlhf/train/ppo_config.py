@@ -87,6 +87,9 @@ class PPOHyperConfig:
     """Clip scores to [-score_clip, score_clip] (0 = off)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards over the batch (mean kept)."""
+    whiten_advantages: bool = True
+    """Whiten the advantages over the batch (the usual PPO choice). It rescales them to unit spread even when
+    the critic already explains the rewards, which turns noise into full-size steps."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the pretraining loss added to each update (0 = off)."""
     ptx_batch: int = 4
