@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastrlhf import ops
 from fastrlhf.data import corpus
 from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.train import checkpoint as ckpt
@@ -178,8 +179,6 @@ def test_non_finite_steps_are_skipped_counted_then_abort():
 
 @pytest.mark.parametrize("whiten", [True, False])
 def test_advantages_are_gae_whitened_or_not(whiten):
-    from fastrlhf import ops
-
     tr = make_trainer(f"ppo.whiten_advantages={str(whiten).lower()}")
     ro = tr.rollout(tr._next_prompts())
     gae, _ = ops.gae(ro.rewards, ro.values, ro.mask, gamma=1.0, lam=0.95)  # (B, Tr)

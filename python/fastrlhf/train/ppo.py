@@ -358,8 +358,6 @@ class PPOTrainer:
              "rlhf_reward": (ro.score + non_score).mean().item()}
         if self.true_score is not None:
             m["true_score"] = float(np.mean(self.true_score(prompts, masked_responses(ro))))
-        if self.step_count < p.value_warmup_steps:  # critic warm-up: the value loss alone
-            ro.advantages.zero_()
         finite = bool(torch.isfinite(ro.advantages).all())
         if dist.active():  # the ranks hold equal shares: means of their means are global means
             everyone = torch.ones_like(ro.score, dtype=torch.bool)
@@ -367,6 +365,8 @@ class PPOTrainer:
             m = dist.mean_floats(m | {"finite": float(finite)})
             finite = m.pop("finite") == 1.0
         finite = finite and all(math.isfinite(v) for v in m.values())
+        if self.step_count < p.value_warmup_steps:  # critic warm-up (after the check above): the value loss alone
+            ro.advantages.zero_()
         stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
         self._first = None  # a skipped update must not leave the rollout's graph behind
         t_train = time.perf_counter()
