@@ -147,6 +147,26 @@ def test_pairwise_mode_trains_on_flattened_pairs(sft_run, rankings_file, tmp_pat
     assert math.isfinite(last["loss"]) and 0.0 <= last["val_accuracy"] <= 1.0
 
 
+def test_center_coef_pulls_every_reward_towards_zero(sft_run, rankings_file, tmp_path):
+    """train.center_coef adds coef * mean(r^2) to the ranking loss: the same run with it ends with rewards
+    much nearer 0 (the ranking loss alone leaves each prompt's offset free)."""
+    mean_sq = []
+    for coef, out in ((0.0, tmp_path / "a"), (1.0, tmp_path / "b")):
+        train_rm(rm_config(sft_run, rankings_file, out, "train.max_steps=8", "data.demos=none",
+                           f"train.center_coef={coef}"), quiet=True)
+        rm, tok = load_reward_model(out)
+        enc = encode_rankings(tok, read_rankings(rankings_file), rm.config.block_size, "drop")[0]
+        with torch.no_grad():
+            rewards = score_batch(rm, enc, tok.eot_id, CPU)[0]  # (N,)
+        mean_sq.append(rewards.square().mean().item())
+    assert mean_sq[1] < 0.5 * mean_sq[0], mean_sq
+
+
+def test_negative_center_coef(sft_run, rankings_file, tmp_path):
+    with pytest.raises(ValueError, match="train.center_coef"):
+        rm_config(sft_run, rankings_file, tmp_path, "train.center_coef=-0.1")
+
+
 def test_ranking_that_is_not_a_permutation(sft_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "What is 1+1?", "responses": ["2", "3"], "ranking": [0, 1]}\n'

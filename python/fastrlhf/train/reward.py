@@ -75,6 +75,10 @@ class RMTrainConfig(LoopConfig):
     read batch_size / N whole rankings each)."""
     margin: float = 0.0
     """Required reward gap: the pair loss is -log sigmoid(r_better - r_worse - margin)."""
+    center_coef: float = 0.0
+    """Weight of mean(r^2) over the batch's responses, added to the ranking loss (Eisenstein et al. 2023,
+    arXiv 2312.09244; TRL's center_rewards_coefficient). The ranking loss leaves each prompt's reward
+    offset free, and PPO's critic then has to learn those offsets; 0 = off."""
     pairwise: bool = False
     """Flatten each ranking into C(K, 2) independent pairs (the usual practice; for comparison)."""
     share_prefix: bool = True
@@ -87,8 +91,8 @@ class RMTrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         self.check_at_least_one("max_steps", "batch_size", "eval_interval")
-        if self.margin < 0:
-            raise ValueError(f"train.margin must be >= 0; got {self.margin}")
+        if self.margin < 0 or self.center_coef < 0:
+            raise ValueError(f"train.margin and train.center_coef must be >= 0; got {self.margin}, {self.center_coef}")
 
 
 @dataclass
@@ -295,7 +299,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
         seen[0] += sum(len(x) for r, _ in batch for x in r)  # tokens of the global batch
         with autocast_for(device, t.dtype):  # whole rankings per rank: the mean of the ranks' means is the mean
             rewards, better, worse, owner = score_batch(ddp_rm, batch[share], tok.eot_id, device, t.share_prefix)
-        return kwise_loss(rewards, better, worse, owner, t.margin)
+        return kwise_loss(rewards, better, worse, owner, t.margin) + t.center_coef * rewards.square().mean()
 
     def tokens_per_step() -> int:
         n, seen[0] = seen[0], 0
