@@ -200,6 +200,21 @@ def test_value_warmup_trains_only_the_critic_first():
     assert not all(torch.equal(v, tr.policy.state_dict()[k]) for k, v in policy0.items())
 
 
+@pytest.mark.parametrize("value_model", ["separate", "policy_head"])
+def test_value_lr_scales_only_the_critics_steps(value_model):
+    """optim.value_lr: the value function's groups follow the schedule at value_lr / lr times the policy's
+    rate; the policy's groups hold exactly the policy's parameters."""
+    tr = make_trainer(f"ppo.value_model={value_model}", "optim.lr=1e-4", "optim.min_lr=1e-5", "optim.value_lr=3e-3")
+    tr.step()
+    lrs = [g["lr"] for g in tr.optimizer.param_groups]  # policy decay/no-decay, value decay/no-decay
+    assert lrs[0] == lrs[1] > 0 and lrs[2] == lrs[3] == pytest.approx(30 * lrs[0], rel=1e-12)
+    policy_params = {id(q) for g in tr.optimizer.param_groups[:2] for q in g["params"]}
+    assert policy_params == {id(q) for q in tr.policy.parameters()}
+    same = make_trainer(f"ppo.value_model={value_model}", "optim.lr=1e-4", "optim.min_lr=1e-5")
+    same.step()
+    assert len({g["lr"] for g in same.optimizer.param_groups}) == 1
+
+
 def test_ptx_adds_a_pretraining_loss():
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, 500).astype(np.uint16)
     tr = make_trainer("ppo.ptx_coef=0.5", "ppo.ptx_block=16", ptx_tokens=tokens)
@@ -220,6 +235,7 @@ def test_ptx_adds_a_pretraining_loss():
     ("ppo.kl_estimator=k2", r"ppo.kl_estimator must be one of \['k1', 'k3'\]; got 'k2'"),
     ("ppo.value_model=shared", "ppo.value_model must be one of"),
     ("ppo.lam=1.5", r"ppo.lam must be in \[0.0, 1.0\]; got 1.5"),
+    ("optim.value_lr=-1", r"optim.value_lr must be >= 0 \(0 = optim.lr\); got -1.0"),
     ("ppo.value_warmup_steps=-1", r"ppo.value_warmup_steps must be in \[0, inf\]; got -1"),
     ("ppo.kl_coef=-1", r"ppo.kl_coef must be in \[0.0, inf\); got -1.0"),
     ("train.max_steps=0", r"train.max_steps must be in \[1, inf\]; got 0"),

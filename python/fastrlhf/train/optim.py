@@ -39,13 +39,24 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps and grad_clip must be >= 0; got {self.warmup_steps}, {self.grad_clip}")
 
 
-def make_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (embeddings, linear weights); leave biases and LayerNorm gains alone (GPT-2/nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied matrix appears once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(model: nn.Module, cfg: OptimConfig, groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over adamw_groups(model), or over the given groups."""
+    groups = adamw_groups(model, cfg.weight_decay) if groups is None else groups
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, scales: list[float] | None = None) -> None:
+    """Every group's learning rate to lr, times scales[i] for group i when given."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr * (scales[i] if scales else 1.0)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -74,8 +85,7 @@ def optimizer_step(
     """One update: backward of micro_losses(i) / grad_accum for i < grad_accum, clip, step.
     Returns (mean loss, gradient norm before clipping). A DDP model averages the gradients over the
     ranks once, in the last micro-batch's backward (no_sync before it)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     total = 0.0
     for i in range(grad_accum):
         defer = isinstance(model, DistributedDataParallel) and i < grad_accum - 1

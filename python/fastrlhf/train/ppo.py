@@ -36,7 +36,7 @@ from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train import dist
 from fastrlhf.train.config import to_dict
 from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
-from fastrlhf.train.optim import lr_at, make_adamw
+from fastrlhf.train.optim import adamw_groups, lr_at, make_adamw, set_lr
 from fastrlhf.train.ppo_config import PPOConfig
 from fastrlhf.train.rl import (
     AdaptiveKLController,
@@ -165,7 +165,10 @@ class PPOTrainer:
                 frozen.eval().requires_grad_(False)
         # eval mode everywhere: dropout would break ratio == 1 at the first minibatch
         self.trained = nn.ModuleDict({"policy": policy, "value": self.value}).eval()
-        self.optimizer = make_adamw(self.trained, cfg.optim)
+        o = cfg.optim
+        groups = adamw_groups(policy, o.weight_decay) + adamw_groups(self.value, o.weight_decay)
+        self.optimizer = make_adamw(self.trained, o, groups)
+        self.lr_scales = [1.0, 1.0] + [o.value_lr / o.lr if o.value_lr else 1.0] * 2  # per group: policy, value
         self._call = dist.wrap_call(self.trained)  # call(fn, *args): fn's backward averages grads over the ranks
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
                        else KLController(p.kl_coef))
@@ -321,8 +324,7 @@ class PPOTrainer:
                                        f"|mean ratio - 1| = {mean_dev:.3g} and |approx_kl| = {abs_kl:.3g} (both must "
                                        f"be <= {INVARIANT_TOL}), max |ratio - 1| = {deviation:.3g} (must be <= "
                                        f"{TOKEN_TOL}); the scorer does not reproduce the sampler")
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(self.updates, o, total_updates)
+                set_lr(self.optimizer, lr_at(self.updates, o, total_updates), self.lr_scales)
                 loss.backward()
                 norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf))
                 if not math.isfinite(norm):

@@ -152,6 +152,14 @@ class PPOOptimConfig(OptimConfig):
     """Linear warmup from 0 over this many optimizer steps (minibatch updates)."""
     weight_decay: float = 0.0
     """Decoupled weight decay on matrices (PPO fine-tuning usually uses none)."""
+    value_lr: float = 0.0
+    """Peak learning rate of the value function (its warmup and decay follow lr's); 0 = lr. A sharp
+    policy wants a small lr, and its critic, which must learn the reward's scale, then lags behind."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.value_lr < 0:
+            raise ValueError(f"optim.value_lr must be >= 0 (0 = optim.lr); got {self.value_lr}")
 
 
 @dataclass
