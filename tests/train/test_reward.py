@@ -163,7 +163,7 @@ def test_center_coef_pulls_every_reward_towards_zero(sft_run, rankings_file, tmp
 
 
 def test_negative_center_coef(sft_run, rankings_file, tmp_path):
-    with pytest.raises(ValueError, match="train.center_coef"):
+    with pytest.raises(ValueError, match=r"train.center_coef must be >= 0; got -0.1"):
         rm_config(sft_run, rankings_file, tmp_path, "train.center_coef=-0.1")
 
 

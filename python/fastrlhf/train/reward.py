@@ -91,8 +91,9 @@ class RMTrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         self.check_at_least_one("max_steps", "batch_size", "eval_interval")
-        if self.margin < 0 or self.center_coef < 0:
-            raise ValueError(f"train.margin and train.center_coef must be >= 0; got {self.margin}, {self.center_coef}")
+        for name in ("margin", "center_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0; got {getattr(self, name)}")
 
 
 @dataclass
