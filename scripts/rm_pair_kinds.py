@@ -51,10 +51,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     gpt, tok = load_gpt(f"{a.run}/sft")
+    gpt.eval()
     rm, _ = load_reward_model(a.rm or f"{a.run}/rm")
     counts: dict[str, list[int]] = {}  # kind -> [pairs, SFT log-prob right, RM right]
     for r in [r for r in read_rankings(a.file or f"{a.run}/label/heldout.jsonl") if r.pairs()][: a.rankings]:
-        logprob, reward = scores(gpt.eval(), rm, tok, r.prompt, list(r.responses))
+        logprob, reward = scores(gpt, rm, tok, r.prompt, list(r.responses))
         for b, w in r.pairs():
             c = counts.setdefault(kind(r.scores[b], r.scores[w]), [0, 0, 0])
             c[0], c[1], c[2] = c[0] + 1, c[1] + (logprob[b] > logprob[w]), c[2] + (reward[b] > reward[w])

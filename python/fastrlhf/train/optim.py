@@ -47,9 +47,9 @@ def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_adamw(model: nn.Module, cfg: OptimConfig, groups: list[dict] | None = None) -> torch.optim.AdamW:
-    """AdamW over adamw_groups(model), or over the given groups."""
-    groups = adamw_groups(model, cfg.weight_decay) if groups is None else groups
+def make_adamw(model: nn.Module | list[nn.Module], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over adamw_groups(model); for a list of models, their groups in turn (two per model)."""
+    groups = [g for m in (model if isinstance(model, list) else [model]) for g in adamw_groups(m, cfg.weight_decay)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 

@@ -36,7 +36,7 @@ from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train import dist
 from fastrlhf.train.config import to_dict
 from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
-from fastrlhf.train.optim import adamw_groups, lr_at, make_adamw, set_lr
+from fastrlhf.train.optim import lr_at, make_adamw, set_lr
 from fastrlhf.train.ppo_config import PPOConfig
 from fastrlhf.train.rl import (
     AdaptiveKLController,
@@ -166,9 +166,8 @@ class PPOTrainer:
         # eval mode everywhere: dropout would break ratio == 1 at the first minibatch
         self.trained = nn.ModuleDict({"policy": policy, "value": self.value}).eval()
         o = cfg.optim
-        groups = adamw_groups(policy, o.weight_decay) + adamw_groups(self.value, o.weight_decay)
-        self.optimizer = make_adamw(self.trained, o, groups)
-        self.lr_scales = [1.0, 1.0] + [o.value_lr / o.lr if o.value_lr else 1.0] * 2  # per group: policy, value
+        self.optimizer = make_adamw([policy, self.value], o)  # groups: policy decay/no-decay, value decay/no-decay
+        self.lr_scales = [1.0, 1.0] + [o.value_lr / o.lr if o.value_lr else 1.0] * 2
         self._call = dist.wrap_call(self.trained)  # call(fn, *args): fn's backward averages grads over the ranks
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
                        else KLController(p.kl_coef))
