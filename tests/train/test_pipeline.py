@@ -3,9 +3,11 @@ stage is resumed, changed settings are refused until --redo, and bad input names
 
 import json
 import random
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
-
 from fastrlhf.cli import main
 from fastrlhf.train.pipeline import STAGES, fingerprints, load_pipeline_config, run_pipeline
 
@@ -62,6 +64,29 @@ def test_every_stage_runs_and_the_report_has_goals_tables_samples_and_plots(fini
     rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["sft"]["kl"] == pytest.approx(0.0, abs=1e-4) for r in rows)
     assert all(-1.0 <= r[w]["score"] <= 1.0 for r in rows for w in ("sft", "ppo"))
+
+
+def test_gold_reward_script_trains_on_the_true_score_and_leaves_the_run_alone(finished, tmp_path, capsys, monkeypatch):
+    out, _ = finished
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    script = Path(__file__).parents[2] / "scripts" / "ppo_gold_reward.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(out), "--out", str(tmp_path / "gold"), "ppo.train.max_steps=2"])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the SFT column is the eval stage's own: same prompts, same seeds
+    assert result["sft"] == pytest.approx(json.loads((out / "eval" / "metrics.json").read_text())["sft_score"])
+    assert result["prompts"] == 6 and result["gain"] == pytest.approx(result["ppo_gold"] - result["sft"])
+    steps = [json.loads(line) for line in (tmp_path / "gold" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "score_mean" in r]
+    assert len(steps) == 2 and all(r["score_mean"] == pytest.approx(r["true_score"]) for r in steps)  # gold reward
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_gold_reward_script_names_a_folder_that_is_not_a_run(tmp_path, monkeypatch):
+    script = Path(__file__).parents[2] / "scripts" / "ppo_gold_reward.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
+    with pytest.raises(SystemExit, match="config.json not found"):
+        runpy.run_path(str(script), run_name="__main__")
 
 
 def test_a_rerun_skips_every_finished_stage(finished, corpus, capsys):
