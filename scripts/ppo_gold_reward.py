@@ -15,19 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 from pathlib import Path
 
-import torch
-from fastrlhf.data import decode_response, encode_prompt
-from fastrlhf.model import generate
-from fastrlhf.train.checkpoint import load_gpt
-from fastrlhf.train.config import from_dict, merge, parse_overrides
-from fastrlhf.train.evaluate import true_scorer
-from fastrlhf.train.pipeline import PipelineConfig, Run
+from fastrlhf.train.config import merge, parse_overrides
+from fastrlhf.train.evaluate import answer_and_score, true_scorer
+from fastrlhf.train.pipeline import PipelineConfig, Run, config_from_dict
 from fastrlhf.train.ppo import PPOTrainer
 from fastrlhf.train.ppo_cli import build_trainer
-from fastrlhf.train.stages import _task
+from fastrlhf.train.stages import _task, eval_metrics
 
 
 def load_run_config(run: Path, overrides: list[str]) -> PipelineConfig:
@@ -35,30 +30,7 @@ def load_run_config(run: Path, overrides: list[str]) -> PipelineConfig:
     path = run / "config.json"
     if not path.is_file():
         raise SystemExit(f"{path} not found: RUN must be a pipeline run folder (python -m fastrlhf pipeline)")
-    data = merge(json.loads(path.read_text()), parse_overrides(overrides))
-    return PipelineConfig(**{name: from_dict(f.default_factory().__class__, data[name])
-                             for name, f in PipelineConfig.__dataclass_fields__.items()})
-
-
-@torch.no_grad()
-def held_out_scores(run: Run, policy: torch.nn.Module) -> dict[str, list[float]]:
-    """True score of the SFT model's and the policy's answer to each held-out prompt, as the eval stage."""
-    cfg, p = run.cfg, run.cfg.ppo.ppo
-    sft, tok = load_gpt(run.dir("sft"))
-    prompts = _task(run).prompts("heldout")[: cfg.eval.prompts]
-    score, out = true_scorer(cfg.run.task), {"sft": [], "gold": []}
-    for model in (sft, policy):
-        model.eval()
-    for i in range(0, len(prompts), cfg.eval.batch):
-        chunk = prompts[i : i + cfg.eval.batch]
-        ids = [encode_prompt(tok, x) for x in chunk]
-        for who, model in (("sft", sft), ("gold", policy)):
-            g = torch.Generator().manual_seed(cfg.eval.seed + i)  # the eval stage's seed for this chunk
-            gen = generate(model, ids, p.max_new_tokens, temperature=p.temperature, eos_token_id=tok.eot_id,
-                           generator=g)
-            for prompt, resp, mask in zip(chunk, gen.responses.tolist(), gen.response_mask.tolist()):
-                out[who].append(score(prompt, decode_response(tok, [t for t, m in zip(resp, mask) if m])))
-    return out
+    return config_from_dict(merge(json.loads(path.read_text()), parse_overrides(overrides)))
 
 
 def main() -> None:
@@ -81,12 +53,10 @@ def main() -> None:
     trainer = PPOTrainer(cfg, loaded.policy, loaded.ref, loaded.true_score, loaded.prompts, eos_token_id=loaded.eos,
                          tokenizer=loaded.tokenizer, true_score=loaded.true_score)
     trainer.train()
-    scores = held_out_scores(run, trainer.policy)
-    n = len(scores["sft"])
-    diff = [g - s for g, s in zip(scores["gold"], scores["sft"])]
-    mean = sum(diff) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diff) / max(n - 1, 1) / n)
-    sft, gold = sum(scores["sft"]) / n, sum(scores["gold"]) / n
+    # the evaluation stage's prompts, seeds and metrics, with the gold-reward policy in PPO's place
+    prompts = _task(run).prompts("heldout")[: run.cfg.eval.prompts]
+    m = eval_metrics(answer_and_score(run, prompts, ppo=trainer.policy))
+    n, sft, gold, mean, se = len(prompts), m["sft_score"], m["ppo_score"], m["gain"], m["gain_sem"]
     print(f"\n| held-out prompts | SFT | PPO, gold reward | gain (paired SE) |\n| --- | --- | --- | --- |\n"
           f"| {n} | {sft:.3f} | {gold:.3f} | {mean:+.3f} +- {se:.3f} |")
     print(json.dumps({"run": str(run_dir), "prompts": n, "sft": sft, "ppo_gold": gold, "gain": mean, "gain_se": se,

@@ -23,6 +23,7 @@ TINY = ["data.vocab_size=300", "pretrain.model.vocab_size=300", "pretrain.model.
         "label.max_new_tokens=6", "rm.train.max_steps=3", "rm.train.batch_size=4", "ppo.ppo.rollout_batch=4",
         "ppo.ppo.minibatch=2", "ppo.ppo.max_new_tokens=6", "ppo.train.max_steps=2", "eval.prompts=6",
         "eval.samples=3", "run.threads=1", "run.device=cpu"]
+GOLD = Path(__file__).parents[2] / "scripts" / "ppo_gold_reward.py"
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,8 @@ def test_every_stage_runs_and_the_report_has_goals_tables_samples_and_plots(fini
 def test_gold_reward_script_trains_on_the_true_score_and_leaves_the_run_alone(finished, tmp_path, capsys, monkeypatch):
     out, _ = finished
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    script = Path(__file__).parents[2] / "scripts" / "ppo_gold_reward.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(out), "--out", str(tmp_path / "gold"), "ppo.train.max_steps=2"])
-    runpy.run_path(str(script), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", [str(GOLD), str(out), "--out", str(tmp_path / "gold"), "ppo.train.max_steps=2"])
+    runpy.run_path(str(GOLD), run_name="__main__")
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the SFT column is the eval stage's own: same prompts, same seeds
     assert result["sft"] == pytest.approx(json.loads((out / "eval" / "metrics.json").read_text())["sft_score"])
@@ -83,10 +83,9 @@ def test_gold_reward_script_trains_on_the_true_score_and_leaves_the_run_alone(fi
 
 
 def test_gold_reward_script_names_a_folder_that_is_not_a_run(tmp_path, monkeypatch):
-    script = Path(__file__).parents[2] / "scripts" / "ppo_gold_reward.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", [str(GOLD), str(tmp_path)])
     with pytest.raises(SystemExit, match="config.json not found"):
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_path(str(GOLD), run_name="__main__")
 
 
 def test_a_rerun_skips_every_finished_stage(finished, corpus, capsys):

@@ -44,9 +44,10 @@ def rm_scores(rm: ScalarHeadModel, gen: Generation) -> Tensor:
 
 
 @torch.no_grad()
-def answer_and_score(run: Any, prompts: list[str], progress: bool = True) -> list[dict[str, Any]]:
+def answer_and_score(run: Any, prompts: list[str], progress: bool = True, ppo: GPT | None = None) -> list[dict[str, Any]]:
     """One row per prompt: {"prompt", "sft": {...}, "ppo": {...}} with each model's response, true score,
-    reward-model score, KL to the SFT model (sum over tokens of log pi - log pi_sft) and length."""
+    reward-model score, KL to the SFT model (sum over tokens of log pi - log pi_sft) and length. `ppo` is the
+    policy compared with SFT (default: the run's PPO checkpoint)."""
     from tqdm import tqdm
 
     from fastrlhf.train.checkpoint import load_gpt
@@ -54,7 +55,7 @@ def answer_and_score(run: Any, prompts: list[str], progress: bool = True) -> lis
 
     cfg = run.cfg
     sft, tok = load_gpt(run.dir("sft"))
-    policies = {"sft": sft, "ppo": load_gpt(run.dir("ppo"))[0]}
+    policies = {"sft": sft, "ppo": ppo if ppo is not None else load_gpt(run.dir("ppo"))[0]}
     rm = load_reward_model(run.dir("rm"))[0]
     score = true_scorer(cfg.run.task)
     p = cfg.ppo.ppo

@@ -207,7 +207,7 @@ def load_pipeline_config(task: str, path: str | None = None, overrides: list[str
     """The code defaults, then the task's defaults, then the TOML file, then the command-line overrides."""
     import tomllib
 
-    from fastrlhf.train.config import merge, from_dict, parse_overrides
+    from fastrlhf.train.config import merge, parse_overrides
 
     if task not in TASK_DEFAULTS:
         raise ValueError(f"--task must be one of {sorted(TASK_DEFAULTS)}; got {task!r}")
@@ -217,7 +217,13 @@ def load_pipeline_config(task: str, path: str | None = None, overrides: list[str
             data = merge(data, tomllib.loads(Path(path).read_text()))
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
-    data = merge(data, parse_overrides([*(overrides or []), f"run.task={task}"]))
+    return config_from_dict(merge(data, parse_overrides([*(overrides or []), f"run.task={task}"])))
+
+
+def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
+    """A PipelineConfig from plain data (a merged TOML, a run's config.json); errors name the section."""
+    from fastrlhf.train.config import from_dict
+
     unknown = sorted(set(data) - set(PipelineConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; known: {sorted(PipelineConfig.__dataclass_fields__)}")

@@ -156,6 +156,18 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
     return mean, std / math.sqrt(len(values))
 
 
+def eval_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and standard error of each model's score, reward, KL and length over answer_and_score's rows, and
+    the paired gain of PPO's true score over SFT's."""
+    metrics = {}
+    for who in ("sft", "ppo"):
+        for key in ("score", "reward", "kl", "length"):
+            metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = _mean_sem([r[who][key] for r in rows])
+    # the same prompts and sampling seed for both models: the per-prompt differences give a paired error
+    metrics["gain"], metrics["gain_sem"] = _mean_sem([r["ppo"]["score"] - r["sft"]["score"] for r in rows])
+    return metrics
+
+
 @torch.no_grad()
 def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
     """The SFT and the PPO model answer the same held-out prompts with the same sampling seed; each answer
@@ -168,12 +180,7 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
     rows = answer_and_score(run, prompts, progress=_bars(quiet))
     with open(run.dir("eval") / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    metrics = {}
-    for who in ("sft", "ppo"):
-        for key in ("score", "reward", "kl", "length"):
-            metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = _mean_sem([r[who][key] for r in rows])
-    # the same prompts and sampling seed for both models: the per-prompt differences give a paired error
-    metrics["gain"], metrics["gain_sem"] = _mean_sem([r["ppo"]["score"] - r["sft"]["score"] for r in rows])
+    metrics = eval_metrics(rows)
     (run.dir("eval") / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return {"prompts": len(rows), "sft_score": metrics["sft_score"], "ppo_score": metrics["ppo_score"],
             "ppo_kl": metrics["ppo_kl"]}
