@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from pretrain_helpers import TINY as TINY_PRETRAIN
 from sft_helpers import arithmetic_rankings, sft_config, write_demos, write_ranking_file
 
 WORLD = 2
+RANKS_TIMEOUT_S = 300  # they take ~10 s on 2 cores
 PRE_ARGS = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.grad_accum=2",
             "train.device=cpu", "train.threads=1"]
 SFT_ARGS = ["train.max_steps=6", "train.ckpt_interval=3", "train.eval_interval=3", "train.threads=1"]
@@ -111,6 +113,7 @@ def _worker(rank, port, root, sft_run, data_dir):
         save_file({f"{m}.{k}": v.contiguous() for m in ("policy", "value") for k, v in tr.trained[m].weights().items()},
                   root / f"{name}_rank{rank}.safetensors")
         (root / f"{name}_kl_rank{rank}.json").write_text(json.dumps(tr.kl_ctl.value))
+    del tr  # its DDP models must die before the group does (see dist.cleanup)
     dist.cleanup()
 
 
@@ -126,7 +129,15 @@ def runs(sft_run, data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     write_demos(root / "demos.jsonl")
     write_ranking_file(root / "r.jsonl", arithmetic_rankings(48, ks=(4, 2, 3)))
-    mp.start_processes(_worker, args=(_free_port(), root, sft_run, data_dir), nprocs=WORLD, start_method="fork")
+    ranks = mp.start_processes(_worker, args=(_free_port(), root, sft_run, data_dir), nprocs=WORLD,
+                               start_method="fork", join=False)
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+    while not ranks.join(timeout=1):  # a rank that fails raises here; one that hangs is killed
+        if time.monotonic() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail(f"the 2-rank runs did not finish within {RANKS_TIMEOUT_S} s; their files: "
+                        f"{sorted(f.name for f in root.iterdir())}")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -9,6 +9,7 @@ the same, to the bit, as one that never imported this module."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from collections.abc import Callable
@@ -67,8 +68,12 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (end of a command); a no-op without one."""
+    """Leave the process group (end of a command); a no-op without one. Drop every DDP-wrapped model
+    first: a DDP wrapper that outlives this call destroys the group when it dies, holding the GIL, while
+    gloo's worker thread may need the GIL to free a finished collective's tensors, and the process hangs
+    (pytorch#56297). gc.collect() frees the wrappers only cyclic garbage still holds."""
     if tdist.is_available() and tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 
