@@ -35,7 +35,7 @@ from pretrain_helpers import TINY as TINY_PRETRAIN
 from sft_helpers import arithmetic_rankings, sft_config, write_demos, write_ranking_file
 
 WORLD = 2
-RANKS_TIMEOUT_S = 300  # they take ~10 s on 2 cores
+RANKS_TIMEOUT_S = 300  # they take ~5 s on 2 cores
 PRE_ARGS = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.grad_accum=2",
             "train.device=cpu", "train.threads=1"]
 SFT_ARGS = ["train.max_steps=6", "train.ckpt_interval=3", "train.eval_interval=3", "train.threads=1"]
