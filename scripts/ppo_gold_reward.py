@@ -20,7 +20,6 @@ from pathlib import Path
 from fastrlhf.train.config import merge, parse_overrides
 from fastrlhf.train.evaluate import answer_and_score, true_scorer
 from fastrlhf.train.pipeline import PipelineConfig, Run, config_from_dict
-from fastrlhf.train.ppo import PPOTrainer
 from fastrlhf.train.ppo_cli import build_trainer
 from fastrlhf.train.stages import _task, eval_metrics
 
@@ -48,10 +47,8 @@ def main() -> None:
     cfg.models.policy, cfg.models.reward = str(run.dir("sft")), str(run.dir("rm"))
     cfg.train.prompts, cfg.train.out_dir = str(run.dir("ppo") / "prompts.txt"), a.out or str(run_dir / "ppo_gold")
     cfg.train.device, cfg.train.threads = run.cfg.run.device, run.cfg.run.threads
-    loaded = build_trainer(cfg, true_score=true_scorer(run.cfg.run.task))  # models, prompts, checks
     # the gold score is the reward; the value model then starts from the policy's trunk
-    trainer = PPOTrainer(cfg, loaded.policy, loaded.ref, loaded.true_score, loaded.prompts, eos_token_id=loaded.eos,
-                         tokenizer=loaded.tokenizer, true_score=loaded.true_score)
+    trainer = build_trainer(cfg, true_score=true_scorer(run.cfg.run.task), gold_reward=True)
     trainer.train()
     # the evaluation stage's prompts, seeds and metrics, with the gold-reward policy in PPO's place
     prompts = _task(run).prompts("heldout")[: run.cfg.eval.prompts]

@@ -328,6 +328,18 @@ def test_cli_refuses_another_tokenizer_and_names_missing_inputs(stage_inputs, tm
     assert main(["ppo", "--quiet", "models.policy="]) == 2
 
 
+def test_gold_reward_trains_on_the_true_score_without_loading_a_reward_model(stage_inputs, tmp_path):
+    from fastrlhf.train.ppo_cli import build_trainer
+
+    cfg = load_config(PPOConfig, None, cli_args(stage_inputs, tmp_path / "o", f"models.reward={tmp_path}/nope")[1:])
+    with pytest.raises(ValueError, match="gold_reward=True trains on true_score: pass one"):
+        build_trainer(cfg, quiet=True, gold_reward=True)
+    tr = build_trainer(cfg, quiet=True, true_score=lambda prompt, response: float(len(response)), gold_reward=True)
+    assert tr.reward is tr.true_score  # no RM was read: models.reward does not exist
+    policy, value = dict(tr.policy.weights()), dict(tr.value.trunk.weights())  # the critic starts as the policy
+    assert value and all(torch.equal(w, policy[k]) for k, w in value.items())
+
+
 def test_a_non_finite_loss_skips_the_update():
     tr = make_trainer()
     before = snapshot(tr.trained)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,10 +36,12 @@ def read_prompts(path: str) -> list[str]:
     return lines
 
 
-def build_trainer(cfg: PPOConfig, quiet: bool = False,
-                  true_score: Callable[[str, str], float] | None = None) -> PPOTrainer:
+def build_trainer(cfg: PPOConfig, quiet: bool = False, true_score: Callable[[str, str], float] | None = None,
+                  gold_reward: bool = False) -> PPOTrainer:
     """Load the four models, the prompts and the PPO-ptx tokens that cfg names; returns the trainer.
-    true_score(prompt, response), e.g. a task's checker, is logged per step as `true_score` (never trained on)."""
+    true_score(prompt, response), e.g. a task's checker, is logged per step as `true_score` (never trained on).
+    gold_reward: train on true_score instead of models.reward, which is not loaded; without models.value the
+    value model starts from the policy's trunk (an RM's scale would not fit): what a perfect RM allows."""
     from fastrlhf.data import TokenFile, decode_response, encode_prompt
     from fastrlhf.train.checkpoint import load_gpt
 
@@ -52,12 +53,15 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False,
     if tok is None:
         raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")
     ref: GPT = load_gpt(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0] if m.ref else load_gpt(m.policy)[0]
-    reward, reward_tok = load_reward_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
-    value = None
-    if cfg.ppo.value_model == "separate":
-        value = load_reward_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0] if m.value else None
-    if reward_tok is None:
-        raise ValueError(f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's")
+    if gold_reward and true_score is None:
+        raise ValueError("gold_reward=True trains on true_score: pass one")
+    reward, reward_tok, value = None, None, None
+    if not gold_reward:
+        reward, reward_tok = load_reward_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
+        if reward_tok is None:
+            raise ValueError(f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's")
+    if cfg.ppo.value_model == "separate" and m.value:
+        value = load_reward_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0]
     lines = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"))
     prompts = [encode_prompt(tok, x) if t.chat else tok.encode(x) for x in lines]
     ptx = None
@@ -72,7 +76,8 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False,
         def truth(ps: list[list[int]], rs: list[list[int]]) -> list[float]:
             return [true_score(text[tuple(p)], decode_response(tok, r)) for p, r in zip(ps, rs)]
 
-    return PPOTrainer(cfg, models[0], models[1], models[2], prompts, value_model=models[3], eos_token_id=tok.eot_id,
+    reward_or_fn = truth if gold_reward else models[2]
+    return PPOTrainer(cfg, models[0], models[1], reward_or_fn, prompts, value_model=models[3], eos_token_id=tok.eot_id,
                       tokenizer=tok, reward_tokenizer=reward_tok, ptx_tokens=ptx, quiet=quiet, true_score=truth)
 
 
