@@ -42,6 +42,8 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False, true_score: Callable[[str
     true_score(prompt, response), e.g. a task's checker, is logged per step as `true_score` (never trained on).
     gold_reward: train on true_score instead of models.reward, which is not loaded; without models.value the
     value model starts from the policy's trunk (an RM's scale would not fit): what a perfect RM allows."""
+    if gold_reward and true_score is None:  # checked before anything is loaded
+        raise ValueError("gold_reward=True trains on true_score: pass one")
     from fastrlhf.data import TokenFile, decode_response, encode_prompt
     from fastrlhf.train.checkpoint import load_gpt
 
@@ -53,8 +55,6 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False, true_score: Callable[[str
     if tok is None:
         raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")
     ref: GPT = load_gpt(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0] if m.ref else load_gpt(m.policy)[0]
-    if gold_reward and true_score is None:
-        raise ValueError("gold_reward=True trains on true_score: pass one")
     reward, reward_tok, value = None, None, None
     if not gold_reward:
         reward, reward_tok = load_reward_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
