@@ -18,6 +18,8 @@ demo: $(VENV)/.built
 	$(PYTHON) -m fastrlhf pipeline --task sentiment --out runs/sentiment
 
 test: $(VENV)/.built
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PYTHON) -m pytest -q
 
 bench: $(VENV)/.built

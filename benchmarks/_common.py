@@ -11,9 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 import fastrlhf
+import torch
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -73,7 +72,7 @@ def machine() -> dict[str, Any]:
         pass
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         commit = ""

@@ -62,7 +62,9 @@ def run(args) -> list[dict]:
             )
         row = {"shape": shape, "baseline": "SDPA is_causal"}
         rows.append({"op": "attention fwd", **row, "base_ms": base, "ours_ms": ours, "goal": goal_f})
-        base, ours = interleaved_ms([fwd_bwd(sdpa, q, k, v, dout), fwd_bwd(causal_attention, q, k, v, dout)], args.reps)
+        base, ours = interleaved_ms(
+            [fwd_bwd(sdpa, q, k, v, dout), fwd_bwd(causal_attention, q, k, v, dout)], args.reps
+        )
         rows.append({"op": "attention fwd+bwd", **row, "base_ms": base, "ours_ms": ours, "goal": goal_fb})
     return rows
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from _common import assert_close, median_ms, parse_args, report
 from fastrlhf.ops import gae, reference
 
@@ -34,7 +33,16 @@ def run(args) -> list[dict]:
         base = median_ms(lambda: trl_loop(rewards, values, mask), reps=args.reps)
         ours = median_ms(lambda: gae(rewards, values, mask), reps=args.reps)
         goal = "<= 0.1 ms, >= 250x" if (B, T) == (64, 512) else ""
-        rows.append(dict(op="gae", shape=f"({B}, {T})", baseline="TRL reverse loop", base_ms=base, ours_ms=ours, goal=goal))
+        rows.append(
+            dict(
+                op="gae",
+                shape=f"({B}, {T})",
+                baseline="TRL reverse loop",
+                base_ms=base,
+                ours_ms=ours,
+                goal=goal,
+            )
+        )
     return rows
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from _common import assert_close, median_ms, parse_args, report
 from fastrlhf.ops import gelu, reference
 
@@ -35,7 +34,10 @@ def run(args) -> list[dict]:
         xd = x.detach()
         goal = ">= 4x" if N == 2048 else ""
         with torch.no_grad():
-            b, o = median_ms(lambda: torch_gelu(xd), reps=args.reps), median_ms(lambda: gelu(xd), reps=args.reps)
+            b, o = (
+                median_ms(lambda: torch_gelu(xd), reps=args.reps),
+                median_ms(lambda: gelu(xd), reps=args.reps),
+            )
         rows.append(dict(op="gelu fwd", shape=shape, baseline=base, base_ms=b, ours_ms=o, goal=goal))
         b = median_ms(lambda: fwd_bwd(torch_gelu, x, dy), reps=args.reps)
         o = median_ms(lambda: fwd_bwd(gelu, x, dy), reps=args.reps)

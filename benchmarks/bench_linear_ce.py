@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from _common import assert_close, interleaved_ms, parse_args, report
 from fastrlhf.ops import linear_cross_entropy, reference, token_logprobs
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import torch
-
 from _common import assert_close, median_ms, parse_args, report
 from fastrlhf.ops import reference, token_logprobs
 

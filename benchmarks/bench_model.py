@@ -9,7 +9,6 @@ import statistics
 
 import torch
 import transformers
-
 from _common import interleaved_ms, interleaved_times, report
 from fastrlhf.model import GPT, GPTConfig, generate
 from fastrlhf.model.hf import to_hf_model
@@ -27,8 +26,11 @@ def gemm_floor(cfg: GPTConfig, B: int, T: int):
     gemms = []  # (a, b, out): out = a @ b
     for fan_in, fan_out in [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]:
         x, w, dy = torch.randn(N, fan_in), torch.randn(fan_out, fan_in), torch.randn(N, fan_out)
-        gemms += [(x, w.t(), torch.empty(N, fan_out)), (dy, w, torch.empty(N, fan_in)),
-                  (dy.t(), x, torch.empty(fan_out, fan_in))]
+        gemms += [
+            (x, w.t(), torch.empty(N, fan_out)),
+            (dy, w, torch.empty(N, fan_in)),
+            (dy.t(), x, torch.empty(fan_out, fan_in)),
+        ]
     gemms *= cfg.n_layer
     n = B * (T - 1)
     h, wte, dlogits = torch.randn(n, C), torch.randn(V, C), torch.randn(min(CHUNK_ROWS, n), V)
@@ -72,13 +74,26 @@ def train_rows(args) -> list[dict]:
     base, mine, floor = [statistics.median(t) for t in times]
     best_base, best_ours, _ = [min(t) for t in times]
     shape = f"L4 C256 B{B} T{T} V{cfg.vocab_size}"
-    return [dict(op="train step", shape=shape, baseline="HF GPT2LMHeadModel sdpa", base_ms=base, ours_ms=mine,
-                 goal=">= 1.3x", tokens_per_s_ours=B * T / mine * 1e3, tokens_per_s_hf=B * T / base * 1e3,
-                 best_base_ms=best_base, best_ours_ms=best_ours, best_ratio=best_base / best_ours,
-                 # each round's HF / ours: the two steps of a round share that moment's load
-                 paired_ratio=statistics.median(b / o for b, o, _ in zip(*times)),
-                 # the step's GEMMs alone (see gemm_floor) and the ratio a step of nothing else would reach
-                 gemm_floor_ms=floor, max_ratio=statistics.median(b / f for b, _, f in zip(*times)))]
+    return [
+        dict(
+            op="train step",
+            shape=shape,
+            baseline="HF GPT2LMHeadModel sdpa",
+            base_ms=base,
+            ours_ms=mine,
+            goal=">= 1.3x",
+            tokens_per_s_ours=B * T / mine * 1e3,
+            tokens_per_s_hf=B * T / base * 1e3,
+            best_base_ms=best_base,
+            best_ours_ms=best_ours,
+            best_ratio=best_base / best_ours,
+            # each round's HF / ours: the two steps of a round share that moment's load
+            paired_ratio=statistics.median(b / o for b, o, _ in zip(*times)),
+            # the step's GEMMs alone (see gemm_floor) and the ratio a step of nothing else would reach
+            gemm_floor_ms=floor,
+            max_ratio=statistics.median(b / f for b, _, f in zip(*times)),
+        )
+    ]
 
 
 def gen_rows(args) -> list[dict]:
@@ -103,13 +118,27 @@ def gen_rows(args) -> list[dict]:
     # fp32 summation order differs between the two models; a near-tie argmax may flip and then diverge
     assert match > 0.9, f"greedy tokens agree on only {match:.0%} of positions"
     sampling = dict(top_k=50, top_p=0.9)
-    base, mine = interleaved_ms([lambda: run_hf(do_sample=True, temperature=1.0, **sampling),
-                                 lambda: generate(ours, prompts, new, **sampling, generator=g)], args.reps)
+    base, mine = interleaved_ms(
+        [
+            lambda: run_hf(do_sample=True, temperature=1.0, **sampling),
+            lambda: generate(ours, prompts, new, **sampling, generator=g),
+        ],
+        args.reps,
+    )
     tokens = n_prompts * new
-    return [dict(op="generate", shape=f"{n_prompts} prompts x {new} new, V{cfg.vocab_size}",
-                 baseline="HF generate top-k/top-p", base_ms=base, ours_ms=mine, goal=">= 3x",
-                 tokens_per_s_ours=tokens / mine * 1e3, tokens_per_s_hf=tokens / base * 1e3,
-                 greedy_agreement=match)]
+    return [
+        dict(
+            op="generate",
+            shape=f"{n_prompts} prompts x {new} new, V{cfg.vocab_size}",
+            baseline="HF generate top-k/top-p",
+            base_ms=base,
+            ours_ms=mine,
+            goal=">= 3x",
+            tokens_per_s_ours=tokens / mine * 1e3,
+            tokens_per_s_hf=tokens / base * 1e3,
+            greedy_agreement=match,
+        )
+    ]
 
 
 if __name__ == "__main__":
@@ -123,10 +152,14 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    rows = ([] if args.only == "generate" else train_rows(args)) + ([] if args.only == "train" else gen_rows(args))
+    rows = ([] if args.only == "generate" else train_rows(args)) + (
+        [] if args.only == "train" else gen_rows(args)
+    )
     print("all results match (same loss; greedy decoding agrees)")
     report("GPT end to end on CPU (fp32; ratio = HF / ours)", rows)
     for r in rows:
         if "gemm_floor_ms" in r:
-            print(f"train step: its GEMMs alone take {r['gemm_floor_ms']:.0f} ms of our {r['ours_ms']:.0f} ms; "
-                  f"with nothing else, the ratio would be {r['max_ratio']:.2f}x (paired {r['paired_ratio']:.2f}x)")
+            print(
+                f"train step: its GEMMs alone take {r['gemm_floor_ms']:.0f} ms of our {r['ours_ms']:.0f} ms; "
+                f"with nothing else, the ratio would be {r['max_ratio']:.2f}x (paired {r['paired_ratio']:.2f}x)"
+            )

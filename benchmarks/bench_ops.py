@@ -9,7 +9,16 @@ import importlib
 
 from _common import parse_args, report
 
-MODULES = ["bench_gae", "bench_attention", "bench_sample", "bench_logprobs", "bench_ppo_loss", "bench_linear", "bench_linear_ce", "bench_gelu"]
+MODULES = [
+    "bench_gae",
+    "bench_attention",
+    "bench_sample",
+    "bench_logprobs",
+    "bench_ppo_loss",
+    "bench_linear",
+    "bench_linear_ce",
+    "bench_gelu",
+]
 
 if __name__ == "__main__":
     args = parse_args(__doc__)

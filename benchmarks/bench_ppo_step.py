@@ -46,19 +46,41 @@ SPLIT = ("generate", "score", "train")
 def our_trainer(minibatch: int, value_model: str) -> PPOTrainer:
     """Our trainer on the shapes above, validated by one step: the trainer raises if ratio != 1 or
     approx_kl != 0 at minibatch 0; here also finite metrics and full-length responses."""
-    cfg = load_config(PPOConfig, None, [f"ppo.rollout_batch={N_PROMPTS}", f"ppo.minibatch={minibatch}",
-                                        "ppo.ppo_epochs=1", f"ppo.max_new_tokens={NEW}", "optim.warmup_steps=0",
-                                        "train.max_steps=1000", f"ppo.value_model={value_model}"])
+    cfg = load_config(
+        PPOConfig,
+        None,
+        [
+            f"ppo.rollout_batch={N_PROMPTS}",
+            f"ppo.minibatch={minibatch}",
+            "ppo.ppo_epochs=1",
+            f"ppo.max_new_tokens={NEW}",
+            "optim.warmup_steps=0",
+            "train.max_steps=1000",
+            f"ppo.value_model={value_model}",
+        ],
+    )
     policy, ref, reward, value = models()
-    prompts = torch.randint(0, VOCAB, (N_PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
-    trainer = PPOTrainer(cfg, policy, ref, reward, prompts, value_model=value if value_model == "separate" else None,
-                         eos_token_id=None, quiet=True)
+    prompts = torch.randint(
+        0, VOCAB, (N_PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+    trainer = PPOTrainer(
+        cfg,
+        policy,
+        ref,
+        reward,
+        prompts,
+        value_model=value if value_model == "separate" else None,
+        eos_token_id=None,
+        quiet=True,
+    )
     first = trainer.step()
     assert all(math.isfinite(v) for k, v in first.items() if k != "ptx_loss"), first
     assert first["response_length"] == NEW
     assert first["first_ratio_dev"] < 1e-5 and abs(first["first_approx_kl"]) < 1e-5, first
-    print(f"validated ({value_model}): metrics finite; first minibatch max |ratio - 1| {first['first_ratio_dev']:.1e}, "
-          f"approx_kl {first['first_approx_kl']:.1e}")
+    print(
+        f"validated ({value_model}): metrics finite; first minibatch max |ratio - 1| {first['first_ratio_dev']:.1e}, "
+        f"approx_kl {first['first_approx_kl']:.1e}"
+    )
     return trainer
 
 
@@ -73,10 +95,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     ap.add_argument("--reps", type=int, default=7, help="timed steps per side; medians are reported")
-    ap.add_argument("--trl", choices=("auto", "on", "off"), default="auto",
-                    help="time TRL's PPOTrainer too (auto: when trl is installed; on: fail without it)")
-    ap.add_argument("--value-model", choices=("both", "separate", "policy_head"), default="both",
-                    help="our ppo.value_model setting(s); 'both' alternates them step by step")
+    ap.add_argument(
+        "--trl",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="time TRL's PPOTrainer too (auto: when trl is installed; on: fail without it)",
+    )
+    ap.add_argument(
+        "--value-model",
+        choices=("both", "separate", "policy_head"),
+        default="both",
+        help="our ppo.value_model setting(s); 'both' alternates them step by step",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,7 +124,9 @@ def main() -> None:
         try:  # each TRL step is followed by one of ours (off TRL's clock): load hits both alike
             from bench_ppo_trl import time_trl  # kept apart: imports TRL, which most installs lack
 
-            base = time_trl(models, N_PROMPTS, PROMPT_LEN, NEW, VOCAB, minibatch, args.reps, between=ours_once)
+            base = time_trl(
+                models, N_PROMPTS, PROMPT_LEN, NEW, VOCAB, minibatch, args.reps, between=ours_once
+            )
         except (ImportError, importlib.metadata.PackageNotFoundError) as exc:
             if args.trl == "on":
                 raise
@@ -107,14 +139,31 @@ def main() -> None:
     print(f"\nPPO step split, ms (medians of {n}; threads {torch.get_num_threads()})")
     print(f"{'':<18} {'total':>8} {'generate':>9} {'score':>8} {'train':>8} {'other':>8}  ratio (TRL / ours)")
     for name, d in [*((f"ours {k}", v) for k, v in ours.items()), ("TRL 1.12", base)]:
-        ratio = "" if name.startswith("TRL") else "  ".join(f"{k} {base[k] / d[k]:.2f}x" for k in ("total", *SPLIT))
-        print(f"{name:<18} {d['total']:>8.0f} {d['generate']:>9.0f} {d['score']:>8.0f} {d['train']:>8.0f} "
-              f"{d.get('other', 0.0):>8.0f}  {ratio}")
-    report("PPO step (policy/ref/value/reward L4 H4 C256 V512; 16 x 32 prompt tokens, 64 new, 1 epoch, minibatch 8)",
-           [dict(op=f"ppo step ({k})", shape=f"B{N_PROMPTS} Tp{PROMPT_LEN} Tr{NEW}", baseline="TRL 1.12 PPOTrainer",
-                 base_ms=base["total"], ours_ms=d["total"], goal=">= 3x" if k == "separate" else "",
-                 **{f"{p}_ms": v for p, v in d.items() if p != "total"},
-                 **{f"trl_{p}_ms": v for p, v in base.items() if p != "total"}) for k, d in ours.items()])
+        ratio = (
+            ""
+            if name.startswith("TRL")
+            else "  ".join(f"{k} {base[k] / d[k]:.2f}x" for k in ("total", *SPLIT))
+        )
+        print(
+            f"{name:<18} {d['total']:>8.0f} {d['generate']:>9.0f} {d['score']:>8.0f} {d['train']:>8.0f} "
+            f"{d.get('other', 0.0):>8.0f}  {ratio}"
+        )
+    report(
+        "PPO step (policy/ref/value/reward L4 H4 C256 V512; 16 x 32 prompt tokens, 64 new, 1 epoch, minibatch 8)",
+        [
+            dict(
+                op=f"ppo step ({k})",
+                shape=f"B{N_PROMPTS} Tp{PROMPT_LEN} Tr{NEW}",
+                baseline="TRL 1.12 PPOTrainer",
+                base_ms=base["total"],
+                ours_ms=d["total"],
+                goal=">= 3x" if k == "separate" else "",
+                **{f"{p}_ms": v for p, v in d.items() if p != "total"},
+                **{f"trl_{p}_ms": v for p, v in base.items() if p != "total"},
+            )
+            for k, d in ours.items()
+        ],
+    )
     print(f"(bench wall time {time.perf_counter() - t0:.0f} s)")
 
 

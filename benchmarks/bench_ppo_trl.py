@@ -18,7 +18,11 @@ def _classifier(scalar, hf_cfg):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     m = GPT2ForSequenceClassification(GPT2Config(**hf_cfg, num_labels=1))
-    sd = {k.removeprefix("transformer."): v for k, v in state_dict_to_hf(scalar.trunk).items() if k != "lm_head.weight"}
+    sd = {
+        k.removeprefix("transformer."): v
+        for k, v in state_dict_to_hf(scalar.trunk).items()
+        if k != "lm_head.weight"
+    }
     m.transformer.load_state_dict(sd, strict=False)
     m.score.weight.data.copy_(scalar.head.weight)  # TRL's score head has no bias
     return m
@@ -30,11 +34,21 @@ def _tokenizer(vocab: int):
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token=f"t{vocab - 1}", unk_token="t1")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="t0", eos_token=f"t{vocab - 1}", unk_token="t1"
+    )
 
 
-def time_trl(models, n_prompts: int, prompt_len: int, new: int, vocab: int, minibatch: int, reps: int,
-             between: Callable[[], object] | None = None) -> dict[str, float]:
+def time_trl(
+    models,
+    n_prompts: int,
+    prompt_len: int,
+    new: int,
+    vocab: int,
+    minibatch: int,
+    reps: int,
+    between: Callable[[], object] | None = None,
+) -> dict[str, float]:
     """Median ms of one TRL PPO step (batch 16, same shapes and weights) and its split: generate (TRL's
     batch_generation), score (the rest of the rollout: ref/value/reward forwards, rewards, GAE), train (first
     grad-enabled forward to the end of the step, its metrics included) and other (the loop's gc.collect and
@@ -82,16 +96,37 @@ def time_trl(models, n_prompts: int, prompt_len: int, new: int, vocab: int, mini
         with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # rollout batch = per_device x accumulation; minibatch = batch / num_mini_batches: 2 updates of 8 like ours
-            cfg = PPOConfig(output_dir=out, per_device_train_batch_size=n_prompts, gradient_accumulation_steps=1,
-                            num_mini_batches=n_prompts // minibatch, local_rollout_forward_batch_size=n_prompts,
-                            num_ppo_epochs=1, response_length=new, stop_token=None, temperature=0.7,
-                            total_episodes=n_prompts * steps, num_sample_generations=0, report_to="none",
-                            use_cpu=True, save_strategy="no", logging_steps=1, seed=0, bf16=False, fp16=False,
-                            disable_tqdm=True)
-            trainer = PPOTrainer(args=cfg, processing_class=_tokenizer(vocab), model=to_hf_model(policy).train(),
-                                 ref_model=to_hf_model(ref), reward_model=_classifier(reward, hf_cfg),
-                                 train_dataset=Dataset.from_dict({"input_ids": prompts.tolist()}),
-                                 value_model=_classifier(value, hf_cfg), callbacks=[Clock()])
+            cfg = PPOConfig(
+                output_dir=out,
+                per_device_train_batch_size=n_prompts,
+                gradient_accumulation_steps=1,
+                num_mini_batches=n_prompts // minibatch,
+                local_rollout_forward_batch_size=n_prompts,
+                num_ppo_epochs=1,
+                response_length=new,
+                stop_token=None,
+                temperature=0.7,
+                total_episodes=n_prompts * steps,
+                num_sample_generations=0,
+                report_to="none",
+                use_cpu=True,
+                save_strategy="no",
+                logging_steps=1,
+                seed=0,
+                bf16=False,
+                fp16=False,
+                disable_tqdm=True,
+            )
+            trainer = PPOTrainer(
+                args=cfg,
+                processing_class=_tokenizer(vocab),
+                model=to_hf_model(policy).train(),
+                ref_model=to_hf_model(ref),
+                reward_model=_classifier(reward, hf_cfg),
+                train_dataset=Dataset.from_dict({"input_ids": prompts.tolist()}),
+                value_model=_classifier(value, hf_cfg),
+                callbacks=[Clock()],
+            )
             trainer.remove_callback(PrinterCallback)
             trainer.train()
     finally:
@@ -99,6 +134,11 @@ def time_trl(models, n_prompts: int, prompt_len: int, new: int, vocab: int, mini
     done = [m for m in marks[1:] if "end" in m]  # the first step (warm-up, no start mark) left out
     if len(done) < 1:
         raise RuntimeError(f"TRL ran {len(marks) - 1} updates; expected {steps}")
-    parts = {"total": ("start", "end"), "generate": ("gen0", "gen1"), "score": ("gen1", "train0"),
-             "train": ("train0", "end"), "other": ("start", "gen0")}
+    parts = {
+        "total": ("start", "end"),
+        "generate": ("gen0", "gen1"),
+        "score": ("gen1", "train0"),
+        "train": ("train0", "end"),
+        "other": ("start", "gen0"),
+    }
     return {k: statistics.median(m[b] - m[a] for m in done) * 1e3 for k, (a, b) in parts.items()}

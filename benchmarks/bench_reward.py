@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import interleaved_ms, report
 from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.train.optim import OptimConfig, make_adamw
@@ -42,7 +41,10 @@ def main() -> None:
     rankings = []
     for _ in range(R):  # K responses of a shared prompt, lengths T - 7 .. T, best-first order shuffled
         prompt = torch.randint(0, cfg.vocab_size, (T // 2,), generator=gen).tolist()
-        seqs = [prompt + torch.randint(0, cfg.vocab_size, (T - T // 2 - j % 8,), generator=gen).tolist() for j in range(K)]
+        seqs = [
+            prompt + torch.randint(0, cfg.vocab_size, (T - T // 2 - j % 8,), generator=gen).tolist()
+            for j in range(K)
+        ]
         order = torch.randperm(K, generator=gen).tolist()
         rankings.append((seqs, [(order[a], order[b]) for a in range(K) for b in range(a + 1, K)]))
     pairs = as_pairs(rankings)
@@ -55,8 +57,10 @@ def main() -> None:
         a, b, c = loss_of(rankings), loss_of(pairs), loss_of(pairs, share=False)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
-    print(f"all results match: K-wise loss {a.item():.6f} == independent-pairs loss {b.item():.6f} (shared "
-          f"prefix) == {c.item():.6f} (plain forward)")
+    print(
+        f"all results match: K-wise loss {a.item():.6f} == independent-pairs loss {b.item():.6f} (shared "
+        f"prefix) == {c.item():.6f} (plain forward)"
+    )
 
     opt = make_adamw(rm, OptimConfig(lr=1e-5, min_lr=0.0))
 
@@ -65,17 +69,42 @@ def main() -> None:
             loss_of(batch, share).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return run
 
     pairs_plain, pairs_shared, kwise_plain, ours_ms = interleaved_ms(
-        [step(pairs, False), step(pairs), step(rankings, False), step(rankings)], reps)
+        [step(pairs, False), step(pairs), step(rankings, False), step(rankings)], reps
+    )
     n_pairs = len(pairs)
     shape = f"R={R} T={T} pairs={n_pairs}"
     row = dict(shape=shape, ours_ms=ours_ms / R, seqs_kwise=R * K, seqs_pairs=2 * n_pairs)
-    report("reward model training step per ranking (fwd + bwd + AdamW), n_layer 4, n_embd 256", [
-        {**row, "op": f"K={K} vs pairs plain", "baseline": "pairs, plain forward", "base_ms": pairs_plain / R, "goal": ">= 2x"},
-        {**row, "op": f"K={K} vs pairs shared", "baseline": "pairs, shared forward", "base_ms": pairs_shared / R, "goal": ">= 2x"},
-        {**row, "op": f"K={K} vs K-wise plain", "baseline": "K-wise, plain forward", "base_ms": kwise_plain / R, "goal": ""}])
+    report(
+        "reward model training step per ranking (fwd + bwd + AdamW), n_layer 4, n_embd 256",
+        [
+            {
+                **row,
+                "op": f"K={K} vs pairs plain",
+                "baseline": "pairs, plain forward",
+                "base_ms": pairs_plain / R,
+                "goal": ">= 2x",
+            },
+            {
+                **row,
+                "op": f"K={K} vs pairs shared",
+                "baseline": "pairs, shared forward",
+                "base_ms": pairs_shared / R,
+                "goal": ">= 2x",
+            },
+            {
+                **row,
+                "op": f"K={K} vs K-wise plain",
+                "baseline": "K-wise, plain forward",
+                "base_ms": kwise_plain / R,
+                "goal": "",
+            },
+        ],
+    )
+
 
 if __name__ == "__main__":
     main()

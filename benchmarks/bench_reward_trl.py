@@ -46,9 +46,16 @@ def make_models(vocab: int, seq: int, seed: int = 0, jitter: float = 0.0):
             p.add_(torch.randn_like(p) * jitter)
     hf_cfg = {k: v for k, v in config_to_hf_dict(cfg).items() if k != "architectures"}
     hf = GPT2ForSequenceClassification(GPT2Config(**hf_cfg, num_labels=1, pad_token_id=0))
-    sd = {k.removeprefix("transformer."): v for k, v in state_dict_to_hf(ours.trunk).items() if k != "lm_head.weight"}
+    sd = {
+        k.removeprefix("transformer."): v
+        for k, v in state_dict_to_hf(ours.trunk).items()
+        if k != "lm_head.weight"
+    }
     missing, unexpected = hf.transformer.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), (
+        missing,
+        unexpected,
+    )
     with torch.no_grad():
         ours.head.bias.zero_()
         hf.score.weight.copy_(ours.head.weight)  # (1, C)
@@ -86,13 +93,29 @@ def trl_trainer(hf, pairs, vocab: int, out: str, steps: int, batch: int, callbac
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    cfg = RewardConfig(output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                       max_steps=steps, learning_rate=LR, warmup_steps=0, lr_scheduler_type="constant",
-                       gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to="none",
-                       save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, dataloader_drop_last=True)
+    cfg = RewardConfig(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=LR,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_drop_last=True,
+    )
     data = Dataset.from_dict({"chosen_ids": [c for c, _ in pairs], "rejected_ids": [r for _, r in pairs]})
-    return RewardTrainer(model=hf, args=cfg, train_dataset=data, processing_class=_tokenizer(vocab),
-                         callbacks=list(callbacks))
+    return RewardTrainer(
+        model=hf, args=cfg, train_dataset=data, processing_class=_tokenizer(vocab), callbacks=list(callbacks)
+    )
 
 
 def main() -> None:
@@ -123,8 +146,14 @@ def main() -> None:
     cpu = torch.device("cpu")
 
     def ours_step(share: bool = True) -> float:
-        return optimizer_step(rm, opt, lambda i: kwise_loss(*score_batch(rm, batch, 0, cpu, share)), 1,
-                              lr_at(0, optim, 1), optim.grad_clip)[0]
+        return optimizer_step(
+            rm,
+            opt,
+            lambda i: kwise_loss(*score_batch(rm, batch, 0, cpu, share)),
+            1,
+            lr_at(0, optim, 1),
+            optim.grad_clip,
+        )[0]
 
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -149,11 +178,17 @@ def main() -> None:
         torch.testing.assert_close(r_ours, r_hf, rtol=1e-4, atol=1e-5)
         loss_hf = trainer.compute_loss(hf, trainer.data_collator(examples)).item()
         loss_ours, loss_trl = ours_step(), trl_step()
-        assert abs(loss_ours - loss_hf) < 1e-5 and abs(loss_trl - loss_hf) < 1e-5, (loss_ours, loss_trl, loss_hf)
+        assert abs(loss_ours - loss_hf) < 1e-5 and abs(loss_trl - loss_hf) < 1e-5, (
+            loss_ours,
+            loss_trl,
+            loss_hf,
+        )
         with torch.no_grad():  # one AdamW step each from equal weights and grads: equal weights again
             torch.testing.assert_close(our_rewards(rm, pairs), hf_rewards(hf, pairs), rtol=1e-3, atol=1e-4)
-        print(f"all results match: {2 * P} rewards, loss {loss_ours:.6f} (ours) == {loss_trl:.6f} (TRL "
-              f"training_step) == {loss_hf:.6f} (TRL compute_loss), rewards equal after one AdamW step each")
+        print(
+            f"all results match: {2 * P} rewards, loss {loss_ours:.6f} (ours) == {loss_trl:.6f} (TRL "
+            f"training_step) == {loss_hf:.6f} (TRL compute_loss), rewards equal after one AdamW step each"
+        )
 
         base_ms, ours_ms, plain_ms = interleaved_ms([trl_step, ours_step, lambda: ours_step(False)], reps)
 
@@ -161,7 +196,9 @@ def main() -> None:
         from transformers import TrainerCallback
         from transformers.trainer_callback import PrinterCallback
 
-        class Clock(TrainerCallback):  # after each TRL step (but the first), one of ours: load hits both alike
+        class Clock(
+            TrainerCallback
+        ):  # after each TRL step (but the first), one of ours: load hits both alike
             def on_step_end(self, *a, **kw):
                 t0 = time.perf_counter()
                 trl_loop.append(t0 - start[0])
@@ -170,20 +207,51 @@ def main() -> None:
                 start[0] = time.perf_counter()
 
         # the whole loop, data loader and logging included; its model is a fresh copy (the same weights)
-        full = trl_trainer(make_models(args.vocab, T)[1], pairs * (reps + 1), args.vocab, out, steps=reps + 1,
-                           batch=P, callbacks=[Clock()])
+        full = trl_trainer(
+            make_models(args.vocab, T)[1],
+            pairs * (reps + 1),
+            args.vocab,
+            out,
+            steps=reps + 1,
+            batch=P,
+            callbacks=[Clock()],
+        )
         full.remove_callback(PrinterCallback)  # its per-step log lines
         full.train()
-        loop_ms, ours_again = (statistics.median(t[1:]) * 1e3 for t in (trl_loop, ours_loop))  # first: warm-up
+        loop_ms, ours_again = (
+            statistics.median(t[1:]) * 1e3 for t in (trl_loop, ours_loop)
+        )  # first: warm-up
 
     shape = f"{P} pairs x {T} tok, V{args.vocab}"
-    report(f"reward model training step (fwd + bwd + clip + AdamW), L4 H4 C256, TRL {trl.__version__}", [
-        dict(op="rm_step K=2", shape=shape, baseline="TRL training_step+AdamW", base_ms=base_ms, ours_ms=ours_ms,
-             goal=">= 1.5x"),
-        dict(op="rm_step K=2", shape=shape, baseline="TRL train() per step", base_ms=loop_ms, ours_ms=ours_again,
-             goal=""),
-        dict(op="rm_step K=2 plain fwd", shape=shape, baseline="TRL training_step+AdamW", base_ms=base_ms,
-             ours_ms=plain_ms, goal="")])
+    report(
+        f"reward model training step (fwd + bwd + clip + AdamW), L4 H4 C256, TRL {trl.__version__}",
+        [
+            dict(
+                op="rm_step K=2",
+                shape=shape,
+                baseline="TRL training_step+AdamW",
+                base_ms=base_ms,
+                ours_ms=ours_ms,
+                goal=">= 1.5x",
+            ),
+            dict(
+                op="rm_step K=2",
+                shape=shape,
+                baseline="TRL train() per step",
+                base_ms=loop_ms,
+                ours_ms=ours_again,
+                goal="",
+            ),
+            dict(
+                op="rm_step K=2 plain fwd",
+                shape=shape,
+                baseline="TRL training_step+AdamW",
+                base_ms=base_ms,
+                ours_ms=plain_ms,
+                goal="",
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from _common import assert_close, median_ms, parse_args, report
 from fastrlhf.ops import reference, sample
 

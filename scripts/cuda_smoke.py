@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-
 from fastrlhf.ops import causal_attention, gae, ppo_loss, sample, token_logprobs
 
 

@@ -45,7 +45,10 @@ def main() -> None:
             raise SystemExit(f"{run.dir(stage)} is not finished: run the pipeline on {run_dir} first")
     cfg = copy.deepcopy(run.cfg.ppo)
     cfg.models.policy, cfg.models.reward = str(run.dir("sft")), str(run.dir("rm"))
-    cfg.train.prompts, cfg.train.out_dir = str(run.dir("ppo") / "prompts.txt"), a.out or str(run_dir / "ppo_gold")
+    cfg.train.prompts, cfg.train.out_dir = (
+        str(run.dir("ppo") / "prompts.txt"),
+        a.out or str(run_dir / "ppo_gold"),
+    )
     cfg.train.device, cfg.train.threads = run.cfg.run.device, run.cfg.run.threads
     # the gold score is the reward; the value model then starts from the policy's trunk
     trainer = build_trainer(cfg, true_score=true_scorer(run.cfg.run.task), gold_reward=True)
@@ -54,10 +57,23 @@ def main() -> None:
     prompts = _task(run).prompts("heldout")[: run.cfg.eval.prompts]
     m = eval_metrics(answer_and_score(run, prompts, ppo=trainer.policy))
     n, sft, gold, mean, se = len(prompts), m["sft_score"], m["ppo_score"], m["gain"], m["gain_sem"]
-    print(f"\n| held-out prompts | SFT | PPO, gold reward | gain (paired SE) |\n| --- | --- | --- | --- |\n"
-          f"| {n} | {sft:.3f} | {gold:.3f} | {mean:+.3f} +- {se:.3f} |")
-    print(json.dumps({"run": str(run_dir), "prompts": n, "sft": sft, "ppo_gold": gold, "gain": mean, "gain_se": se,
-                      "overrides": a.overrides}))
+    print(
+        f"\n| held-out prompts | SFT | PPO, gold reward | gain (paired SE) |\n| --- | --- | --- | --- |\n"
+        f"| {n} | {sft:.3f} | {gold:.3f} | {mean:+.3f} +- {se:.3f} |"
+    )
+    print(
+        json.dumps(
+            {
+                "run": str(run_dir),
+                "prompts": n,
+                "sft": sft,
+                "ppo_gold": gold,
+                "gain": mean,
+                "gain_se": se,
+                "overrides": a.overrides,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

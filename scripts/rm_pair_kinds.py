@@ -13,7 +13,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from fastrlhf.data import encode_chat
 from fastrlhf.data.formats import read_rankings
 from fastrlhf.train.checkpoint import load_gpt
@@ -46,7 +45,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a pipeline run folder (its sft/ and label/heldout.jsonl are read)")
     p.add_argument("--rm", help="reward model checkpoint or run folder (default: RUN/rm)")
-    p.add_argument("--rankings", type=int, default=300, help="held-out rankings to score (default: %(default)s)")
+    p.add_argument(
+        "--rankings", type=int, default=300, help="held-out rankings to score (default: %(default)s)"
+    )
     p.add_argument("--file", help="rankings JSONL (default: RUN/label/heldout.jsonl)")
     a = p.parse_args()
     torch.set_num_threads(1)

@@ -15,7 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("fastrlhf.train.label_cli", "sample K answers per prompt from an SFT model and rank them"),
     "rm": ("fastrlhf.train.reward", "train a K-wise reward model on rankings"),
     "ppo": ("fastrlhf.train.ppo_cli", "PPO (with PPO-ptx) from SFT and reward-model checkpoints"),
-    "pipeline": ("fastrlhf.train.pipeline", "the whole recipe: data, pretrain, SFT, label, RM, PPO, eval, report"),
+    "pipeline": (
+        "fastrlhf.train.pipeline",
+        "the whole recipe: data, pretrain, SFT, label, RM, PPO, eval, report",
+    ),
 }
 
 

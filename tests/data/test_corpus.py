@@ -2,7 +2,6 @@ import io
 import tarfile
 
 import pytest
-
 from fastrlhf.data import TokenFile, corpus, load_tokenizer
 
 FAKE = {

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from fastrlhf.data.formats import (
     FormatError,
     JsonlAppender,
@@ -218,16 +217,21 @@ def test_scores_mark_ties_and_round_trip(tmp_path):
     assert read_rankings(path) == [r, Ranking("q", ["x", "y"], [1, 0])]
 
 
-@pytest.mark.parametrize("scores, match", [
-    ([1.0, 0.0], "contradict the ranking"),
-    ([1.0], "scores must be 2 numbers"),
-    ([1.0, "x"], "scores must be 2 numbers"),
-    ([1.0, float("nan")], "must be finite"),
-])
+@pytest.mark.parametrize(
+    "scores, match",
+    [
+        ([1.0, 0.0], "contradict the ranking"),
+        ([1.0], "scores must be 2 numbers"),
+        ([1.0, "x"], "scores must be 2 numbers"),
+        ([1.0, float("nan")], "must be finite"),
+    ],
+)
 def test_bad_scores_are_named(tmp_path, scores, match):
     with pytest.raises(ValueError, match=match):
         Ranking("p", ["a", "b"], [1, 0], scores)
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "ranking": [1, 0], "scores": scores}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "p", "responses": ["a", "b"], "ranking": [1, 0], "scores": scores}) + "\n"
+    )
     with pytest.raises(FormatError, match=r"r.jsonl:1: .*" + match):
         read_rankings(path)

@@ -1,5 +1,4 @@
 import pytest
-
 from fastrlhf.data import EOT, ByteBPETokenizer, GPT2Tokenizer, load_tokenizer
 from fastrlhf.data import tokenizer as tokmod
 from fastrlhf.data.chat import decode_response, encode_chat, format_prompt
@@ -19,8 +18,10 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def bpe():
-    corpus = [f"the {w} of the {v} is {n} times {w}er than before.\n" for w, v, n in
-              [("king", "queen", 3), ("fool", "lord", 7), ("night", "day", 11)]] * 20
+    corpus = [
+        f"the {w} of the {v} is {n} times {w}er than before.\n"
+        for w, v, n in [("king", "queen", 3), ("fool", "lord", 7), ("night", "day", 11)]
+    ] * 20
     return ByteBPETokenizer.train(corpus, vocab_size=300)
 
 
@@ -93,7 +94,9 @@ def test_split_digits_gives_one_token_per_digit_and_survives_save_and_load(tmp_p
     text = "What is 37+45? 82 and -1234"
     pieces = [tok.decode([i]) for i in tok.encode(text)]
     assert [p for p in pieces if any(c.isdigit() for c in p)] == list("374582") + list("1234")
-    assert any(len(p.strip()) > 1 and p.strip().isdigit() for p in (merged.decode([i]) for i in merged.encode(text)))
+    assert any(
+        len(p.strip()) > 1 and p.strip().isdigit() for p in (merged.decode([i]) for i in merged.encode(text))
+    )
     assert tok.decode(tok.encode(text)) == text
     tok.save(tmp_path / "t")
     assert load_tokenizer(tmp_path / "t").encode(text) == tok.encode(text)

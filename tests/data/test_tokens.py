@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
-
 from fastrlhf.data import TokenFile, random_batch, write_tokens
 
 
-@pytest.mark.parametrize("vocab,dtype", [(300, np.uint16), (65536, np.uint16), (65537, np.uint32), (100_277, np.uint32)])
+@pytest.mark.parametrize(
+    "vocab,dtype", [(300, np.uint16), (65536, np.uint16), (65537, np.uint32), (100_277, np.uint32)]
+)
 def test_round_trip_and_dtype(tmp_path, vocab, dtype):
     ids = np.array([0, 1, vocab - 1, 17, vocab // 2])
     write_tokens(tmp_path / "t.bin", ids, vocab)

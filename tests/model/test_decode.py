@@ -3,7 +3,6 @@ on the rows a scorer reads) and the hidden states generate returns for a value h
 
 import pytest
 import torch
-
 from fastrlhf.model import GPT, GPTConfig, KVCache, generate, left_pad_layout
 
 CFG = GPTConfig(vocab_size=97, block_size=48, n_layer=3, n_head=4, n_embd=32)
@@ -30,10 +29,16 @@ def test_decode_step_gives_what_hidden_gives_bit_for_bit(bias):
     for c in caches:
         m.hidden(x[:, :9], positions=pos[:, :9], segment_ids=seg[:, :9], cache=c)
     for t in range(9, 13):
-        want = m.hidden(x[:, t : t + 1], positions=pos[:, t : t + 1], segment_ids=seg[:, : t + 1], cache=caches[0])
+        want = m.hidden(
+            x[:, t : t + 1], positions=pos[:, t : t + 1], segment_ids=seg[:, : t + 1], cache=caches[0]
+        )
         got = m.decode(x[:, t : t + 1], pos[:, t : t + 1], seg[:, : t + 1], caches[1])
         assert torch.equal(got, want[:, 0])
-    assert caches[1].length == 13 and torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert (
+        caches[1].length == 13
+        and torch.equal(caches[0].k, caches[1].k)
+        and torch.equal(caches[0].v, caches[1].v)
+    )
 
 
 @pytest.mark.parametrize("tail", [1, 5, 17])
@@ -75,8 +80,15 @@ def test_bad_tail(m, tail):
 
 @pytest.mark.parametrize("eos", [None, 4])
 def test_generation_hidden_states_equal_a_rescore(m, eos):
-    g = generate(m, PROMPTS, 9, temperature=0.9, eos_token_id=eos, return_hidden=True,
-                 generator=torch.Generator().manual_seed(2))
+    g = generate(
+        m,
+        PROMPTS,
+        9,
+        temperature=0.9,
+        eos_token_id=eos,
+        return_hidden=True,
+        generator=torch.Generator().manual_seed(2),
+    )
     pos, seg = g.layout()
     Tp = g.prompt_mask.shape[1]
     want = m.hidden(g.sequences, positions=pos, segment_ids=seg)[:, Tp - 1 : -1]  # (B, Tr, C)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from fastrlhf.model import GPT, GPTConfig, generate
 
 CFG = GPTConfig(vocab_size=89, block_size=40, n_layer=2, n_head=4, n_embd=32)
@@ -22,7 +21,9 @@ def rescore(m, g, temperature=1.0):
 
 
 def test_logprobs_equal_a_full_forward_rescore(m):
-    g = generate(m, PROMPTS, 12, temperature=0.7, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    g = generate(
+        m, PROMPTS, 12, temperature=0.7, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0)
+    )
     assert g.responses.shape == g.logprobs.shape == g.response_mask.shape == (3, 12)
     assert g.sequences.shape == (3, 6 + 12)
     assert g.prompt_mask.sum(1).tolist() == [3, 1, 6]
@@ -65,10 +66,18 @@ def test_stops_early_when_every_row_is_done(m):
 
 
 def test_per_row_sampling_options(m):
-    g = generate(m, PROMPTS, 6, temperature=torch.tensor([0.0, 1.0, 0.5]), top_k=torch.tensor([0, 5, 1]),
-                 generator=torch.Generator().manual_seed(0))
+    g = generate(
+        m,
+        PROMPTS,
+        6,
+        temperature=torch.tensor([0.0, 1.0, 0.5]),
+        top_k=torch.tensor([0, 5, 1]),
+        generator=torch.Generator().manual_seed(0),
+    )
     greedy = generate(m, PROMPTS, 6, temperature=0.0)
-    assert torch.equal(g.responses[0], greedy.responses[0]) and torch.equal(g.responses[2], greedy.responses[2])
+    assert torch.equal(g.responses[0], greedy.responses[0]) and torch.equal(
+        g.responses[2], greedy.responses[2]
+    )
 
 
 def test_model_mode_is_restored(m):
@@ -107,15 +116,19 @@ def test_generate_on_gpu_matches_rescoring(m):
     g = generate(gpu, PROMPTS, 8, top_k=10, generator=torch.Generator("cuda").manual_seed(0))
     assert g.responses.is_cuda
     torch.testing.assert_close(g.logprobs, rescore(gpu, g), atol=1e-4, rtol=1e-4)
-    assert torch.equal(generate(gpu, PROMPTS, 8, temperature=0.0).responses.cpu(),
-                       generate(m, PROMPTS, 8, temperature=0.0).responses)
+    assert torch.equal(
+        generate(gpu, PROMPTS, 8, temperature=0.0).responses.cpu(),
+        generate(m, PROMPTS, 8, temperature=0.0).responses,
+    )
 
 
 def test_rows_kernel_gives_what_torch_gemm_gives(m, monkeypatch):
     """The decode step's linears take ops.rows_linear; forcing torch's GEMM changes only fp32 rounding."""
     import sys
 
-    run = lambda: generate(m, PROMPTS, 10, temperature=0.8, top_k=30, generator=torch.Generator().manual_seed(5))
+    run = lambda: generate(
+        m, PROMPTS, 10, temperature=0.8, top_k=30, generator=torch.Generator().manual_seed(5)
+    )
     fused = run()
     monkeypatch.setattr(sys.modules["fastrlhf.ops.linear"], "MAX_ROWS", 0)
     plain = run()

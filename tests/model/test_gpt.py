@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from fastrlhf.model import GPT, GPTConfig, KVCache, ScalarHeadModel, last_token_index, left_pad_layout
 from fastrlhf.model.gpt import next_token_loss
 
@@ -38,7 +37,9 @@ def test_ignore_index_targets_are_left_out():
 def test_left_padding_is_exact():
     m = model()
     a, b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 4))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])  # (2, 11) row 1 left-padded
+    batch = torch.cat(
+        [a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)]
+    )  # (2, 11) row 1 left-padded
     mask = torch.ones(2, 11)
     mask[1, :7] = 0
     pos, seg = left_pad_layout(mask)
@@ -69,7 +70,9 @@ def test_kv_cache_decoding_equals_full_forward():
     cache = KVCache(m.config, 3, 23)
     chunks = [m(x[:, :9], positions=pos[:, :9], segment_ids=seg[:, :9], cache=cache)[0]]
     for t in range(9, 23):
-        chunks.append(m(x[:, t : t + 1], positions=pos[:, t : t + 1], segment_ids=seg[:, : t + 1], cache=cache)[0])
+        chunks.append(
+            m(x[:, t : t + 1], positions=pos[:, t : t + 1], segment_ids=seg[:, : t + 1], cache=cache)[0]
+        )
     assert cache.length == 23
     torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -125,7 +128,9 @@ def test_bad_config():
 def test_weights_that_do_not_match_the_config():
     weights = model().weights()
     assert "lm_head.weight" not in weights
-    with pytest.raises(ValueError, match=r"wrong shapes: transformer.wte.weight: expected \(98, 32\), got \(97, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"wrong shapes: transformer.wte.weight: expected \(98, 32\), got \(97, 32\)"
+    ):
         model(vocab_size=98).load_weights(weights)
     with pytest.raises(ValueError, match=r"missing \['transformer.h.2"):
         model(n_layer=3).load_weights(weights)

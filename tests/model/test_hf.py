@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-
 from fastrlhf.model import GPT, GPTConfig
 from fastrlhf.model.hf import from_hf_model, from_hf_state_dict, load_hf, save_hf, to_hf_model
 
@@ -13,8 +12,14 @@ CFG = GPTConfig(vocab_size=131, block_size=40, n_layer=2, n_head=4, n_embd=32)
 
 def hf_model(cfg=CFG):
     c = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
     )
     m = transformers.GPT2LMHeadModel(c).eval()
     with torch.no_grad():  # HF zero-inits biases and ones-inits LayerNorm: randomise so every weight matters

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastrlhf import ops
 from fastrlhf.model import GPTConfig, ScalarHeadModel, left_pad_layout
 from fastrlhf.model.shared import common_prefix, hidden_at, shared_layout
@@ -16,7 +15,9 @@ V = 53
 
 def model(seed: int = 0, dtype=torch.float64, **kw) -> ScalarHeadModel:
     torch.manual_seed(seed)
-    cfg = GPTConfig(**{**dict(vocab_size=V, block_size=48, n_layer=3, n_head=2, n_embd=16, dropout=0.0), **kw})
+    cfg = GPTConfig(
+        **{**dict(vocab_size=V, block_size=48, n_layer=3, n_head=2, n_embd=16, dropout=0.0), **kw}
+    )
     rm = ScalarHeadModel(cfg).to(dtype)
     with torch.no_grad():  # unit LayerNorm gains and zero biases would hide a mis-wired one
         for p in rm.parameters():
@@ -36,7 +37,7 @@ def rankings(seed: int = 1) -> tuple[list[list[int]], list[int]]:
     for K, P in [(2, 9), (3, 17), (5, 4), (4, 1), (2, 0)]:
         p = ids(P)
         groups.append([p + ids(1 + (j * 5) % 11) for j in range(K)])
-    groups[1][2] = groups[1][2][:17 + 1]  # a response cut to one token after the prompt
+    groups[1][2] = groups[1][2][: 17 + 1]  # a response cut to one token after the prompt
     s = ids(12)
     groups.append([s, list(s), s[:7]])  # identical and truncated: the prefix stops one token short
     groups.append([ids(6)])  # K = 1
@@ -79,7 +80,10 @@ def test_shared_forward_equals_full_forward_float64(bias):
     w = torch.randn(len(seqs), dtype=torch.float64)
     layout = shared_layout(seqs, sizes, pad_id=5)
     assert layout.seg is not None and layout.prefix_seg is not None  # the batch exercises the pads
-    assert_same(value_and_grads(rm, lambda: rm(shared=layout), w), value_and_grads(rm, lambda: full_rewards(rm, seqs), w))
+    assert_same(
+        value_and_grads(rm, lambda: rm(shared=layout), w),
+        value_and_grads(rm, lambda: full_rewards(rm, seqs), w),
+    )
 
 
 def test_shared_forward_without_padding_or_prefix():
@@ -90,10 +94,15 @@ def test_shared_forward_without_padding_or_prefix():
     layout = shared_layout(seqs, [2, 2], pad_id=0)
     assert layout.seg is None and layout.prefix_seg is None and layout.prefix.shape == (2, 6)
     w = torch.randn(4, dtype=torch.float64)
-    assert_same(value_and_grads(rm, lambda: rm(shared=layout), w), value_and_grads(rm, lambda: full_rewards(rm, seqs), w))
+    assert_same(
+        value_and_grads(rm, lambda: rm(shared=layout), w),
+        value_and_grads(rm, lambda: full_rewards(rm, seqs), w),
+    )
     singles = shared_layout([[3], [4, 9]], [1, 1], pad_id=0)  # a one-token sequence: nothing to share
-    assert_same(value_and_grads(rm, lambda: rm(shared=singles), w[:2]),
-                value_and_grads(rm, lambda: full_rewards(rm, [[3], [4, 9]]), w[:2]))
+    assert_same(
+        value_and_grads(rm, lambda: rm(shared=singles), w[:2]),
+        value_and_grads(rm, lambda: full_rewards(rm, [[3], [4, 9]]), w[:2]),
+    )
 
 
 def test_shared_forward_float32_close_and_no_grad():
@@ -123,7 +132,9 @@ def test_score_reads_one_token_and_equals_the_full_values(layout):
     ours = value_and_grads(rm, lambda: rm.score(idx, index, **kw), w)
     want = value_and_grads(rm, lambda: rm(idx, **kw).gather(1, index[:, None]).squeeze(1), w)
     assert_same(ours, want)
-    torch.testing.assert_close(hidden_at(rm.trunk, idx, index, **kw), rm.trunk.hidden(idx, **kw)[torch.arange(B), index])
+    torch.testing.assert_close(
+        hidden_at(rm.trunk, idx, index, **kw), rm.trunk.hidden(idx, **kw)[torch.arange(B), index]
+    )
 
 
 def test_attention_kv_gradients_for_a_lone_query_with_segments():
@@ -153,7 +164,9 @@ def test_bad_inputs():
         shared_layout([[1], []], [2], 0)
     with pytest.raises(ValueError, match="at most block_size = 48 tokens; got 49"):
         rm(shared=shared_layout([[1] * 49, [1] * 40], [2], 0))
-    with pytest.raises(ValueError, match=r"index must be \(B,\) = \(2,\) with entries in \[0, 3\); got \[0, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"index must be \(B,\) = \(2,\) with entries in \[0, 3\); got \[0, 3\]"
+    ):
         rm.score(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="pass either idx or shared"):
         rm(torch.zeros(1, 2, dtype=torch.long), shared=shared_layout([[1]], [1], 0))

@@ -2,11 +2,10 @@ import os
 import subprocess
 import sys
 
+import fastrlhf
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fastrlhf
 from fastrlhf.ops import causal_attention, reference
 
 

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-
 from fastrlhf.ops import causal_attention, reference
 
 
-@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,max_len,D", [(3, 4, 4, 1, 37, 64, 16), (2, 6, 2, 5, 19, 20, 59),
-                                                     (1, 2, 1, 1, 1, 8, 8), (4, 1, 1, 3, 9, 33, 7)])
+@pytest.mark.parametrize(
+    "B,H,Hkv,Tq,Tk,max_len,D",
+    [(3, 4, 4, 1, 37, 64, 16), (2, 6, 2, 5, 19, 20, 59), (1, 2, 1, 1, 1, 8, 8), (4, 1, 1, 3, 9, 33, 7)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cache_view_equals_reference(B, H, Hkv, Tq, Tk, max_len, D, dtype):
     q = torch.randn(B, H, Tq, D, dtype=dtype)

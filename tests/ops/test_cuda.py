@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
+import fastrlhf
 import pytest
 import torch
-
-import fastrlhf
 from fastrlhf.ops import causal_attention, gae, ppo_loss, reference, sample, token_logprobs
 
 DEV = os.environ.get("FASTRLHF_TEST_DEVICE", "cuda")

@@ -1,7 +1,6 @@
+import fastrlhf
 import pytest
 import torch
-
-import fastrlhf
 from fastrlhf.ops import gae, reference
 
 
@@ -69,7 +68,9 @@ def test_half_dtypes_within_half_precision(dtype):
     ref_adv, _ = reference.gae(rewards.to(dtype).double(), values.to(dtype).double(), mask)
     assert adv.dtype == dtype
     # fp32 math inside: one rounding to the output dtype
-    torch.testing.assert_close(adv.double(), ref_adv, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 4)
+    torch.testing.assert_close(
+        adv.double(), ref_adv, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 4
+    )
 
 
 def test_all_masked_rows_are_zero_and_finite():

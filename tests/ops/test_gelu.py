@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastrlhf.ops import gelu, reference
 
 INF, NAN = float("inf"), float("nan")
@@ -38,7 +37,10 @@ def test_float32_within_twice_torchs_error():
     x = x64.float().requires_grad_()
     y = gelu(x)
     y.backward(dy64.float())
-    ours_y, torch_y = (y.double() - want_y).abs().max(), (F.gelu(x64.float(), approximate="tanh") - want_y).abs().max()
+    ours_y, torch_y = (
+        (y.double() - want_y).abs().max(),
+        (F.gelu(x64.float(), approximate="tanh") - want_y).abs().max(),
+    )
     assert ours_y <= 2 * torch_y, (ours_y, torch_y)
     ours_dx = (x.grad.double() - want_dx).abs().max()
     torch_dx = (torch_grad(x64.float(), dy64.float()).double() - want_dx).abs().max()
@@ -53,7 +55,10 @@ def test_ugly_sizes_match_reference_and_the_vector_path(n):
     dy = torch.randn(1024)
     x = x64.float()
     y_full, dx_full = torch.ops.fastrlhf.gelu_fwd(x), torch.ops.fastrlhf.gelu_bwd(x, dy)
-    y, dx = torch.ops.fastrlhf.gelu_fwd(x[:n].clone()), torch.ops.fastrlhf.gelu_bwd(x[:n].clone(), dy[:n].clone())
+    y, dx = (
+        torch.ops.fastrlhf.gelu_fwd(x[:n].clone()),
+        torch.ops.fastrlhf.gelu_bwd(x[:n].clone(), dy[:n].clone()),
+    )
     assert torch.equal(y, y_full[:n]) and torch.equal(dx, dx_full[:n])
     torch.testing.assert_close(y.double(), reference.gelu(x[:n].double()), rtol=4e-7, atol=1e-7)
     torch.testing.assert_close(dx.double(), torch_grad(x[:n].double(), dy[:n].double()), rtol=1e-6, atol=1e-7)

@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastrlhf.ops import linear, rows_linear
 from fastrlhf.ops.linear import MAX_ROWS
 
@@ -59,10 +58,12 @@ def test_linear_takes_the_kernel_only_at_inference():
 
 def test_opcheck():
     x, w, b = (t.float() for t in make(5, 17, 12))
-    torch.library.opcheck(torch.ops.fastrlhf.rows_linear.default, (x, w, b),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fastrlhf.rows_linear.default, (x, w, None),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastrlhf.rows_linear.default, (x, w, b), test_utils=("test_schema", "test_faketensor")
+    )
+    torch.library.opcheck(
+        torch.ops.fastrlhf.rows_linear.default, (x, w, None), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_compile_fullgraph():

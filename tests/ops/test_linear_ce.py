@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastrlhf.ops import linear_cross_entropy, reference
 
 IGN = -100
@@ -57,6 +56,7 @@ def test_unit_seed_fast_path_survives_retain_graph_and_tied_weights():
     # a tied embedding (whose gradient autograd adds to the head's) must still see them intact
     h, w, t = make(10, 4, 7)
     idx = torch.randint(0, 7, (10,))
+
     def run(fn):  # (V, C) weight used as embedding and head, like GPT's wte
         wt = w.clone().requires_grad_()
         loss = fn(F.embedding(idx, wt) + h, wt, t)
@@ -66,6 +66,7 @@ def test_unit_seed_fast_path_survives_retain_graph_and_tied_weights():
             grads.append(wt.grad)
             wt.grad = None
         return grads
+
     got, want = run(linear_cross_entropy), run(reference.linear_cross_entropy)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got[1], got[0], rtol=0, atol=0)

@@ -1,7 +1,6 @@
+import fastrlhf
 import pytest
 import torch
-
-import fastrlhf
 from fastrlhf.ops import ppo_loss, reference
 from fastrlhf.ops.reference import PPO_STATS
 

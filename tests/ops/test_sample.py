@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import scipy.stats
 import torch
-
 from fastrlhf.ops import reference, sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -350,7 +349,7 @@ def test_opcheck():
 def test_compile_fullgraph():
     x = torch.randn(4, 37)
     f = torch.compile(lambda t: sample(t, temperature=0.0, top_k=5), fullgraph=True, backend="aot_eager")
-    tokens, logprobs = f(x)
+    tokens, _logprobs = f(x)
     assert torch.equal(tokens, x.argmax(1))
     g = torch.compile(lambda t: sample(t, temperature=0.7, top_p=0.8), fullgraph=True, backend="aot_eager")
     tokens, _ = g(x)
@@ -376,12 +375,19 @@ def test_reference_top_p_matches_pairwise_definition():
     """reference.sample_filter's sort-based top-p equals the definition computed pairwise (ties included):
     keep token i iff the mass of survivors strictly more likely than i is < top_p."""
     x = logits_with_ties(6, 1500, dtype=torch.bfloat16).double()  # many ties
-    for kw in [dict(top_p=0.3), dict(top_p=0.9, top_k=500), dict(top_p=1e-6), dict(top_p=0.99, temperature=0.5)]:
+    for kw in [
+        dict(top_p=0.3),
+        dict(top_p=0.9, top_k=500),
+        dict(top_p=1e-6),
+        dict(top_p=0.99, temperature=0.5),
+    ]:
         got = reference.sample_filter(x, **kw) > float("-inf")  # (B, V)
         T = kw.get("temperature", 1.0)
         scaled = x / T
         k = kw.get("top_k", 0)
-        keep = scaled >= scaled.topk(k, dim=1).values[:, -1:] if k else torch.ones_like(scaled, dtype=torch.bool)
+        keep = (
+            scaled >= scaled.topk(k, dim=1).values[:, -1:] if k else torch.ones_like(scaled, dtype=torch.bool)
+        )
         probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=1)  # (B, V)
         above = (probs[:, None, :] * (probs[:, None, :] > probs[:, :, None])).sum(-1)  # (B, V) pairwise
         assert torch.equal(got, keep & (above < kw["top_p"]))

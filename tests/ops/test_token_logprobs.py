@@ -1,7 +1,6 @@
+import fastrlhf
 import pytest
 import torch
-
-import fastrlhf
 from fastrlhf.ops import reference, token_logprobs
 
 

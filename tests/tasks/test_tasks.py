@@ -1,5 +1,4 @@
 import pytest
-
 from fastrlhf.data.formats import SFTExample
 from fastrlhf.tasks.arithmetic import ArithmeticTask, Problem, make_problems, parse_answer, parse_problem
 from fastrlhf.tasks.registry import TASKS, get_task

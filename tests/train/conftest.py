@@ -1,5 +1,4 @@
 import pytest
-
 from fastrlhf.data import corpus
 from pretrain_helpers import make_text
 
@@ -21,6 +20,10 @@ def sft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft_shared")
     demos = write_demos(root / "demos.jsonl")
     out = root / "run"
-    sft(sft_config(f"data.source={demos}", f"train.out_dir={out}", "train.max_steps=30", "train.eval_interval=30"),
-        quiet=True)
+    sft(
+        sft_config(
+            f"data.source={demos}", f"train.out_dir={out}", "train.max_steps=30", "train.eval_interval=30"
+        ),
+        quiet=True,
+    )
     return out

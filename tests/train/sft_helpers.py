@@ -7,9 +7,19 @@ from fastrlhf.tasks.arithmetic import make_problems
 from fastrlhf.train.config import load_config
 from fastrlhf.train.labelers import ArithmeticLabeler
 
-TINY_SFT = ["model.vocab_size=300", "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-            "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=5", "train.batch_size=4",
-            "train.log_interval=1", "train.device=cpu"]
+TINY_SFT = [
+    "model.vocab_size=300",
+    "model.block_size=32",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "optim.lr=3e-3",
+    "optim.min_lr=3e-4",
+    "optim.warmup_steps=5",
+    "train.batch_size=4",
+    "train.log_interval=1",
+    "train.device=cpu",
+]
 
 
 def write_demos(path, n=240, seed=0):

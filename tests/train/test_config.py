@@ -1,13 +1,17 @@
 import pytest
-
 from fastrlhf.train.config import load_config, parse_overrides
 from fastrlhf.train.pretrain import PretrainConfig
 
 
 def test_toml_then_overrides(tmp_path):
-    (tmp_path / "c.toml").write_text('[model]\nn_layer = 3\nn_embd = 64\n[optim]\nlr = 1\n[train]\nout_dir = "x"\n')
-    cfg = load_config(PretrainConfig, tmp_path / "c.toml", ["model.n_layer=5", "--optim.min_lr=1e-5",
-                                                            "train.dtype=fp32", "model.bias=false"])
+    (tmp_path / "c.toml").write_text(
+        '[model]\nn_layer = 3\nn_embd = 64\n[optim]\nlr = 1\n[train]\nout_dir = "x"\n'
+    )
+    cfg = load_config(
+        PretrainConfig,
+        tmp_path / "c.toml",
+        ["model.n_layer=5", "--optim.min_lr=1e-5", "train.dtype=fp32", "model.bias=false"],
+    )
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.bias) == (5, 64, False)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.optim.min_lr == 1e-5
     assert cfg.train.out_dir == "x" and cfg.train.dtype == "fp32" and cfg.train.max_steps == 1000

@@ -17,8 +17,6 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
-
 from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.train import dist
 from fastrlhf.train import reward as reward_mod
@@ -32,33 +30,74 @@ from fastrlhf.train.reward import RMConfig, train_rm
 from fastrlhf.train.rl import masked_mean, masked_var
 from fastrlhf.train.sft import sft
 from pretrain_helpers import TINY as TINY_PRETRAIN
+from safetensors.torch import load_file, save_file
 from sft_helpers import arithmetic_rankings, sft_config, write_demos, write_ranking_file
 
 WORLD = 2
 RANKS_TIMEOUT_S = 300  # they take ~5 s on 2 cores
-PRE_ARGS = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.grad_accum=2",
-            "train.device=cpu", "train.threads=1"]
+PRE_ARGS = [
+    "train.max_steps=4",
+    "train.eval_interval=2",
+    "train.eval_batches=3",
+    "train.grad_accum=2",
+    "train.device=cpu",
+    "train.threads=1",
+]
 SFT_ARGS = ["train.max_steps=6", "train.ckpt_interval=3", "train.eval_interval=3", "train.threads=1"]
-RM_ARGS = ["train.device=cpu", "train.batch_size=4", "train.log_interval=1", "train.max_steps=6",
-           "train.eval_interval=3", "train.threads=1", "optim.lr=2e-3", "optim.warmup_steps=3"]
+RM_ARGS = [
+    "train.device=cpu",
+    "train.batch_size=4",
+    "train.log_interval=1",
+    "train.max_steps=6",
+    "train.eval_interval=3",
+    "train.threads=1",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=3",
+]
 TINY = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32)
 EOS = 0
 # top_k=1: greedy rollouts do not depend on the ranks' sampling seeds, so the 2-rank run sees the very
 # episodes one process sees; the logprobs stay those of the full softmax, so PPO still has gradients.
 # minibatch = rollout_batch: the update's global minibatch is then the same set of episodes too.
-PPO_EXACT = ["ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.top_k=1",
-             "ppo.allow_sampling_mismatch=true", "ppo.whiten_rewards=true", "ppo.adaptive_kl=true",
-             "ppo.kl_target=0.01", "ppo.kl_horizon=100", "optim.lr=3e-3", "optim.warmup_steps=0", "train.max_steps=3",
-             "train.ckpt_interval=0", "train.device=cpu"]
+PPO_EXACT = [
+    "ppo.rollout_batch=8",
+    "ppo.minibatch=8",
+    "ppo.ppo_epochs=2",
+    "ppo.max_new_tokens=6",
+    "ppo.top_k=1",
+    "ppo.allow_sampling_mismatch=true",
+    "ppo.whiten_rewards=true",
+    "ppo.adaptive_kl=true",
+    "ppo.kl_target=0.01",
+    "ppo.kl_horizon=100",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=0",
+    "train.max_steps=3",
+    "train.ckpt_interval=0",
+    "train.device=cpu",
+]
 # sampled rollouts (a stream per rank), two minibatches, the value head on the policy, PPO-ptx
-PPO_SAMPLED = ["ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6",
-               "ppo.value_model=policy_head", "ppo.adaptive_kl=true", "ppo.ptx_coef=0.5", "ppo.ptx_block=8",
-               "optim.lr=3e-3", "train.max_steps=2", "train.device=cpu"]
+PPO_SAMPLED = [
+    "ppo.rollout_batch=8",
+    "ppo.minibatch=4",
+    "ppo.ppo_epochs=1",
+    "ppo.max_new_tokens=6",
+    "ppo.value_model=policy_head",
+    "ppo.adaptive_kl=true",
+    "ppo.ptx_coef=0.5",
+    "ppo.ptx_block=8",
+    "optim.lr=3e-3",
+    "train.max_steps=2",
+    "train.device=cpu",
+]
 
 
 def pretrain_config(data_dir, out):
-    return load_config(PretrainConfig, None, TINY_PRETRAIN + [f"train.data_dir={data_dir}", f"train.out_dir={out}",
-                                                              *PRE_ARGS])
+    return load_config(
+        PretrainConfig,
+        None,
+        TINY_PRETRAIN + [f"train.data_dir={data_dir}", f"train.out_dir={out}", *PRE_ARGS],
+    )
 
 
 def ppo_trainer(out, args):
@@ -87,22 +126,46 @@ def _capture(module, name, root):
 
 
 def _worker(rank, port, root, sft_run, data_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     dist.setup("cpu")
     _capture(sft_mod, "sft", root)
     _capture(reward_mod, "rm", root)
     pretrain(pretrain_config(data_dir, root / "pre2"), quiet=True)
-    sft(sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft2'}", *SFT_ARGS), quiet=True)
+    sft(
+        sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft2'}", *SFT_ARGS),
+        quiet=True,
+    )
     if rank == 0:  # as if the run had died after its step-3 checkpoint
         shutil.copytree(root / "sft2" / "step_0000003", root / "sft2_resumed" / "step_0000003")
         (root / "sft2_resumed" / "latest").write_text("step_0000003\n")
     dist.barrier()
-    sft(sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft2_resumed'}", *SFT_ARGS),
-        quiet=True)
-    train_rm(load_config(RMConfig, None, [f"train.sft={sft_run}", f"data.train={root / 'r.jsonl'}",
-                                          f"train.out_dir={root / 'rm2'}", *RM_ARGS]), quiet=True)
+    sft(
+        sft_config(
+            f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft2_resumed'}", *SFT_ARGS
+        ),
+        quiet=True,
+    )
+    train_rm(
+        load_config(
+            RMConfig,
+            None,
+            [
+                f"train.sft={sft_run}",
+                f"data.train={root / 'r.jsonl'}",
+                f"train.out_dir={root / 'rm2'}",
+                *RM_ARGS,
+            ],
+        ),
+        quiet=True,
+    )
     try:
         ppo_trainer(root / "ppo_bad", PPO_EXACT + ["ppo.rollout_batch=6", "ppo.minibatch=3"])
     except ValueError as exc:
@@ -110,8 +173,14 @@ def _worker(rank, port, root, sft_run, data_dir):
     for name, args in (("ppo", PPO_EXACT), ("ppo_sampled", PPO_SAMPLED)):
         tr = ppo_trainer(root / f"{name}2", args)
         tr.train()
-        save_file({f"{m}.{k}": v.contiguous() for m in ("policy", "value") for k, v in tr.trained[m].weights().items()},
-                  root / f"{name}_rank{rank}.safetensors")
+        save_file(
+            {
+                f"{m}.{k}": v.contiguous()
+                for m in ("policy", "value")
+                for k, v in tr.trained[m].weights().items()
+            },
+            root / f"{name}_rank{rank}.safetensors",
+        )
         (root / f"{name}_kl_rank{rank}.json").write_text(json.dumps(tr.kl_ctl.value))
     del tr  # its DDP models must die before the group does (see dist.cleanup)
     dist.cleanup()
@@ -129,22 +198,39 @@ def runs(sft_run, data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     write_demos(root / "demos.jsonl")
     write_ranking_file(root / "r.jsonl", arithmetic_rankings(48, ks=(4, 2, 3)))
-    ranks = mp.start_processes(_worker, args=(_free_port(), root, sft_run, data_dir), nprocs=WORLD,
-                               start_method="fork", join=False)
+    ranks = mp.start_processes(
+        _worker, args=(_free_port(), root, sft_run, data_dir), nprocs=WORLD, start_method="fork", join=False
+    )
     deadline = time.monotonic() + RANKS_TIMEOUT_S
     while not ranks.join(timeout=1):  # a rank that fails raises here; one that hangs is killed
         if time.monotonic() > deadline:
             for p in ranks.processes:
                 p.kill()
-            pytest.fail(f"the 2-rank runs did not finish within {RANKS_TIMEOUT_S} s; their files: "
-                        f"{sorted(f.name for f in root.iterdir())}")
+            pytest.fail(
+                f"the 2-rank runs did not finish within {RANKS_TIMEOUT_S} s; their files: "
+                f"{sorted(f.name for f in root.iterdir())}"
+            )
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         pretrain(pretrain_config(data_dir, root / "pre1"), quiet=True)
-        sft(sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft1'}", *SFT_ARGS), quiet=True)
-        train_rm(load_config(RMConfig, None, [f"train.sft={sft_run}", f"data.train={root / 'r.jsonl'}",
-                                              f"train.out_dir={root / 'rm1'}", *RM_ARGS]), quiet=True)
+        sft(
+            sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft1'}", *SFT_ARGS),
+            quiet=True,
+        )
+        train_rm(
+            load_config(
+                RMConfig,
+                None,
+                [
+                    f"train.sft={sft_run}",
+                    f"data.train={root / 'r.jsonl'}",
+                    f"train.out_dir={root / 'rm1'}",
+                    *RM_ARGS,
+                ],
+            ),
+            quiet=True,
+        )
         tr = ppo_trainer(root / "ppo1", PPO_EXACT)
         tr.train()
     finally:
@@ -171,16 +257,34 @@ def assert_close_curves(one, two):
 def test_pretrain_two_ranks_match_one_process(runs):
     """grad_accum = 2: the first micro-batch's backward skips DDP's all-reduce (no_sync), the second syncs."""
     for keys in (["step", "loss", "grad_norm"], ["step", "val_loss"]):
-        assert_close_curves(curve(runs / "pre1" / "log.jsonl", keys), curve(runs / "pre2" / "log.jsonl", keys))
+        assert_close_curves(
+            curve(runs / "pre1" / "log.jsonl", keys), curve(runs / "pre2" / "log.jsonl", keys)
+        )
 
 
 @pytest.mark.slow
 def test_torchrun_cli_computes_what_the_api_computes(runs, data_dir, tmp_path):
     """`torchrun -m fastrlhf pretrain`: rank 0 alone prints and logs, and the log is the 2-rank run's above."""
     overrides = TINY_PRETRAIN + PRE_ARGS + [f"train.data_dir={data_dir}", f"train.out_dir={tmp_path}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           "-m", "fastrlhf", "pretrain", *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        "-m",
+        "fastrlhf",
+        "pretrain",
+        *overrides,
+    ]
+    res = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("step      4  loss") == 1  # printed once, by rank 0
     keys = ["step", "loss", "grad_norm", "val_loss"]
@@ -208,16 +312,32 @@ def test_sft_resume_under_two_ranks_repeats_the_run(runs):
 
 
 def test_rm_two_ranks_match_one_process(runs):
-    assert_close_curves(curve(runs / "rm1" / "log.jsonl", ["step", "loss", "grad_norm"]),
-                        curve(runs / "rm2" / "log.jsonl", ["step", "loss", "grad_norm"]))
+    assert_close_curves(
+        curve(runs / "rm1" / "log.jsonl", ["step", "loss", "grad_norm"]),
+        curve(runs / "rm2" / "log.jsonl", ["step", "loss", "grad_norm"]),
+    )
     val = ["step", "val_loss", "val_accuracy", "val_margin", "val_acc_k3"]
     assert_close_curves(curve(runs / "rm1" / "log.jsonl", val), curve(runs / "rm2" / "log.jsonl", val))
     assert_same_weights(runs, "rm")
 
 
 def test_ppo_two_ranks_match_one_process(runs):
-    keys = ["step", "score_mean", "score_std", "kl", "kl_coef", "rlhf_reward", "pg_loss", "v_loss", "approx_kl",
-            "clipfrac", "entropy", "explained_variance", "response_length", "grad_norm"]
+    keys = [
+        "step",
+        "score_mean",
+        "score_std",
+        "kl",
+        "kl_coef",
+        "rlhf_reward",
+        "pg_loss",
+        "v_loss",
+        "approx_kl",
+        "clipfrac",
+        "entropy",
+        "explained_variance",
+        "response_length",
+        "grad_norm",
+    ]
     one, two = curve(runs / "ppo1" / "log.jsonl", keys), curve(runs / "ppo2" / "log.jsonl", keys)
     assert len(one) == 3 and one[-1][keys.index("kl")] > 0  # the policy moved away from the reference
     assert_close_curves(one, two)
@@ -234,13 +354,17 @@ def test_ppo_sampled_ranks_stay_in_step(runs):
 
 def test_batches_that_do_not_split_evenly_are_refused(runs):
     for r in range(WORLD):
-        assert (runs / f"bad_rank{r}.txt").read_text() == "ppo.minibatch (3) must be a multiple of the number of processes (2)"
+        assert (
+            runs / f"bad_rank{r}.txt"
+        ).read_text() == "ppo.minibatch (3) must be a multiple of the number of processes (2)"
 
 
 def test_one_process_makes_no_process_group():
     assert not dist.active() and (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
     x, mask = torch.randn(2, 5), torch.rand(2, 5) > 0.3
-    assert dist.all_sum(x) is x and dist.shard(8) == slice(0, 8) and dist.mean_floats({"a": 0.1}) == {"a": 0.1}
+    assert (
+        dist.all_sum(x) is x and dist.shard(8) == slice(0, 8) and dist.mean_floats({"a": 0.1}) == {"a": 0.1}
+    )
     mean, var = dist.global_masked_moments(x, mask)
     assert torch.equal(mean, masked_mean(x, mask)) and torch.equal(var, masked_var(x, mask))
     model = GPT(TINY)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from fastrlhf.cli import main
 from fastrlhf.data.formats import read_rankings
 from fastrlhf.tasks.arithmetic import parse_problem
@@ -16,7 +15,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
 
 
 def label(sft_run, out, *extra):
@@ -42,24 +40,41 @@ def test_label_writes_rankings_of_k_sampled_answers_and_resumes(sft_run, tmp_pat
 
 def test_sample_answers_batches_k_per_prompt(sft_run):
     model, tok = load_gpt(sft_run)
-    answers = sample_answers(model, tok, ["What is 1+2?", "What is 3*3?"], 4, 5, temperature=1.0,
-                             generator=torch.Generator().manual_seed(0))
-    assert len(answers) == 2 and all(a is None or (len(a) == 4 and all(s.strip() for s in a)) for a in answers)
+    answers = sample_answers(
+        model,
+        tok,
+        ["What is 1+2?", "What is 3*3?"],
+        4,
+        5,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(answers) == 2 and all(
+        a is None or (len(a) == 4 and all(s.strip() for s in a)) for a in answers
+    )
 
 
 def test_prompts_from_text_and_jsonl_files(sft_run, tmp_path):
     txt, js = tmp_path / "p.txt", tmp_path / "p.jsonl"
     txt.write_text("What is 1+1?\n\nWhat is 2+2?\nWhat is 1+1?\n")
     js.write_text('{"prompt": "What is 5-3?"}\n{"prompt": "What is 4*2?", "response": "8"}\n')
-    assert label(sft_run, tmp_path / "a.jsonl", "--prompts", str(txt), "--labeler", "arithmetic", "--k", "2") == 0
+    assert (
+        label(sft_run, tmp_path / "a.jsonl", "--prompts", str(txt), "--labeler", "arithmetic", "--k", "2")
+        == 0
+    )
     assert {r.prompt for r in read_rankings(tmp_path / "a.jsonl")} <= {"What is 1+1?", "What is 2+2?"}
-    assert label(sft_run, tmp_path / "b.jsonl", "--prompts", str(js), "--labeler", "arithmetic", "--k", "2") == 0
+    assert (
+        label(sft_run, tmp_path / "b.jsonl", "--prompts", str(js), "--labeler", "arithmetic", "--k", "2") == 0
+    )
     assert all(r.k == 2 for r in read_rankings(tmp_path / "b.jsonl"))
 
 
 def test_unknown_labeler(sft_run, tmp_path, capsys):
     assert label(sft_run, tmp_path / "r.jsonl", "--prompts", "arithmetic", "--labeler", "oracle") == 2
-    assert "unknown labeler 'oracle'; valid names: arithmetic, jsonl, sentiment, terminal" in capsys.readouterr().err
+    assert (
+        "unknown labeler 'oracle'; valid names: arithmetic, jsonl, sentiment, terminal"
+        in capsys.readouterr().err
+    )
 
 
 def test_k_below_two(sft_run, tmp_path, capsys):
@@ -72,7 +87,9 @@ def test_bad_prompts_file(sft_run, tmp_path, capsys):
     js.write_text('{"prompt": "What is 5-3?"}\n{"prompt": 7}\n')
     assert label(sft_run, tmp_path / "r.jsonl", "--prompts", str(js), "--labeler", "arithmetic") == 2
     assert "p.jsonl:2: expected an object with a string field 'prompt'" in capsys.readouterr().err
-    assert label(sft_run, tmp_path / "r.jsonl", "--prompts", str(tmp_path / "nope.txt"), "--labeler", "x") == 2
+    assert (
+        label(sft_run, tmp_path / "r.jsonl", "--prompts", str(tmp_path / "nope.txt"), "--labeler", "x") == 2
+    )
     assert "neither a task" in capsys.readouterr().err
     (tmp_path / "ok.txt").write_text("What is 1+1?\n")
     assert label(sft_run, tmp_path / "r.jsonl", "--prompts", str(tmp_path / "ok.txt")) == 2

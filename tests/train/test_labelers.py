@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from fastrlhf.data.formats import FormatError, Ranking, read_rankings, write_rankings
 from fastrlhf.train.labelers import (
     LABELERS,

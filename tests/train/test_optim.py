@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-
 from fastrlhf.model import GPT, GPTConfig
 from fastrlhf.train.optim import OptimConfig, lr_at, make_adamw, optimizer_step
 
@@ -33,7 +32,9 @@ def test_gradient_accumulation_equals_one_big_batch():
     x = torch.randint(0, 67, (8, 16))
     oa, ob = make_adamw(a, OptimConfig()), make_adamw(b, OptimConfig())
     loss_a, norm_a = optimizer_step(a, oa, lambda i: a(x, x)[1], 1, 1e-3, 0.0)
-    loss_b, norm_b = optimizer_step(b, ob, lambda i: b(x[4 * i : 4 * i + 4], x[4 * i : 4 * i + 4])[1], 2, 1e-3, 0.0)
+    loss_b, norm_b = optimizer_step(
+        b, ob, lambda i: b(x[4 * i : 4 * i + 4], x[4 * i : 4 * i + 4])[1], 2, 1e-3, 0.0
+    )
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)

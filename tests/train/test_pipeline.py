@@ -13,24 +13,48 @@ from fastrlhf.train.pipeline import STAGES, fingerprints, load_pipeline_config, 
 
 # few distinct words, half of them charged: the BPE makes them whole tokens, so that even a barely trained
 # model's answers often hold one and the scripted labeler's VADER scores rarely all tie
-WORDS = "the king and queen of this land did walk to".split()
+WORDS = ["the", "king", "and", "queen", "of", "this", "land", "did", "walk", "to"]
 MOODS = ["good", "sweet", "love", "happy", "noble", "bad", "hate", "sad", "foul", "death"]
 
-TINY = ["data.vocab_size=300", "pretrain.model.vocab_size=300", "pretrain.model.n_layer=1", "pretrain.model.n_head=2",
-        "pretrain.model.n_embd=32", "pretrain.model.block_size=64", "pretrain.train.max_steps=4",
-        "pretrain.train.batch_size=4", "pretrain.train.eval_interval=2", "pretrain.train.eval_batches=2",
-        "sft.train.max_steps=3", "sft.train.batch_size=4", "label.train_prompts=24", "label.heldout_prompts=8",
-        "label.max_new_tokens=6", "rm.train.max_steps=3", "rm.train.batch_size=4", "ppo.ppo.rollout_batch=4",
-        "ppo.ppo.minibatch=2", "ppo.ppo.max_new_tokens=6", "ppo.train.max_steps=2", "eval.prompts=6",
-        "eval.samples=3", "run.threads=1", "run.device=cpu"]
+TINY = [
+    "data.vocab_size=300",
+    "pretrain.model.vocab_size=300",
+    "pretrain.model.n_layer=1",
+    "pretrain.model.n_head=2",
+    "pretrain.model.n_embd=32",
+    "pretrain.model.block_size=64",
+    "pretrain.train.max_steps=4",
+    "pretrain.train.batch_size=4",
+    "pretrain.train.eval_interval=2",
+    "pretrain.train.eval_batches=2",
+    "sft.train.max_steps=3",
+    "sft.train.batch_size=4",
+    "label.train_prompts=24",
+    "label.heldout_prompts=8",
+    "label.max_new_tokens=6",
+    "rm.train.max_steps=3",
+    "rm.train.batch_size=4",
+    "ppo.ppo.rollout_batch=4",
+    "ppo.ppo.minibatch=2",
+    "ppo.ppo.max_new_tokens=6",
+    "ppo.train.max_steps=2",
+    "eval.prompts=6",
+    "eval.samples=3",
+    "run.threads=1",
+    "run.device=cpu",
+]
 GOLD = Path(__file__).parents[2] / "scripts" / "ppo_gold_reward.py"
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(5)) + " " + " ".join(rng.choice(WORDS + MOODS) for _ in range(4))
-             for _ in range(600)]
+    lines = [
+        " ".join(rng.choice(WORDS) for _ in range(5))
+        + " "
+        + " ".join(rng.choice(WORDS + MOODS) for _ in range(4))
+        for _ in range(600)
+    ]
     path = tmp_path_factory.mktemp("corpus") / "lines.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -67,18 +91,26 @@ def test_every_stage_runs_and_the_report_has_goals_tables_samples_and_plots(fini
     assert all(-1.0 <= r[w]["score"] <= 1.0 for r in rows for w in ("sft", "ppo"))
 
 
-def test_gold_reward_script_trains_on_the_true_score_and_leaves_the_run_alone(finished, tmp_path, capsys, monkeypatch):
+def test_gold_reward_script_trains_on_the_true_score_and_leaves_the_run_alone(
+    finished, tmp_path, capsys, monkeypatch
+):
     out, _ = finished
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    monkeypatch.setattr(sys, "argv", [str(GOLD), str(out), "--out", str(tmp_path / "gold"), "ppo.train.max_steps=2"])
+    monkeypatch.setattr(
+        sys, "argv", [str(GOLD), str(out), "--out", str(tmp_path / "gold"), "ppo.train.max_steps=2"]
+    )
     runpy.run_path(str(GOLD), run_name="__main__")
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the SFT column is the eval stage's own: same prompts, same seeds
-    assert result["sft"] == pytest.approx(json.loads((out / "eval" / "metrics.json").read_text())["sft_score"])
+    assert result["sft"] == pytest.approx(
+        json.loads((out / "eval" / "metrics.json").read_text())["sft_score"]
+    )
     assert result["prompts"] == 6 and result["gain"] == pytest.approx(result["ppo_gold"] - result["sft"])
     steps = [json.loads(line) for line in (tmp_path / "gold" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "score_mean" in r]
-    assert len(steps) == 2 and all(r["score_mean"] == pytest.approx(r["true_score"]) for r in steps)  # gold reward
+    assert len(steps) == 2 and all(
+        r["score_mean"] == pytest.approx(r["true_score"]) for r in steps
+    )  # gold reward
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
@@ -113,7 +145,9 @@ def test_changed_settings_are_refused_until_redo(finished, corpus):
     with pytest.raises(ValueError, match=r"rm was made with other settings .* --redo rm"):
         run_pipeline(out, tiny(corpus, "rm.train.margin=0.5"), quiet=True)
     # runtime-only fields never invalidate a stage
-    assert fingerprints(tiny(corpus, "run.threads=2", "ppo.train.max_minutes=9")) == fingerprints(tiny(corpus))
+    assert fingerprints(tiny(corpus, "run.threads=2", "ppo.train.max_minutes=9")) == fingerprints(
+        tiny(corpus)
+    )
 
 
 def test_redo_remakes_a_stage_and_every_later_one(finished, corpus, tmp_path):
@@ -130,13 +164,16 @@ def test_redo_remakes_a_stage_and_every_later_one(finished, corpus, tmp_path):
         run_pipeline(out, tiny(corpus, "eval.samples=2"), quiet=True)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("label.k=1", r"label.k must be in \[2, 16\]; got 1"),
-    ("eval.samples=999", r"eval.samples must be in \[0, 256\]; got 999"),
-    ("ppo.ppo.clip_range=2", r"\[ppo\] ppo.clip_range must be in \(0.0, 1.0\); got 2.0"),
-    ("sft.nope=1", r"\[sft\] unknown section\(s\) \['nope'\]"),
-    ("data.vocab_size=abc", r"\[data\] vocab_size must be int; got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("label.k=1", r"label.k must be in \[2, 16\]; got 1"),
+        ("eval.samples=999", r"eval.samples must be in \[0, 256\]; got 999"),
+        ("ppo.ppo.clip_range=2", r"\[ppo\] ppo.clip_range must be in \(0.0, 1.0\); got 2.0"),
+        ("sft.nope=1", r"\[sft\] unknown section\(s\) \['nope'\]"),
+        ("data.vocab_size=abc", r"\[data\] vocab_size must be int; got 'abc'"),
+    ],
+)
 def test_bad_settings_name_the_field(override, match):
     with pytest.raises(ValueError, match=match):
         load_pipeline_config("sentiment", None, [override])
@@ -155,12 +192,15 @@ def test_the_shipped_gpu_config_loads():
     assert cfg.run.device == "cuda" and cfg.pretrain.model.n_embd == 512 and cfg.ppo.ppo.rollout_batch == 128
 
 
-@pytest.mark.parametrize("override, match", [
-    ("arithmetic.ops=+/", r"arithmetic.ops must be distinct operators from '\+-\*'; got '\+/'"),
-    ("arithmetic.ops=++", r"arithmetic.ops must be distinct operators"),
-    ("arithmetic.max_digits=7", r"arithmetic.max_digits must be in \[1, 6\]; got 7"),
-    ("arithmetic.max_digits=1", r"arithmetic.train_problems must be in \[1, 90\]; got 9000"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("arithmetic.ops=+/", r"arithmetic.ops must be distinct operators from '\+-\*'; got '\+/'"),
+        ("arithmetic.ops=++", r"arithmetic.ops must be distinct operators"),
+        ("arithmetic.max_digits=7", r"arithmetic.max_digits must be in \[1, 6\]; got 7"),
+        ("arithmetic.max_digits=1", r"arithmetic.train_problems must be in \[1, 90\]; got 9000"),
+    ],
+)
 def test_bad_arithmetic_settings_name_the_field(override, match):
     with pytest.raises(ValueError, match=match):
         load_pipeline_config("arithmetic", None, [override])
@@ -171,8 +211,11 @@ def test_arithmetic_data_stage_uses_the_chosen_problems_and_one_token_per_digit(
     from fastrlhf.data.formats import read_sft
     from fastrlhf.tasks.arithmetic import parse_problem
 
-    cfg = load_pipeline_config("arithmetic", None, ["arithmetic.ops=+-", "arithmetic.train_problems=50",
-                                                    "arithmetic.pretrain_problems=300", *TINY[:2]])
+    cfg = load_pipeline_config(
+        "arithmetic",
+        None,
+        ["arithmetic.ops=+-", "arithmetic.train_problems=50", "arithmetic.pretrain_problems=300", *TINY[:2]],
+    )
     run_pipeline(tmp_path / "run", cfg, until="data", quiet=True)
     demos = read_sft(tmp_path / "run" / "data" / "sft.jsonl")
     assert len(demos) == 50
@@ -183,6 +226,9 @@ def test_arithmetic_data_stage_uses_the_chosen_problems_and_one_token_per_digit(
     pieces = [tok.decode([i]) for i in tok.encode("What is 37+45? 82")]
     assert all(not (len(p.strip()) > 1 and any(c.isdigit() for c in p)) for p in pieces), pieces
     # the problem space is part of the data stage's settings: changing it redoes everything
-    other = load_pipeline_config("arithmetic", None, ["arithmetic.ops=+", "arithmetic.train_problems=50",
-                                                      "arithmetic.pretrain_problems=300", *TINY[:2]])
+    other = load_pipeline_config(
+        "arithmetic",
+        None,
+        ["arithmetic.ops=+", "arithmetic.train_problems=50", "arithmetic.pretrain_problems=300", *TINY[:2]],
+    )
     assert fingerprints(cfg)["data"] != fingerprints(other)["data"]

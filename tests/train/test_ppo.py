@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from fastrlhf import ops
 from fastrlhf.data import corpus
 from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
@@ -22,12 +21,44 @@ from pretrain_helpers import make_text
 
 TINY = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32)
 EOS = 0
-BASE = ["ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=8", "optim.lr=1e-3",
-        "optim.min_lr=1e-3", "optim.warmup_steps=0", "train.max_steps=3", "train.log_interval=1"]
-METRICS = ["score_mean", "score_std", "rlhf_reward", "non_score_reward", "kl", "kl_coef", "entropy", "pg_loss",
-           "v_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "explained_variance",
-           "response_length", "eos_frac", "time_generate", "time_score", "time_train", "tokens_per_s",
-           "first_ratio_dev", "first_approx_kl", "grad_norm", "lr"]
+BASE = [
+    "ppo.rollout_batch=8",
+    "ppo.minibatch=4",
+    "ppo.ppo_epochs=2",
+    "ppo.max_new_tokens=8",
+    "optim.lr=1e-3",
+    "optim.min_lr=1e-3",
+    "optim.warmup_steps=0",
+    "train.max_steps=3",
+    "train.log_interval=1",
+]
+METRICS = [
+    "score_mean",
+    "score_std",
+    "rlhf_reward",
+    "non_score_reward",
+    "kl",
+    "kl_coef",
+    "entropy",
+    "pg_loss",
+    "v_loss",
+    "clipfrac",
+    "vf_clipfrac",
+    "approx_kl",
+    "ratio_mean",
+    "ratio_max",
+    "explained_variance",
+    "response_length",
+    "eos_frac",
+    "time_generate",
+    "time_score",
+    "time_train",
+    "tokens_per_s",
+    "first_ratio_dev",
+    "first_approx_kl",
+    "grad_norm",
+    "lr",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +77,12 @@ def config(*extra):
 
 def prompts(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, TINY.vocab_size, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(
+            1, TINY.vocab_size, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(n)
+    ]
 
 
 def make_trainer(*extra, reward=None, value=None, **kw):
@@ -57,7 +92,9 @@ def make_trainer(*extra, reward=None, value=None, **kw):
     ref = GPT(TINY)
     ref.load_weights(policy.weights())
     reward = ScalarHeadModel(TINY) if reward is None else reward
-    return PPOTrainer(cfg, policy, ref, reward, prompts(), value_model=value, eos_token_id=EOS, quiet=True, **kw)
+    return PPOTrainer(
+        cfg, policy, ref, reward, prompts(), value_model=value, eos_token_id=EOS, quiet=True, **kw
+    )
 
 
 def test_true_score_is_logged_never_trained_on():
@@ -72,12 +109,13 @@ def test_true_score_is_logged_never_trained_on():
 
     plain, checked = make_trainer(), make_trainer(true_score=truth)
     a, b = plain.step(), checked.step()
-    (ps, rs), = seen
+    ((ps, rs),) = seen
     assert len(ps) == len(rs) == checked.cfg.ppo.rollout_batch and all(1 <= len(r) <= 8 for r in rs)
     assert b["true_score"] == pytest.approx(sum(map(len, rs)) / len(rs))
     assert b["true_score"] == pytest.approx(b["response_length"])  # lengths include the EOS, like the mask
-    assert "true_score" not in a and {k: v for k, v in b.items() if k != "true_score" and not timing(k)} \
-        == {k: v for k, v in a.items() if not timing(k)}
+    assert "true_score" not in a and {k: v for k, v in b.items() if k != "true_score" and not timing(k)} == {
+        k: v for k, v in a.items() if not timing(k)
+    }
 
 
 def snapshot(module):
@@ -124,9 +162,17 @@ def test_reward_for_a_token_makes_the_policy_write_it():
     def reward_fn(_, responses):
         return [sum(t == target for t in r) / max(len(r), 1) for r in responses]
 
-    tr = make_trainer("ppo.rollout_batch=16", "ppo.minibatch=8", "ppo.ppo_epochs=4", "optim.lr=3e-3",
-                      "optim.min_lr=3e-3", "ppo.temperature=1.0", "ppo.kl_coef=0.01", "train.max_steps=16",
-                      reward=reward_fn)
+    tr = make_trainer(
+        "ppo.rollout_batch=16",
+        "ppo.minibatch=8",
+        "ppo.ppo_epochs=4",
+        "optim.lr=3e-3",
+        "optim.min_lr=3e-3",
+        "ppo.temperature=1.0",
+        "ppo.kl_coef=0.01",
+        "train.max_steps=16",
+        reward=reward_fn,
+    )
     scores = [tr.step()["score_mean"] for _ in range(16)]  # learning shows from about step 10
     assert sum(scores[:2]) / 2 < 0.05 and sum(scores[-2:]) / 2 > 0.2, scores  # from 1/61 by chance
 
@@ -204,7 +250,9 @@ def test_value_warmup_trains_only_the_critic_first():
 def test_value_lr_scales_only_the_critics_steps(value_model):
     """optim.value_lr: the value function's groups follow the schedule at value_lr / lr times the policy's
     rate; the policy's groups hold exactly the policy's parameters."""
-    tr = make_trainer(f"ppo.value_model={value_model}", "optim.lr=1e-4", "optim.min_lr=1e-5", "optim.value_lr=3e-3")
+    tr = make_trainer(
+        f"ppo.value_model={value_model}", "optim.lr=1e-4", "optim.min_lr=1e-5", "optim.value_lr=3e-3"
+    )
     tr.step()
     lrs = [g["lr"] for g in tr.optimizer.param_groups]  # policy decay/no-decay, value decay/no-decay
     assert lrs[0] == lrs[1] > 0 and lrs[2] == lrs[3] == pytest.approx(30 * lrs[0], rel=1e-12)
@@ -226,21 +274,24 @@ def test_ptx_adds_a_pretraining_loss():
         make_trainer("ppo.ptx_coef=0.5", "ppo.ptx_block=33", ptx_tokens=tokens)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("ppo.clip_range=1.5", r"ppo.clip_range must be in \(0.0, 1.0\); got 1.5"),
-    ("ppo.minibatch=3", r"ppo.rollout_batch \(8\) must be a multiple of ppo.minibatch \(3\)"),
-    ("ppo.top_k=5", "ppo.top_k=5 .*allow_sampling_mismatch"),
-    ("ppo.top_p=0.9", "ppo.top_p=0.9 .*allow_sampling_mismatch"),
-    ("ppo.temperature=0", r"ppo.temperature must be in \(0.0, inf\]; got 0.0"),
-    ("ppo.kl_estimator=k2", r"ppo.kl_estimator must be one of \['k1', 'k3'\]; got 'k2'"),
-    ("ppo.value_model=shared", "ppo.value_model must be one of"),
-    ("ppo.lam=1.5", r"ppo.lam must be in \[0.0, 1.0\]; got 1.5"),
-    ("optim.value_lr=-1", r"optim.value_lr must be >= 0 \(0 = optim.lr\); got -1.0"),
-    ("ppo.value_warmup_steps=-1", r"ppo.value_warmup_steps must be in \[0, inf\]; got -1"),
-    ("ppo.kl_coef=-1", r"ppo.kl_coef must be in \[0.0, inf\); got -1.0"),
-    ("train.max_steps=0", r"train.max_steps must be in \[1, inf\]; got 0"),
-    ("ppo.clip_rnage=0.1", r"unknown field\(s\) \['ppo.clip_rnage'\]"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("ppo.clip_range=1.5", r"ppo.clip_range must be in \(0.0, 1.0\); got 1.5"),
+        ("ppo.minibatch=3", r"ppo.rollout_batch \(8\) must be a multiple of ppo.minibatch \(3\)"),
+        ("ppo.top_k=5", "ppo.top_k=5 .*allow_sampling_mismatch"),
+        ("ppo.top_p=0.9", "ppo.top_p=0.9 .*allow_sampling_mismatch"),
+        ("ppo.temperature=0", r"ppo.temperature must be in \(0.0, inf\]; got 0.0"),
+        ("ppo.kl_estimator=k2", r"ppo.kl_estimator must be one of \['k1', 'k3'\]; got 'k2'"),
+        ("ppo.value_model=shared", "ppo.value_model must be one of"),
+        ("ppo.lam=1.5", r"ppo.lam must be in \[0.0, 1.0\]; got 1.5"),
+        ("optim.value_lr=-1", r"optim.value_lr must be >= 0 \(0 = optim.lr\); got -1.0"),
+        ("ppo.value_warmup_steps=-1", r"ppo.value_warmup_steps must be in \[0, inf\]; got -1"),
+        ("ppo.kl_coef=-1", r"ppo.kl_coef must be in \[0.0, inf\); got -1.0"),
+        ("train.max_steps=0", r"train.max_steps must be in \[1, inf\]; got 0"),
+        ("ppo.clip_rnage=0.1", r"unknown field\(s\) \['ppo.clip_rnage'\]"),
+    ],
+)
 def test_bad_configs_name_the_field_and_range(override, match):
     with pytest.raises(ValueError, match=match):
         config(override)
@@ -252,7 +303,9 @@ def test_allowed_sampling_mismatch_runs():
 
 
 def test_prompts_too_long_for_the_context_are_refused():
-    with pytest.raises(ValueError, match=r"\+ ppo.max_new_tokens \(30\) exceeds the policy's block_size \(32\)"):
+    with pytest.raises(
+        ValueError, match=r"\+ ppo.max_new_tokens \(30\) exceeds the policy's block_size \(32\)"
+    ):
         make_trainer("ppo.max_new_tokens=30")
 
 
@@ -268,22 +321,37 @@ def stage_inputs(tmp_path_factory):
     state = {"config": {"model": cfg.to_dict()}}
     rm_state = {"model": cfg.to_dict()}  # the layout `python -m fastrlhf rm` writes (train/reward.py)
     ckpt.save_checkpoint(root / "sft", 0, models={"model": GPT(cfg)}, state=state, tokenizer=tok)
-    ckpt.save_checkpoint(root / "rm", 0, models={"model": ScalarHeadModel(cfg)}, state=rm_state, tokenizer=tok)
+    ckpt.save_checkpoint(
+        root / "rm", 0, models={"model": ScalarHeadModel(cfg)}, state=rm_state, tokenizer=tok
+    )
     other = corpus.build_tokenizer("bpe", [make_text(200, 7).lower()], 300)
-    ckpt.save_checkpoint(root / "rm_other_tok", 0, models={"model": ScalarHeadModel(cfg)}, state=rm_state, tokenizer=other)
-    (root / "prompts.txt").write_text("".join(f"{n} the {w}\n" for n in ("ROMEO", "LEAR", "FOOL") for w in
-                                              ("king", "queen", "moon", "sea")))
+    ckpt.save_checkpoint(
+        root / "rm_other_tok", 0, models={"model": ScalarHeadModel(cfg)}, state=rm_state, tokenizer=other
+    )
+    (root / "prompts.txt").write_text(
+        "".join(f"{n} the {w}\n" for n in ("ROMEO", "LEAR", "FOOL") for w in ("king", "queen", "moon", "sea"))
+    )
     return root
 
 
 def cli_args(root, out, *extra):
-    return ["--quiet", f"models.policy={root / 'sft'}", f"models.reward={root / 'rm'}", f"train.prompts={root / 'prompts.txt'}",
-            f"train.out_dir={out}", "train.threads=1", *BASE, *extra]
+    return [
+        "--quiet",
+        f"models.policy={root / 'sft'}",
+        f"models.reward={root / 'rm'}",
+        f"train.prompts={root / 'prompts.txt'}",
+        f"train.out_dir={out}",
+        "train.threads=1",
+        *BASE,
+        *extra,
+    ]
 
 
 def run_cli(args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fastrlhf", "ppo", *args], env=env, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastrlhf", "ppo", *args], env=env, stderr=subprocess.PIPE, **kw
+    )
 
 
 def test_resume_after_kill_9_reproduces_the_uninterrupted_run(stage_inputs, tmp_path):
@@ -323,20 +391,33 @@ def test_cli_refuses_another_tokenizer_and_names_missing_inputs(stage_inputs, tm
         from fastrlhf.train.ppo_cli import build_trainer
 
         build_trainer(load_config(PPOConfig, None, args[1:]), quiet=True)
-    with pytest.raises(FileNotFoundError, match=r"models.reward = .*nope does not exist: run `python -m fastrlhf rm`"):
-        build_trainer(load_config(PPOConfig, None, cli_args(stage_inputs, tmp_path / "o", f"models.reward={tmp_path}/nope")[1:]))
+    with pytest.raises(
+        FileNotFoundError, match=r"models.reward = .*nope does not exist: run `python -m fastrlhf rm`"
+    ):
+        build_trainer(
+            load_config(
+                PPOConfig, None, cli_args(stage_inputs, tmp_path / "o", f"models.reward={tmp_path}/nope")[1:]
+            )
+        )
     assert main(["ppo", "--quiet", "models.policy="]) == 2
 
 
 def test_gold_reward_trains_on_the_true_score_without_loading_a_reward_model(stage_inputs, tmp_path):
     from fastrlhf.train.ppo_cli import build_trainer
 
-    cfg = load_config(PPOConfig, None, cli_args(stage_inputs, tmp_path / "o", f"models.reward={tmp_path}/nope")[1:])
+    cfg = load_config(
+        PPOConfig, None, cli_args(stage_inputs, tmp_path / "o", f"models.reward={tmp_path}/nope")[1:]
+    )
     with pytest.raises(ValueError, match="gold_reward=True trains on true_score: pass one"):
         build_trainer(cfg, quiet=True, gold_reward=True)
-    tr = build_trainer(cfg, quiet=True, true_score=lambda prompt, response: float(len(response)), gold_reward=True)
+    tr = build_trainer(
+        cfg, quiet=True, true_score=lambda prompt, response: float(len(response)), gold_reward=True
+    )
     assert tr.reward is tr.true_score  # no RM was read: models.reward does not exist
-    policy, value = dict(tr.policy.weights()), dict(tr.value.trunk.weights())  # the critic starts as the policy
+    policy, value = (
+        dict(tr.policy.weights()),
+        dict(tr.value.trunk.weights()),
+    )  # the critic starts as the policy
     assert value and all(torch.equal(w, policy[k]) for k, w in value.items())
 
 
@@ -344,7 +425,12 @@ def test_a_non_finite_loss_skips_the_update():
     tr = make_trainer()
     before = snapshot(tr.trained)
     loss_fn = tr._minibatch_loss
-    tr._minibatch_loss = lambda ro, mb, *rest: (lambda loss, s, d: (loss * math.nan, s, d))(*loss_fn(ro, mb, *rest))
+
+    def nan_loss(ro, mb, *rest):
+        loss, s, d = loss_fn(ro, mb, *rest)
+        return loss * math.nan, s, d
+
+    tr._minibatch_loss = nan_loss
     m = tr.step()
     assert m["nonfinite_steps"] == 1 and math.isnan(m["pg_loss"]) and tr.updates == 0
     assert all(torch.equal(v, dict(tr.trained.named_parameters())[k]) for k, v in before.items())

@@ -3,7 +3,6 @@ block runs on the tail only, and (value_model = 'policy_head') values from the s
 
 import pytest
 import torch
-
 from fastrlhf.model import last_token_index
 from fastrlhf.train.ppo import PPOTrainer, response_hidden
 from test_ppo import make_trainer
@@ -29,9 +28,14 @@ def test_rollout_scores_and_values_equal_full_forwards(value_model):
     with torch.no_grad():
         index = ro.Tp + last_token_index(ro.mask)  # (B,)
         want_score = tr.reward.score(ro.sequences, index, positions=ro.positions, segment_ids=ro.segment_ids)
-        h = tr.policy.hidden(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids)[:, ro.Tp - 1 : -1]
-        want_values = (tr.value(h) if value_model == "policy_head" else
-                       tr.value(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids)[:, ro.Tp - 1 : -1])
+        h = tr.policy.hidden(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids)[
+            :, ro.Tp - 1 : -1
+        ]
+        want_values = (
+            tr.value(h)
+            if value_model == "policy_head"
+            else tr.value(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids)[:, ro.Tp - 1 : -1]
+        )
         torch.testing.assert_close(response_hidden(tr.policy, ro), h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ro.score, want_score, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ro.values, want_values * ro.mask, atol=1e-5, rtol=1e-5)
@@ -45,7 +49,9 @@ def test_reusing_the_rollouts_value_forward_changes_nothing(monkeypatch):
         if not reuse:
             monkeypatch.setattr(PPOTrainer, "_rollout_values", lambda self, ro: self._values(ro))
         tr = make_trainer("ppo.value_model=separate")
-        runs.append(([tr.step() for _ in range(2)], {k: v.detach().clone() for k, v in tr.trained.named_parameters()}))
+        runs.append(
+            ([tr.step() for _ in range(2)], {k: v.detach().clone() for k, v in tr.trained.named_parameters()})
+        )
     (m_reuse, p_reuse), (m_plain, p_plain) = runs
     for a, b in zip(m_reuse, m_plain):
         for k in ("score_mean", "kl", "pg_loss", "v_loss", "approx_kl", "vf_clipfrac", "explained_variance"):

@@ -2,24 +2,32 @@ import shutil
 
 import pytest
 import torch
-
-from pretrain_helpers import TINY
 from fastrlhf.model import GPT
 from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.pretrain import PretrainConfig, pretrain
+from pretrain_helpers import TINY
 
 
 def cfg(data_dir, out, *extra):
-    return load_config(PretrainConfig, None, TINY + [f"train.data_dir={data_dir}", f"train.out_dir={out}", *extra])
+    return load_config(
+        PretrainConfig, None, TINY + [f"train.data_dir={data_dir}", f"train.out_dir={out}", *extra]
+    )
 
 
 @pytest.fixture(scope="module")
 def full_run(data_dir, tmp_path_factory):
     """An uninterrupted 16-step run with checkpoints at 8 and 16 (and its initial weights)."""
     out = tmp_path_factory.mktemp("full")
-    c = cfg(data_dir, out, "train.max_steps=16", "train.ckpt_interval=8", "train.eval_interval=8", "model.dropout=0.1")
+    c = cfg(
+        data_dir,
+        out,
+        "train.max_steps=16",
+        "train.ckpt_interval=8",
+        "train.eval_interval=8",
+        "model.dropout=0.1",
+    )
     torch.manual_seed(c.train.seed)
     init = GPT(c.model).weights()
     last = pretrain(c, quiet=True)
@@ -43,8 +51,17 @@ def test_resume_gives_identical_numbers(full_run, tmp_path):
     out, c, _, _ = full_run
     shutil.copytree(out / "step_0000008", tmp_path / "step_0000008")  # as if the run died after step 8
     (tmp_path / "latest").write_text("step_0000008\n")
-    pretrain(cfg(c.train.data_dir, tmp_path, "train.max_steps=16", "train.ckpt_interval=8", "train.eval_interval=8",
-                 "model.dropout=0.1"), quiet=True)
+    pretrain(
+        cfg(
+            c.train.data_dir,
+            tmp_path,
+            "train.max_steps=16",
+            "train.ckpt_interval=8",
+            "train.eval_interval=8",
+            "model.dropout=0.1",
+        ),
+        quiet=True,
+    )
     want = [r for r in read_jsonl(out / "log.jsonl") if r["step"] > 8]
     got = read_jsonl(tmp_path / "log.jsonl")
     key = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}
@@ -89,8 +106,11 @@ def test_checkpoint_that_does_not_match_its_config(full_run, tmp_path):
     state = json.loads((tmp_path / "c" / "state.json").read_text())
     state["state"]["config"]["model"]["n_embd"] = 64
     (tmp_path / "c" / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"does not match the model config: wrong shapes: transformer.wte.weight: "
-                                         r"expected \(300, 64\), got \(300, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not match the model config: wrong shapes: transformer.wte.weight: "
+        r"expected \(300, 64\), got \(300, 32\)",
+    ):
         ckpt.load_gpt(tmp_path / "c")
 
 
@@ -117,7 +137,9 @@ def test_time_budget_stops_early_with_a_checkpoint(data_dir, tmp_path):
 
 @pytest.mark.gpu
 def test_pretrain_on_gpu_with_bf16_autocast(data_dir, tmp_path):
-    last = pretrain(cfg(data_dir, tmp_path, "train.max_steps=6", "train.device=cuda", "train.dtype=bf16"), quiet=True)
+    last = pretrain(
+        cfg(data_dir, tmp_path, "train.max_steps=6", "train.device=cuda", "train.dtype=bf16"), quiet=True
+    )
     assert torch.isfinite(torch.tensor([last["loss"], last["val_loss"]])).all()
     model, _ = ckpt.load_gpt(tmp_path)
     assert next(model.parameters()).dtype == torch.float32

@@ -4,7 +4,6 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastrlhf.data.formats import FormatError, Ranking, read_rankings, read_sft
 from fastrlhf.model import ScalarHeadModel
 from fastrlhf.model.shared import common_prefix
@@ -36,16 +35,29 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-
 def rm_config(sft_run, train, out, *extra):
-    return load_config(RMConfig, None, [f"train.sft={sft_run}", f"data.train={train}", f"train.out_dir={out}",
-                                        "train.device=cpu", "train.batch_size=8", "train.log_interval=1",
-                                        "optim.lr=2e-3", "optim.warmup_steps=3", *extra])
+    return load_config(
+        RMConfig,
+        None,
+        [
+            f"train.sft={sft_run}",
+            f"data.train={train}",
+            f"train.out_dir={out}",
+            "train.device=cpu",
+            "train.batch_size=8",
+            "train.log_interval=1",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=3",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def rankings_file(tmp_path_factory):
-    return write_ranking_file(tmp_path_factory.mktemp("rm") / "r.jsonl", arithmetic_rankings(80, ks=(4, 2, 3)))
+    return write_ranking_file(
+        tmp_path_factory.mktemp("rm") / "r.jsonl", arithmetic_rankings(80, ks=(4, 2, 3))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +71,22 @@ def full_run(sft_run, rankings_file, tmp_path_factory):
 
 def test_kwise_loss_is_the_mean_of_the_explicit_pair_losses():
     torch.manual_seed(0)
-    rankings = [Ranking("p", ["a", "b", "c", "d"], [2, 0, 3, 1]), Ranking("q", ["x", "y"], [1, 0]),
-                Ranking("r", ["u", "v", "w"], [0, 2, 1])]
+    rankings = [
+        Ranking("p", ["a", "b", "c", "d"], [2, 0, 3, 1]),
+        Ranking("q", ["x", "y"], [1, 0]),
+        Ranking("r", ["u", "v", "w"], [0, 2, 1]),
+    ]
     enc = [([[1] * (i + 2) for i in range(r.k)], r.pairs()) for r in rankings]
-    idx, last, better, worse, owner = collate(enc, 0)
+    idx, _last, better, worse, owner = collate(enc, 0)
     assert idx.shape[0] == 4 + 2 + 3 and len(better) == 6 + 1 + 3  # K passes, C(K, 2) pairs
     rewards = torch.randn(9, dtype=torch.float64)
     for margin in (0.0, 0.5):
         per_ranking, base = [], 0
         for r in rankings:
-            pair = [-math.log(1 / (1 + math.exp(-(rewards[base + b] - rewards[base + w] - margin).item())))
-                    for b, w in r.pairs()]
+            pair = [
+                -math.log(1 / (1 + math.exp(-(rewards[base + b] - rewards[base + w] - margin).item())))
+                for b, w in r.pairs()
+            ]
             per_ranking.append(sum(pair) / len(pair))
             base += r.k
         want = sum(per_ranking) / len(per_ranking)
@@ -84,9 +101,13 @@ def test_kwise_loss_is_the_mean_of_the_explicit_pair_losses():
 
 
 def test_loss_falls_every_parameter_changes_and_metrics(full_run, sft_run):
-    out, _, last = full_run
+    out, _, _last = full_run
     log = read_jsonl(out / "log.jsonl")
-    assert log[0]["step"] == 0 and log[0]["dropped"] == 0 and (log[0]["train_rankings"], log[0]["val_rankings"]) == (80, 9)
+    assert (
+        log[0]["step"] == 0
+        and log[0]["dropped"] == 0
+        and (log[0]["train_rankings"], log[0]["val_rankings"]) == (80, 9)
+    )
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -103,7 +124,7 @@ def test_loss_falls_every_parameter_changes_and_metrics(full_run, sft_run):
 
 
 def test_metrics_match_a_direct_computation(full_run, rankings_file, sft_run):
-    out, _, last = full_run
+    out, _, _last = full_run
     rm, tok = load_reward_model(out)
     enc, _, _ = encode_rankings(tok, arithmetic_rankings(12, seed=5, ks=(4, 2)), 32, "drop")
     m = rm_metrics(rm, enc, tok.eot_id, CPU, batch_size=5)
@@ -120,12 +141,21 @@ def test_bias_makes_the_sft_demonstrations_score_zero(full_run, sft_run):
     out, _, _ = full_run
     rm, tok = load_reward_model(out)
     demos = read_sft(sft_run.parent / "demos.jsonl")[:512]
-    enc = [([s], []) for s in (encode_rankings(tok, [Ranking(d.prompt, [d.response, "x"], [0, 1])], 32, "drop")[0][0][0][0]
-                               for d in demos)]
+    enc = [
+        ([s], [])
+        for s in (
+            encode_rankings(tok, [Ranking(d.prompt, [d.response, "x"], [0, 1])], 32, "drop")[0][0][0][0]
+            for d in demos
+        )
+    ]
     idx, last, *_ = collate(enc, tok.eot_id)
     with torch.no_grad():
         assert rm.score(idx, last).mean().item() == pytest.approx(0.0, abs=1e-4)
-    shifts = [r["demo_reward_before_shift"] for r in read_jsonl(out / "log.jsonl") if "demo_reward_before_shift" in r]
+    shifts = [
+        r["demo_reward_before_shift"]
+        for r in read_jsonl(out / "log.jsonl")
+        if "demo_reward_before_shift" in r
+    ]
     assert len(shifts) == 2 and abs(shifts[0]) > 1e-3  # the untrained head does not score them 0 by itself
 
 
@@ -142,8 +172,12 @@ def test_resume_gives_identical_numbers(full_run, sft_run, rankings_file, tmp_pa
 
 
 def test_pairwise_mode_trains_on_flattened_pairs(sft_run, rankings_file, tmp_path):
-    last = train_rm(rm_config(sft_run, rankings_file, tmp_path, "train.max_steps=2", "train.pairwise=true",
-                              "data.demos=none"), quiet=True)
+    last = train_rm(
+        rm_config(
+            sft_run, rankings_file, tmp_path, "train.max_steps=2", "train.pairwise=true", "data.demos=none"
+        ),
+        quiet=True,
+    )
     assert math.isfinite(last["loss"]) and 0.0 <= last["val_accuracy"] <= 1.0
 
 
@@ -152,8 +186,17 @@ def test_center_coef_pulls_every_reward_towards_zero(sft_run, rankings_file, tmp
     much nearer 0 (the ranking loss alone leaves each prompt's offset free)."""
     mean_sq = []
     for coef, out in ((0.0, tmp_path / "a"), (1.0, tmp_path / "b")):
-        train_rm(rm_config(sft_run, rankings_file, out, "train.max_steps=8", "data.demos=none",
-                           f"train.center_coef={coef}"), quiet=True)
+        train_rm(
+            rm_config(
+                sft_run,
+                rankings_file,
+                out,
+                "train.max_steps=8",
+                "data.demos=none",
+                f"train.center_coef={coef}",
+            ),
+            quiet=True,
+        )
         rm, tok = load_reward_model(out)
         enc = encode_rankings(tok, read_rankings(rankings_file), rm.config.block_size, "drop")[0]
         with torch.no_grad():
@@ -169,8 +212,10 @@ def test_negative_center_coef(sft_run, rankings_file, tmp_path):
 
 def test_ranking_that_is_not_a_permutation(sft_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "What is 1+1?", "responses": ["2", "3"], "ranking": [0, 1]}\n'
-                   '{"prompt": "What is 1+2?", "responses": ["3", "4", "5"], "ranking": [0, 0, 2]}\n')
+    bad.write_text(
+        '{"prompt": "What is 1+1?", "responses": ["2", "3"], "ranking": [0, 1]}\n'
+        '{"prompt": "What is 1+2?", "responses": ["3", "4", "5"], "ranking": [0, 0, 2]}\n'
+    )
     with pytest.raises(FormatError, match=r"bad.jsonl:2: ranking must be a permutation of range\(3\)"):
         train_rm(rm_config(sft_run, bad, tmp_path / "o"), quiet=True)
 
@@ -198,8 +243,11 @@ def test_malformed_line(sft_run, tmp_path):
 
 def test_overlong_rankings_dropped_or_truncated(sft_run):
     _, tok = ckpt.load_gpt(sft_run)
-    rankings = [Ranking("What is 1+1?", ["2", "3 " * 40], [0, 1]), Ranking("What is 1+2?", ["3", "4"], [0, 1]),
-                Ranking("long " * 40, ["a", "b"], [0, 1])]
+    rankings = [
+        Ranking("What is 1+1?", ["2", "3 " * 40], [0, 1]),
+        Ranking("What is 1+2?", ["3", "4"], [0, 1]),
+        Ranking("long " * 40, ["a", "b"], [0, 1]),
+    ]
     enc, dropped, truncated = encode_rankings(tok, rankings, 32, "drop")
     assert (len(enc), dropped, truncated) == (1, 2, 0)
     enc, dropped, truncated = encode_rankings(tok, rankings, 32, "truncate")
@@ -207,11 +255,17 @@ def test_overlong_rankings_dropped_or_truncated(sft_run):
 
 
 def test_tied_pairs_train_nothing_and_all_tied_rankings_are_counted(sft_run, tmp_path):
-    rows = [Ranking(f"What is {i}+1?", [str(i + 1), "x", "y"], [0, 1, 2], [1.0, -1.0, -1.0]) for i in range(12)]
+    rows = [
+        Ranking(f"What is {i}+1?", [str(i + 1), "x", "y"], [0, 1, 2], [1.0, -1.0, -1.0]) for i in range(12)
+    ]
     rows += [Ranking("What is 5+5?", ["1", "2"], [0, 1], [-1.0, -1.0])]  # all tied
     path = write_ranking_file(tmp_path / "r.jsonl", rows)
-    last = train_rm(rm_config(sft_run, path, tmp_path / "o", "train.max_steps=2", "data.demos=none",
-                              "data.val_fraction=0.25"), quiet=True)
+    last = train_rm(
+        rm_config(
+            sft_run, path, tmp_path / "o", "train.max_steps=2", "data.demos=none", "data.val_fraction=0.25"
+        ),
+        quiet=True,
+    )
     head = read_jsonl(tmp_path / "o" / "log.jsonl")[0]
     assert head["all_tied"] + head["val_all_tied"] == 1
     assert head["train_pairs"] == 2 * head["train_rankings"] and head["val_pairs"] == 2 * head["val_rankings"]
@@ -241,7 +295,10 @@ def test_score_batch_shared_equals_plain_with_gradients(sft_run, rankings_file):
     gpt, tok = ckpt.load_gpt(ckpt.resolve_checkpoint(sft_run))
     rm = ScalarHeadModel.from_gpt(gpt).double()
     # one-digit prompts may all tokenise to one length: two-digit ones make the shared prefixes differ
-    longer = [Ranking("What is 12+30?", ["42", "43", "52"], [0, 1, 2]), Ranking("What is 45+45?", ["90", "80"], [0, 1])]
+    longer = [
+        Ranking("What is 12+30?", ["42", "43", "52"], [0, 1, 2]),
+        Ranking("What is 45+45?", ["90", "80"], [0, 1]),
+    ]
     enc = encode_rankings(tok, read_rankings(rankings_file)[:7] + longer, gpt.config.block_size, "drop")[0]
     assert {len(s) for s, _ in enc} == {2, 3, 4} and len({common_prefix(s) for s, _ in enc}) > 1
     out = []

@@ -3,7 +3,6 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastrlhf.data import ByteBPETokenizer, encode_chat
 from fastrlhf.data.formats import FormatError, SFTExample
 from fastrlhf.model import GPT, IGNORE_INDEX, GPTConfig
@@ -22,7 +21,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     return write_demos(tmp_path_factory.mktemp("sft") / "demos.jsonl")
@@ -32,8 +30,13 @@ def demos(tmp_path_factory):
 def full_run(demos, tmp_path_factory):
     """An uninterrupted 16-step run with dropout and checkpoints at 8 and 16."""
     out = tmp_path_factory.mktemp("sft_full")
-    args = [f"data.source={demos}", "train.max_steps=16", "train.ckpt_interval=8", "train.eval_interval=8",
-            "model.dropout=0.1"]
+    args = [
+        f"data.source={demos}",
+        "train.max_steps=16",
+        "train.ckpt_interval=8",
+        "train.eval_interval=8",
+        "model.dropout=0.1",
+    ]
     last = sft(sft_config(*args, f"train.out_dir={out}"), quiet=True)
     return out, args, last
 
@@ -75,24 +78,34 @@ def test_resume_gives_identical_numbers(full_run, tmp_path):
 def test_packing_equals_each_example_alone(tok):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
-    examples = [SFTExample("What is 3+4?", "7"), SFTExample("What is 9+9?", "18 exactly"), SFTExample("hi", "ok")]
+    examples = [
+        SFTExample("What is 3+4?", "7"),
+        SFTExample("What is 9+9?", "18 exactly"),
+        SFTExample("hi", "ok"),
+    ]
     enc, _, _ = encode_examples(tok, examples, 48, "drop")
     rows = pack(enc, 48)
     assert len(rows) == 1 and len(rows[0]) == 3  # all three share one row
     idx, targets, positions, segments = collate(rows, 48, tok.eot_id)
-    packed = F.cross_entropy(model(idx, positions=positions, segment_ids=segments)[0][0], targets[0],
-                             ignore_index=IGNORE_INDEX, reduction="none")  # (T,)
+    packed = F.cross_entropy(
+        model(idx, positions=positions, segment_ids=segments)[0][0],
+        targets[0],
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )  # (T,)
     o = 0
     for j, (ids, mask) in enumerate(enc):
         n = len(ids)
         alone_idx, alone_t, _, _ = collate([[(ids, mask)]], n, tok.eot_id)
-        alone = F.cross_entropy(model(alone_idx)[0][0], alone_t[0], ignore_index=IGNORE_INDEX, reduction="none")
+        alone = F.cross_entropy(
+            model(alone_idx)[0][0], alone_t[0], ignore_index=IGNORE_INDEX, reduction="none"
+        )
         torch.testing.assert_close(packed[o : o + n], alone, rtol=1e-5, atol=1e-5)
         assert segments[0, o : o + n].unique().tolist() == [j + 1]
         assert positions[0, o : o + n].tolist() == list(range(n))
         o += n
     assert (targets[0, o:] == IGNORE_INDEX).all() and (segments[0, o:] == 0).all()  # padding
-    total, count = token_losses(model, (idx, targets, positions, segments), torch.device("cpu"))
+    _total, count = token_losses(model, (idx, targets, positions, segments), torch.device("cpu"))
     assert int(count) == sum(sum(m[1:]) for _, m in enc)  # response tokens (and EOT) only
 
 
@@ -106,7 +119,11 @@ def test_loss_counts_response_tokens_only(tok):
 
 
 def test_overlong_examples_dropped_or_truncated_and_counted(tok):
-    examples = [SFTExample("What is 1+1?", "2"), SFTExample("What is 1+1?", "2 " * 40), SFTExample("long " * 40, "x")]
+    examples = [
+        SFTExample("What is 1+1?", "2"),
+        SFTExample("What is 1+1?", "2 " * 40),
+        SFTExample("long " * 40, "x"),
+    ]
     enc, dropped, truncated = encode_examples(tok, examples, 24, "drop")
     assert (len(enc), dropped, truncated) == (1, 2, 0)
     enc, dropped, truncated = encode_examples(tok, examples, 24, "truncate")

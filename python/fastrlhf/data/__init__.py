@@ -5,6 +5,16 @@ from fastrlhf.data.tokenizer import EOT, ByteBPETokenizer, GPT2Tokenizer, Tokeni
 from fastrlhf.data.tokens import TokenFile, random_batch, write_tokens
 
 __all__ = [
-    "EOT", "ByteBPETokenizer", "GPT2Tokenizer", "TokenFile", "Tokenizer", "decode_response", "encode_chat",
-    "encode_prompt", "format_prompt", "load_tokenizer", "random_batch", "write_tokens",
+    "EOT",
+    "ByteBPETokenizer",
+    "GPT2Tokenizer",
+    "TokenFile",
+    "Tokenizer",
+    "decode_response",
+    "encode_chat",
+    "encode_prompt",
+    "format_prompt",
+    "load_tokenizer",
+    "random_batch",
+    "write_tokens",
 ]

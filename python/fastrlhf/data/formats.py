@@ -16,9 +16,9 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "FormatError",
@@ -30,9 +30,9 @@ __all__ = [
     "iter_sft",
     "numbered_rankings",
     "ranking_problem",
-    "scores_problem",
     "read_rankings",
     "read_sft",
+    "scores_problem",
     "write_rankings",
     "write_sft",
 ]
@@ -73,12 +73,14 @@ def ranking_problem(responses: Sequence[Any], ranking: Sequence[Any]) -> str | N
 def scores_problem(scores: Sequence[Any], ranking: Sequence[int]) -> str | None:
     """What is wrong with a ranking's optional scores (one finite number per response, never higher
     further down the ranking), or None."""
-    if len(scores) != len(ranking) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in scores):
+    if len(scores) != len(ranking) or any(
+        isinstance(x, bool) or not isinstance(x, (int, float)) for x in scores
+    ):
         return f"scores must be {len(ranking)} numbers, one per response; got {list(scores)!r}"
     if not all(math.isfinite(x) for x in scores):
         return f"scores must be finite; got {list(scores)!r}"
     ordered = [scores[i] for i in ranking]
-    if any(a < b for a, b in zip(ordered, ordered[1:])):
+    if any(a < b for a, b in pairwise(ordered)):
         return f"scores {list(scores)!r} contradict the ranking {list(ranking)!r} (a better response scores lower)"
     return None
 
@@ -193,7 +195,12 @@ def _ranking_from(path: PathLike, lineno: int, obj: dict[str, Any]) -> Ranking:
             if _empty(obj[name]):
                 raise FormatError(path, lineno, f"{name} is empty")
     else:
-        fields = {"prompt": str, "responses": list, "ranking": list, **({"scores": list} if "scores" in obj else {})}
+        fields = {
+            "prompt": str,
+            "responses": list,
+            "ranking": list,
+            **({"scores": list} if "scores" in obj else {}),
+        }
         _check_fields(path, lineno, obj, fields, "a ranking")
         responses, ranking = obj["responses"], obj["ranking"]
     problem = ranking_problem(responses, ranking)
@@ -285,7 +292,7 @@ class JsonlAppender:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> JsonlAppender:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -333,7 +340,7 @@ class RankingLog:
     def close(self) -> None:
         self._out.close()
 
-    def __enter__(self) -> RankingLog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

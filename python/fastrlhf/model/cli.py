@@ -11,7 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompt texts (or use --file)")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
     p.add_argument("--file", help="a text file with one prompt per line ('-' = stdin)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the Prompt:/Response: chat format")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap each prompt in the Prompt:/Response: chat format"
+    )
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
@@ -40,10 +42,20 @@ def run(args: argparse.Namespace) -> None:
     texts = [format_prompt(p) if args.chat else p for p in prompts for _ in range(args.num_samples)]
     ids = [tok.encode(t) for t in texts]
     room = model.config.block_size - max(map(len, ids))
-    g = generate(model, ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, min_p=args.min_p, eos_token_id=tok.eot_id,
-                 generator=torch.Generator().manual_seed(args.seed))
+    g = generate(
+        model,
+        ids,
+        min(args.max_new_tokens, room),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        eos_token_id=tok.eot_id,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     for text, row, mask in zip(texts, g.responses.tolist(), g.response_mask.tolist()):
         kept = [t for t, m in zip(row, mask) if m]
-        completion = decode_response(tok, kept) if args.chat else tok.decode([t for t in kept if t != tok.eot_id])
+        completion = (
+            decode_response(tok, kept) if args.chat else tok.decode([t for t in kept if t != tok.eot_id])
+        )
         print(f"=== {text!r}\n{completion}\n")

@@ -34,7 +34,9 @@ class GPTConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive int; got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd must be a multiple of n_head; got n_embd={self.n_embd}, n_head={self.n_head}")
+            raise ValueError(
+                f"GPTConfig.n_embd must be a multiple of n_head; got n_embd={self.n_embd}, n_head={self.n_head}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1); got {self.dropout}")
 

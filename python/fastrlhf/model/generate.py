@@ -72,7 +72,9 @@ def generate(
         raise ValueError(f"every prompt must hold at least one token; prompt {lens.index(0)} is empty")
     Tp = max(lens)
     if Tp > cfg.block_size:
-        raise ValueError(f"prompt {lens.index(Tp)} has {Tp} tokens, longer than the context (block_size {cfg.block_size})")
+        raise ValueError(
+            f"prompt {lens.index(Tp)} has {Tp} tokens, longer than the context (block_size {cfg.block_size})"
+        )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
     if Tp + max_new_tokens > cfg.block_size:
@@ -108,16 +110,23 @@ def generate(
         cache = KVCache(cfg, B, total, device=device, dtype=next(model.parameters()).dtype)
         positions = left_pad_layout(seg[:, :Tp])[0]  # (B, Tp)
         # the prefill caches every prompt row's keys and values; only the last row's state is read
-        h = model.hidden(seq[:, :Tp], positions=positions, segment_ids=seg[:, :Tp], cache=cache, tail=1)[:, 0]  # (B, C)
-        hidden = torch.empty((B, max_new_tokens, cfg.n_embd), device=device, dtype=h.dtype) if return_hidden else None
+        h = model.hidden(seq[:, :Tp], positions=positions, segment_ids=seg[:, :Tp], cache=cache, tail=1)[
+            :, 0
+        ]  # (B, C)
+        hidden = (
+            torch.empty((B, max_new_tokens, cfg.n_embd), device=device, dtype=h.dtype)
+            if return_hidden
+            else None
+        )
         head = model.lm_head.weight  # (V, C), tied to wte
         steps, check_eos = max_new_tokens, eos_token_id is not None
         for t in range(max_new_tokens):
             if hidden is not None:
                 hidden[:, t] = h
             logits = ops.linear(h, head).float()  # (B, V)
-            tok, lp = ops.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 generator=generator)  # (B,), (B,)
+            tok, lp = ops.sample(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator
+            )  # (B,), (B,)
             if check_eos:  # rows already done write padding; without an EOS no row is ever done
                 responses[:, t] = torch.where(done, pad, tok)
                 logprobs[:, t] = torch.where(done, 0.0, lp)

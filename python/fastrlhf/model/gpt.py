@@ -54,8 +54,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int,
-                tail: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int, tail: int = 0
+    ) -> Tensor:
         """(B, T, C), or with tail > 0 only the last `tail` rows' outputs (B, tail, C): every row's keys
         and values, the last rows' queries (the kernel places Tq < Tk queries at the end)."""
         B, T, C = x.shape
@@ -95,8 +96,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int,
-                tail: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, segment_ids: Tensor | None, cache: KVCache | None, layer: int, tail: int = 0
+    ) -> Tensor:
         a = self.attn(self.ln_1(x), segment_ids, cache, layer, tail)  # (B, tail or T, C)
         x = (x[:, -tail:] if tail else x) + a
         return x + self.mlp(self.ln_2(x))
@@ -152,7 +154,9 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied matrix counts once
 
-    def _check_inputs(self, idx: Tensor, positions: Tensor | None, segment_ids: Tensor | None, past: int) -> None:
+    def _check_inputs(
+        self, idx: Tensor, positions: Tensor | None, segment_ids: Tensor | None, past: int
+    ) -> None:
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a (B, T) int64 tensor; got {tuple(idx.shape)} {idx.dtype}")
         B, T = idx.shape
@@ -164,11 +168,15 @@ class GPT(nn.Module):
             )
         lo, hi = torch.aminmax(idx)
         if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got ids in [{int(lo)}, {int(hi)}]")
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size}); got ids in [{int(lo)}, {int(hi)}]"
+            )
         if positions is not None and positions.shape not in ((B, T), (T,)):
             raise ValueError(f"positions must be (B, T) = {(B, T)} or (T,); got {tuple(positions.shape)}")
         if segment_ids is not None and tuple(segment_ids.shape) != (B, past + T):
-            raise ValueError(f"segment_ids must be (B, cached + T) = {(B, past + T)}; got {tuple(segment_ids.shape)}")
+            raise ValueError(
+                f"segment_ids must be (B, cached + T) = {(B, past + T)}; got {tuple(segment_ids.shape)}"
+            )
 
     def hidden(
         self,
@@ -208,16 +216,18 @@ class GPT(nn.Module):
         does not need: module calls, input checks, dropout (eval only), the (B, T, C) reshapes."""
         B, C, H, L = idx.shape[0], self.config.n_embd, self.config.n_head, cache.length
         D, eps, tr = C // H, self.config.layer_norm_eps, self.transformer
-        x = (tr.wte.weight[idx[:, 0]] + tr.wpe.weight[positions[:, 0]])  # (B, C)
+        x = tr.wte.weight[idx[:, 0]] + tr.wpe.weight[positions[:, 0]]  # (B, C)
         for layer, block in enumerate(tr.h):
             a, m = block.attn, block.mlp
-            qkv = ops.linear(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps),
-                             a.c_attn.weight, a.c_attn.bias)  # (B, 3C)
+            qkv = ops.linear(
+                F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps), a.c_attn.weight, a.c_attn.bias
+            )  # (B, 3C)
             q = qkv[:, :C].view(B, H, 1, D)  # (B, H, 1, D)
             cache.k[layer, :, :, L] = qkv[:, C : 2 * C].view(B, H, D)  # (B, H, D) into slot L
             cache.v[layer, :, :, L] = qkv[:, 2 * C :].view(B, H, D)
-            y = ops.causal_attention(q, cache.k[layer, :, :, : L + 1], cache.v[layer, :, :, : L + 1],
-                                     segment_ids=segment_ids)  # (B, H, 1, D)
+            y = ops.causal_attention(
+                q, cache.k[layer, :, :, : L + 1], cache.v[layer, :, :, : L + 1], segment_ids=segment_ids
+            )  # (B, H, 1, D)
             x = x + ops.linear(y.view(B, C), a.c_proj.weight, a.c_proj.bias)  # (B, C): heads side by side
             h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps)
             h = ops.gelu(ops.linear(h, m.c_fc.weight, m.c_fc.bias))  # (B, 4C)
@@ -255,10 +265,16 @@ def load_checked(module: nn.Module, tensors: dict[str, Tensor], source: str) -> 
     """module.load_state_dict with errors that name the missing/unexpected/mis-shaped tensors."""
     own = {k: v for k, v in module.state_dict().items() if not k.endswith(TIED)}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    wrong = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(tensors[k].shape)}" for k in own
-             if k in tensors and tensors[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: expected {tuple(own[k].shape)}, got {tuple(tensors[k].shape)}"
+        for k in own
+        if k in tensors and tensors[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
-                 f"wrong shapes: {'; '.join(wrong[:5])}" if wrong else ""]
+        parts = [
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {unexpected[:5]}" if unexpected else "",
+            f"wrong shapes: {'; '.join(wrong[:5])}" if wrong else "",
+        ]
         raise ValueError(f"{source} does not match the model config: " + ", ".join(p for p in parts if p))
     module.load_state_dict(tensors, strict=False)

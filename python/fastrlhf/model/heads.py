@@ -31,8 +31,14 @@ class ScalarHeadModel(nn.Module):
         model.trunk.load_weights(gpt.weights(), source="GPT weights")
         return model
 
-    def forward(self, idx: Tensor | None = None, *, positions: Tensor | None = None,
-                segment_ids: Tensor | None = None, shared: SharedBatch | None = None) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor | None = None,
+        *,
+        positions: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        shared: SharedBatch | None = None,
+    ) -> Tensor:
         """(B, T) scalars, one per token of idx (B, T); positions/segment_ids as in GPT.hidden. With
         shared (and no idx): (N,) the scalar at each sequence's last token, every group's shared prefix
         run once (model.shared); a forward, so that a DDP wrapper syncs its gradients."""
@@ -46,7 +52,12 @@ class ScalarHeadModel(nn.Module):
         return self.head(h).squeeze(-1)  # (B, T)
 
     def score(
-        self, idx: Tensor, index: Tensor, *, positions: Tensor | None = None, segment_ids: Tensor | None = None
+        self,
+        idx: Tensor,
+        index: Tensor,
+        *,
+        positions: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         """(B,) the scalar at token index[b] of each row, e.g. the last response token for a reward:
         self(idx, ...)[b, index[b]], with the last block past its keys/values run at that token only."""

@@ -27,8 +27,14 @@ def config_from_hf(hf: dict[str, Any] | Any) -> GPTConfig:
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"only tanh-GELU GPT-2 models are supported; config has activation_function={act!r}")
     return GPTConfig(
-        vocab_size=d["vocab_size"], block_size=d["n_positions"], n_layer=d["n_layer"], n_head=d["n_head"],
-        n_embd=d["n_embd"], dropout=d.get("resid_pdrop", 0.0), bias=True, layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        vocab_size=d["vocab_size"],
+        block_size=d["n_positions"],
+        n_layer=d["n_layer"],
+        n_head=d["n_head"],
+        n_embd=d["n_embd"],
+        dropout=d.get("resid_pdrop", 0.0),
+        bias=True,
+        layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
     )
 
 
@@ -36,11 +42,22 @@ def config_to_hf_dict(config: GPTConfig) -> dict[str, Any]:
     """The fields of a GPT2Config equal to config (attention dropout 0: ours has none)."""
     eos = config.vocab_size - 1
     return dict(
-        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=config.vocab_size,
-        n_positions=config.block_size, n_ctx=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, activation_function="gelu_new", resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_eps,
-        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True,
+        model_type="gpt2",
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_ctx=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=config.layer_norm_eps,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
     )
 
 
@@ -62,8 +79,14 @@ def state_dict_to_hf(gpt: GPT) -> dict[str, Tensor]:
         out[k] = v.t().contiguous() if k.endswith(_CONV1D) else v.clone()
     if not gpt.config.bias:
         C, L = gpt.config.n_embd, gpt.config.n_layer
-        zeros = {"ln_1.bias": C, "attn.c_attn.bias": 3 * C, "attn.c_proj.bias": C, "ln_2.bias": C,
-                 "mlp.c_fc.bias": 4 * C, "mlp.c_proj.bias": C}
+        zeros = {
+            "ln_1.bias": C,
+            "attn.c_attn.bias": 3 * C,
+            "attn.c_proj.bias": C,
+            "ln_2.bias": C,
+            "mlp.c_fc.bias": 4 * C,
+            "mlp.c_proj.bias": C,
+        }
         for i in range(L):
             out.update({f"transformer.h.{i}.{k}": torch.zeros(n) for k, n in zeros.items()})
         out["transformer.ln_f.bias"] = torch.zeros(C)
@@ -85,7 +108,9 @@ def save_hf(gpt: GPT, folder: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict_to_hf(gpt)
     del sd["lm_head.weight"]  # tied: save_pretrained stores it once too
-    save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors", metadata={"format": "pt"}
+    )
     (folder / "config.json").write_text(json.dumps(config_to_hf_dict(gpt.config), indent=2))
 
 

@@ -37,8 +37,9 @@ class SharedBatch:
     seg: Tensor | None  # (N, Tp + Ts) 1 real / 0 pad over [group's prefix | suffix]; None without pads
 
     def to(self, device: torch.device | str) -> SharedBatch:
-        return SharedBatch(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device)
-                              for f in fields(self)})
+        return SharedBatch(
+            **{f.name: None if (t := getattr(self, f.name)) is None else t.to(device) for f in fields(self)}
+        )
 
 
 def common_prefix(seqs: list[list[int]]) -> int:
@@ -76,8 +77,15 @@ def shared_layout(seqs: list[list[int]], sizes: list[int], pad_id: int) -> Share
     offset = torch.tensor(cut, dtype=torch.long)[group_t, None]  # (N, 1) prefix length of each member
     suffix_pos = torch.where(suffix_real.bool(), suffix_real.cumsum(1) - 1 + offset, 0)  # (N, Ts)
     seg = torch.cat([prefix_real[group_t], suffix_real], dim=1)  # (N, Tp + Ts)
-    return SharedBatch(prefix, prefix_pos, suffix, suffix_pos, group_t,
-                       None if bool(prefix_real.all()) else prefix_real, None if bool(seg.all()) else seg)
+    return SharedBatch(
+        prefix,
+        prefix_pos,
+        suffix,
+        suffix_pos,
+        group_t,
+        None if bool(prefix_real.all()) else prefix_real,
+        None if bool(seg.all()) else seg,
+    )
 
 
 def _heads(block: Block, t: Tensor) -> Tensor:
@@ -110,8 +118,10 @@ def shared_hidden(gpt: GPT, b: SharedBatch) -> Tensor:
     """(N, C) final-LayerNorm hidden state at each sequence's last token; equals
     gpt.hidden(sequence)[last] for every member, with each prefix run once per group."""
     if int(b.suffix_pos.max()) >= gpt.config.block_size:
-        raise ValueError(f"sequences must be at most block_size = {gpt.config.block_size} tokens; "
-                         f"got {int(b.suffix_pos.max()) + 1}")
+        raise ValueError(
+            f"sequences must be at most block_size = {gpt.config.block_size} tokens; "
+            f"got {int(b.suffix_pos.max()) + 1}"
+        )
     blocks = gpt.transformer.h
     Tp = b.prefix.shape[1]
     xp = _embed(gpt, b.prefix, b.prefix_pos) if Tp else None  # (G, Tp, C)
@@ -139,8 +149,14 @@ def shared_hidden(gpt: GPT, b: SharedBatch) -> Tensor:
     return gpt.transformer.ln_f(xs[:, -1])  # (N, C)
 
 
-def hidden_at(gpt: GPT, idx: Tensor, index: Tensor, *, positions: Tensor | None = None,
-              segment_ids: Tensor | None = None) -> Tensor:
+def hidden_at(
+    gpt: GPT,
+    idx: Tensor,
+    index: Tensor,
+    *,
+    positions: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+) -> Tensor:
     """(B, C) = gpt.hidden(idx, positions=..., segment_ids=...)[b, index[b]], with the last block's query,
     attention output, MLP and ln_f run at that one token of each row (any padding layout)."""
     gpt._check_inputs(idx, positions, segment_ids, 0)

@@ -11,4 +11,14 @@ from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.ops.ppo_loss import ppo_loss
 from fastrlhf.ops.sample import sample
 
-__all__ = ["causal_attention", "gae", "gelu", "linear", "linear_cross_entropy", "ppo_loss", "rows_linear", "sample", "token_logprobs"]
+__all__ = [
+    "causal_attention",
+    "gae",
+    "gelu",
+    "linear",
+    "linear_cross_entropy",
+    "ppo_loss",
+    "rows_linear",
+    "sample",
+    "token_logprobs",
+]

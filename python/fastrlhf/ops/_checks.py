@@ -12,4 +12,6 @@ def same_device(**tensors: Tensor | None) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name} must be on the same device as {first_name} ({first.device}); got {t.device}")
+            raise ValueError(
+                f"{name} must be on the same device as {first_name} ({first.device}); got {t.device}"
+            )

@@ -12,11 +12,15 @@ from fastrlhf.ops._checks import same_device
 if HAS_EXT:
 
     @torch.library.register_fake("fastrlhf::gae")
-    def _gae_fake(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    def _gae_fake(
+        rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+    ) -> tuple[Tensor, Tensor]:
         return torch.empty_like(rewards), torch.empty_like(rewards)
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Advantages and returns, (B, T) each; both 0 where mask is 0.
 
     delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, where V_{t+1} and

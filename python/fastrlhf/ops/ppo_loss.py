@@ -23,7 +23,6 @@ from fastrlhf.ops import reference
 from fastrlhf.ops._checks import same_device
 from fastrlhf.ops.reference import PPO_STATS
 
-
 # Whether the running backward keeps its graph (retain_graph=True); absent from some torch builds.
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 

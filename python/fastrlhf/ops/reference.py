@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """GAE as the reverse loop TRL/OpenRLHF/cleanrl write, vectorised over rows.
 
     V_{t+1} and A_{t+1} count as 0 past the last masked-in token of each row (arXiv 1506.02438, eq. 16).
@@ -67,7 +69,7 @@ def causal_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, segment_ids: Tensor | None = None
 ) -> Tensor:
     """softmax(q k^T * scale + mask) v with grouped-query heads; q (B, H, Tq, D), k, v (B, Hkv, Tk, D)."""
-    B, H, Tq, D = q.shape
+    _B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     dt = _math_dtype(q)
@@ -80,7 +82,7 @@ def causal_attention(
     return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)  # (B, H, Tq, D)
 
 
-def _per_row(x: float | int | Tensor, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _per_row(x: float | Tensor, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     if isinstance(x, Tensor):
         return x.to(device=device, dtype=dtype).expand(B)
     return torch.full((B,), x, dtype=dtype, device=device)
@@ -160,13 +162,26 @@ def token_logprobs(
     return out, entropy.to(logits.dtype)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100
+) -> Tensor:
     """F.cross_entropy(hidden @ weight.T, targets, ignore_index): the mean over kept targets (NaN if none)."""
     logits = (hidden @ weight.t()).to(_math_dtype(hidden))  # (..., V)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+    )
 
 
-PPO_STATS = ("pg_loss", "v_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "entropy")
+PPO_STATS = (
+    "pg_loss",
+    "v_loss",
+    "clipfrac",
+    "vf_clipfrac",
+    "approx_kl",
+    "ratio_mean",
+    "ratio_max",
+    "entropy",
+)
 
 
 def ppo_loss(

@@ -19,7 +19,7 @@ if HAS_EXT:
         return logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32)
 
 
-def _per_row(x: float | int | Tensor, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _per_row(x: float | Tensor, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A number or 0-d tensor becomes (B,); a (B,) tensor is converted; other shapes are refused in C++."""
     if isinstance(x, Tensor):
         x = x.to(device=device, dtype=dtype)

@@ -46,7 +46,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}"
+        ) from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,7 +72,9 @@ def _optimizer_to_parts(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_parts(name: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+def _optimizer_from_parts(
+    name: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     prefix = f"{name}.state."
     for key, value in tensors.items():
@@ -108,16 +112,33 @@ def save_checkpoint(
     if not dist.is_main():
         dist.barrier()
         return run_dir / name
-    final = _write_checkpoint(run_dir, name, models=models, optimizers=optimizers, generators=generators,
-                              state=state, tokenizer=tokenizer, keep=keep, step=step)
+    final = _write_checkpoint(
+        run_dir,
+        name,
+        models=models,
+        optimizers=optimizers,
+        generators=generators,
+        state=state,
+        tokenizer=tokenizer,
+        keep=keep,
+        step=step,
+    )
     dist.barrier()  # the other ranks go on (and may read this checkpoint) only once it is complete
     return final
 
 
-def _write_checkpoint(run_dir: Path, name: str, *, models: dict[str, nn.Module],
-                      optimizers: dict[str, torch.optim.Optimizer] | None,
-                      generators: dict[str, torch.Generator] | None, state: dict[str, Any] | None,
-                      tokenizer: Any, keep: int, step: int) -> Path:
+def _write_checkpoint(
+    run_dir: Path,
+    name: str,
+    *,
+    models: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None,
+    generators: dict[str, torch.Generator] | None,
+    state: dict[str, Any] | None,
+    tokenizer: Any,
+    keep: int,
+    step: int,
+) -> Path:
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +153,10 @@ def _write_checkpoint(run_dir: Path, name: str, *, models: dict[str, nn.Module],
         tensors, meta["optimizers"][oname] = _optimizer_to_parts(oname, opt)
         trainer.update(tensors)
     for mname, model in models.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.weights().items()}, tmp / f"{mname}.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.weights().items()},
+            tmp / f"{mname}.safetensors",
+        )
     save_file(trainer, tmp / TRAINER_FILE)
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer")
@@ -172,7 +196,9 @@ def read_verified(ckpt: Path, filename: str, meta: dict[str, Any]) -> dict[str, 
     path = ckpt / filename
     want = meta["files"].get(filename)
     if want is not None and path.is_file() and sha256_file(path) != want:
-        raise ValueError(f"{path} is corrupted or truncated: its sha256 differs from the one recorded at save time")
+        raise ValueError(
+            f"{path} is corrupted or truncated: its sha256 differs from the one recorded at save time"
+        )
     return read_safetensors(path)
 
 
@@ -188,7 +214,9 @@ def load_checkpoint(
     ckpt = Path(ckpt)
     meta = read_state(ckpt)
     for mname, model in models.items():
-        model.load_weights(read_verified(ckpt, f"{mname}.safetensors", meta), source=str(ckpt / f"{mname}.safetensors"))
+        model.load_weights(
+            read_verified(ckpt, f"{mname}.safetensors", meta), source=str(ckpt / f"{mname}.safetensors")
+        )
     if optimizers or generators or restore_rng:
         trainer = read_verified(ckpt, TRAINER_FILE, meta)
         for oname, opt in (optimizers or {}).items():
@@ -226,6 +254,8 @@ def load_gpt(path: str | os.PathLike, name: str = "model"):
     except KeyError:
         raise ValueError(f"{ckpt / STATE_FILE} records no model config (state.config.model)") from None
     model = GPT(GPTConfig.from_dict(model_cfg))
-    model.load_weights(read_verified(ckpt, f"{name}.safetensors", meta), source=str(ckpt / f"{name}.safetensors"))
+    model.load_weights(
+        read_verified(ckpt, f"{name}.safetensors", meta), source=str(ckpt / f"{name}.safetensors")
+    )
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     return model.eval(), tok

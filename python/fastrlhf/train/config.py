@@ -5,16 +5,11 @@ fields and values of the wrong type are errors that name them."""
 from __future__ import annotations
 
 import dataclasses
-import sys
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 T = TypeVar("T")
 
@@ -48,8 +43,10 @@ def _fill(cls: type[T], data: dict[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {'field' if where else 'section'}(s) {[f'{where}{u}' for u in unknown]}; "
-                         f"known: {sorted(fields)}")
+        raise ValueError(
+            f"unknown {'field' if where else 'section'}(s) {[f'{where}{u}' for u in unknown]}; "
+            f"known: {sorted(fields)}"
+        )
     kwargs = {}
     for name, value in data.items():
         typ = hints[name]

@@ -78,7 +78,11 @@ def cleanup() -> None:
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if tdist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def all_sum(x: Tensor) -> Tensor:

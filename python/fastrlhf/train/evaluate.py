@@ -31,7 +31,9 @@ def sequence_logprobs(model: GPT, gen: Generation, temperature: float) -> Tensor
     """(B,) log-prob of each sampled response under `model` at `temperature`, summed over its tokens."""
     positions, segment_ids = gen.layout()  # (B, Tp + Tr) each
     Tp = gen.prompt_mask.shape[1]
-    h = model.hidden(gen.sequences, positions=positions, segment_ids=segment_ids)[:, Tp - 1 : -1]  # (B, Tr, C)
+    h = model.hidden(gen.sequences, positions=positions, segment_ids=segment_ids)[
+        :, Tp - 1 : -1
+    ]  # (B, Tr, C)
     logprobs = ops.token_logprobs(model.lm_head(h), gen.responses, temperature=temperature)  # (B, Tr)
     return (logprobs * gen.response_mask).sum(dim=1)
 
@@ -44,7 +46,9 @@ def rm_scores(rm: ScalarHeadModel, gen: Generation) -> Tensor:
 
 
 @torch.no_grad()
-def answer_and_score(run: Any, prompts: list[str], progress: bool = True, ppo: GPT | None = None) -> list[dict[str, Any]]:
+def answer_and_score(
+    run: Any, prompts: list[str], progress: bool = True, ppo: GPT | None = None
+) -> list[dict[str, Any]]:
     """One row per prompt: {"prompt", "sft": {...}, "ppo": {...}} with each model's response, true score,
     reward-model score, KL to the SFT model (sum over tokens of log pi - log pi_sft) and length. `ppo` is the
     policy compared with SFT (default: the run's PPO checkpoint)."""
@@ -66,12 +70,21 @@ def answer_and_score(run: Any, prompts: list[str], progress: bool = True, ppo: G
         for who, model in policies.items():
             # the same seed for both models: differences come from the weights, not the draw
             g = torch.Generator().manual_seed(cfg.eval.seed + i)
-            gen = generate(model, ids, p.max_new_tokens, temperature=p.temperature, eos_token_id=tok.eot_id, generator=g)
+            gen = generate(
+                model, ids, p.max_new_tokens, temperature=p.temperature, eos_token_id=tok.eot_id, generator=g
+            )
             ref = sequence_logprobs(sft, gen, p.temperature)  # (B,)
-            kl = torch.zeros_like(ref) if model is sft else sequence_logprobs(model, gen, p.temperature) - ref  # (B,)
+            kl = (
+                torch.zeros_like(ref) if model is sft else sequence_logprobs(model, gen, p.temperature) - ref
+            )  # (B,)
             reward, lengths = rm_scores(rm, gen), gen.response_mask.sum(dim=1)
             for j, (resp, mask) in enumerate(zip(gen.responses.tolist(), gen.response_mask.tolist())):
                 text = decode_response(tok, [t for t, m in zip(resp, mask) if m])
-                rows[i + j][who] = {"response": text, "score": score(chunk[j], text), "reward": float(reward[j]),
-                                    "kl": float(kl[j]), "length": int(lengths[j])}
+                rows[i + j][who] = {
+                    "response": text,
+                    "score": score(chunk[j], text),
+                    "reward": float(reward[j]),
+                    "kl": float(kl[j]),
+                    "length": int(lengths[j]),
+                }
     return rows

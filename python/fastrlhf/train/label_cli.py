@@ -52,8 +52,17 @@ def read_prompts(source: str, split: str, corpus: str = "") -> tuple[list[str], 
     return list(dict.fromkeys(prompts)), None  # each prompt once, in file order
 
 
-def sample_answers(model: GPT, tok: Tokenizer, prompts: list[str], k: int, max_new_tokens: int, *,
-                   retries: int = 3, generator: torch.Generator | None = None, **sampling) -> list[list[str] | None]:
+def sample_answers(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: list[str],
+    k: int,
+    max_new_tokens: int,
+    *,
+    retries: int = 3,
+    generator: torch.Generator | None = None,
+    **sampling,
+) -> list[list[str] | None]:
     """K decoded answers per prompt from one batched generate call (B = len(prompts) * K); empty answers
     are resampled up to `retries` times, and a prompt that still has one gets None (rankings need text)."""
     ids = [encode_prompt(tok, p) for p in prompts]
@@ -65,8 +74,14 @@ def sample_answers(model: GPT, tok: Tokenizer, prompts: list[str], k: int, max_n
     for _ in range(1 + retries):
         if not todo:
             break
-        g = generate(model, [ids[i] for i, _ in todo], min(max_new_tokens, room), eos_token_id=tok.eot_id,
-                     generator=generator, **sampling)
+        g = generate(
+            model,
+            [ids[i] for i, _ in todo],
+            min(max_new_tokens, room),
+            eos_token_id=tok.eot_id,
+            generator=generator,
+            **sampling,
+        )
         for (i, j), row, mask in zip(todo, g.responses.tolist(), g.response_mask.tolist()):
             answers[i][j] = decode_response(tok, [t for t, m in zip(row, mask) if m])
         todo = [(i, j) for i, j in todo if not answers[i][j].strip()]
@@ -108,17 +123,43 @@ def run(args: argparse.Namespace) -> None:
     model, tok = load_gpt(args.sft)
     if tok is None:
         raise ValueError(f"{args.sft} has no tokenizer/ folder")
-    stats, skipped = label_to_file(model, tok, prompts, labeler, args.out, k=args.k, batch_prompts=args.batch_prompts,
-                                   max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p)
-    print(f"{stats.labeled} prompts ranked, {stats.skipped} already in {args.out}, {skipped} skipped (an answer "
-          f"stayed empty), {stats.undone} undone" + (", quit early" if stats.quit else "")
-          + f"; {stats.total} rankings in {args.out}")
+    stats, skipped = label_to_file(
+        model,
+        tok,
+        prompts,
+        labeler,
+        args.out,
+        k=args.k,
+        batch_prompts=args.batch_prompts,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    print(
+        f"{stats.labeled} prompts ranked, {stats.skipped} already in {args.out}, {skipped} skipped (an answer "
+        f"stayed empty), {stats.undone} undone"
+        + (", quit early" if stats.quit else "")
+        + f"; {stats.total} rankings in {args.out}"
+    )
 
 
-def label_to_file(model: GPT, tok: Tokenizer, prompts: list[str], labeler, out: str | Path, *, k: int,
-                  batch_prompts: int, max_new_tokens: int, seed: int, progress: bool = False, desc: str = "label",
-                  **sampling) -> tuple[LabelStats, int]:
+def label_to_file(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: list[str],
+    labeler,
+    out: str | Path,
+    *,
+    k: int,
+    batch_prompts: int,
+    max_new_tokens: int,
+    seed: int,
+    progress: bool = False,
+    desc: str = "label",
+    **sampling,
+) -> tuple[LabelStats, int]:
     """Sample k answers per prompt not yet in `out`, rank them and append each ranking to `out` at once
     (a progress bar over prompts when `progress`). Returns the labeling stats and how many prompts were
     skipped because an answer stayed empty."""
@@ -138,8 +179,9 @@ def label_to_file(model: GPT, tok: Tokenizer, prompts: list[str], labeler, out: 
         for i in range(0, len(todo), batch_prompts):
             chunk = todo[i : i + batch_prompts]
             bar.update(len(chunk))
-            for prompt, answers in zip(chunk, sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen,
-                                                             **sampling)):
+            for prompt, answers in zip(
+                chunk, sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen, **sampling)
+            ):
                 if answers is None:
                     no_answer[0] += 1
                 else:

@@ -18,7 +18,7 @@ class JSONLLogger:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a")
+        self._f = open(self.path, "a")  # noqa: SIM115 (held open for the run; close() ends it)
 
     def log(self, **record: Any) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -52,15 +52,24 @@ class Progress:
 
     def __init__(self, total: int, initial: int = 0, desc: str = "train", enabled: bool | None = None):
         enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                        unit="step", file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            disable=not enabled,
+            dynamic_ncols=True,
+            unit="step",
+            file=sys.stderr,
+        )
         self._t0, self._tokens = time.perf_counter(), 0
 
     def update(self, tokens: int, **stats: float) -> float:
         """Advance one step of `tokens` tokens; returns tokens/s since the bar started."""
         self._tokens += tokens
         rate = self._tokens / max(time.perf_counter() - self._t0, 1e-9)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()} | {"tok/s": f"{rate:,.0f}"}, refresh=False)
+        self.bar.set_postfix(
+            {k: f"{v:.4g}" for k, v in stats.items()} | {"tok/s": f"{rate:,.0f}"}, refresh=False
+        )
         self.bar.update(1)
         return rate
 

@@ -74,8 +74,9 @@ def resolve_device(t: LoopSettings) -> torch.device:
     return dist.setup(t.device, t.threads)
 
 
-def run_outputs(out: Path, total: int, initial: int, desc: str, quiet: bool
-                ) -> tuple[JSONLLogger, Progress, Callable[[str], None]]:
+def run_outputs(
+    out: Path, total: int, initial: int, desc: str, quiet: bool
+) -> tuple[JSONLLogger, Progress, Callable[[str], None]]:
     """The run's log.jsonl, progress bar and printer: real on rank 0, silent on the other ranks."""
     loud = dist.is_main() and not quiet
     logger = JSONLLogger(out / "log.jsonl") if dist.is_main() else NullLogger()
@@ -112,12 +113,16 @@ def run_loop(
         s = step
         if dist.active():  # dropout masks: a pure function of (seed, step, rank), so resume repeats them
             torch.manual_seed(dist.stream_seed(t.seed, "dropout", step))
-        loss, norm = optimizer_step(model, optimizer, lambda i: micro_loss(s, i), t.grad_accum, lr, optim.grad_clip)
+        loss, norm = optimizer_step(
+            model, optimizer, lambda i: micro_loss(s, i), t.grad_accum, lr, optim.grad_clip
+        )
         loss = dist.mean_float(loss)
         step += 1
         rate = progress.update(tokens_per_step() if callable(tokens_per_step) else tokens_per_step, loss=loss)
         last["loss"] = loss
-        late = deadline < float("inf") and dist.any_rank(time.perf_counter() > deadline)  # all ranks stop alike
+        late = deadline < float("inf") and dist.any_rank(
+            time.perf_counter() > deadline
+        )  # all ranks stop alike
         final = step == t.max_steps or late
         if final and step < t.max_steps:
             say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastrlhf.train.config import load_config, to_dict
+from fastrlhf.train.config import to_dict
 from fastrlhf.train.ppo_config import PPOConfig, check_range
 from fastrlhf.train.pretrain import PretrainConfig
 from fastrlhf.train.reward import RMConfig
@@ -112,7 +112,14 @@ def _pretrain_defaults() -> PretrainConfig:
     m, t = cfg.model, cfg.train
     m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout = 2048, 64, 4, 4, 128, 0.0
     cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps = 3e-3, 3e-4, 30
-    t.max_steps, t.batch_size, t.eval_interval, t.eval_batches, t.ckpt_interval, t.max_minutes = 800, 32, 200, 8, 100, 6.0
+    t.max_steps, t.batch_size, t.eval_interval, t.eval_batches, t.ckpt_interval, t.max_minutes = (
+        800,
+        32,
+        200,
+        8,
+        100,
+        6.0,
+    )
     return cfg
 
 
@@ -165,7 +172,9 @@ class PipelineConfig:
 
             digits = tuple(range(1, a.max_digits + 1))
             for split, name in (("train", "train_problems"), ("heldout", "heldout_problems")):
-                check_range(f"arithmetic.{name}", getattr(a, name), 1, split_size(split, tuple(a.ops), digits))
+                check_range(
+                    f"arithmetic.{name}", getattr(a, name), 1, split_size(split, tuple(a.ops), digits)
+                )
         check_range("label.k", self.label.k, 2, 16)
         for name in ("train_prompts", "heldout_prompts", "max_new_tokens", "batch_prompts"):
             check_range(f"label.{name}", getattr(self.label, name), 1, float("inf"))
@@ -180,30 +189,50 @@ TASK_DEFAULTS: dict[str, list[str]] = {
     "sentiment": [],
     # addition only ([arithmetic]'s default), SFT on every train problem at a higher lr: in a measured 8-minute SFT, 76% of
     # held-out sums right at temperature 0.7, against 13% for '+-' at lr 1e-3 (docs/pipeline.md)
-    "arithmetic": ["data.split_digits=true",
-                   "data.vocab_size=512", "pretrain.model.vocab_size=512", "pretrain.model.block_size=32",
-                   # SFT stops at 500 steps (~62 % of held-out sums at temperature 0.7): at 1500 it answers 99 %, and
-                   # there even PPO on the true score gains nothing (+0.0 +- 0.3 points; scripts/ppo_gold_reward.py)
-                   "sft.train.max_steps=500", "sft.train.batch_size=32", "sft.optim.lr=2e-3", "sft.train.max_minutes=8",
-                   # that SFT model is sure of itself: at K = 4 and temperature 1 91% of held-out pairs tie
-                   # (RM accuracy 0.51); K = 8 at temperature 2 on 8192 prompts leaves 57% untied (RM 0.78)
-                   "label.k=8", "label.temperature=2.0", "label.train_prompts=8192", "label.heldout_prompts=512",
-                   # the RM learns to check sums slowly: held-out accuracy 0.82 after 600 steps, 0.87 after
-                   # 1500, 0.92 after 3000 (runs/arith6's rankings; docs/pipeline.md)
-                   "rm.train.max_steps=3000", "rm.train.eval_interval=500", "rm.train.ckpt_interval=500",
-                   "rm.train.max_minutes=20", "eval.prompts=512", "label.max_new_tokens=6", "ppo.ppo.max_new_tokens=6",
-                   # the RM (0.82) prefers some near misses (+1, +10) to the right sum and PPO finds them: on the
-                   # same SFT model and RM, held-out accuracy fell 14.5 points at a KL target of 1, 2.1 at 0.2
-                   "ppo.ppo.kl_target=0.2",
-                   # with that headroom: lr 1e-4 with a 3x faster critic trained alone for 30 steps, and a KL
-                   # coefficient starting at 1 so the first updates cannot run off (+5.1 +- 1.8 points; 1e-5, the
-                   # setting for a 99 % SFT model, gains nothing here; docs/pipeline.md)
-                   "ppo.optim.lr=1e-4", "ppo.optim.min_lr=1e-5", "ppo.optim.value_lr=3e-4",
-                   "ppo.ppo.value_warmup_steps=30", "ppo.ppo.kl_coef=1.0"],
+    "arithmetic": [
+        "data.split_digits=true",
+        "data.vocab_size=512",
+        "pretrain.model.vocab_size=512",
+        "pretrain.model.block_size=32",
+        # SFT stops at 500 steps (~62 % of held-out sums at temperature 0.7): at 1500 it answers 99 %, and
+        # there even PPO on the true score gains nothing (+0.0 +- 0.3 points; scripts/ppo_gold_reward.py)
+        "sft.train.max_steps=500",
+        "sft.train.batch_size=32",
+        "sft.optim.lr=2e-3",
+        "sft.train.max_minutes=8",
+        # that SFT model is sure of itself: at K = 4 and temperature 1 91% of held-out pairs tie
+        # (RM accuracy 0.51); K = 8 at temperature 2 on 8192 prompts leaves 57% untied (RM 0.78)
+        "label.k=8",
+        "label.temperature=2.0",
+        "label.train_prompts=8192",
+        "label.heldout_prompts=512",
+        # the RM learns to check sums slowly: held-out accuracy 0.82 after 600 steps, 0.87 after
+        # 1500, 0.92 after 3000 (runs/arith6's rankings; docs/pipeline.md)
+        "rm.train.max_steps=3000",
+        "rm.train.eval_interval=500",
+        "rm.train.ckpt_interval=500",
+        "rm.train.max_minutes=20",
+        "eval.prompts=512",
+        "label.max_new_tokens=6",
+        "ppo.ppo.max_new_tokens=6",
+        # the RM (0.82) prefers some near misses (+1, +10) to the right sum and PPO finds them: on the
+        # same SFT model and RM, held-out accuracy fell 14.5 points at a KL target of 1, 2.1 at 0.2
+        "ppo.ppo.kl_target=0.2",
+        # with that headroom: lr 1e-4 with a 3x faster critic trained alone for 30 steps, and a KL
+        # coefficient starting at 1 so the first updates cannot run off (+5.1 +- 1.8 points; 1e-5, the
+        # setting for a 99 % SFT model, gains nothing here; docs/pipeline.md)
+        "ppo.optim.lr=1e-4",
+        "ppo.optim.min_lr=1e-5",
+        "ppo.optim.value_lr=3e-4",
+        "ppo.ppo.value_warmup_steps=30",
+        "ppo.ppo.kl_coef=1.0",
+    ],
 }
 
 
-def load_pipeline_config(task: str, path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_pipeline_config(
+    task: str, path: str | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """The code defaults, then the task's defaults, then the TOML file, then the command-line overrides."""
     import tomllib
 
@@ -226,7 +255,9 @@ def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
 
     unknown = sorted(set(data) - set(PipelineConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; known: {sorted(PipelineConfig.__dataclass_fields__)}")
+        raise ValueError(
+            f"unknown section(s) {unknown}; known: {sorted(PipelineConfig.__dataclass_fields__)}"
+        )
     sections = {}
     for name, f in PipelineConfig.__dataclass_fields__.items():
         try:
@@ -253,11 +284,20 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     if d["run"]["task"] == "arithmetic":  # the held-out problems are first used by the label stage
         heldout = d["arithmetic"].pop("heldout_problems")
         task, label = [*task, d["arithmetic"]], [label, heldout]
-    own = {"data": [*task, d["data"]], "pretrain": d["pretrain"], "sft": d["sft"], "label": label,
-           "rm": d["rm"], "ppo": d["ppo"], "eval": [d["eval"], d["ppo"]["ppo"]["temperature"]]}
+    own = {
+        "data": [*task, d["data"]],
+        "pretrain": d["pretrain"],
+        "sft": d["sft"],
+        "label": label,
+        "rm": d["rm"],
+        "ppo": d["ppo"],
+        "eval": [d["eval"], d["ppo"]["ppo"]["temperature"]],
+    }
     out, chain = {}, ""
     for stage in STAGES:
-        chain = hashlib.sha256((chain + json.dumps(_settings(own[stage]), sort_keys=True)).encode()).hexdigest()
+        chain = hashlib.sha256(
+            (chain + json.dumps(_settings(own[stage]), sort_keys=True)).encode()
+        ).hexdigest()
         out[stage] = chain[:16]
     return out
 
@@ -282,10 +322,11 @@ class Run:
         if path.is_file() and json.loads(path.read_text())["fingerprint"] != self.prints[stage]:
             raise ValueError(
                 f"{self.dir(stage)} was made with other settings (its [{stage}] table or an earlier stage's changed); "
-                f"rerun with --redo {stage} to redo it and every later stage, or choose a new --out")
+                f"rerun with --redo {stage} to redo it and every later stage, or choose a new --out"
+            )
 
     def redo(self, stage: str) -> None:
-        for later in STAGES[STAGES.index(stage):]:
+        for later in STAGES[STAGES.index(stage) :]:
             shutil.rmtree(self.dir(later), ignore_errors=True)
         (self.out / "report.md").unlink(missing_ok=True)
 
@@ -294,8 +335,10 @@ class Run:
         _write_json(self.dir(stage) / "STAGE.json", {"fingerprint": self.prints[stage]})
 
     def finish(self, stage: str, seconds: float, summary: dict[str, Any]) -> None:
-        _write_json(self.dir(stage) / "DONE.json", {"fingerprint": self.prints[stage], "seconds": seconds,
-                                                    "summary": summary})
+        _write_json(
+            self.dir(stage) / "DONE.json",
+            {"fingerprint": self.prints[stage], "seconds": seconds, "summary": summary},
+        )
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -304,17 +347,18 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-def run_pipeline(out: str | Path, cfg: PipelineConfig, *, until: str = "eval", redo: str = "",
-                 quiet: bool = False) -> Path:
+def run_pipeline(
+    out: str | Path, cfg: PipelineConfig, *, until: str = "eval", redo: str = "", quiet: bool = False
+) -> Path:
     """Run (or resume) every stage up to `until`, then write the report; returns runs/NAME/report.md."""
-    from fastrlhf.train import stages
+    from fastrlhf.train import dist, stages
     from fastrlhf.train.report import write_report
 
-    from fastrlhf.train import dist
-
     if dist.launched():
-        raise ValueError("the pipeline runs in one process (its data and labeling stages are not distributed); "
-                         "launch the trainers themselves under torchrun instead (docs/distributed.md)")
+        raise ValueError(
+            "the pipeline runs in one process (its data and labeling stages are not distributed); "
+            "launch the trainers themselves under torchrun instead (docs/distributed.md)"
+        )
     run = Run(out, cfg)
     run.out.mkdir(parents=True, exist_ok=True)
     if redo:
@@ -323,8 +367,10 @@ def run_pipeline(out: str | Path, cfg: PipelineConfig, *, until: str = "eval", r
         run.check(stage)
         missing = [s for s in STAGES[:i] if run.done(s) is None]
         if run.done(stage) is not None and missing:
-            raise ValueError(f"{run.dir(stage)} is finished but the stage it needs, {missing[0]}, is missing or "
-                             f"unfinished in {run.out}; rerun with --redo {missing[0]}")
+            raise ValueError(
+                f"{run.dir(stage)} is finished but the stage it needs, {missing[0]}, is missing or "
+                f"unfinished in {run.out}; rerun with --redo {missing[0]}"
+            )
     _write_json(run.out / "config.json", to_dict(cfg))
     for i, stage in enumerate(STAGES[: STAGES.index(until) + 1], start=1):
         done = run.done(stage)
@@ -336,15 +382,19 @@ def run_pipeline(out: str | Path, cfg: PipelineConfig, *, until: str = "eval", r
         t0 = time.perf_counter()
         summary = getattr(stages, f"stage_{stage}")(run, quiet)
         run.finish(stage, time.perf_counter() - t0, summary)
-        print(f"== {stage} finished in {time.perf_counter() - t0:.0f} s: "
-              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        print(
+            f"== {stage} finished in {time.perf_counter() - t0:.0f} s: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        )
     return write_report(run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="sentiment", help="sentiment or arithmetic (default: %(default)s)")
     p.add_argument("--out", required=True, help="run folder, e.g. runs/sentiment; an existing run is resumed")
-    p.add_argument("--config", help="TOML file with [run] [data] [pretrain.*] [sft.*] [label] [rm.*] [ppo.*] [eval]")
+    p.add_argument(
+        "--config", help="TOML file with [run] [data] [pretrain.*] [sft.*] [label] [rm.*] [ppo.*] [eval]"
+    )
     p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage")
     p.add_argument("--redo", choices=STAGES, default="", help="delete this stage and every later one first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

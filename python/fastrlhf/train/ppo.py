@@ -50,7 +50,9 @@ from fastrlhf.train.rl import (
 RewardFn = Callable[[list[list[int]], list[list[int]]], "Sequence[float] | Tensor"]
 """reward_fn(prompts, responses) -> (B,) scores; token-id lists, responses cut after EOS (EOS included)."""
 INVARIANT_TOL = 1e-5  # on mean(ratio) - 1 and approx_kl at the first minibatch (the issue's bound)
-TOKEN_TOL = 1e-3  # on each token's |ratio - 1| there: the KV-cache sampler and the full-sequence scorer sum in
+TOKEN_TOL = (
+    1e-3  # on each token's |ratio - 1| there: the KV-cache sampler and the full-sequence scorer sum in
+)
 # different orders, so fp32 leaves ~1e-5 per token; a real mismatch (dropout, temperature) is far larger
 
 
@@ -101,13 +103,20 @@ def response_hidden(gpt: GPT, ro: Rollout, rows: Tensor | slice = slice(None)) -
     """(b, Tr, C): the trunk's hidden state at the positions that predict each response token. Only the
     last Tr + 1 positions are read, so the last block skips the prompt's rows (GPT.hidden's tail)."""
     tail = ro.sequences.shape[1] - ro.Tp + 1  # positions Tp - 1 .. T - 1
-    h = gpt.hidden(ro.sequences[rows], positions=ro.positions[rows], segment_ids=ro.segment_ids[rows], tail=tail)
+    h = gpt.hidden(
+        ro.sequences[rows], positions=ro.positions[rows], segment_ids=ro.segment_ids[rows], tail=tail
+    )
     return h[:, :-1]  # (b, Tr, C)
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
     probe = "Prompt: The quick brown fox, 12+34=46!\nResponse: é ü 😀 <|endoftext|>"
-    return (a.kind, a.vocab_size, a.eot_id, a.encode(probe)) == (b.kind, b.vocab_size, b.eot_id, b.encode(probe))
+    return (a.kind, a.vocab_size, a.eot_id, a.encode(probe)) == (
+        b.kind,
+        b.vocab_size,
+        b.eot_id,
+        b.encode(probe),
+    )
 
 
 class PPOTrainer:
@@ -115,10 +124,22 @@ class PPOTrainer:
     reward_fn. `step()` runs one rollout + update and returns its metrics; `train()` is the loop with
     logging and resumable checkpoints."""
 
-    def __init__(self, cfg: PPOConfig, policy: GPT, ref: GPT, reward: ScalarHeadModel | RewardFn,
-                 prompts: Sequence[Sequence[int]], *, value_model: ScalarHeadModel | None = None,
-                 eos_token_id: int | None = None, tokenizer: Any = None, reward_tokenizer: Any = None,
-                 ptx_tokens: np.ndarray | None = None, quiet: bool = False, true_score: RewardFn | None = None):
+    def __init__(
+        self,
+        cfg: PPOConfig,
+        policy: GPT,
+        ref: GPT,
+        reward: ScalarHeadModel | RewardFn,
+        prompts: Sequence[Sequence[int]],
+        *,
+        value_model: ScalarHeadModel | None = None,
+        eos_token_id: int | None = None,
+        tokenizer: Any = None,
+        reward_tokenizer: Any = None,
+        ptx_tokens: np.ndarray | None = None,
+        quiet: bool = False,
+        true_score: RewardFn | None = None,
+    ):
         self.cfg, p = cfg, cfg.ppo
         self.true_score = true_score  # e.g. a task's checker: logged to show reward hacking, never trained on
         self.prompts = [list(map(int, x)) for x in prompts]
@@ -126,26 +147,42 @@ class PPOTrainer:
             raise ValueError("prompts must hold at least one prompt; got none")
         longest = max(map(len, self.prompts))
         if longest + p.max_new_tokens > policy.config.block_size:
-            raise ValueError(f"the longest prompt ({longest} tokens) + ppo.max_new_tokens ({p.max_new_tokens}) "
-                             f"exceeds the policy's block_size ({policy.config.block_size})")
+            raise ValueError(
+                f"the longest prompt ({longest} tokens) + ppo.max_new_tokens ({p.max_new_tokens}) "
+                f"exceeds the policy's block_size ({policy.config.block_size})"
+            )
         if ref is policy or (value_model is not None and value_model is reward):
-            raise ValueError("ref must be a copy of the policy, and value_model a copy of the reward model, not the "
-                             "same objects: the frozen ones must not move")
+            raise ValueError(
+                "ref must be a copy of the policy, and value_model a copy of the reward model, not the "
+                "same objects: the frozen ones must not move"
+            )
         if ref.config != policy.config:
             raise ValueError(f"the reference's config {ref.config} differs from the policy's {policy.config}")
         if isinstance(reward, nn.Module):
             if reward.config.vocab_size != policy.config.vocab_size:
-                raise ValueError(f"the reward model's vocab_size ({reward.config.vocab_size}) differs from the "
-                                 f"policy's ({policy.config.vocab_size}): it reads another tokenizer's ids")
-            if tokenizer is not None and reward_tokenizer is not None and not same_tokenizer(tokenizer, reward_tokenizer):
-                raise ValueError("the reward model's tokenizer differs from the policy's; a reward model must read "
-                                 "the token ids the policy writes (train it on the same tokenizer)")
+                raise ValueError(
+                    f"the reward model's vocab_size ({reward.config.vocab_size}) differs from the "
+                    f"policy's ({policy.config.vocab_size}): it reads another tokenizer's ids"
+                )
+            if (
+                tokenizer is not None
+                and reward_tokenizer is not None
+                and not same_tokenizer(tokenizer, reward_tokenizer)
+            ):
+                raise ValueError(
+                    "the reward model's tokenizer differs from the policy's; a reward model must read "
+                    "the token ids the policy writes (train it on the same tokenizer)"
+                )
         if p.ptx_coef > 0 and (ptx_tokens is None or len(ptx_tokens) <= p.ptx_block + 1):
-            raise ValueError(f"ppo.ptx_coef = {p.ptx_coef} needs pretraining tokens longer than ppo.ptx_block "
-                             f"({p.ptx_block}); set train.ptx_data to a token file")
+            raise ValueError(
+                f"ppo.ptx_coef = {p.ptx_coef} needs pretraining tokens longer than ppo.ptx_block "
+                f"({p.ptx_block}); set train.ptx_data to a token file"
+            )
         if p.ptx_coef > 0 and p.ptx_block > policy.config.block_size:
-            raise ValueError(f"ppo.ptx_block ({p.ptx_block}) exceeds the policy's block_size "
-                             f"({policy.config.block_size}); set ppo.ptx_block <= {policy.config.block_size}")
+            raise ValueError(
+                f"ppo.ptx_block ({p.ptx_block}) exceeds the policy's block_size "
+                f"({policy.config.block_size}); set ppo.ptx_block <= {policy.config.block_size}"
+            )
         dist.check_divides("ppo.rollout_batch", p.rollout_batch)
         dist.check_divides("ppo.minibatch", p.minibatch)
         self.device = next(policy.parameters()).device
@@ -158,7 +195,9 @@ class PPOTrainer:
         elif value_model is not None:
             self.value = value_model
         else:  # own trunk: from the RM, or (with a reward_fn) from the policy's weights
-            self.value = copy.deepcopy(reward) if isinstance(reward, nn.Module) else ScalarHeadModel.from_gpt(policy)
+            self.value = (
+                copy.deepcopy(reward) if isinstance(reward, nn.Module) else ScalarHeadModel.from_gpt(policy)
+            )
         self.value.requires_grad_(True)  # a copy of an already-frozen RM must still train
         for frozen in (ref, reward):
             if isinstance(frozen, nn.Module):
@@ -166,13 +205,23 @@ class PPOTrainer:
         # eval mode everywhere: dropout would break ratio == 1 at the first minibatch
         self.trained = nn.ModuleDict({"policy": policy, "value": self.value}).eval()
         o = cfg.optim
-        self.optimizer = make_adamw([policy, self.value], o)  # groups: policy decay/no-decay, value decay/no-decay
+        self.optimizer = make_adamw(
+            [policy, self.value], o
+        )  # groups: policy decay/no-decay, value decay/no-decay
         self.lr_scales = [1.0, 1.0] + [o.value_lr / o.lr if o.value_lr else 1.0] * 2
-        self._call = dist.wrap_call(self.trained)  # call(fn, *args): fn's backward averages grads over the ranks
-        self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
-                       else KLController(p.kl_coef))
+        self._call = dist.wrap_call(
+            self.trained
+        )  # call(fn, *args): fn's backward averages grads over the ranks
+        self.kl_ctl = (
+            AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
+            if p.adaptive_kl
+            else KLController(p.kl_coef)
+        )
         seed = cfg.train.seed
-        self.gens = {name: torch.Generator().manual_seed(seed + i) for i, name in enumerate(("sample", "shuffle", "ptx"))}
+        self.gens = {
+            name: torch.Generator().manual_seed(seed + i)
+            for i, name in enumerate(("sample", "shuffle", "ptx"))
+        }
         self.step_count = self.prompts_seen = self.updates = 0
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._perm_cache: tuple[int, list[int]] = (-1, [])
@@ -201,10 +250,14 @@ class PPOTrainer:
             T = ro.sequences.shape[1]  # from the earliest last token on (GPT.hidden's tail)
             index = ro.Tp + last_token_index(ro.mask)  # (B,) the last response token
             tail = T - int(index.min())
-            h = self.reward.trunk.hidden(ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids, tail=tail)
+            h = self.reward.trunk.hidden(
+                ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids, tail=tail
+            )
             values = self.reward.head(h).squeeze(-1)  # (B, tail): positions T - tail .. T - 1
             return values.gather(1, (index - (T - tail))[:, None]).squeeze(1).float()
-        scores = torch.as_tensor(self.reward(prompts, masked_responses(ro)), dtype=torch.float32, device=self.device)
+        scores = torch.as_tensor(
+            self.reward(prompts, masked_responses(ro)), dtype=torch.float32, device=self.device
+        )
         if scores.shape != (len(prompts),):
             raise ValueError(f"reward_fn must return {len(prompts)} scores; got shape {tuple(scores.shape)}")
         return scores
@@ -231,15 +284,36 @@ class PPOTrainer:
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         p, moments = self.cfg.ppo, dist.global_masked_moments  # whitening over every rank's episodes
         head_values = isinstance(self.value, ValueHead)  # then the sampling pass's states give the values
-        gen = generate(self.policy, prompts, p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                       top_p=p.top_p, eos_token_id=self.eos, generator=self.gens["sample"],
-                       return_hidden=head_values)
+        gen = generate(
+            self.policy,
+            prompts,
+            p.max_new_tokens,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            eos_token_id=self.eos,
+            generator=self.gens["sample"],
+            return_hidden=head_values,
+        )
         self._t_gen = time.perf_counter()
         positions, segment_ids = gen.layout()  # (B, Tp + Tr) each
         mask = gen.response_mask
         z = torch.zeros_like(gen.logprobs)
-        ro = Rollout(gen.sequences, positions, segment_ids, gen.prompt_mask.shape[1], gen.responses, mask,
-                     gen.logprobs, z, z, z, z, z, z)
+        ro = Rollout(
+            gen.sequences,
+            positions,
+            segment_ids,
+            gen.prompt_mask.shape[1],
+            gen.responses,
+            mask,
+            gen.logprobs,
+            z,
+            z,
+            z,
+            z,
+            z,
+            z,
+        )
         ref_logits = self.ref.lm_head(response_hidden(self.ref, ro))  # (B, Tr, V)
         ref_logprobs = ops.token_logprobs(ref_logits, ro.responses, temperature=p.temperature)  # (B, Tr)
         # policy_head: V(s_t) from the states that sampled the rollout (equal to a re-run of the policy
@@ -254,25 +328,43 @@ class PPOTrainer:
         ro.score = score
         ro.kl = kl_penalty(ro.logprobs, ref_logprobs, p.kl_estimator) * mask
         rewards = shape_rewards(score, ro.kl, self.kl_ctl.value, mask)
-        ro.rewards = masked_whiten(rewards, mask, shift_mean=False, moments=moments) if p.whiten_rewards else rewards
+        ro.rewards = (
+            masked_whiten(rewards, mask, shift_mean=False, moments=moments) if p.whiten_rewards else rewards
+        )
         advantages, ro.returns = ops.gae(ro.rewards, ro.values, mask, gamma=p.gamma, lam=p.lam)
-        ro.advantages = masked_whiten(advantages, mask, moments=moments) if p.whiten_advantages else advantages
+        ro.advantages = (
+            masked_whiten(advantages, mask, moments=moments) if p.whiten_advantages else advantages
+        )
         return ro
 
     # ---- update --------------------------------------------------------------------------------------
-    def _minibatch_loss(self, ro: Rollout, mb: Tensor, values: Tensor | None = None
-                        ) -> tuple[Tensor, dict[str, Tensor], float]:
+    def _minibatch_loss(
+        self, ro: Rollout, mb: Tensor, values: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor], float]:
         """values: the rollout's own forward of these rows (first minibatch, see _rollout_values) or None."""
         p = self.cfg.ppo
         h = response_hidden(self.policy, ro, mb)  # (b, Tr, C)
-        logprobs, entropy = ops.token_logprobs(self.policy.lm_head(h), ro.responses[mb], temperature=p.temperature,
-                                               return_entropy=True)  # (b, Tr) each
+        logprobs, entropy = ops.token_logprobs(
+            self.policy.lm_head(h), ro.responses[mb], temperature=p.temperature, return_entropy=True
+        )  # (b, Tr) each
         values = self._values(ro, mb, h) if values is None else values
-        loss, stats = ops.ppo_loss(logprobs, ro.logprobs[mb], ro.advantages[mb], values, ro.values[mb],
-                                   ro.returns[mb], ro.mask[mb], clip_range=p.clip_range,
-                                   clip_range_value=p.clip_range_value, vf_coef=p.vf_coef, entropy=entropy,
-                                   ent_coef=p.ent_coef)
-        if dist.active():  # N * local tokens / global tokens: DDP's mean over ranks is then the global token mean
+        loss, stats = ops.ppo_loss(
+            logprobs,
+            ro.logprobs[mb],
+            ro.advantages[mb],
+            values,
+            ro.values[mb],
+            ro.returns[mb],
+            ro.mask[mb],
+            clip_range=p.clip_range,
+            clip_range_value=p.clip_range_value,
+            vf_coef=p.vf_coef,
+            entropy=entropy,
+            ent_coef=p.ent_coef,
+        )
+        if (
+            dist.active()
+        ):  # N * local tokens / global tokens: DDP's mean over ranks is then the global token mean
             n = ro.mask[mb].sum()
             share = float(n * dist.world_size() / dist.all_sum(n).clamp(min=1))
             loss = loss * share
@@ -288,11 +380,15 @@ class PPOTrainer:
         return loss, stats, deviation
 
     @staticmethod
-    def _agree(loss: Tensor, deviation: tuple[float, float], approx_kl: float) -> tuple[bool, float, float, float]:
+    def _agree(
+        loss: Tensor, deviation: tuple[float, float], approx_kl: float
+    ) -> tuple[bool, float, float, float]:
         """(loss non-finite, max |ratio - 1|, |mean ratio - 1|, |approx_kl|), each the worst over the ranks:
         every rank must take the same branch after a minibatch (a rank that skipped a collective would hang
         the others)."""
-        local = torch.tensor([float(not math.isfinite(loss.item())), *deviation, abs(approx_kl)], dtype=torch.float64)
+        local = torch.tensor(
+            [float(not math.isfinite(loss.item())), *deviation, abs(approx_kl)], dtype=torch.float64
+        )
         bad, dev, mean_dev, akl = dist.all_max(local).tolist()
         return bool(bad), dev, mean_dev, akl
 
@@ -302,13 +398,18 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         n, norms, params = 0, [], [q for q in self.trained.parameters() if q.requires_grad]
         total_updates = self.cfg.train.max_steps * p.ppo_epochs * p.n_minibatches
-        B, mbs = p.rollout_batch // dist.world_size(), p.minibatch // dist.world_size()  # this rank's episodes
+        B, mbs = (
+            p.rollout_batch // dist.world_size(),
+            p.minibatch // dist.world_size(),
+        )  # this rank's episodes
         first, self._first = self._first, None  # (epoch 0's order, the first minibatch's values) or None
         for epoch in range(p.ppo_epochs):
             perm = first[0] if epoch == 0 and first else torch.randperm(B, generator=self.gens["shuffle"])
             for k in range(p.n_minibatches):
                 reuse = first[1] if epoch == 0 and k == 0 and first else None
-                loss, stats, deviation = self._call(self._minibatch_loss, ro, perm[k * mbs : (k + 1) * mbs], reuse)
+                loss, stats, deviation = self._call(
+                    self._minibatch_loss, ro, perm[k * mbs : (k + 1) * mbs], reuse
+                )
                 bad, deviation, mean_dev, abs_kl = self._agree(loss, deviation, float(stats["approx_kl"]))
                 if bad:
                     if dist.active():
@@ -317,15 +418,23 @@ class PPOTrainer:
                     return {}, f"non-finite loss at epoch {epoch}, minibatch {k}"
                 if epoch == 0 and k == 0:
                     sums["first_ratio_dev"], sums["first_approx_kl"] = deviation, float(stats["approx_kl"])
-                if p.check_invariants and epoch == 0 and k == 0 and (
-                        max(mean_dev, abs_kl) > INVARIANT_TOL or deviation > TOKEN_TOL):
-                    raise RuntimeError(f"PPO invariant broken at step {self.step_count + 1}: at the first minibatch "
-                                       f"|mean ratio - 1| = {mean_dev:.3g} and |approx_kl| = {abs_kl:.3g} (both must "
-                                       f"be <= {INVARIANT_TOL}), max |ratio - 1| = {deviation:.3g} (must be <= "
-                                       f"{TOKEN_TOL}); the scorer does not reproduce the sampler")
+                if (
+                    p.check_invariants
+                    and epoch == 0
+                    and k == 0
+                    and (max(mean_dev, abs_kl) > INVARIANT_TOL or deviation > TOKEN_TOL)
+                ):
+                    raise RuntimeError(
+                        f"PPO invariant broken at step {self.step_count + 1}: at the first minibatch "
+                        f"|mean ratio - 1| = {mean_dev:.3g} and |approx_kl| = {abs_kl:.3g} (both must "
+                        f"be <= {INVARIANT_TOL}), max |ratio - 1| = {deviation:.3g} (must be <= "
+                        f"{TOKEN_TOL}); the scorer does not reproduce the sampler"
+                    )
                 set_lr(self.optimizer, lr_at(self.updates, o, total_updates), self.lr_scales)
                 loss.backward()
-                norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf))
+                norm = float(
+                    torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf)
+                )
                 if not math.isfinite(norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     return {}, f"non-finite gradient norm at epoch {epoch}, minibatch {k}"
@@ -337,7 +446,9 @@ class PPOTrainer:
                     v = float(v)
                     sums[key] = max(sums.get(key, v), v) if key == "ratio_max" else sums.get(key, 0.0) + v
         once = ("ratio_max", "first_ratio_dev", "first_approx_kl")
-        out = dist.mean_floats({k: (v if k in once else v / n) for k, v in sums.items()}, maxed=("ratio_max",))
+        out = dist.mean_floats(
+            {k: (v if k in once else v / n) for k, v in sums.items()}, maxed=("ratio_max",)
+        )
         out["grad_norm"] = sum(norms) / n
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out, ""
@@ -354,9 +465,14 @@ class PPOTrainer:
         kl_coef, mask = self.kl_ctl.value, ro.mask
         seq_kl = ro.kl.sum(dim=1)  # (B,)
         non_score = (-kl_coef * ro.kl).sum(dim=1)  # (B,)
-        m = {"score_mean": ro.score.mean().item(), "score_std": ro.score.std().item() if len(ro.score) > 1 else 0.0,
-             "kl": seq_kl.mean().item(), "kl_coef": kl_coef, "non_score_reward": non_score.mean().item(),
-             "rlhf_reward": (ro.score + non_score).mean().item()}
+        m = {
+            "score_mean": ro.score.mean().item(),
+            "score_std": ro.score.std().item() if len(ro.score) > 1 else 0.0,
+            "kl": seq_kl.mean().item(),
+            "kl_coef": kl_coef,
+            "non_score_reward": non_score.mean().item(),
+            "rlhf_reward": (ro.score + non_score).mean().item(),
+        }
         if self.true_score is not None:
             m["true_score"] = float(np.mean(self.true_score(prompts, masked_responses(ro))))
         finite = bool(torch.isfinite(ro.advantages).all())
@@ -366,45 +482,98 @@ class PPOTrainer:
             m = dist.mean_floats(m | {"finite": float(finite)})
             finite = m.pop("finite") == 1.0
         finite = finite and all(math.isfinite(v) for v in m.values())
-        if self.step_count < p.value_warmup_steps:  # critic warm-up (after the check above): the value loss alone
+        if (
+            self.step_count < p.value_warmup_steps
+        ):  # critic warm-up (after the check above): the value loss alone
             ro.advantages.zero_()
         stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
         self._first = None  # a skipped update must not leave the rollout's graph behind
         t_train = time.perf_counter()
         self.step_count += 1
         if why:
-            self.nonfinite_total, self.nonfinite_in_a_row = self.nonfinite_total + 1, self.nonfinite_in_a_row + 1
+            self.nonfinite_total, self.nonfinite_in_a_row = (
+                self.nonfinite_total + 1,
+                self.nonfinite_in_a_row + 1,
+            )
             if self.nonfinite_in_a_row >= self.cfg.ppo.max_nonfinite:
-                raise RuntimeError(f"{self.nonfinite_in_a_row} non-finite PPO steps in a row (last, step "
-                                   f"{self.step_count}: {why}); aborting. Lower optim.lr, check the reward's "
-                                   f"scores, or raise ppo.max_nonfinite")
+                raise RuntimeError(
+                    f"{self.nonfinite_in_a_row} non-finite PPO steps in a row (last, step "
+                    f"{self.step_count}: {why}); aborting. Lower optim.lr, check the reward's "
+                    f"scores, or raise ppo.max_nonfinite"
+                )
         else:
             self.nonfinite_in_a_row = 0
             self.kl_ctl.update(m["kl"], self.cfg.ppo.rollout_batch)
         lengths = mask.sum(dim=1).float()
-        ended = ((ro.responses == self.eos) & mask).any(dim=1).float() if self.eos is not None else lengths * 0
-        m.update({k: stats.get(k, math.nan) for k in ("pg_loss", "v_loss", "clipfrac", "vf_clipfrac", "approx_kl",
-                                                      "ratio_mean", "ratio_max", "entropy", "grad_norm", "lr",
-                                                      "first_ratio_dev", "first_approx_kl")})
+        ended = (
+            ((ro.responses == self.eos) & mask).any(dim=1).float() if self.eos is not None else lengths * 0
+        )
+        m.update(
+            {
+                k: stats.get(k, math.nan)
+                for k in (
+                    "pg_loss",
+                    "v_loss",
+                    "clipfrac",
+                    "vf_clipfrac",
+                    "approx_kl",
+                    "ratio_mean",
+                    "ratio_max",
+                    "entropy",
+                    "grad_norm",
+                    "lr",
+                    "first_ratio_dev",
+                    "first_approx_kl",
+                )
+            }
+        )
         if self.cfg.ppo.ptx_coef > 0:
             m["ptx_loss"] = stats.get("ptx_loss", math.nan)
-        sizes = dist.mean_floats({"response_length": lengths.mean().item(), "eos_frac": ended.mean().item(),
-                                  "tokens": lengths.sum().item() * dist.world_size()})  # tokens of all ranks
-        m.update(explained_variance=explained_variance(ro.values, ro.returns, mask, moments=dist.global_masked_moments),
-                 response_length=sizes["response_length"], eos_frac=sizes["eos_frac"],
-                 nonfinite_steps=self.nonfinite_total, time_generate=t_gen - t0, time_score=t_score - t_gen,
-                 time_train=t_train - t_score, tokens_per_s=sizes["tokens"] / max(t_train - t0, 1e-9))
+        sizes = dist.mean_floats(
+            {
+                "response_length": lengths.mean().item(),
+                "eos_frac": ended.mean().item(),
+                "tokens": lengths.sum().item() * dist.world_size(),
+            }
+        )  # tokens of all ranks
+        m.update(
+            explained_variance=explained_variance(
+                ro.values, ro.returns, mask, moments=dist.global_masked_moments
+            ),
+            response_length=sizes["response_length"],
+            eos_frac=sizes["eos_frac"],
+            nonfinite_steps=self.nonfinite_total,
+            time_generate=t_gen - t0,
+            time_score=t_score - t_gen,
+            time_train=t_train - t_score,
+            tokens_per_s=sizes["tokens"] / max(t_train - t0, 1e-9),
+        )
         return m
 
     # ---- checkpoints and the loop ----------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
-        state = {"config": {"model": self.policy.config.to_dict()}, "ppo_config": to_dict(self.cfg),
-                 "trainer": {"step": self.step_count, "prompts_seen": self.prompts_seen, "updates": self.updates,
-                             "kl_ctl": self.kl_ctl.state_dict(), "nonfinite_total": self.nonfinite_total,
-                             "nonfinite_in_a_row": self.nonfinite_in_a_row}}
-        return ckpt.save_checkpoint(out_dir, self.step_count, models={"model": self.policy, "value": self.value},
-                                    optimizers={"optim": self.optimizer}, generators=self.gens, state=state,
-                                    tokenizer=self.tokenizer, keep=self.cfg.train.keep_checkpoints)
+        state = {
+            "config": {"model": self.policy.config.to_dict()},
+            "ppo_config": to_dict(self.cfg),
+            "trainer": {
+                "step": self.step_count,
+                "prompts_seen": self.prompts_seen,
+                "updates": self.updates,
+                "kl_ctl": self.kl_ctl.state_dict(),
+                "nonfinite_total": self.nonfinite_total,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            },
+        }
+        return ckpt.save_checkpoint(
+            out_dir,
+            self.step_count,
+            models={"model": self.policy, "value": self.value},
+            optimizers={"optim": self.optimizer},
+            generators=self.gens,
+            state=state,
+            tokenizer=self.tokenizer,
+            keep=self.cfg.train.keep_checkpoints,
+        )
 
     def load(self, path: str | Path) -> None:
         """Restore everything save() wrote (weights, optimizer, RNGs, KL controller, data position)."""
@@ -412,8 +581,12 @@ class PPOTrainer:
         saved = meta["state"]["config"]["model"]
         if saved != self.policy.config.to_dict():
             raise ValueError(f"{path} holds a policy with config {saved}, not {self.policy.config.to_dict()}")
-        meta = ckpt.load_checkpoint(path, models={"model": self.policy, "value": self.value},
-                                    optimizers={"optim": self.optimizer}, generators=self.gens)
+        meta = ckpt.load_checkpoint(
+            path,
+            models={"model": self.policy, "value": self.value},
+            optimizers={"optim": self.optimizer},
+            generators=self.gens,
+        )
         t = meta["state"]["trainer"]
         self.step_count, self.prompts_seen, self.updates = t["step"], t["prompts_seen"], t["updates"]
         self.nonfinite_total, self.nonfinite_in_a_row = t["nonfinite_total"], t["nonfinite_in_a_row"]
@@ -433,16 +606,27 @@ class PPOTrainer:
                 ckpt.atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in rows))
         logger = JSONLLogger(out / "log.jsonl") if main else NullLogger()
         tb = _tensorboard(out) if t.tensorboard and main else None
-        progress = Progress(t.max_steps, initial=self.step_count, desc="ppo",
-                            enabled=False if self.quiet or not main else None)
+        progress = Progress(
+            t.max_steps,
+            initial=self.step_count,
+            desc="ppo",
+            enabled=False if self.quiet or not main else None,
+        )
         deadline = time.perf_counter() + t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         history = []
         while self.step_count < t.max_steps:
             m = self.step()
             history.append(m)
-            progress.update(int(m["response_length"] * self.cfg.ppo.rollout_batch), score=m["score_mean"], kl=m["kl"],
-                            ent=m["entropy"], ev=m["explained_variance"])
-            late = deadline < math.inf and dist.any_rank(time.perf_counter() > deadline)  # all ranks stop alike
+            progress.update(
+                int(m["response_length"] * self.cfg.ppo.rollout_batch),
+                score=m["score_mean"],
+                kl=m["kl"],
+                ent=m["entropy"],
+                ev=m["explained_variance"],
+            )
+            late = deadline < math.inf and dist.any_rank(
+                time.perf_counter() > deadline
+            )  # all ranks stop alike
             final = self.step_count == t.max_steps or late
             if self.step_count % t.log_interval == 0 or final:
                 logger.log(step=self.step_count, **m)
@@ -463,5 +647,7 @@ def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ValueError("train.tensorboard = true needs the tensorboard package (pip install tensorboard)") from exc
+        raise ValueError(
+            "train.tensorboard = true needs the tensorboard package (pip install tensorboard)"
+        ) from exc
     return SummaryWriter(str(out / "tb"))

@@ -36,8 +36,12 @@ def read_prompts(path: str) -> list[str]:
     return lines
 
 
-def build_trainer(cfg: PPOConfig, quiet: bool = False, true_score: Callable[[str, str], float] | None = None,
-                  gold_reward: bool = False) -> PPOTrainer:
+def build_trainer(
+    cfg: PPOConfig,
+    quiet: bool = False,
+    true_score: Callable[[str, str], float] | None = None,
+    gold_reward: bool = False,
+) -> PPOTrainer:
     """Load the four models, the prompts and the PPO-ptx tokens that cfg names; returns the trainer.
     true_score(prompt, response), e.g. a task's checker, is logged per step as `true_score` (never trained on).
     gold_reward: train on true_score instead of models.reward, which is not loaded; without models.value the
@@ -45,21 +49,24 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False, true_score: Callable[[str
     if gold_reward and true_score is None:  # checked before anything is loaded
         raise ValueError("gold_reward=True trains on true_score: pass one")
     from fastrlhf.data import TokenFile, decode_response, encode_prompt
-    from fastrlhf.train.checkpoint import load_gpt
-
     from fastrlhf.train import dist
+    from fastrlhf.train.checkpoint import load_gpt
 
     t, m = cfg.train, cfg.models
     device = dist.setup(t.device, t.threads)  # under torchrun: joins the process group, this rank's device
     policy, tok = load_gpt(_need(m.policy, "models.policy", "python -m fastrlhf sft"))
     if tok is None:
         raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")
-    ref: GPT = load_gpt(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0] if m.ref else load_gpt(m.policy)[0]
+    ref: GPT = (
+        load_gpt(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0] if m.ref else load_gpt(m.policy)[0]
+    )
     reward, reward_tok, value = None, None, None
     if not gold_reward:
         reward, reward_tok = load_reward_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
         if reward_tok is None:
-            raise ValueError(f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's")
+            raise ValueError(
+                f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's"
+            )
     if cfg.ppo.value_model == "separate" and m.value:
         value = load_reward_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0]
     lines = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"))
@@ -77,8 +84,20 @@ def build_trainer(cfg: PPOConfig, quiet: bool = False, true_score: Callable[[str
             return [true_score(text[tuple(p)], decode_response(tok, r)) for p, r in zip(ps, rs)]
 
     reward_or_fn = truth if gold_reward else models[2]
-    return PPOTrainer(cfg, models[0], models[1], reward_or_fn, prompts, value_model=models[3], eos_token_id=tok.eot_id,
-                      tokenizer=tok, reward_tokenizer=reward_tok, ptx_tokens=ptx, quiet=quiet, true_score=truth)
+    return PPOTrainer(
+        cfg,
+        models[0],
+        models[1],
+        reward_or_fn,
+        prompts,
+        value_model=models[3],
+        eos_token_id=tok.eot_id,
+        tokenizer=tok,
+        reward_tokenizer=reward_tok,
+        ptx_tokens=ptx,
+        quiet=quiet,
+        true_score=truth,
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from fastrlhf.train.optim import OptimConfig
 
 
-def check_range(where: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+def check_range(
+    where: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+):
     ok = math.isfinite(value) if isinstance(value, float) else True
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
@@ -109,12 +111,22 @@ class PPOHyperConfig:
 
     def __post_init__(self) -> None:
         w = "ppo."
-        for name in ("rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "kl_horizon", "ptx_batch",
-                     "ptx_block", "max_nonfinite"):
+        for name in (
+            "rollout_batch",
+            "minibatch",
+            "ppo_epochs",
+            "max_new_tokens",
+            "kl_horizon",
+            "ptx_batch",
+            "ptx_block",
+            "max_nonfinite",
+        ):
             check_range(w + name, getattr(self, name), 1, INF)
         if self.rollout_batch % self.minibatch:
-            raise ValueError(f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch "
-                             f"({self.minibatch})")
+            raise ValueError(
+                f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch "
+                f"({self.minibatch})"
+            )
         check_range(w + "temperature", self.temperature, 0.0, INF, lo_open=True)
         check_range(w + "top_k", self.top_k, 0, INF)
         check_range(w + "value_warmup_steps", self.value_warmup_steps, 0, INF)

@@ -77,8 +77,10 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
     data = Path(t.data_dir)
     train_tokens, val_tokens = TokenFile(data / "train.bin"), TokenFile(data / "val.bin")
     if train_tokens.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocab "
-                         f"({train_tokens.vocab_size}, {data})")
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocab "
+            f"({train_tokens.vocab_size}, {data})"
+        )
     T = t.block_size or cfg.model.block_size
     if T > cfg.model.block_size:
         raise ValueError(f"train.block_size ({T}) must be <= model.block_size ({cfg.model.block_size})")
@@ -96,12 +98,15 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
         saved = from_dict(PretrainConfig, ckpt.read_state(latest)["state"]["config"])
         if saved.model != cfg.model:
             raise ValueError(f"{latest} was trained with model config {saved.model}, not {cfg.model}")
-        step = ckpt.load_checkpoint(latest, models={"model": model}, optimizers={"optim": optimizer},
-                                    generators={"data": data_gen})["step"]
+        step = ckpt.load_checkpoint(
+            latest, models={"model": model}, optimizers={"optim": optimizer}, generators={"data": data_gen}
+        )["step"]
     logger, progress, say = run_outputs(out, t.max_steps, step, "pretrain", quiet)
     ddp_model, rows = dist.wrap(model), dist.shard(t.batch_size)
-    say(f"model: {model.num_params():,} parameters; {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
-        + (f"; resumed at step {step}" if step else ""))
+    say(
+        f"model: {model.num_params():,} parameters; {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
+        + (f"; resumed at step {step}" if step else "")
+    )
 
     def micro_loss(_step: int, _i: int) -> torch.Tensor:
         x, y = random_batch(train_tokens.tokens, t.batch_size, T, data_gen)  # (B, T) each, the global batch
@@ -109,13 +114,31 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
             return ddp_model(x[rows].to(device), y[rows].to(device))[1]  # this rank's (B / N, T) share
 
     def save(at: int) -> None:
-        ckpt.save_checkpoint(out, at, models={"model": model}, optimizers={"optim": optimizer},
-                             generators={"data": data_gen}, state={"config": to_dict(cfg)},
-                             tokenizer=tokenizer, keep=t.keep_checkpoints)
+        ckpt.save_checkpoint(
+            out,
+            at,
+            models={"model": model},
+            optimizers={"optim": optimizer},
+            generators={"data": data_gen},
+            state={"config": to_dict(cfg)},
+            tokenizer=tokenizer,
+            keep=t.keep_checkpoints,
+        )
 
-    return run_loop(model=ddp_model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
-                    evaluate=lambda: {"val_loss": evaluate(model, val_tokens.tokens, t, T, device)}, save=save,
-                    logger=logger, progress=progress, say=say, tokens_per_step=t.batch_size * T * t.grad_accum)
+    return run_loop(
+        model=ddp_model,
+        optimizer=optimizer,
+        optim=cfg.optim,
+        t=t,
+        step=step,
+        micro_loss=micro_loss,
+        evaluate=lambda: {"val_loss": evaluate(model, val_tokens.tokens, t, T, device)},
+        save=save,
+        logger=logger,
+        progress=progress,
+        say=say,
+        tokens_per_step=t.batch_size * T * t.grad_accum,
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

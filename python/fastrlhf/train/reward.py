@@ -98,7 +98,9 @@ class RMTrainConfig(LoopConfig):
 
 @dataclass
 class RMConfig:
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=10, weight_decay=0.0))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=10, weight_decay=0.0)
+    )
     data: RMDataConfig = field(default_factory=RMDataConfig)
     train: RMTrainConfig = field(default_factory=RMTrainConfig)
 
@@ -106,7 +108,9 @@ class RMConfig:
 # --- data and loss -------------------------------------------------------------------------------------
 
 
-def encode_rankings(tok: Tokenizer, rankings: list[Ranking], T: int, overlong: str) -> tuple[list[EncodedRanking], int, int]:
+def encode_rankings(
+    tok: Tokenizer, rankings: list[Ranking], T: int, overlong: str
+) -> tuple[list[EncodedRanking], int, int]:
     """(encoded rankings, dropped, truncated responses): each response as prompt + response + EOT ids."""
     out, dropped, truncated = [], 0, 0
     for r in rankings:
@@ -152,13 +156,22 @@ def kwise_loss(rewards: Tensor, better: Tensor, worse: Tensor, owner: Tensor, ma
     rewards (N,); better, worse, owner (P,). InstructGPT's eq. 1 with 1 / C(K, 2) per ranking."""
     pair_loss = -F.logsigmoid(rewards[better] - rewards[worse] - margin)  # (P,)
     n = int(owner.max()) + 1
-    total = torch.zeros(n, dtype=pair_loss.dtype, device=pair_loss.device).index_add(0, owner, pair_loss)  # (n,)
-    count = torch.zeros(n, dtype=pair_loss.dtype, device=pair_loss.device).index_add(0, owner, torch.ones_like(pair_loss))
+    total = torch.zeros(n, dtype=pair_loss.dtype, device=pair_loss.device).index_add(
+        0, owner, pair_loss
+    )  # (n,)
+    count = torch.zeros(n, dtype=pair_loss.dtype, device=pair_loss.device).index_add(
+        0, owner, torch.ones_like(pair_loss)
+    )
     return (total / count).mean()
 
 
-def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pad_id: int, device: torch.device,
-                share: bool = True) -> tuple[Tensor, ...]:
+def score_batch(
+    rm: ScalarHeadModel | nn.Module,
+    batch: list[EncodedRanking],
+    pad_id: int,
+    device: torch.device,
+    share: bool = True,
+) -> tuple[Tensor, ...]:
     """rewards (N,) of every response in the batch, and its better/worse/owner pair indices (P,).
     share: each ranking's common prefix (its prompt) runs once and the last block runs at the read token
     only (model.shared; the same rewards and gradients as the plain forward, fewer FLOPs); False = one
@@ -166,7 +179,9 @@ def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pa
     forward (not .score) is what syncs gradients."""
     idx, last, better, worse, owner = collate(batch, pad_id)
     if share:
-        layout = shared_layout([s for ranking, _ in batch for s in ranking], [len(r) for r, _ in batch], pad_id)
+        layout = shared_layout(
+            [s for ranking, _ in batch for s in ranking], [len(r) for r, _ in batch], pad_id
+        )
         rewards = rm(shared=layout.to(device))  # (N,)
     else:
         values = rm(idx.to(device))  # (N, T)
@@ -177,8 +192,15 @@ def score_batch(rm: ScalarHeadModel | nn.Module, batch: list[EncodedRanking], pa
 
 
 @torch.no_grad()
-def rm_metrics(rm: ScalarHeadModel, data: list[EncodedRanking], pad_id: int, device: torch.device,
-               batch_size: int, margin: float = 0.0, share: bool = True) -> dict[str, float]:
+def rm_metrics(
+    rm: ScalarHeadModel,
+    data: list[EncodedRanking],
+    pad_id: int,
+    device: torch.device,
+    batch_size: int,
+    margin: float = 0.0,
+    share: bool = True,
+) -> dict[str, float]:
     """Held-out val_loss, pairwise accuracy (r_better > r_worse), mean margin (r_better - r_worse over
     pairs) and accuracy per K (acc_k<K>). Under torchrun rank r scores chunks r, r + N, ... and every
     rank gets all the pairs' margins."""
@@ -196,15 +218,20 @@ def rm_metrics(rm: ScalarHeadModel, data: list[EncodedRanking], pad_id: int, dev
     rm.train(was)
     diff, k = dist.gather_cat(diffs), dist.gather_cat(ks)  # (P,) each: every pair of every rank
     loss = float(dist.all_sum(torch.tensor(sum(losses), dtype=torch.float64)))
-    out = {"val_loss": loss / len(data), "val_accuracy": (diff > 0).float().mean().item(),
-           "val_margin": diff.mean().item()}
+    out = {
+        "val_loss": loss / len(data),
+        "val_accuracy": (diff > 0).float().mean().item(),
+        "val_margin": diff.mean().item(),
+    }
     for kk in sorted(set(k.tolist())):
         out[f"val_acc_k{kk}"] = (diff[k == kk] > 0).float().mean().item()
     return out
 
 
 @torch.no_grad()
-def normalize_bias(rm: ScalarHeadModel, tok: Tokenizer, demos: list, device: torch.device, batch_size: int = 32) -> float:
+def normalize_bias(
+    rm: ScalarHeadModel, tok: Tokenizer, demos: list, device: torch.device, batch_size: int = 32
+) -> float:
     """Shift the head's bias so the demonstrations' mean reward is 0; returns the mean before the shift."""
     T = rm.config.block_size
     seqs = [ids for ids in (encode_chat(tok, d.prompt, d.response)[0] for d in demos) if len(ids) <= T]
@@ -220,12 +247,16 @@ def normalize_bias(rm: ScalarHeadModel, tok: Tokenizer, demos: list, device: tor
         idx, last, *_ = collate(chunk, tok.eot_id)
         total += rm.score(idx.to(device), last.to(device)).sum().item()
     rm.train(was)
-    mean = float(dist.all_sum(torch.tensor(total, dtype=torch.float64))) / len(seqs)  # every rank shifts alike
+    mean = float(dist.all_sum(torch.tensor(total, dtype=torch.float64))) / len(
+        seqs
+    )  # every rank shifts alike
     rm.head.bias -= mean
     return mean
 
 
-def split_by_prompt(rankings: list[Ranking], fraction: float, seed: int) -> tuple[list[Ranking], list[Ranking]]:
+def split_by_prompt(
+    rankings: list[Ranking], fraction: float, seed: int
+) -> tuple[list[Ranking], list[Ranking]]:
     prompts = sorted({r.prompt for r in rankings})
     random.Random(f"rm-val/{seed}").shuffle(prompts)
     held = set(prompts[: max(1, int(len(prompts) * fraction))])
@@ -257,15 +288,19 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
         raise ValueError(f"train.sft {t.sft} has no tokenizer/ folder")
     T = gpt.config.block_size
     rankings = read_rankings(d.train)
-    train_r, val_r = (rankings, read_rankings(d.val)) if d.val else split_by_prompt(rankings, d.val_fraction, t.seed)
+    train_r, val_r = (
+        (rankings, read_rankings(d.val)) if d.val else split_by_prompt(rankings, d.val_fraction, t.seed)
+    )
     # a ranking whose responses all tie (equal labeler scores) states no preference: nothing to learn or test
     tied = sum(not r.pairs() for r in train_r), sum(not r.pairs() for r in val_r)
     train_r, val_r = [r for r in train_r if r.pairs()], [r for r in val_r if r.pairs()]
     train_enc, dropped, truncated = encode_rankings(tok, train_r, T, d.overlong)
     val_enc, val_dropped, _ = encode_rankings(tok, val_r, T, d.overlong)
     if not train_enc or not val_enc:
-        raise ValueError(f"no ranking fits the context of {T} tokens or states a preference ({dropped} train and "
-                         f"{val_dropped} validation rankings dropped as too long, {sum(tied)} all tied)")
+        raise ValueError(
+            f"no ranking fits the context of {T} tokens or states a preference ({dropped} train and "
+            f"{val_dropped} validation rankings dropped as too long, {sum(tied)} all tied)"
+        )
     demos_from, corpus = (d.demos, "") if d.demos else sft_source(sft_ckpt)
     demos = [] if demos_from == "none" else load_demonstrations(demos_from, corpus)[: d.max_demos]
 
@@ -278,28 +313,44 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     if latest is not None:
         saved = ckpt.read_state(latest)["state"]["model"]
         if saved != gpt.config.to_dict():
-            raise ValueError(f"{latest} was trained with model config {saved}, not the SFT model's {gpt.config}")
+            raise ValueError(
+                f"{latest} was trained with model config {saved}, not the SFT model's {gpt.config}"
+            )
         step = ckpt.load_checkpoint(latest, models={"model": rm}, optimizers={"optim": optimizer})["step"]
 
     batches = EpochStream(lambda e: shuffled(as_pairs(train_enc) if t.pairwise else train_enc, t.seed, e))
     logger, progress, say = run_outputs(out, t.max_steps, step, "rm", quiet)
     ddp_rm, share = dist.wrap(rm), dist.shard(t.batch_size)
     if not step:
-        logger.log(step=0, train_rankings=len(train_enc), val_rankings=len(val_enc), dropped=dropped,
-                   truncated=truncated, val_dropped=val_dropped, all_tied=tied[0], val_all_tied=tied[1],
-                   train_pairs=sum(len(p) for _, p in train_enc), val_pairs=sum(len(p) for _, p in val_enc),
-                   demos=len(demos))
-    say(f"reward model: {rm.trunk.num_params():,} trunk parameters from {sft_ckpt}; {len(train_enc)} train / "
+        logger.log(
+            step=0,
+            train_rankings=len(train_enc),
+            val_rankings=len(val_enc),
+            dropped=dropped,
+            truncated=truncated,
+            val_dropped=val_dropped,
+            all_tied=tied[0],
+            val_all_tied=tied[1],
+            train_pairs=sum(len(p) for _, p in train_enc),
+            val_pairs=sum(len(p) for _, p in val_enc),
+            demos=len(demos),
+        )
+    say(
+        f"reward model: {rm.trunk.num_params():,} trunk parameters from {sft_ckpt}; {len(train_enc)} train / "
         f"{len(val_enc)} held-out rankings; {dropped} dropped, {truncated} responses truncated, "
-        f"{sum(tied)} all tied"
-        + (f"; resumed at step {step}" if step else ""))
+        f"{sum(tied)} all tied" + (f"; resumed at step {step}" if step else "")
+    )
     seen = [0]
 
     def micro_loss(s: int, i: int) -> Tensor:
         batch = batches.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)
         seen[0] += sum(len(x) for r, _ in batch for x in r)  # tokens of the global batch
-        with autocast_for(device, t.dtype):  # whole rankings per rank: the mean of the ranks' means is the mean
-            rewards, better, worse, owner = score_batch(ddp_rm, batch[share], tok.eot_id, device, t.share_prefix)
+        with autocast_for(
+            device, t.dtype
+        ):  # whole rankings per rank: the mean of the ranks' means is the mean
+            rewards, better, worse, owner = score_batch(
+                ddp_rm, batch[share], tok.eot_id, device, t.share_prefix
+            )
         return kwise_loss(rewards, better, worse, owner, t.margin) + t.center_coef * rewards.square().mean()
 
     def tokens_per_step() -> int:
@@ -310,14 +361,30 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
         if demos:
             mean = normalize_bias(rm, tok, demos, device)
             logger.log(step=at, demo_reward_before_shift=mean)
-        ckpt.save_checkpoint(out, at, models={"model": rm}, optimizers={"optim": optimizer}, tokenizer=tok,
-                             state={"config": to_dict(cfg), "model": gpt.config.to_dict(), "sft": str(sft_ckpt)},
-                             keep=t.keep_checkpoints)
+        ckpt.save_checkpoint(
+            out,
+            at,
+            models={"model": rm},
+            optimizers={"optim": optimizer},
+            tokenizer=tok,
+            state={"config": to_dict(cfg), "model": gpt.config.to_dict(), "sft": str(sft_ckpt)},
+            keep=t.keep_checkpoints,
+        )
 
-    return run_loop(model=ddp_rm, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
-                    evaluate=lambda: rm_metrics(rm, val_enc, tok.eot_id, device, t.batch_size, t.margin,
-                                                t.share_prefix),
-                    save=save, logger=logger, progress=progress, say=say, tokens_per_step=tokens_per_step)
+    return run_loop(
+        model=ddp_rm,
+        optimizer=optimizer,
+        optim=cfg.optim,
+        t=t,
+        step=step,
+        micro_loss=micro_loss,
+        evaluate=lambda: rm_metrics(rm, val_enc, tok.eot_id, device, t.batch_size, t.margin, t.share_prefix),
+        save=save,
+        logger=logger,
+        progress=progress,
+        say=say,
+        tokens_per_step=tokens_per_step,
+    )
 
 
 def sft_source(sft_ckpt: Path) -> tuple[str, str]:

@@ -32,7 +32,9 @@ def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 Moments = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments: Moments = masked_moments) -> Tensor:
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, moments: Moments = masked_moments
+) -> Tensor:
     """(x - mean) / std over the masked-in entries, 0 elsewhere; shift_mean=False keeps the mean
     (reward whitening must not change the reward's sign on average, as in lm-human-preferences).
     moments(x, mask) -> (mean, var) decides over which entries (this process's, or every rank's)."""
@@ -43,7 +45,9 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments: Mom
     return torch.where(mask.bool(), out, torch.zeros((), dtype=x.dtype))
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, moments: Moments = masked_moments) -> float:
+def explained_variance(
+    values: Tensor, returns: Tensor, mask: Tensor, moments: Moments = masked_moments
+) -> float:
     """1 - Var(returns - values) / Var(returns) over the mask: 1 = perfect critic, <= 0 = useless."""
     var_ret = moments(returns, mask)[1]
     return float(1 - moments(returns - values, mask)[1] / var_ret) if var_ret > 0 else float("nan")

@@ -109,7 +109,9 @@ def load_demonstrations(source: str, corpus: str = "") -> list[SFTExample]:
     return read_sft(source)
 
 
-def encode_examples(tok: Tokenizer, examples: list[SFTExample], T: int, overlong: str) -> tuple[list[Encoded], int, int]:
+def encode_examples(
+    tok: Tokenizer, examples: list[SFTExample], T: int, overlong: str
+) -> tuple[list[Encoded], int, int]:
     """(encoded examples, dropped, truncated). An example longer than T is dropped, or with overlong =
     'truncate' cut to T tokens; one whose prompt leaves no response token inside T is always dropped."""
     out, dropped, truncated = [], 0, 0
@@ -161,15 +163,21 @@ def collate(rows: list[list[Encoded]], T: int, pad_id: int) -> tuple[Tensor, Ten
     return idx, targets, positions, segments
 
 
-def token_losses(model: GPT, batch: tuple[Tensor, Tensor, Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+def token_losses(
+    model: GPT, batch: tuple[Tensor, Tensor, Tensor, Tensor], device: torch.device
+) -> tuple[Tensor, Tensor]:
     """(summed cross-entropy over the counted tokens, number of counted tokens) of one packed batch."""
     idx, targets, positions, segments = (x.to(device) for x in batch)
     logits = model(idx, positions=positions, segment_ids=segments)[0]  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (targets != IGNORE_INDEX).sum()
 
 
-def split_validation(examples: list[SFTExample], fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+def split_validation(
+    examples: list[SFTExample], fraction: float, seed: int
+) -> tuple[list[SFTExample], list[SFTExample]]:
     """(train, val): a seeded share `fraction` (at least one example) held out."""
     if len(examples) < 2:
         raise ValueError(f"need at least 2 SFT examples to hold some out for validation; got {len(examples)}")
@@ -213,15 +221,19 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
         train_ex, val_ex = split_validation(examples, d.val_fraction, t.seed)
     model, tok = _setup(cfg, out, [format_prompt(e.prompt) + " " + e.response for e in examples])
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})"
+        )
     T = t.block_size or cfg.model.block_size
     if T > cfg.model.block_size:
         raise ValueError(f"train.block_size ({T}) must be <= model.block_size ({cfg.model.block_size})")
     train_enc, dropped, truncated = encode_examples(tok, train_ex, T, d.overlong)
     val_enc, val_dropped, _ = encode_examples(tok, val_ex, T, d.overlong)
     if not train_enc or not val_enc:
-        raise ValueError(f"no SFT example fits the context of {T} tokens ({dropped} train and {val_dropped} "
-                         f"validation examples dropped as too long)")
+        raise ValueError(
+            f"no SFT example fits the context of {T} tokens ({dropped} train and {val_dropped} "
+            f"validation examples dropped as too long)"
+        )
     dist.check_divides("train.batch_size", t.batch_size)
     model = model.to(device)
     optimizer = make_adamw(model, cfg.optim)
@@ -238,11 +250,19 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
     logger, progress, say = run_outputs(out, t.max_steps, step, "sft", quiet)
     ddp_model, share, world = dist.wrap(model), dist.shard(t.batch_size), dist.world_size()
     if not step:
-        logger.log(step=0, train_examples=len(train_enc), val_examples=len(val_enc), dropped=dropped,
-                   truncated=truncated, val_dropped=val_dropped)
-    say(f"model: {model.num_params():,} parameters; {len(train_enc)} train / {len(val_enc)} val examples; "
+        logger.log(
+            step=0,
+            train_examples=len(train_enc),
+            val_examples=len(val_enc),
+            dropped=dropped,
+            truncated=truncated,
+            val_dropped=val_dropped,
+        )
+    say(
+        f"model: {model.num_params():,} parameters; {len(train_enc)} train / {len(val_enc)} val examples; "
         f"{dropped} dropped and {truncated} truncated (longer than {T} tokens, data.overlong={d.overlong})"
-        + (f"; resumed at step {step}" if step else ""))
+        + (f"; resumed at step {step}" if step else "")
+    )
     counted = [0]
 
     def micro_loss(s: int, i: int) -> Tensor:
@@ -275,12 +295,30 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
         return n
 
     def save(at: int) -> None:
-        ckpt.save_checkpoint(out, at, models={"model": model}, optimizers={"optim": optimizer},
-                             state={"config": to_dict(cfg)}, tokenizer=tok, keep=t.keep_checkpoints)
+        ckpt.save_checkpoint(
+            out,
+            at,
+            models={"model": model},
+            optimizers={"optim": optimizer},
+            state={"config": to_dict(cfg)},
+            tokenizer=tok,
+            keep=t.keep_checkpoints,
+        )
 
-    return run_loop(model=ddp_model, optimizer=optimizer, optim=cfg.optim, t=t, step=step, micro_loss=micro_loss,
-                    evaluate=evaluate, save=save, logger=logger, progress=progress, say=say,
-                    tokens_per_step=tokens_per_step)
+    return run_loop(
+        model=ddp_model,
+        optimizer=optimizer,
+        optim=cfg.optim,
+        t=t,
+        step=step,
+        micro_loss=micro_loss,
+        evaluate=evaluate,
+        save=save,
+        logger=logger,
+        progress=progress,
+        say=say,
+        tokens_per_step=tokens_per_step,
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -40,8 +40,12 @@ def _task(run: Run):
     from fastrlhf.tasks.arithmetic import ArithmeticTask
 
     a = run.cfg.arithmetic
-    return ArithmeticTask(n_train=a.train_problems, n_heldout=a.heldout_problems, ops=tuple(a.ops),
-                          digits=tuple(range(1, a.max_digits + 1)))
+    return ArithmeticTask(
+        n_train=a.train_problems,
+        n_heldout=a.heldout_problems,
+        ops=tuple(a.ops),
+        digits=tuple(range(1, a.max_digits + 1)),
+    )
 
 
 def corpus_docs(run: Run) -> list[str]:
@@ -58,7 +62,10 @@ def corpus_docs(run: Run) -> list[str]:
 
     task = _task(run)
     n = min(run.cfg.arithmetic.pretrain_problems, split_size("train", task.ops, task.digits))
-    return [f"{format_prompt(p.prompt)} {p.answer}" for p in make_problems(n, seed=1, ops=task.ops, digits=task.digits)]
+    return [
+        f"{format_prompt(p.prompt)} {p.answer}"
+        for p in make_problems(n, seed=1, ops=task.ops, digits=task.digits)
+    ]
 
 
 def stage_data(run: Run, quiet: bool) -> dict[str, Any]:
@@ -82,11 +89,16 @@ def stage_pretrain(run: Run, quiet: bool) -> dict[str, Any]:
     cfg.train.data_dir, cfg.train.out_dir = str(run.dir("data")), str(run.dir("pretrain"))
     vocab = TokenFile(run.dir("data") / "train.bin").vocab_size
     if cfg.model.vocab_size < vocab:
-        raise ValueError(f"pretrain.model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                         f"({vocab}); raise it or lower data.vocab_size")
+        raise ValueError(
+            f"pretrain.model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+            f"({vocab}); raise it or lower data.vocab_size"
+        )
     last = pretrain(cfg, quiet=quiet)
-    return {"steps": _last(run.dir("pretrain") / "log.jsonl", "step"), "loss": last.get("loss", math.nan),
-            "val_loss": _last(run.dir("pretrain") / "log.jsonl", "val_loss")}
+    return {
+        "steps": _last(run.dir("pretrain") / "log.jsonl", "step"),
+        "loss": last.get("loss", math.nan),
+        "val_loss": _last(run.dir("pretrain") / "log.jsonl", "val_loss"),
+    }
 
 
 def stage_sft(run: Run, quiet: bool) -> dict[str, Any]:
@@ -109,11 +121,25 @@ def stage_label(run: Run, quiet: bool) -> dict[str, Any]:
     model, tok = load_gpt(run.dir("sft"))
     labeler = make_labeler(task.labeler)
     summary = {}
-    for split, n, seed in (("train", lab.train_prompts, lab.seed), ("heldout", lab.heldout_prompts, lab.seed + 1)):
+    for split, n, seed in (
+        ("train", lab.train_prompts, lab.seed),
+        ("heldout", lab.heldout_prompts, lab.seed + 1),
+    ):
         prompts = task.prompts(split)[:n]
-        stats, skipped = label_to_file(model, tok, prompts, labeler, run.dir("label") / f"{split}.jsonl", k=lab.k,
-                                       batch_prompts=lab.batch_prompts, max_new_tokens=lab.max_new_tokens, seed=seed,
-                                       temperature=lab.temperature, progress=_bars(quiet), desc=f"label {split}")
+        stats, skipped = label_to_file(
+            model,
+            tok,
+            prompts,
+            labeler,
+            run.dir("label") / f"{split}.jsonl",
+            k=lab.k,
+            batch_prompts=lab.batch_prompts,
+            max_new_tokens=lab.max_new_tokens,
+            seed=seed,
+            temperature=lab.temperature,
+            progress=_bars(quiet),
+            desc=f"label {split}",
+        )
         summary[f"{split}_rankings"], summary[f"{split}_skipped"] = stats.total, skipped
     return summary
 
@@ -124,10 +150,16 @@ def stage_rm(run: Run, quiet: bool) -> dict[str, Any]:
     cfg = copy.deepcopy(run.cfg.rm)
     _runtime(cfg.train, run)
     cfg.train.sft, cfg.train.out_dir = str(run.dir("sft")), str(run.dir("rm"))
-    cfg.data.train, cfg.data.val = str(run.dir("label") / "train.jsonl"), str(run.dir("label") / "heldout.jsonl")
+    cfg.data.train, cfg.data.val = (
+        str(run.dir("label") / "train.jsonl"),
+        str(run.dir("label") / "heldout.jsonl"),
+    )
     last = train_rm(cfg, quiet=quiet)
-    return {"loss": last.get("loss", math.nan), "val_accuracy": last.get("val_accuracy", math.nan),
-            "val_loss": last.get("val_loss", math.nan)}
+    return {
+        "loss": last.get("loss", math.nan),
+        "val_accuracy": last.get("val_accuracy", math.nan),
+        "val_loss": last.get("val_loss", math.nan),
+    }
 
 
 def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
@@ -145,8 +177,14 @@ def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
     history = build_trainer(cfg, quiet=quiet, true_score=true_scorer(run.cfg.run.task)).train()
     tail = history[-10:]
     keys = ("true_score", "score_mean", "kl", "kl_coef", "entropy")
-    return {"steps": _last(run.dir("ppo") / "log.jsonl", "step"),
-            **{k: sum(m[k] for m in tail) / len(tail) for k in keys}} if tail else {}
+    return (
+        {
+            "steps": _last(run.dir("ppo") / "log.jsonl", "step"),
+            **{k: sum(m[k] for m in tail) / len(tail) for k in keys},
+        }
+        if tail
+        else {}
+    )
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -182,5 +220,9 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     metrics = eval_metrics(rows)
     (run.dir("eval") / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    return {"prompts": len(rows), "sft_score": metrics["sft_score"], "ppo_score": metrics["ppo_score"],
-            "ppo_kl": metrics["ppo_kl"]}
+    return {
+        "prompts": len(rows),
+        "sft_score": metrics["sft_score"],
+        "ppo_score": metrics["ppo_score"],
+        "ppo_kl": metrics["ppo_kl"],
+    }
