@@ -10,8 +10,8 @@ import statistics
 import torch
 import transformers
 from _common import interleaved_ms, interleaved_times, report
-from fastrlhf.model import GPT, GPTConfig, generate
-from fastrlhf.model.hf import to_hf_model
+from fastrlhf.models import GPT, GPTConfig, generate
+from fastrlhf.models.hf import to_hf_model
 from fastrlhf.ops.linear_ce import CHUNK_ROWS
 from fastrlhf.train.optim import OptimConfig, make_adamw
 

@@ -14,7 +14,7 @@ import torch
 
 def _classifier(scalar, hf_cfg):
     """A GPT2ForSequenceClassification (what TRL wants for reward and value) with scalar's weights."""
-    from fastrlhf.model.hf import state_dict_to_hf
+    from fastrlhf.models.hf import state_dict_to_hf
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     m = GPT2ForSequenceClassification(GPT2Config(**hf_cfg, num_labels=1))
@@ -58,7 +58,7 @@ def time_trl(
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
-    from fastrlhf.model.hf import config_to_hf_dict, to_hf_model
+    from fastrlhf.models.hf import config_to_hf_dict, to_hf_model
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer

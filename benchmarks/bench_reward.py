@@ -15,7 +15,7 @@ import argparse
 
 import torch
 from _common import interleaved_ms, report
-from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
+from fastrlhf.models import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.train.optim import OptimConfig, make_adamw
 from fastrlhf.train.reward import as_pairs, kwise_loss, score_batch
 

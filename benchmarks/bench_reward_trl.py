@@ -24,7 +24,7 @@ import warnings
 
 import torch
 from _common import interleaved_ms, report
-from fastrlhf.model import GPTConfig, ScalarHeadModel
+from fastrlhf.models import GPTConfig, ScalarHeadModel
 from fastrlhf.train.optim import OptimConfig, lr_at, make_adamw, optimizer_step
 from fastrlhf.train.reward import kwise_loss, score_batch
 
@@ -35,7 +35,7 @@ def make_models(vocab: int, seq: int, seed: int = 0, jitter: float = 0.0):
     """(ours, hf): a ScalarHeadModel and a GPT2ForSequenceClassification with equal weights (head bias 0:
     HF's score head has none). jitter > 0 adds noise to every weight first (zero biases and unit LayerNorm
     gains would hide a mis-mapped one in a test)."""
-    from fastrlhf.model.hf import config_to_hf_dict, state_dict_to_hf
+    from fastrlhf.models.hf import config_to_hf_dict, state_dict_to_hf
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(seed)

@@ -17,11 +17,11 @@ import copy
 import json
 from pathlib import Path
 
+from fastrlhf.pipeline.evaluate import answer_and_score, true_scorer
+from fastrlhf.pipeline.run import PipelineConfig, Run, config_from_dict
+from fastrlhf.pipeline.stages import _task, eval_metrics
+from fastrlhf.rl.build import build_trainer
 from fastrlhf.train.config import merge, parse_overrides
-from fastrlhf.train.evaluate import answer_and_score, true_scorer
-from fastrlhf.train.pipeline import PipelineConfig, Run, config_from_dict
-from fastrlhf.train.ppo_cli import build_trainer
-from fastrlhf.train.stages import _task, eval_metrics
 
 
 def load_run_config(run: Path, overrides: list[str]) -> PipelineConfig:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from fastrlhf.data import encode_chat
 from fastrlhf.data.formats import read_rankings
-from fastrlhf.train.checkpoint import load_gpt
+from fastrlhf.models.load import load_gpt
 from fastrlhf.train.reward import load_reward_model
 
 

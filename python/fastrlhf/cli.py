@@ -8,15 +8,15 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("fastrlhf.data.cli", "fetch/read text, train a tokenizer, write train/val token files"),
-    "pretrain": ("fastrlhf.train.pretrain", "next-token pretraining from a TOML config"),
-    "generate": ("fastrlhf.model.cli", "sample completions from a checkpoint"),
-    "sft": ("fastrlhf.train.sft", "supervised fine-tuning on demonstrations (packed, response-only loss)"),
-    "label": ("fastrlhf.train.label_cli", "sample K answers per prompt from an SFT model and rank them"),
-    "rm": ("fastrlhf.train.reward", "train a K-wise reward model on rankings"),
-    "ppo": ("fastrlhf.train.ppo_cli", "PPO (with PPO-ptx) from SFT and reward-model checkpoints"),
+    "data": ("fastrlhf.commands.data", "fetch/read text, train a tokenizer, write train/val token files"),
+    "pretrain": ("fastrlhf.commands.pretrain", "next-token pretraining from a TOML config"),
+    "generate": ("fastrlhf.commands.generate", "sample completions from a checkpoint"),
+    "sft": ("fastrlhf.commands.sft", "supervised fine-tuning on demonstrations (packed, response-only loss)"),
+    "label": ("fastrlhf.commands.label", "sample K answers per prompt from an SFT model and rank them"),
+    "rm": ("fastrlhf.commands.rm", "train a K-wise reward model on rankings"),
+    "ppo": ("fastrlhf.commands.ppo", "PPO (with PPO-ptx) from SFT and reward-model checkpoints"),
     "pipeline": (
-        "fastrlhf.train.pipeline",
+        "fastrlhf.commands.pipeline",
         "the whole recipe: data, pretrain, SFT, label, RM, PPO, eval, report",
     ),
 }

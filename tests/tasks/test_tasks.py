@@ -1,9 +1,9 @@
 import pytest
 from fastrlhf.data.formats import SFTExample
+from fastrlhf.labeling.labelers import ArithmeticLabeler, SentimentLabeler, make_labeler
 from fastrlhf.tasks.arithmetic import ArithmeticTask, Problem, make_problems, parse_answer, parse_problem
 from fastrlhf.tasks.registry import TASKS, get_task
 from fastrlhf.tasks.sentiment import SentimentTask, make_sentiment_task, split_line
-from fastrlhf.train.labelers import ArithmeticLabeler, SentimentLabeler, make_labeler
 
 # --- arithmetic ----------------------------------------------------------------------------------------
 

@@ -17,21 +17,21 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fastrlhf.model import GPT, GPTConfig, ScalarHeadModel
+from fastrlhf.models import GPT, GPTConfig, ScalarHeadModel
+from fastrlhf.rl.config import PPOConfig
+from fastrlhf.rl.kl import global_masked_moments, masked_mean, masked_var
+from fastrlhf.rl.ppo import PPOTrainer
 from fastrlhf.train import dist
 from fastrlhf.train import reward as reward_mod
 from fastrlhf.train import sft as sft_mod
 from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
-from fastrlhf.train.ppo import PPOTrainer
-from fastrlhf.train.ppo_config import PPOConfig
 from fastrlhf.train.pretrain import PretrainConfig, pretrain
 from fastrlhf.train.reward import RMConfig, train_rm
-from fastrlhf.train.rl import masked_mean, masked_var
 from fastrlhf.train.sft import sft
-from pretrain_helpers import TINY as TINY_PRETRAIN
+from helpers.pretrain import TINY as TINY_PRETRAIN
+from helpers.sft import arithmetic_rankings, sft_config, write_demos, write_ranking_file
 from safetensors.torch import load_file, save_file
-from sft_helpers import arithmetic_rankings, sft_config, write_demos, write_ranking_file
 
 WORLD = 2
 RANKS_TIMEOUT_S = 300  # they take ~5 s on 2 cores
@@ -365,7 +365,7 @@ def test_one_process_makes_no_process_group():
     assert (
         dist.all_sum(x) is x and dist.shard(8) == slice(0, 8) and dist.mean_floats({"a": 0.1}) == {"a": 0.1}
     )
-    mean, var = dist.global_masked_moments(x, mask)
+    mean, var = global_masked_moments(x, mask)
     assert torch.equal(mean, masked_mean(x, mask)) and torch.equal(var, masked_var(x, mask))
     model = GPT(TINY)
     assert dist.wrap(model) is model

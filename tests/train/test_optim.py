@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from fastrlhf.model import GPT, GPTConfig
+from fastrlhf.models import GPT, GPTConfig
 from fastrlhf.train.optim import OptimConfig, lr_at, make_adamw, optimizer_step
 
 CFG = GPTConfig(vocab_size=67, block_size=16, n_layer=2, n_head=2, n_embd=16)

@@ -74,7 +74,7 @@ def make_sentiment_task(
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [-1, 1] (VADER compound scale); got {threshold}")
     if score is None:
-        from fastrlhf.train.labelers import SentimentLabeler  # imported here: labelers imports tasks
+        from fastrlhf.labeling.labelers import SentimentLabeler  # imported here: labelers imports tasks
 
         score = SentimentLabeler().score
     splits: dict[str, list[str]] = {"train": [], "heldout": []}

@@ -13,6 +13,7 @@ import gc
 import hashlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastrlhf.train.rl import masked_moments
+from fastrlhf.io import checkpoint
 
 
 def launched() -> bool:
@@ -133,16 +134,14 @@ def mean_float(x: float) -> float:
     return mean_floats({"x": x})["x"]
 
 
-def global_masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, unbiased variance) of x over the masked-in entries of every rank: two all-reduces of sums
-    (two passes, like rl.masked_var, so no catastrophic cancellation). rl.masked_moments on one process."""
-    if not active():
-        return masked_moments(x, mask)
-    m = mask.to(x.dtype)
-    s = all_sum(torch.stack([(x * m).sum(), m.sum()]))  # (2,) sum, count
-    mean = s[0] / s[1].clamp(min=1)
-    sq = all_sum(((x - mean) ** 2 * m).sum())
-    return mean, sq / (s[1] - 1).clamp(min=1)
+def save_checkpoint(run_dir: str | Path, step: int, **kwargs: Any) -> Path:
+    """io.checkpoint.save_checkpoint under torchrun: every rank calls this, rank 0 writes (the weights are
+    the same on every rank, and so are the RNG streams that resume needs, see docs/distributed.md), and
+    the others go on (and may read the checkpoint) only once it is complete."""
+    if is_main():
+        checkpoint.save_checkpoint(run_dir, step, **kwargs)
+    barrier()
+    return Path(run_dir) / f"step_{step:07d}"
 
 
 def from_main(make: Callable[[], Any]) -> Any:

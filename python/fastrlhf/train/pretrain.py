@@ -7,17 +7,16 @@ periodic validation, a JSONL log + progress bar, and checkpoints a run resumes f
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastrlhf.data import TokenFile, load_tokenizer, random_batch
-from fastrlhf.model import GPT, GPTConfig
-from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.io import checkpoint as ckpt
+from fastrlhf.models import GPT, GPTConfig
 from fastrlhf.train import dist
-from fastrlhf.train.config import from_dict, load_config, to_dict
+from fastrlhf.train.config import from_dict, to_dict
 from fastrlhf.train.loop import LoopConfig, resolve_device, run_loop, run_outputs
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
@@ -114,7 +113,7 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
             return ddp_model(x[rows].to(device), y[rows].to(device))[1]  # this rank's (B / N, T) share
 
     def save(at: int) -> None:
-        ckpt.save_checkpoint(
+        dist.save_checkpoint(
             out,
             at,
             models={"model": model},
@@ -139,12 +138,3 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
         say=say,
         tokens_per_step=t.batch_size * T * t.grad_accum,
     )
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with [model], [optim], [train] tables")
-    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=200")
-
-
-def run(args: argparse.Namespace) -> None:
-    pretrain(load_config(PretrainConfig, args.config, args.overrides))

@@ -12,7 +12,6 @@ shift changes no gradient)."""
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,12 @@ from torch import Tensor, nn
 
 from fastrlhf.data import Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from fastrlhf.data.formats import Ranking, read_rankings
-from fastrlhf.model import GPTConfig, ScalarHeadModel
-from fastrlhf.model.shared import shared_layout
-from fastrlhf.train import checkpoint as ckpt
+from fastrlhf.io import checkpoint as ckpt
+from fastrlhf.models import GPTConfig, ScalarHeadModel
+from fastrlhf.models.load import load_gpt
+from fastrlhf.models.shared import shared_layout
 from fastrlhf.train import dist
-from fastrlhf.train.config import from_dict, load_config, to_dict
+from fastrlhf.train.config import from_dict, to_dict
 from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 from fastrlhf.train.sft import load_demonstrations
@@ -283,7 +283,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     device = resolve_device(t)
     out = Path(t.out_dir)
     sft_ckpt = ckpt.resolve_checkpoint(t.sft)
-    gpt, tok = ckpt.load_gpt(sft_ckpt)
+    gpt, tok = load_gpt(sft_ckpt)
     if tok is None:
         raise ValueError(f"train.sft {t.sft} has no tokenizer/ folder")
     T = gpt.config.block_size
@@ -361,7 +361,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
         if demos:
             mean = normalize_bias(rm, tok, demos, device)
             logger.log(step=at, demo_reward_before_shift=mean)
-        ckpt.save_checkpoint(
+        dist.save_checkpoint(
             out,
             at,
             models={"model": rm},
@@ -396,12 +396,3 @@ def sft_source(sft_ckpt: Path) -> tuple[str, str]:
         return "none", ""
     data = from_dict(SFTConfig, config).data
     return data.source, data.corpus
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with [optim], [data], [train] tables")
-    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.train=rankings.jsonl")
-
-
-def run(args: argparse.Namespace) -> None:
-    train_rm(load_config(RMConfig, args.config, args.overrides))

@@ -10,7 +10,6 @@ resume are the ones pretraining uses (train.loop)."""
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,12 @@ from torch import Tensor
 
 from fastrlhf.data import ByteBPETokenizer, Tokenizer, encode_chat, format_prompt, load_tokenizer
 from fastrlhf.data.formats import SFTExample, read_sft
-from fastrlhf.model import GPT, IGNORE_INDEX, GPTConfig
+from fastrlhf.io import checkpoint as ckpt
+from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
+from fastrlhf.models.load import load_gpt
 from fastrlhf.tasks.registry import TASKS, Task, get_task
-from fastrlhf.train import checkpoint as ckpt
 from fastrlhf.train import dist
-from fastrlhf.train.config import from_dict, load_config, to_dict
+from fastrlhf.train.config import from_dict, to_dict
 from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
@@ -195,7 +195,7 @@ def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]
     """The model (random, or from train.init_from) and the tokenizer (the checkpoint's or a new BPE)."""
     t = cfg.train
     if t.init_from:
-        model, tok = ckpt.load_gpt(t.init_from)
+        model, tok = load_gpt(t.init_from)
         if tok is None:
             raise ValueError(f"train.init_from {t.init_from} has no tokenizer/ folder")
         cfg.model = model.config  # the checkpoint decides the shape; recorded with the run
@@ -295,7 +295,7 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
         return n
 
     def save(at: int) -> None:
-        ckpt.save_checkpoint(
+        dist.save_checkpoint(
             out,
             at,
             models={"model": model},
@@ -319,12 +319,3 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
         say=say,
         tokens_per_step=tokens_per_step,
     )
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with [model], [optim], [data], [train] tables")
-    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.source=sft.jsonl")
-
-
-def run(args: argparse.Namespace) -> None:
-    sft(load_config(SFTConfig, args.config, args.overrides))

@@ -1,0 +1,61 @@
+"""`python -m fastrlhf generate`: completions from a checkpoint for prompts given inline or in a file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="*", help="prompt texts (or use --file)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
+    p.add_argument("--file", help="a text file with one prompt per line ('-' = stdin)")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap each prompt in the Prompt:/Response: chat format"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from fastrlhf.data import decode_response, format_prompt
+    from fastrlhf.models import generate
+    from fastrlhf.models.load import load_gpt
+
+    prompts = list(args.prompts)
+    if args.file:
+        lines = sys.stdin.readlines() if args.file == "-" else Path(args.file).read_text().splitlines()
+        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one prompt (arguments or --file)")
+    model, tok = load_gpt(args.checkpoint)
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer/ folder to encode prompts with")
+    texts = [format_prompt(p) if args.chat else p for p in prompts for _ in range(args.num_samples)]
+    ids = [tok.encode(t) for t in texts]
+    room = model.config.block_size - max(map(len, ids))
+    g = generate(
+        model,
+        ids,
+        min(args.max_new_tokens, room),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        eos_token_id=tok.eot_id,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    for text, row, mask in zip(texts, g.responses.tolist(), g.response_mask.tolist()):
+        kept = [t for t, m in zip(row, mask) if m]
+        completion = (
+            decode_response(tok, kept) if args.chat else tok.decode([t for t in kept if t != tok.eot_id])
+        )
+        print(f"=== {text!r}\n{completion}\n")

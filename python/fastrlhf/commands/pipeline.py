@@ -1,0 +1,26 @@
+"""`python -m fastrlhf pipeline --task T --out runs/NAME [--config F] [section.field=value ...]`: the whole
+recipe, stage by stage, resumable, with a report (fastrlhf.pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastrlhf.pipeline.run import STAGES, load_pipeline_config, run_pipeline
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="sentiment", help="sentiment or arithmetic (default: %(default)s)")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/sentiment; an existing run is resumed")
+    p.add_argument(
+        "--config", help="TOML file with [run] [data] [pretrain.*] [sft.*] [label] [rm.*] [ppo.*] [eval]"
+    )
+    p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage")
+    p.add_argument("--redo", choices=STAGES, default="", help="delete this stage and every later one first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. ppo.ppo.kl_coef=0.1")
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_pipeline_config(args.task, args.config, args.overrides)
+    report = run_pipeline(args.out, cfg, until=args.until, redo=args.redo, quiet=args.quiet)
+    print(f"report: {report}")

@@ -1,0 +1,90 @@
+"""The pipeline's evaluation: the SFT and the PPO policy answer the same held-out prompts, and every
+answer is scored three ways: the task's true score, the reward model's, and its KL to the SFT model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastrlhf import ops
+from fastrlhf.data import decode_response, encode_prompt
+from fastrlhf.models import GPT, Generation, ScalarHeadModel, generate
+from fastrlhf.models.heads import last_token_index
+
+
+def true_scorer(task: str) -> Callable[[str, str], float]:
+    """score(prompt, response): VADER compound in [-1, 1] (sentiment), or 1/0 for a right/wrong answer."""
+    if task == "sentiment":
+        from fastrlhf.labeling.labelers import SentimentLabeler
+
+        vader = SentimentLabeler()
+        return lambda prompt, response: vader.score(response)
+    from fastrlhf.tasks.arithmetic import parse_answer, parse_problem
+
+    return lambda prompt, response: float(parse_answer(response) == parse_problem(prompt).value)
+
+
+def sequence_logprobs(model: GPT, gen: Generation, temperature: float) -> Tensor:
+    """(B,) log-prob of each sampled response under `model` at `temperature`, summed over its tokens."""
+    positions, segment_ids = gen.layout()  # (B, Tp + Tr) each
+    Tp = gen.prompt_mask.shape[1]
+    h = model.hidden(gen.sequences, positions=positions, segment_ids=segment_ids)[
+        :, Tp - 1 : -1
+    ]  # (B, Tr, C)
+    logprobs = ops.token_logprobs(model.lm_head(h), gen.responses, temperature=temperature)  # (B, Tr)
+    return (logprobs * gen.response_mask).sum(dim=1)
+
+
+def rm_scores(rm: ScalarHeadModel, gen: Generation) -> Tensor:
+    """(B,) the reward model's score at each response's last token, read exactly as PPO reads it."""
+    positions, segment_ids = gen.layout()
+    index = gen.prompt_mask.shape[1] + last_token_index(gen.response_mask)  # (B,)
+    return rm.score(gen.sequences, index, positions=positions, segment_ids=segment_ids).float()
+
+
+@torch.no_grad()
+def answer_and_score(
+    run: Any, prompts: list[str], progress: bool = True, ppo: GPT | None = None
+) -> list[dict[str, Any]]:
+    """One row per prompt: {"prompt", "sft": {...}, "ppo": {...}} with each model's response, true score,
+    reward-model score, KL to the SFT model (sum over tokens of log pi - log pi_sft) and length. `ppo` is the
+    policy compared with SFT (default: the run's PPO checkpoint)."""
+    from tqdm import tqdm
+
+    from fastrlhf.models.load import load_gpt
+    from fastrlhf.train.reward import load_reward_model
+
+    cfg = run.cfg
+    sft, tok = load_gpt(run.dir("sft"))
+    policies = {"sft": sft, "ppo": ppo if ppo is not None else load_gpt(run.dir("ppo"))[0]}
+    rm = load_reward_model(run.dir("rm"))[0]
+    score = true_scorer(cfg.run.task)
+    p = cfg.ppo.ppo
+    rows: list[dict[str, Any]] = [{"prompt": x} for x in prompts]
+    for i in tqdm(range(0, len(prompts), cfg.eval.batch), desc="eval", disable=not progress, unit="batch"):
+        chunk = prompts[i : i + cfg.eval.batch]
+        ids = [encode_prompt(tok, x) for x in chunk]
+        for who, model in policies.items():
+            # the same seed for both models: differences come from the weights, not the draw
+            g = torch.Generator().manual_seed(cfg.eval.seed + i)
+            gen = generate(
+                model, ids, p.max_new_tokens, temperature=p.temperature, eos_token_id=tok.eot_id, generator=g
+            )
+            ref = sequence_logprobs(sft, gen, p.temperature)  # (B,)
+            kl = (
+                torch.zeros_like(ref) if model is sft else sequence_logprobs(model, gen, p.temperature) - ref
+            )  # (B,)
+            reward, lengths = rm_scores(rm, gen), gen.response_mask.sum(dim=1)
+            for j, (resp, mask) in enumerate(zip(gen.responses.tolist(), gen.response_mask.tolist())):
+                text = decode_response(tok, [t for t, m in zip(resp, mask) if m])
+                rows[i + j][who] = {
+                    "response": text,
+                    "score": score(chunk[j], text),
+                    "reward": float(reward[j]),
+                    "kl": float(kl[j]),
+                    "length": int(lengths[j]),
+                }
+    return rows

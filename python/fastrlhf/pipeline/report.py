@@ -1,0 +1,252 @@
+"""runs/NAME/report.md: the goals, a table per stage, SFT-vs-PPO samples on the same held-out prompts,
+and PNG plots (matplotlib) of the losses, the reward model's accuracy, and PPO's reward, KL and entropy.
+Written from the stages' logs alone, so it can be rebuilt at any time; missing stages are left out."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fastrlhf.pipeline.run import STAGES
+from fastrlhf.train.log import read_jsonl
+
+# InstructGPT-style goals per task: (eval metric name, minimum PPO - SFT gain, RM held-out accuracy)
+GOALS = {"sentiment": ("mean VADER compound", 0.3, 0.75), "arithmetic": ("accuracy", 1e-9, 0.9)}
+
+
+def _rows(path: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every log line of `path` that has `key`."""
+    if not path.is_file():
+        return []
+    return [(r.get("step", 0), r[key]) for r in read_jsonl(path) if r.get(key) is not None]
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "nan" if not math.isfinite(x) else f"{x:.4g}"
+    return str(x)
+
+
+def _cell(text: str, n: int = 90) -> str:
+    text = text if len(text) <= n else text[: n - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ⏎ ") or "(empty)"
+
+
+def _plot(
+    out: Path,
+    name: str,
+    title: str,
+    series: dict[str, list[tuple[int, float]]],
+    xlabel: str,
+    hline: tuple[str, float] | None = None,
+) -> str | None:
+    """One PNG of step-value series; returns its markdown, or None when there is nothing to draw."""
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for label, points in series.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], label=label, lw=1.2)
+    if hline is not None:
+        ax.axhline(hline[1], color="gray", ls="--", lw=1, label=hline[0])
+    ax.set(title=title, xlabel=xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    fig.savefig(out / "plots" / f"{name}.png")
+    plt.close(fig)
+    return f"![{title}](plots/{name}.png)"
+
+
+def _goals(run: Any, metrics: dict[str, float], rm_acc: float) -> list[str]:
+    task = run.cfg.run.task
+    what, gain, rm_goal = GOALS[task]
+    lines = ["| goal | measured | met |", "| --- | --- | --- |"]
+    if metrics:
+        delta = metrics["ppo_score"] - metrics["sft_score"]
+        # paired (same prompts, same seed); runs from before it was recorded fall back to the unpaired error
+        sem = metrics.get("gain_sem", math.hypot(metrics["ppo_score_sem"], metrics["sft_score_sem"]))
+        goal = f"PPO {what} beats SFT's by >= {gain:g}" if gain > 1e-6 else f"PPO {what} higher than SFT's"
+        lines.append(
+            f"| {goal} (held-out prompts) | SFT {metrics['sft_score']:.3f}, PPO {metrics['ppo_score']:.3f}: "
+            f"{delta:+.3f} ± {sem:.3f} (paired standard error) | {'yes' if delta >= gain else 'no'} |"
+        )
+        p = run.cfg.ppo.ppo
+        if p.adaptive_kl:
+            lines.append(
+                f"| KL to the SFT model within the controller's target ({p.kl_target:g} nats) | "
+                f"{metrics['ppo_kl']:.3f} nats per answer | {'yes' if metrics['ppo_kl'] <= p.kl_target else 'no'} |"
+            )
+        else:
+            lines.append(
+                f"| KL to the SFT model (fixed kl_coef {p.kl_coef:g}) | {metrics['ppo_kl']:.3f} nats per answer | - |"
+            )
+    if math.isfinite(rm_acc):
+        lines.append(
+            f"| reward model held-out pairwise accuracy >= {rm_goal:g} | {rm_acc:.3f} | "
+            f"{'yes' if rm_acc >= rm_goal else 'no'} |"
+        )
+    total = sum((run.done(s) or {}).get("seconds", 0.0) for s in STAGES)
+    lines.append(
+        f"| whole pipeline in <= 20 minutes (2 CPU cores) | {total / 60:.1f} min of stage time | "
+        f"{'yes' if total <= 1200 else 'no'} |"
+    )
+    return lines
+
+
+def write_report(run: Any) -> Path:
+    import torch
+
+    out, cfg = run.out, run.cfg
+    logs = {s: run.dir(s) / "log.jsonl" for s in ("pretrain", "sft", "rm", "ppo")}
+    eval_dir = run.dir("eval")
+    metrics = (
+        json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else {}
+    )
+    samples = read_jsonl(eval_dir / "samples.jsonl") if (eval_dir / "samples.jsonl").is_file() else []
+    rm_acc = _rows(logs["rm"], "val_accuracy")
+    md = [
+        f"# fastrlhf pipeline: {cfg.run.task}",
+        "",
+        (
+            f"Run folder `{out}`; torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device "
+            f"`{cfg.run.device}`. Settings: `config.json`. Rebuilt from the stage logs after every run."
+        ),
+        "",
+        "## Goals",
+        "",
+        *_goals(run, metrics, rm_acc[-1][1] if rm_acc else math.nan),
+        "",
+        "## Stages",
+        "",
+        "| stage | seconds | summary |",
+        "| --- | --- | --- |",
+    ]
+    for stage in STAGES:
+        done = run.done(stage)
+        if done is not None:
+            summary = ", ".join(f"{k} {_fmt(v)}" for k, v in done["summary"].items())
+            md.append(f"| {stage} | {done['seconds']:.0f} | {summary} |")
+    md.append("")
+    plots = [
+        _plot(
+            out,
+            "losses",
+            "language-model losses",
+            {
+                "pretrain train": _rows(logs["pretrain"], "loss"),
+                "pretrain val": _rows(logs["pretrain"], "val_loss"),
+                "SFT train": _rows(logs["sft"], "loss"),
+                "SFT val": _rows(logs["sft"], "val_loss"),
+            },
+            "step",
+        ),
+        _plot(
+            out,
+            "rm_accuracy",
+            "reward model: held-out pairwise accuracy",
+            {"val_accuracy": rm_acc},
+            "step",
+            ("goal", GOALS[cfg.run.task][2]),
+        ),
+        _plot(
+            out,
+            "reward",
+            "PPO: reward per episode",
+            {
+                "RM score": _rows(logs["ppo"], "score_mean"),
+                "RM score - KL penalty": _rows(logs["ppo"], "rlhf_reward"),
+            },
+            "PPO step",
+        ),
+        _plot(
+            out,
+            "kl",
+            "PPO: KL to the SFT model (nats per episode)",
+            {"kl": _rows(logs["ppo"], "kl")},
+            "PPO step",
+            ("kl_target", cfg.ppo.ppo.kl_target) if cfg.ppo.ppo.adaptive_kl else None,
+        ),
+        _plot(
+            out,
+            "entropy",
+            "PPO: policy entropy (nats per token)",
+            {"entropy": _rows(logs["ppo"], "entropy")},
+            "PPO step",
+        ),
+        _plot(
+            out,
+            "true_score",
+            "PPO: true score of the rollouts (never trained on)",
+            {"true_score": _rows(logs["ppo"], "true_score")},
+            "PPO step",
+        ),
+    ]
+    md += ["## Plots", ""] + [p + "\n" for p in plots if p]
+    if logs["ppo"].is_file():
+        last = read_jsonl(logs["ppo"])[-10:]
+        keys = (
+            "score_mean",
+            "rlhf_reward",
+            "kl",
+            "kl_coef",
+            "entropy",
+            "clipfrac",
+            "approx_kl",
+            "explained_variance",
+            "response_length",
+            "eos_frac",
+            "time_generate",
+            "time_score",
+            "time_train",
+        )
+        keys = ("true_score", *keys) if any("true_score" in r for r in last) else keys
+        md += [
+            "## PPO, mean of the last 10 logged steps",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + " --- |" * len(keys),
+            "| " + " | ".join(_fmt(sum(r.get(k) or 0.0 for r in last) / len(last)) for k in keys) + " |",
+            "",
+        ]
+    if metrics:
+        md += [
+            "## Evaluation on held-out prompts",
+            "",
+            "| model | true score | reward model | KL to SFT | length |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for who in ("sft", "ppo"):
+            md.append(
+                f"| {who.upper()} | "
+                + " | ".join(
+                    f"{metrics[f'{who}_{k}']:.3f} ± {metrics[f'{who}_{k}_sem']:.3f}"
+                    for k in ("score", "reward", "kl", "length")
+                )
+                + " |"
+            )
+        md.append("")
+    if samples:
+        md += [
+            f"## Samples (the first {cfg.eval.samples} held-out prompts, the same sampling seed for both models)",
+            "",
+            "| prompt | SFT answer | score | PPO answer | score |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in samples[: cfg.eval.samples]:
+            md.append(
+                f"| {_cell(r['prompt'], 60)} | {_cell(r['sft']['response'])} | {r['sft']['score']:.2f} | "
+                f"{_cell(r['ppo']['response'])} | {r['ppo']['score']:.2f} |"
+            )
+        md.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path

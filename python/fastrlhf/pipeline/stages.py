@@ -1,0 +1,228 @@
+"""The pipeline's stages: each takes the Run (folder + config), wires the paths between stages into the
+matching trainer's config, runs it, and returns a small summary for DONE.json and the report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrlhf.pipeline.run import Run
+
+
+def _runtime(section: Any, run: Run) -> None:
+    """Every stage computes on the run's device and threads."""
+    section.device, section.threads = run.cfg.run.device, run.cfg.run.threads
+
+
+def _bars(quiet: bool) -> bool:
+    """Progress bars only on a terminal, as the trainers' own (a log file gets their summary lines)."""
+    return not quiet and sys.stderr.isatty()
+
+
+def _last(log: Path, key: str) -> float:
+    from fastrlhf.train.log import read_jsonl
+
+    values = [r[key] for r in read_jsonl(log) if r.get(key) is not None] if log.is_file() else []
+    return values[-1] if values else math.nan
+
+
+def _task(run: Run):
+    from fastrlhf.train.sft import load_task
+
+    if run.cfg.run.task != "arithmetic":
+        return load_task(run.cfg.run.task, run.cfg.data.corpus)
+    from fastrlhf.tasks.arithmetic import ArithmeticTask
+
+    a = run.cfg.arithmetic
+    return ArithmeticTask(
+        n_train=a.train_problems,
+        n_heldout=a.heldout_problems,
+        ops=tuple(a.ops),
+        digits=tuple(range(1, a.max_digits + 1)),
+    )
+
+
+def corpus_docs(run: Run) -> list[str]:
+    """The pretraining documents: data.corpus, else the task's own text."""
+    from fastrlhf.data import corpus
+
+    if run.cfg.data.corpus:
+        return corpus.read_texts([run.cfg.data.corpus])
+    if run.cfg.run.task == "sentiment":
+        return corpus.read_texts(corpus.fetch_shakespeare())
+    # arithmetic: train problems with their answers in the chat format, one per document (no held-out one)
+    from fastrlhf.data.chat import format_prompt
+    from fastrlhf.tasks.arithmetic import make_problems, split_size
+
+    task = _task(run)
+    n = min(run.cfg.arithmetic.pretrain_problems, split_size("train", task.ops, task.digits))
+    return [
+        f"{format_prompt(p.prompt)} {p.answer}"
+        for p in make_problems(n, seed=1, ops=task.ops, digits=task.digits)
+    ]
+
+
+def stage_data(run: Run, quiet: bool) -> dict[str, Any]:
+    from fastrlhf.data import corpus
+    from fastrlhf.data.formats import write_sft
+
+    d = run.cfg.data
+    docs = corpus_docs(run)
+    tok = corpus.build_tokenizer("bpe", docs, d.vocab_size, split_digits=d.split_digits)
+    meta = corpus.prepare(docs, tok, run.dir("data"), d.val_fraction)
+    write_sft(run.dir("data") / "sft.jsonl", _task(run).demonstrations())  # what the SFT stage trains on
+    return {k: meta[k] for k in ("documents", "characters", "train_tokens", "val_tokens", "vocab_size")}
+
+
+def stage_pretrain(run: Run, quiet: bool) -> dict[str, Any]:
+    from fastrlhf.data import TokenFile
+    from fastrlhf.train.pretrain import pretrain
+
+    cfg = copy.deepcopy(run.cfg.pretrain)
+    _runtime(cfg.train, run)
+    cfg.train.data_dir, cfg.train.out_dir = str(run.dir("data")), str(run.dir("pretrain"))
+    vocab = TokenFile(run.dir("data") / "train.bin").vocab_size
+    if cfg.model.vocab_size < vocab:
+        raise ValueError(
+            f"pretrain.model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+            f"({vocab}); raise it or lower data.vocab_size"
+        )
+    last = pretrain(cfg, quiet=quiet)
+    return {
+        "steps": _last(run.dir("pretrain") / "log.jsonl", "step"),
+        "loss": last.get("loss", math.nan),
+        "val_loss": _last(run.dir("pretrain") / "log.jsonl", "val_loss"),
+    }
+
+
+def stage_sft(run: Run, quiet: bool) -> dict[str, Any]:
+    from fastrlhf.train.sft import sft
+
+    cfg = copy.deepcopy(run.cfg.sft)
+    _runtime(cfg.train, run)
+    cfg.data.source = str(run.dir("data") / "sft.jsonl")
+    cfg.train.init_from, cfg.train.out_dir = str(run.dir("pretrain")), str(run.dir("sft"))
+    last = sft(cfg, quiet=quiet)
+    return {"loss": last.get("loss", math.nan), "val_loss": _last(run.dir("sft") / "log.jsonl", "val_loss")}
+
+
+def stage_label(run: Run, quiet: bool) -> dict[str, Any]:
+    from fastrlhf.labeling.answers import label_to_file
+    from fastrlhf.labeling.labelers import make_labeler
+    from fastrlhf.models.load import load_gpt
+
+    lab, task = run.cfg.label, _task(run)
+    model, tok = load_gpt(run.dir("sft"))
+    labeler = make_labeler(task.labeler)
+    summary = {}
+    for split, n, seed in (
+        ("train", lab.train_prompts, lab.seed),
+        ("heldout", lab.heldout_prompts, lab.seed + 1),
+    ):
+        prompts = task.prompts(split)[:n]
+        stats, skipped = label_to_file(
+            model,
+            tok,
+            prompts,
+            labeler,
+            run.dir("label") / f"{split}.jsonl",
+            k=lab.k,
+            batch_prompts=lab.batch_prompts,
+            max_new_tokens=lab.max_new_tokens,
+            seed=seed,
+            temperature=lab.temperature,
+            progress=_bars(quiet),
+            desc=f"label {split}",
+        )
+        summary[f"{split}_rankings"], summary[f"{split}_skipped"] = stats.total, skipped
+    return summary
+
+
+def stage_rm(run: Run, quiet: bool) -> dict[str, Any]:
+    from fastrlhf.train.reward import train_rm
+
+    cfg = copy.deepcopy(run.cfg.rm)
+    _runtime(cfg.train, run)
+    cfg.train.sft, cfg.train.out_dir = str(run.dir("sft")), str(run.dir("rm"))
+    cfg.data.train, cfg.data.val = (
+        str(run.dir("label") / "train.jsonl"),
+        str(run.dir("label") / "heldout.jsonl"),
+    )
+    last = train_rm(cfg, quiet=quiet)
+    return {
+        "loss": last.get("loss", math.nan),
+        "val_accuracy": last.get("val_accuracy", math.nan),
+        "val_loss": last.get("val_loss", math.nan),
+    }
+
+
+def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
+    from fastrlhf.pipeline.evaluate import true_scorer
+    from fastrlhf.rl.build import build_trainer
+
+    cfg = copy.deepcopy(run.cfg.ppo)
+    _runtime(cfg.train, run)
+    prompts = run.dir("ppo") / "prompts.txt"  # train prompts only: held-out ones are for the evaluation
+    prompts.write_text("".join(p.replace("\n", "\\n") + "\n" for p in _task(run).prompts("train")))
+    cfg.models.policy, cfg.models.reward = str(run.dir("sft")), str(run.dir("rm"))
+    cfg.train.prompts, cfg.train.out_dir = str(prompts), str(run.dir("ppo"))
+    cfg.train.ptx_data = str(run.dir("data") / "train.bin") if cfg.ppo.ptx_coef > 0 else ""
+    # the evaluation's true score (VADER, or 1/0 for a sum) of every rollout: logged, to see reward hacking
+    history = build_trainer(cfg, quiet=quiet, true_score=true_scorer(run.cfg.run.task)).train()
+    tail = history[-10:]
+    keys = ("true_score", "score_mean", "kl", "kl_coef", "entropy")
+    return (
+        {
+            "steps": _last(run.dir("ppo") / "log.jsonl", "step"),
+            **{k: sum(m[k] for m in tail) / len(tail) for k in keys},
+        }
+        if tail
+        else {}
+    )
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n))."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+    return mean, std / math.sqrt(len(values))
+
+
+def eval_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and standard error of each model's score, reward, KL and length over answer_and_score's rows, and
+    the paired gain of PPO's true score over SFT's."""
+    metrics = {}
+    for who in ("sft", "ppo"):
+        for key in ("score", "reward", "kl", "length"):
+            metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = _mean_sem([r[who][key] for r in rows])
+    # the same prompts and sampling seed for both models: the per-prompt differences give a paired error
+    metrics["gain"], metrics["gain_sem"] = _mean_sem([r["ppo"]["score"] - r["sft"]["score"] for r in rows])
+    return metrics
+
+
+@torch.no_grad()
+def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
+    """The SFT and the PPO model answer the same held-out prompts with the same sampling seed; each answer
+    gets the task's true score (VADER compound, or 1/0 for a right/wrong sum), the reward model's score,
+    and its log-ratio to the SFT model summed over its tokens (a one-sample estimate of the sequence KL)."""
+    from fastrlhf.pipeline.evaluate import answer_and_score
+
+    e, task = run.cfg.eval, _task(run)
+    prompts = task.prompts("heldout")[: e.prompts]
+    rows = answer_and_score(run, prompts, progress=_bars(quiet))
+    with open(run.dir("eval") / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = eval_metrics(rows)
+    (run.dir("eval") / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return {
+        "prompts": len(rows),
+        "sft_score": metrics["sft_score"],
+        "ppo_score": metrics["ppo_score"],
+        "ppo_kl": metrics["ppo_kl"],
+    }
