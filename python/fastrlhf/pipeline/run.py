@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastrlhf.rl.config import PPOConfig, check_range
-from fastrlhf.train.config import to_dict
+from fastrlhf.rl.config import PPOConfig
+from fastrlhf.train.config import check_range, to_dict
 from fastrlhf.train.pretrain import PretrainConfig
 from fastrlhf.train.reward import RMConfig
 from fastrlhf.train.sft import SFTConfig

@@ -3,28 +3,10 @@ that names it and its allowed range."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from fastrlhf.train.config import INF, check_choice, check_range
 from fastrlhf.train.optim import OptimConfig
-
-
-def check_range(
-    where: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
-):
-    ok = math.isfinite(value) if isinstance(value, float) else True
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{where} must be in {rng}; got {value!r}")
-
-
-def check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{where} must be one of {list(choices)}; got {value!r}")
-
-
-INF = float("inf")
 
 
 @dataclass

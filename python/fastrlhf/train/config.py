@@ -5,6 +5,7 @@ fields and values of the wrong type are errors that name them."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -12,6 +13,26 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def check_range(
+    where: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    """The config validators every section uses: value in [lo, hi] (open ends as asked) and finite, or a
+    ValueError that names the field (`where`), the range and the value."""
+    ok = math.isfinite(value) if isinstance(value, float) else True
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{where} must be in {rng}; got {value!r}")
+
+
+def check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {list(choices)}; got {value!r}")
+
+
+INF = float("inf")
 
 
 def _convert(value: Any, typ: Any, where: str) -> Any:
