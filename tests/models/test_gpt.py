@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from fastrlhf.models import GPT, GPTConfig, KVCache, ScalarHeadModel, last_token_index, left_pad_layout
-from fastrlhf.models.gpt import next_token_loss
+from fastrlhf.models.transformer import next_token_loss
 
 CFG = GPTConfig(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from fastrlhf import ops
 from fastrlhf.models import GPTConfig, ScalarHeadModel, left_pad_layout
-from fastrlhf.models.shared import common_prefix, hidden_at, shared_layout
+from fastrlhf.models.shared import common_prefix, shared_layout
 from fastrlhf.ops import reference
 
 V = 53
@@ -133,7 +133,7 @@ def test_score_reads_one_token_and_equals_the_full_values(layout):
     want = value_and_grads(rm, lambda: rm(idx, **kw).gather(1, index[:, None]).squeeze(1), w)
     assert_same(ours, want)
     torch.testing.assert_close(
-        hidden_at(rm.trunk, idx, index, **kw), rm.trunk.hidden(idx, **kw)[torch.arange(B), index]
+        rm.trunk.hidden_at(idx, index, **kw), rm.trunk.hidden(idx, **kw)[torch.arange(B), index]
     )
 
 

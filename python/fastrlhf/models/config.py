@@ -44,6 +44,10 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def n_kv_head(self) -> int:
+        return self.n_head  # GPT-2 has no grouped-query attention
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

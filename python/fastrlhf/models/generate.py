@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf import ops
-from fastrlhf.models.gpt import GPT, KVCache, left_pad_layout
+from fastrlhf.models.transformer import CausalLM, KVCache, left_pad_layout
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _as_lists(prompts: Sequence[Sequence[int]] | Tensor) -> list[list[int]]:
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]] | Tensor,
     max_new_tokens: int,
     *,

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from fastrlhf.models.config import GPTConfig
-from fastrlhf.models.gpt import GPT, TIED, load_checked
-from fastrlhf.models.shared import SharedBatch, hidden_at, shared_hidden
+from fastrlhf.models.gpt2 import GPT
+from fastrlhf.models.shared import SharedBatch
+from fastrlhf.models.transformer import load_checked
 
 
 class ScalarHeadModel(nn.Module):
@@ -45,7 +46,7 @@ class ScalarHeadModel(nn.Module):
         if shared is not None:
             if idx is not None:
                 raise ValueError("pass either idx or shared, not both")
-            return self.head(shared_hidden(self.trunk, shared)).squeeze(-1)  # (N,)
+            return self.head(self.trunk.shared_hidden(shared)).squeeze(-1)  # (N,)
         if idx is None:
             raise ValueError("forward needs idx (B, T) or shared")
         h = self.trunk.hidden(idx, positions=positions, segment_ids=segment_ids)  # (B, T, C)
@@ -61,14 +62,18 @@ class ScalarHeadModel(nn.Module):
     ) -> Tensor:
         """(B,) the scalar at token index[b] of each row, e.g. the last response token for a reward:
         self(idx, ...)[b, index[b]], with the last block past its keys/values run at that token only."""
-        h = hidden_at(self.trunk, idx, index, positions=positions, segment_ids=segment_ids)  # (B, C)
+        h = self.trunk.hidden_at(idx, index, positions=positions, segment_ids=segment_ids)  # (B, C)
         return self.head(h).squeeze(-1)  # (B,)
 
     def weights(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.endswith(TIED)}
+        tied = tuple(f"trunk.{t}" for t in self.trunk.tied)
+        return {k: v for k, v in self.state_dict().items() if not (tied and k.endswith(tied))}
 
     def load_weights(self, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
-        load_checked(self, {k: v for k, v in tensors.items() if not k.endswith(TIED)}, source)
+        tied = tuple(f"trunk.{t}" for t in self.trunk.tied)
+        load_checked(
+            self, {k: v for k, v in tensors.items() if not (tied and k.endswith(tied))}, source, tied
+        )
 
 
 def last_token_index(mask: Tensor) -> Tensor:

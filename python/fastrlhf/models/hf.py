@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.models.config import GPTConfig
-from fastrlhf.models.gpt import GPT
+from fastrlhf.models.gpt2 import GPT
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some transformers versions save

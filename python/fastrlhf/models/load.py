@@ -7,7 +7,7 @@ import os
 from fastrlhf.data import load_tokenizer
 from fastrlhf.io.checkpoint import STATE_FILE, read_state, read_verified, resolve_checkpoint
 from fastrlhf.models.config import GPTConfig
-from fastrlhf.models.gpt import GPT
+from fastrlhf.models.gpt2 import GPT
 
 
 def load_gpt(path: str | os.PathLike, name: str = "model"):

@@ -1,4 +1,5 @@
-"""Scoring only what a reward needs: the scalar head reads one token per sequence, so two cuts of the
+"""The batch layout for scoring only what a reward needs (the trunk's `hidden_at` and `shared_hidden`,
+models/transformer.py, run it): the scalar head reads one token per sequence, so two cuts of the
 plain full forward give the same rewards and gradients with fewer FLOPs.
 
 1. Read position only in the last block: every token still needs its keys/values there, but the query,
@@ -19,9 +20,6 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
-
-from fastrlhf import ops
-from fastrlhf.models.gpt import GPT, Block
 
 
 @dataclass
@@ -86,104 +84,3 @@ def shared_layout(seqs: list[list[int]], sizes: list[int], pad_id: int) -> Share
         None if bool(prefix_real.all()) else prefix_real,
         None if bool(seg.all()) else seg,
     )
-
-
-def _heads(block: Block, t: Tensor) -> Tensor:
-    B, T, _ = t.shape
-    return t.view(B, T, block.attn.n_head, block.attn.head_dim).transpose(1, 2)  # (B, H, T, D)
-
-
-def _project(block: Block, h: Tensor, part: slice) -> list[Tensor]:
-    """Rows `part` (in units of C: 0 = q, 1 = k, 2 = v) of c_attn applied to h (B, T, C), as heads."""
-    C, lin = h.shape[-1], block.attn.c_attn
-    w = lin.weight[part.start * C : part.stop * C]  # ((stop - start) C, C): a contiguous row slice
-    b = None if lin.bias is None else lin.bias[part.start * C : part.stop * C]
-    return [_heads(block, t) for t in ops.linear(h, w, b).split(C, dim=2)]  # each (B, H, T, D)
-
-
-def _finish(block: Block, x: Tensor, q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None) -> Tensor:
-    """The rest of Block.forward for queries q (B, H, Tq, D) whose residual stream is x (B, Tq, C)."""
-    B, Tq, C = x.shape
-    y = ops.causal_attention(q, k, v, segment_ids=seg).transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C)
-    x = x + block.attn.resid_dropout(block.attn.c_proj(y))
-    return x + block.mlp(block.ln_2(x))
-
-
-def _embed(gpt: GPT, idx: Tensor, pos: Tensor) -> Tensor:
-    tr = gpt.transformer
-    return tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
-
-
-def shared_hidden(gpt: GPT, b: SharedBatch) -> Tensor:
-    """(N, C) final-LayerNorm hidden state at each sequence's last token; equals
-    gpt.hidden(sequence)[last] for every member, with each prefix run once per group."""
-    if int(b.suffix_pos.max()) >= gpt.config.block_size:
-        raise ValueError(
-            f"sequences must be at most block_size = {gpt.config.block_size} tokens; "
-            f"got {int(b.suffix_pos.max()) + 1}"
-        )
-    blocks = gpt.transformer.h
-    Tp = b.prefix.shape[1]
-    xp = _embed(gpt, b.prefix, b.prefix_pos) if Tp else None  # (G, Tp, C)
-    xs = _embed(gpt, b.suffix, b.suffix_pos)  # (N, Ts, C)
-    for i, block in enumerate(blocks):
-        last = i == len(blocks) - 1
-        h = block.ln_1(xs)  # (N, Ts, C)
-        if last:  # keys/values of every token, the query of the read token only
-            (q,) = _project(block, h[:, -1:], slice(0, 1))  # (N, H, 1, D)
-            k, v = _project(block, h, slice(1, 3))  # (N, H, Ts, D) each
-            xs = xs[:, -1:]  # (N, 1, C)
-        else:
-            q, k, v = _project(block, h, slice(0, 3))  # (N, H, Ts, D) each
-        if Tp:
-            hp = block.ln_1(xp)  # (G, Tp, C)
-            if last:
-                kp, vp = _project(block, hp, slice(1, 3))  # (G, H, Tp, D) each
-            else:
-                qp, kp, vp = _project(block, hp, slice(0, 3))
-                xp = _finish(block, xp, qp, kp, vp, b.prefix_seg)
-            # each member attends to its group's prefix: index_select's backward sums over the members
-            k = torch.cat([kp.index_select(0, b.group), k], dim=2)  # (N, H, Tp + Ts, D)
-            v = torch.cat([vp.index_select(0, b.group), v], dim=2)
-        xs = _finish(block, xs, q, k, v, b.seg)
-    return gpt.transformer.ln_f(xs[:, -1])  # (N, C)
-
-
-def hidden_at(
-    gpt: GPT,
-    idx: Tensor,
-    index: Tensor,
-    *,
-    positions: Tensor | None = None,
-    segment_ids: Tensor | None = None,
-) -> Tensor:
-    """(B, C) = gpt.hidden(idx, positions=..., segment_ids=...)[b, index[b]], with the last block's query,
-    attention output, MLP and ln_f run at that one token of each row (any padding layout)."""
-    gpt._check_inputs(idx, positions, segment_ids, 0)
-    B, T = idx.shape
-    if index.shape != (B,) or bool(((index < 0) | (index >= T)).any()):
-        raise ValueError(f"index must be (B,) = ({B},) with entries in [0, {T}); got {index.tolist()}")
-    index = index.long()
-    if positions is None:
-        positions = torch.arange(T, device=idx.device)  # (T,)
-    x = _embed(gpt, idx, positions)  # (B, T, C)
-    *body, block = gpt.transformer.h
-    for layer, blk in enumerate(body):
-        x = blk(x, segment_ids, None, layer)
-    h = block.ln_1(x)  # (B, T, C)
-    rows = torch.arange(B, device=idx.device)
-    k, v = _project(block, h, slice(1, 3))  # (B, H, T, D) each
-    (q,) = _project(block, h[rows, index][:, None], slice(0, 1))  # (B, H, 1, D)
-    seg = segment_ids
-    if not bool((index == T - 1).all()):
-        # rotate each row so its read token is the last column (where a lone query sits), and put the
-        # tokens after it (rotated to the front) in a segment of their own, unseen by the query
-        order = (torch.arange(T, device=idx.device) + index[:, None] + 1) % T  # (B, T)
-        k = k.gather(2, order[:, None, :, None].expand_as(k))
-        v = v.gather(2, order[:, None, :, None].expand_as(v))
-        own = torch.zeros_like(idx) if segment_ids is None else segment_ids.long()  # (B, T)
-        mine = own[rows, index][:, None]  # (B, 1) the read token's segment
-        after = torch.arange(T, device=idx.device)[None] > index[:, None]  # (B, T)
-        seg = torch.where(after, mine + 1, own).gather(1, order)  # (B, T)
-    x = _finish(block, x[rows, index][:, None], q, k, v, seg)  # (B, 1, C)
-    return gpt.transformer.ln_f(x[:, 0])  # (B, C)

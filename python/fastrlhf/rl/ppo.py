@@ -32,7 +32,7 @@ from fastrlhf import ops
 from fastrlhf.data import random_batch
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, Generation, ScalarHeadModel, generate, last_token_index
-from fastrlhf.models.gpt import load_checked
+from fastrlhf.models.transformer import load_checked
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import (
     AdaptiveKLController,

@@ -1,0 +1,110 @@
+"""The GPT-2 architecture (Radford et al. 2019; arXiv 2005.14165) in the shape of nanoGPT's model.py:
+learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied input/output embeddings. Blocks and weight
+names only: the forward passes (training, `tail`, decode, read-one-token, shared-prefix) are the trunk's
+(models/transformer.py). Parameter names are GPT-2's, so HF weights map one to one (models/hf.py)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from fastrlhf import ops
+from fastrlhf.models.config import GPTConfig
+from fastrlhf.models.transformer import CausalLM, Linear
+
+TIED = "lm_head.weight"  # the output matrix is transformer.wte.weight; checkpoints store it once
+_PARTS = {"qkv": slice(0, 3), "q": slice(0, 1), "kv": slice(1, 3)}  # rows of c_attn, in units of C
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # GPT-2's "gelu_new" is the tanh approximation; HF weights only match with it.
+        return self.dropout(self.c_proj(ops.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def norm_in(self, x: Tensor) -> Tensor:
+        return self.ln_1(x)
+
+    def project(self, h: Tensor, positions: Tensor, parts: str) -> list[Tensor]:
+        """The q/k/v heads of h (B, T, C) that `parts` names, each (B, H, T, D): one GEMM over the rows of
+        the fused c_attn they need (positions are unused: GPT-2 adds them at the embedding)."""
+        B, T, C = h.shape
+        rows, lin = _PARTS[parts], self.attn.c_attn
+        w, b = lin.weight, lin.bias
+        if parts != "qkv":  # ((stop - start) C, C): a contiguous row slice
+            w = w[rows.start * C : rows.stop * C]
+            b = None if b is None else b[rows.start * C : rows.stop * C]
+        H, D = self.attn.n_head, self.attn.head_dim
+        return [t.view(B, T, H, D).transpose(1, 2) for t in ops.linear(h, w, b).split(C, dim=2)]
+
+    def finish(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor | None) -> Tensor:
+        B, Tq, C = x.shape
+        y = ops.causal_attention(q, k, v, segment_ids=segment_ids)  # (B, H, Tq, D)
+        y = y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C): heads side by side
+        x = x + self.attn.resid_dropout(self.attn.c_proj(y))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(CausalLM):
+    tied = (TIED,)
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied (Press & Wolf 2017), as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
+        tr = self.transformer
+        return tr.drop(tr.wte(idx) + tr.wpe(positions))  # (B, T, C)
+
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    def norm_f(self, x: Tensor) -> Tensor:
+        return self.transformer.ln_f(x)
