@@ -4,32 +4,33 @@ replaced by a scalar projection; arXiv 2203.02155, section 3.5)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from fastrlhf.models.config import GPTConfig
-from fastrlhf.models.gpt2 import GPT
+from fastrlhf.models.families import build_model
 from fastrlhf.models.shared import SharedBatch
-from fastrlhf.models.transformer import load_checked
+from fastrlhf.models.transformer import CausalLM, load_checked
 
 
 class ScalarHeadModel(nn.Module):
     """values = head(trunk(idx)): (B, T) per-token scalars; `score` reads one chosen token per row, and
     forward(shared=SharedBatch) the last token of each sequence of a prefix-sharing batch."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Any):
         super().__init__()
         self.config = config
-        self.trunk = GPT(config)
+        self.trunk = build_model(config)  # any family's CausalLM; its LM head is unused here
         self.head = nn.Linear(config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1.0 / (config.n_embd + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_gpt(cls, gpt: GPT) -> ScalarHeadModel:
-        """A scalar model whose trunk starts as a copy of gpt's weights (the LM head is dropped)."""
+    def from_gpt(cls, gpt: CausalLM) -> ScalarHeadModel:
+        """A scalar model whose trunk starts as a copy of a language model's weights."""
         model = cls(gpt.config).to(next(gpt.parameters()).device)
-        model.trunk.load_weights(gpt.weights(), source="GPT weights")
+        model.trunk.load_weights(gpt.weights(), source="language-model weights")
         return model
 
     def forward(

@@ -8,6 +8,7 @@ from fastrlhf.ops.gelu import gelu
 from fastrlhf.ops.linear import linear, rows_linear
 from fastrlhf.ops.linear_ce import linear_cross_entropy
 from fastrlhf.ops.logprobs import token_logprobs
+from fastrlhf.ops.norms import rms_norm, swiglu
 from fastrlhf.ops.ppo_loss import ppo_loss
 from fastrlhf.ops.sample import sample
 
@@ -18,7 +19,9 @@ __all__ = [
     "linear",
     "linear_cross_entropy",
     "ppo_loss",
+    "rms_norm",
     "rows_linear",
     "sample",
+    "swiglu",
     "token_logprobs",
 ]

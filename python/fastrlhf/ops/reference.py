@@ -233,3 +233,16 @@ def ppo_loss(
             "entropy": ent.detach(),
         }
     return loss.to(logprobs.dtype), stats
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2, last dim) + eps) * weight, accumulated in fp32 (fp64 for fp64), rounded once to
+    x's dtype before the gain, as HF's LlamaRMSNorm does."""
+    xf = x.to(_math_dtype(x))
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up (Shazeer 2020, arXiv 2002.05202), in gate's dtype."""
+    return torch.nn.functional.silu(gate) * up
