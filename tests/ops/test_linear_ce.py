@@ -188,3 +188,14 @@ def test_in_place_kernel_with_minus_inf_logits(dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got.double(), lp.detach(), rtol=tol, atol=tol)
     torch.testing.assert_close(buf.double(), x.grad, rtol=tol, atol=tol)
+
+
+def test_a_frozen_weight_gets_no_gradient_and_hidden_the_same_one():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(53, 16, dtype=torch.float64)  # frozen, as LoRA's base or a tied frozen embedding
+    t = torch.randint(0, 53, (37,))
+    linear_cross_entropy(h, w, t, chunk_rows=8).backward()
+    want = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.t(), t), h)[0]
+    torch.testing.assert_close(h.grad, want)
+    assert w.grad is None

@@ -50,9 +50,16 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> 
 # A Python custom op (the GEMMs are torch's): opaque to torch.compile, with a fake and an autograd formula.
 @torch.library.custom_op("fastrlhf::linear_cross_entropy_fwd", mutates_args=())
 def _fwd(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_grads: bool, chunk_rows: int
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    need_grads: bool,
+    chunk_rows: int,
+    weight_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """loss (), and when need_grads d loss / d hidden (N, C) and d loss / d weight (V, C), else (0,) each."""
+    """loss (), and when need_grads d loss / d hidden (N, C) and (if weight_grad) d loss / d weight (V, C),
+    else (0,) each. A frozen weight (LoRA's base, say) skips the (V, C) GEMMs of its gradient."""
     _check(hidden, weight, targets, chunk_rows)
     (N, C), V = hidden.shape, weight.shape[0]
     keep = targets != ignore_index  # (N,)
@@ -67,7 +74,9 @@ def _fwd(
     n = h.shape[0]
     d_h = h.new_empty((n, C) if need_grads else (0,))  # outputs may not alias: two (0,) tensors otherwise
     d_w = weight.new_empty((0,))
-    if need_grads:  # (V, C); written by the first chunk's GEMM, so zeros only when there is none
+    if (
+        need_grads and weight_grad
+    ):  # (V, C); written by the first chunk's GEMM, so zeros only when there is none
         d_w = weight.new_empty((V, C)) if n else weight.new_zeros((V, C))
     buf = h.new_empty((min(chunk_rows, n), V))  # (R, V): one chunk's logits, then their gradient
     total = torch.zeros((), dtype=torch.float64)
@@ -78,9 +87,9 @@ def _fwd(
         if need_grads:  # loss = -mean log p: d loss / d logits = -(onehot - p) / n, written over the logits
             lp = torch.ops.fastrlhf.token_logprobs_grad_(logits, t_c, -1.0 / n)  # (r,)
             torch.mm(logits, weight, out=d_h[i : i + chunk_rows])
-            if i == 0:  # (V, C): written by the first chunk, accumulated by the others
+            if weight_grad and i == 0:  # (V, C): written by the first chunk, accumulated by the others
                 torch.mm(logits.t(), h_c, out=d_w)
-            else:
+            elif weight_grad:
                 d_w.addmm_(logits.t(), h_c)
         else:
             lp = torch.ops.fastrlhf.token_logprobs_fwd(logits, t_c, 1.0, False)[0]  # (r,)
@@ -92,15 +101,15 @@ def _fwd(
 
 
 @_fwd.register_fake
-def _fwd_fake(hidden, weight, targets, ignore_index, need_grads, chunk_rows):  # type: ignore[no-untyped-def]
+def _fwd_fake(hidden, weight, targets, ignore_index, need_grads, chunk_rows, weight_grad=True):  # type: ignore[no-untyped-def]
     _check(hidden, weight, targets, chunk_rows)
     d_h = hidden.new_empty(hidden.shape if need_grads else (0,))
-    return hidden.new_empty(()), d_h, weight.new_empty(weight.shape if need_grads else (0,))
+    return hidden.new_empty(()), d_h, weight.new_empty(weight.shape if need_grads and weight_grad else (0,))
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     _, d_h, d_w = output
-    ctx.need_grads = inputs[4]
+    ctx.need_grads, ctx.weight_grad = inputs[4], inputs[6]
     ctx.save_for_backward(d_h, d_w)
     ctx.mark_non_differentiable(d_h, d_w)
     ctx.set_materialize_grads(False)  # else autograd fills (N, C) and (V, C) zeros for the unused outputs
@@ -110,14 +119,16 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):  # type: ignore[no-untyped-de
     if not ctx.need_grads:
         raise RuntimeError("linear_cross_entropy was called with need_grads=False; it has no gradient")
     if grad_loss is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     d_h, d_w = ctx.saved_tensors
+    if not ctx.weight_grad:
+        d_w = None
     eager = type(grad_loss) is Tensor and not torch.compiler.is_compiling()  # not fake/functional/traced
     if eager and grad_loss.item() == 1.0:
         # loss.backward() seeds 1: skip a pass over (V, C). Returning the saved tensors is safe: autograd
         # only adds into a gradient in place when nothing else holds it (not with retain_graph)
-        return d_h, d_w, None, None, None, None
-    return grad_loss * d_h, grad_loss * d_w, None, None, None, None
+        return d_h, d_w, None, None, None, None, None
+    return grad_loss * d_h, None if d_w is None else grad_loss * d_w, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -154,4 +165,6 @@ def linear_cross_entropy(
         return _plain(hidden, weight, targets, ignore_index)
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
-    return _fwd(flat_h, weight, targets.reshape(-1), ignore_index, need_grads, chunk_rows)[0]
+    return _fwd(
+        flat_h, weight, targets.reshape(-1), ignore_index, need_grads, chunk_rows, weight.requires_grad
+    )[0]
