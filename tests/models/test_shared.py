@@ -170,3 +170,20 @@ def test_bad_inputs():
         rm.score(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="pass either idx or shared"):
         rm(torch.zeros(1, 2, dtype=torch.long), shared=shared_layout([[1]], [1], 0))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_shared_states_equal_every_tokens_full_forward_float64(bias):
+    rm = model(bias=bias)
+    seqs, sizes = rankings()
+    b = shared_layout(seqs, sizes, pad_id=0)
+    prefix, suffix = rm.trunk.shared_states(b)  # (G, Tp, C), (N, Ts, C)
+    Tp, Ts = b.prefix.shape[1], b.suffix.shape[1]
+    for n, s in enumerate(seqs):
+        full = rm.trunk.hidden(torch.tensor([s]))[0]  # (T, C)
+        g = int(b.group[n])
+        cut = int(b.prefix_seg[g].sum()) if b.prefix_seg is not None else (Tp if prefix is not None else 0)
+        if cut:
+            torch.testing.assert_close(prefix[g, Tp - cut :], full[:cut])
+        rest = len(s) - cut
+        torch.testing.assert_close(suffix[n, Ts - rest :], full[cut:])

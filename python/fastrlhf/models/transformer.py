@@ -241,6 +241,18 @@ class CausalLM(nn.Module):
     def shared_hidden(self, b: SharedBatch) -> Tensor:
         """(N, C) final-norm hidden state at each sequence's last token; equals self.hidden(sequence)[last]
         for every member, with each group's shared prefix run once (models/shared.py lays the batch out)."""
+        return self.norm_f(self._shared(b, read_last=True)[1][:, -1])  # (N, C)
+
+    def shared_states(self, b: SharedBatch) -> tuple[Tensor | None, Tensor]:
+        """Final-norm hidden states of every token: the prefixes' (G, Tp, C) (None when Tp = 0) and the
+        suffixes' (N, Ts, C), each prefix run once per group (what a sequence's log-prob needs, e.g. DPO's
+        K answers to one prompt)."""
+        xp, xs = self._shared(b, read_last=False)
+        return (None if xp is None else self.norm_f(xp)), self.norm_f(xs)
+
+    def _shared(self, b: SharedBatch, read_last: bool) -> tuple[Tensor | None, Tensor]:
+        """The residual streams after the last block: prefixes (G, Tp, C) or None, suffixes (N, Ts, C) (only
+        each suffix's last row, (N, 1, C), with read_last: the last block then runs one query a sequence)."""
         if int(b.suffix_pos.max()) >= self.config.block_size:
             raise ValueError(
                 f"sequences must be at most block_size = {self.config.block_size} tokens; "
@@ -251,9 +263,9 @@ class CausalLM(nn.Module):
         xp = self.embed(b.prefix, b.prefix_pos) if Tp else None  # (G, Tp, C)
         xs = self.embed(b.suffix, b.suffix_pos)  # (N, Ts, C)
         for i, block in enumerate(blocks):
-            last = i == len(blocks) - 1
+            cut = read_last and i == len(blocks) - 1
             h = block.norm_in(xs)  # (N, Ts, C)
-            if last:  # keys/values of every token, the query of the read token only
+            if cut:  # keys/values of every token, the query of the read token only
                 (q,) = block.project(h[:, -1:], b.suffix_pos[:, -1:], "q")  # (N, H, 1, D)
                 k, v = block.project(h, b.suffix_pos, "kv")  # (N, Hkv, Ts, D) each
                 xs = xs[:, -1:]  # (N, 1, C)
@@ -261,7 +273,7 @@ class CausalLM(nn.Module):
                 q, k, v = block.project(h, b.suffix_pos, "qkv")  # (N, H | Hkv, Ts, D) each
             if Tp:
                 hp = block.norm_in(xp)  # (G, Tp, C)
-                if last:
+                if cut:
                     kp, vp = block.project(hp, b.prefix_pos, "kv")  # (G, Hkv, Tp, D) each
                 else:
                     qp, kp, vp = block.project(hp, b.prefix_pos, "qkv")
@@ -270,7 +282,7 @@ class CausalLM(nn.Module):
                 k = torch.cat([kp.index_select(0, b.group), k], dim=2)  # (N, Hkv, Tp + Ts, D)
                 v = torch.cat([vp.index_select(0, b.group), v], dim=2)
             xs = block.finish(xs, q, k, v, b.seg)
-        return self.norm_f(xs[:, -1])  # (N, C)
+        return xp, xs
 
     # ---- the LM head and weights ---------------------------------------------------------------------
     def forward(
