@@ -212,3 +212,30 @@ def test_bad_configs_and_weights_name_what_is_wrong():
     del sd["model.norm.weight"]
     with pytest.raises(ValueError, match="missing.*model.norm.weight"):
         ours.load_weights(sd)
+
+
+def test_parameter_count_matches_the_models_and_an_impossible_size_is_refused_before_allocating():
+    from fastrlhf.models import GPTConfig
+    from fastrlhf.models.families import build_model, parameter_count
+
+    for cfg in (
+        GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16),
+        GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16, bias=False),
+        LlamaConfig(vocab_size=50, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, intermediate_size=40),
+        LlamaConfig(
+            family="qwen3",
+            vocab_size=50,
+            n_layer=2,
+            n_head=6,
+            n_kv_head=3,
+            n_embd=48,
+            head_dim=32,
+            intermediate_size=40,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            qk_norm=True,
+        ),
+    ):
+        assert parameter_count(cfg) == build_model(cfg).num_params()
+    with pytest.raises(ValueError, match=r"needs \d+\.\d GiB .* block_size=100000000"):
+        build_model(GPTConfig(block_size=100_000_000))

@@ -29,6 +29,42 @@ def config_from_dict(arch: str, d: dict[str, Any]) -> Any:
     return FAMILIES[arch][0].from_dict(d)
 
 
+def parameter_count(config: Any) -> int:
+    """Parameters a model of this config holds (a tied LM head counted once), from the sizes alone."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    if arch_of(config) == "gpt2":
+        b = int(config.bias)
+        block = 12 * C * C + b * 9 * C + (2 + 2 * b) * C  # c_attn, c_proj, c_fc, c_proj (+ biases), 2 LNs
+        return V * C + config.block_size * C + L * block + (1 + b) * C
+    q, kv, inner = (
+        config.n_head * config.head_dim,
+        config.n_kv_head * config.head_dim,
+        config.intermediate_size,
+    )
+    block = C * q + 2 * C * kv + q * C + 3 * C * inner + 2 * C  # q, k, v, o; gate, up, down; two norms
+    block += int(config.attention_bias) * (q + 2 * kv) + int(config.qk_norm) * 2 * config.head_dim
+    return V * C * (1 if config.tie_word_embeddings else 2) + L * block + C
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give this process (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def build_model(config: Any) -> CausalLM:
-    """A freshly initialised model of config's family."""
+    """A freshly initialised model of config's family. The weights' memory is checked first, so a config
+    with a typo in a size (block_size = 100000000) fails with a message, not with the out-of-memory killer."""
+    need, free = 4 * parameter_count(config), available_memory()  # fp32 weights at construction
+    if free is not None and need > free:
+        sizes = ", ".join(
+            f"{k}={getattr(config, k)}" for k in ("vocab_size", "block_size", "n_layer", "n_embd")
+        )
+        raise ValueError(
+            f"this model config needs {need / 2**30:.1f} GiB for its fp32 weights alone, more than the "
+            f"{free / 2**30:.1f} GiB this machine has available ({sizes}): check these sizes"
+        )
     return FAMILIES[arch_of(config)][1](config)
