@@ -1,5 +1,5 @@
 // The only file that includes pybind11: the fastrlhf._C module. Loading it also
-// registers the torch ops defined in torch_ops.cpp (torch.ops.fastrlhf.*).
+// registers the torch ops that the adapters in csrc/torch/ define (torch.ops.fastrlhf.*).
 #include <pybind11/pybind11.h>
 
 #include "common/runtime.h"

@@ -20,7 +20,7 @@ struct AttnFwdParams {
   double scale;
   int64_t kv_plane;    // elements between consecutive (b, h) planes of k and v: Tk * D when contiguous,
                        // more for a view of the first Tk positions of a preallocated KV cache
-  float* work = nullptr;  // CUDA only: attention_fwd_cuda_workspace(*this) floats of scratch (cuda_ops.h)
+  float* work = nullptr;  // CUDA only: attention_fwd_cuda_workspace(*this) floats of scratch (below)
 };
 
 struct AttnBwdParams {
@@ -38,6 +38,16 @@ struct AttnBwdParams {
   int64_t B, H, Hkv, Tq, Tk, D;
   double scale;
 };
+
+// The CUDA launchers: fp32/bf16/fp16 (no float64 on CUDA); 1 <= D <= 256. Below Tq = kAttnDecodeTq the
+// forward is the split-KV decode kernel (attention_decode.cu), which reads k, v through p.kv_plane (a
+// KV-cache view in place) and needs p.work: attention_fwd_cuda_workspace(p) floats of device memory (0
+// otherwise). The other attention kernels read contiguous k, v.
+constexpr int64_t kAttnDecodeTq = 16;
+int64_t attention_fwd_cuda_workspace(const AttnFwdParams& p);
+void attention_fwd_cuda(const AttnFwdParams& p, cudaStream_t stream);
+void attention_decode_cuda(const AttnFwdParams& p, cudaStream_t stream);
+void attention_bwd_cuda(const AttnBwdParams& p, cudaStream_t stream);
 }  // namespace fr
 
 FR_DECLARE_CPU_KERNEL(attention_fwd_cpu, AttnFwdParams)

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "common/cuda_ops.h"
+#include "attention/attention.h"
 #include "common/cuda_utils.cuh"
 
 namespace fr::cuda::attn {

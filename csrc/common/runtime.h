@@ -6,6 +6,12 @@
 #include <cstdint>
 #include <utility>
 
+// CUDA's stream handle, declared as CUDA's driver_types.h does so that each op's header can declare its
+// CUDA launchers (csrc/<op>/*.cu) without any CUDA header. Every pointer in a params struct passed to a
+// launcher is device memory unless its comment says host; each launcher enqueues its kernels on `stream`
+// and throws std::runtime_error naming the kernel if a launch fails. They exist only in builds with CUDA.
+typedef struct CUstream_st* cudaStream_t;
+
 namespace fr {
 
 using ParallelBody = void (*)(int64_t begin, int64_t end, void* ctx);

@@ -6,7 +6,7 @@
 // deltas already loaded, so each step costs one dependent multiply and add, not a shared-memory
 // round trip. Adds and multiplies are explicitly rounded (no fused multiply-add) and happen in the
 // reference's order, so float64 results equal the CPU kernel and the Python loop bit for bit.
-#include "common/cuda_ops.h"
+#include "gae/gae.h"
 #include "common/cuda_utils.cuh"
 
 namespace fr::cuda {

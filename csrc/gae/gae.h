@@ -16,6 +16,8 @@ struct GaeParams {
   int64_t B, T;
   double gamma, lam;
 };
+
+void gae_cuda(const GaeParams& p, cudaStream_t stream);
 }  // namespace fr
 
 FR_DECLARE_CPU_KERNEL(gae_cpu, GaeParams)

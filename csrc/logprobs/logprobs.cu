@@ -5,7 +5,7 @@
 // 2018, arXiv 1805.02867) relative to its running max M: s = sum e^(y - M), t = sum e^(y - M)(y - M)
 // (in log2 units for fp32, see Units), and the block merges the states in a fixed order. The backward reads the row once more and writes
 // d logits once. Rows are read in 16-byte packs (a scalar head and tail around the aligned body).
-#include "common/cuda_ops.h"
+#include "logprobs/logprobs.h"
 #include "common/cuda_utils.cuh"
 
 namespace fr::cuda {

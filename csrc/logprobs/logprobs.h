@@ -53,6 +53,19 @@ struct TokenLogprobsGradParams {
   double scale;
 };
 
+// The CUDA launchers. Rows of logits (..., V) with stride 1 in V and at most two leading dims after
+// merging: row n starts at (n / inner) * stride_outer + (n % inner) * stride_inner (logits[:, :-1] stays
+// a view).
+struct RowLayout {
+  int64_t inner, stride_outer, stride_inner;
+};
+// p.row_offset and p.bad_row are unused (layout gives the rows); bad_row_dev is a (1,) int64 device
+// scratch. Returns the first row whose target is outside [0, V), or -1, and then that target in
+// *bad_target (host). This syncs the stream.
+int64_t token_logprobs_fwd_cuda(const TokenLogprobsFwdParams& p, const RowLayout& layout, int64_t* bad_row_dev,
+                                int64_t* bad_target, cudaStream_t stream);
+void token_logprobs_bwd_cuda(const TokenLogprobsBwdParams& p, const RowLayout& layout, cudaStream_t stream);
+
 // Asks Linux to back a fresh, large output buffer with 2 MiB pages before the kernel first
 // writes it: faulting in (2048, 50304) fp32 with 4 KiB pages costs more than computing it.
 // Only whole 2 MiB blocks inside [p, p + bytes) are affected; a no-op elsewhere.

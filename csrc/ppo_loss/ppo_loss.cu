@@ -6,7 +6,7 @@
 // are the same run after run: at RLHF sizes (N ~ 32k) one block beats a multi-block reduction that
 // would need a second launch or atomics. Same per-token math as ppo_loss.cpp (ties and clamp edges
 // follow autograd's rules for the reference).
-#include "common/cuda_ops.h"
+#include "ppo_loss/ppo_loss.h"
 #include "common/cuda_utils.cuh"
 
 namespace fr::cuda {

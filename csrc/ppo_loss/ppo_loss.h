@@ -46,6 +46,11 @@ struct PpoLossScaleParams {
   void* out;          // (n,)
   int64_t n;
 };
+
+void ppo_loss_cuda(const PpoLossParams& p, cudaStream_t stream);
+// p.grad_loss is unused: grad_loss (one value of p.dtype) is read on the device, so the backward
+// needs no host sync.
+void ppo_loss_scale_cuda(const PpoLossScaleParams& p, const void* grad_loss, cudaStream_t stream);
 }  // namespace fr
 
 FR_DECLARE_CPU_KERNEL(ppo_loss_cpu, PpoLossParams)

@@ -15,7 +15,7 @@
 // deterministic run after run.
 #include <cfloat>
 
-#include "common/cuda_ops.h"
+#include "sample/sample.h"
 #include "common/cuda_utils.cuh"
 #include "common/philox.h"
 

@@ -28,6 +28,12 @@ struct SampleParams {
   int64_t B, V;
 };
 
+
+// The CUDA launcher. p.status is a (B,) device buffer; status_host (B,) receives it (this syncs the
+// stream). The CUDA kernel also checks the per-row parameters, which live on the device, with the codes below.
+enum CudaRowStatus : uint8_t { kRowBadTemperature = 16, kRowBadTopK, kRowBadTopP, kRowBadMinP };
+void sample_cuda(const SampleParams& p, uint8_t* status_host, cudaStream_t stream);
+
 }  // namespace fr
 
 FR_DECLARE_CPU_KERNEL(sample_cpu, SampleParams)
