@@ -21,10 +21,10 @@ import time
 
 import torch
 from _common import report
+from fastrlhf.config import load_config
 from fastrlhf.models import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.ppo import PPOTrainer
-from fastrlhf.train.config import load_config
 
 VOCAB, N_PROMPTS, PROMPT_LEN, NEW = 512, 16, 32, 64
 

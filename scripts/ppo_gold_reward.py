@@ -17,11 +17,13 @@ import copy
 import json
 from pathlib import Path
 
-from fastrlhf.pipeline.evaluate import answer_and_score, true_scorer
-from fastrlhf.pipeline.run import PipelineConfig, Run, config_from_dict
+from fastrlhf.config import merge, parse_overrides
+from fastrlhf.pipeline.config import PipelineConfig, config_from_dict
+from fastrlhf.pipeline.evaluate import answer_and_score
+from fastrlhf.pipeline.folder import Run
 from fastrlhf.pipeline.stages import _task, eval_metrics
 from fastrlhf.rl.build import build_trainer
-from fastrlhf.train.config import merge, parse_overrides
+from fastrlhf.tasks.registry import task_module
 
 
 def load_run_config(run: Path, overrides: list[str]) -> PipelineConfig:
@@ -51,7 +53,7 @@ def main() -> None:
     )
     cfg.train.device, cfg.train.threads = run.cfg.run.device, run.cfg.run.threads
     # the gold score is the reward; the value model then starts from the policy's trunk
-    trainer = build_trainer(cfg, true_score=true_scorer(run.cfg.run.task), gold_reward=True)
+    trainer = build_trainer(cfg, true_score=task_module(run.cfg.run.task).score, gold_reward=True)
     trainer.train()
     # the evaluation stage's prompts, seeds and metrics, with the gold-reward policy in PPO's place
     prompts = _task(run).prompts("heldout")[: run.cfg.eval.prompts]

@@ -2,10 +2,10 @@
 
 import random
 
+from fastrlhf.config import load_config
 from fastrlhf.data.formats import Ranking, SFTExample, write_rankings, write_sft
-from fastrlhf.labeling.labelers import ArithmeticLabeler
+from fastrlhf.labeling.labelers import make_labeler
 from fastrlhf.tasks.arithmetic import make_problems
-from fastrlhf.train.config import load_config
 
 TINY_SFT = [
     "model.vocab_size=300",
@@ -29,7 +29,7 @@ def write_demos(path, n=240, seed=0):
 
 def arithmetic_rankings(n, seed=0, ks=(4,)):
     """n rankings of made-up answers (right, off by 1, 3, 10, 30), ranked by the arithmetic labeler."""
-    rng, lab, out = random.Random(seed), ArithmeticLabeler(), []
+    rng, lab, out = random.Random(seed), make_labeler("arithmetic"), []
     for i, p in enumerate(make_problems(n, seed=seed, digits=(1,))):
         k = ks[i % len(ks)]
         answers = [str(p.value + d) for d in rng.sample([0, 1, -3, 10, -30], k)]

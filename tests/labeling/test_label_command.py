@@ -3,7 +3,7 @@ import torch
 from fastrlhf.cli import main
 from fastrlhf.data.formats import read_rankings
 from fastrlhf.labeling.answers import sample_answers
-from fastrlhf.labeling.labelers import ArithmeticLabeler
+from fastrlhf.labeling.labelers import make_labeler
 from fastrlhf.models.load import load_gpt
 from fastrlhf.tasks.arithmetic import parse_problem
 
@@ -27,7 +27,7 @@ def test_label_writes_rankings_of_k_sampled_answers_and_resumes(sft_run, tmp_pat
     first = read_rankings(out)
     skipped = int(capsys.readouterr().out.split(" skipped")[0].rsplit(", ", 1)[1])
     assert len(first) + skipped == 6 and len(first) >= 3
-    lab = ArithmeticLabeler()
+    lab = make_labeler("arithmetic")
     for r in first:
         parse_problem(r.prompt)  # arithmetic train prompts
         assert r.k == 3 and all(s.strip() for s in r.responses)

@@ -10,31 +10,31 @@ import time
 import pytest
 from fastrlhf.data.formats import FormatError, Ranking, read_rankings, write_rankings
 from fastrlhf.labeling.labelers import (
-    LABELERS,
-    ArithmeticLabeler,
     JsonlLabeler,
     Labeler,
     Quit,
-    SentimentLabeler,
+    ScoreLabeler,
     TerminalLabeler,
     Undo,
     label_prompts,
+    labeler_names,
     make_labeler,
     parse_typed_ranking,
 )
 
 
 def test_sentiment_ranks_most_positive_first_ties_by_index():
-    lab = SentimentLabeler()
+    lab = make_labeler("sentiment")
     responses = ["the king", "O villain, damned villain!", "I love thee dearly, sweet friend", "the queen"]
-    assert lab.score(responses[2]) > 0.5 and lab.score(responses[1]) < -0.5
-    assert lab.score(responses[0]) == lab.score(responses[3]) == 0.0
+    score = lab.scores("x", responses)
+    assert score[2] > 0.5 and score[1] < -0.5
+    assert score[0] == score[3] == 0.0
     assert lab.rank("x", responses) == [2, 0, 3, 1]  # the two neutral lines keep their order
     assert lab.rank("x", responses[::-1]) == [1, 0, 3, 2]
 
 
 def test_arithmetic_correct_then_closer_then_unparseable():
-    lab = ArithmeticLabeler()
+    lab = make_labeler("arithmetic")
     responses = ["eighty-two", "80", "82", "-82", "83", "83", "82 apples"]
     # 0: junk, 1: off by 2, 2: right, 3: off by 164, 4: off by 1, 5: off by 1 (tie: index), 6: junk
     assert lab.rank("What is 37+45?", responses) == [2, 4, 5, 1, 3, 0, 6]
@@ -44,7 +44,7 @@ def test_arithmetic_correct_then_closer_then_unparseable():
 
 def test_arithmetic_rejects_a_foreign_prompt():
     with pytest.raises(ValueError, match=r"not an arithmetic prompt .* got 'Tell me a joke'"):
-        ArithmeticLabeler().rank("Tell me a joke", ["a", "b"])
+        make_labeler("arithmetic").rank("Tell me a joke", ["a", "b"])
 
 
 @pytest.mark.parametrize("responses", [[], ["only one"]])
@@ -52,12 +52,12 @@ def test_rank_needs_k_at_least_2(responses):
     with pytest.raises(
         ValueError, match=r"cannot rank the responses to 'What is 1\+1\?': a ranking needs K >= 2"
     ):
-        ArithmeticLabeler().rank("What is 1+1?", responses)
+        make_labeler("arithmetic").rank("What is 1+1?", responses)
 
 
 def test_rank_rejects_an_empty_response():
     with pytest.raises(ValueError, match=r"responses\[1\] is empty"):
-        SentimentLabeler().rank("x", ["fine", "   "])
+        make_labeler("sentiment").rank("x", ["fine", "   "])
 
 
 def test_a_plugin_returning_a_non_permutation_is_caught():
@@ -105,9 +105,14 @@ def test_jsonl_labeler_reports_a_malformed_file(tmp_path):
 
 def test_make_labeler_builds_each_registered_name(tmp_path):
     write_rankings(tmp_path / "r.jsonl", [])
-    assert sorted(LABELERS) == ["arithmetic", "jsonl", "sentiment", "terminal"]
-    assert isinstance(make_labeler("arithmetic"), ArithmeticLabeler)
-    assert isinstance(make_labeler("sentiment"), SentimentLabeler)
+    assert labeler_names() == ["arithmetic", "jsonl", "sentiment", "terminal"]
+    assert (
+        isinstance(make_labeler("arithmetic"), ScoreLabeler)
+        and make_labeler("arithmetic").name == "arithmetic"
+    )
+    assert (
+        isinstance(make_labeler("sentiment"), ScoreLabeler) and make_labeler("sentiment").name == "sentiment"
+    )
     assert isinstance(make_labeler("jsonl", path=tmp_path / "r.jsonl"), JsonlLabeler)
     assert isinstance(make_labeler("terminal", input=io.StringIO(), output=io.StringIO()), TerminalLabeler)
 
@@ -247,7 +252,7 @@ def test_label_prompts_samples_only_prompts_not_yet_ranked(tmp_path):
         ("What is 1+1?", sampler("What is 1+1?", ["3", "2"])),
         ("What is 2+2?", sampler("What is 2+2?", ["5", "4"])),
     ]
-    stats = label_prompts(ArithmeticLabeler(), items, out)
+    stats = label_prompts(make_labeler("arithmetic"), items, out)
     assert calls == ["What is 2+2?"] and (stats.skipped, stats.labeled, stats.total) == (1, 1, 2)
     assert read_rankings(out)[1] == Ranking("What is 2+2?", ["5", "4"], [1, 0], [-0.5, 1.0])
 
@@ -256,7 +261,7 @@ def test_label_prompts_bad_item_keeps_what_was_ranked(tmp_path):
     out = tmp_path / "r.jsonl"
     items = [("What is 1+1?", ["2", "3"]), ("What is 2+2?", ["4"])]
     with pytest.raises(ValueError, match=r"'What is 2\+2\?': a ranking needs K >= 2 responses; got K = 1"):
-        label_prompts(ArithmeticLabeler(), items, out)
+        label_prompts(make_labeler("arithmetic"), items, out)
     assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["What is 1+1?"]
 
 

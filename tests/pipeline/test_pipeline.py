@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from fastrlhf.cli import main
-from fastrlhf.pipeline.run import STAGES, fingerprints, load_pipeline_config, run_pipeline
+from fastrlhf.pipeline.config import STAGES, fingerprints, load_pipeline_config
+from fastrlhf.pipeline.run import run_pipeline
 
 # few distinct words, half of them charged: the BPE makes them whole tokens, so that even a barely trained
 # model's answers often hold one and the scripted labeler's VADER scores rarely all tie

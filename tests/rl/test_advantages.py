@@ -39,7 +39,9 @@ def test_reinforce_pp_returns_are_whitened_sums_to_the_end():
 
 
 def test_bad_groups_are_named():
-    with pytest.raises(ValueError, match=r"group size must be >= 2 \(a baseline needs other samples\); got 1"):
+    with pytest.raises(
+        ValueError, match=r"group size must be >= 2 \(a baseline needs other samples\); got 1"
+    ):
         group_advantages(R, 1)
     with pytest.raises(ValueError, match=r"rewards must be \(n_prompts \* 5,\)"):
         group_advantages(R, 5)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fastrlhf import ops
+from fastrlhf.config import load_config
 from fastrlhf.data import corpus
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.safetensors import read_safetensors
@@ -17,7 +18,6 @@ from fastrlhf.models.load import load_gpt
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import AdaptiveKLController, KLController, kl_penalty, shape_rewards
 from fastrlhf.rl.ppo import PPOTrainer
-from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
 from helpers.pretrain import make_text
 

@@ -1,9 +1,9 @@
 import pytest
 from fastrlhf.data.formats import SFTExample
-from fastrlhf.labeling.labelers import ArithmeticLabeler, SentimentLabeler, make_labeler
+from fastrlhf.labeling.labelers import make_labeler
 from fastrlhf.tasks.arithmetic import ArithmeticTask, Problem, make_problems, parse_answer, parse_problem
-from fastrlhf.tasks.registry import TASKS, get_task
-from fastrlhf.tasks.sentiment import SentimentTask, make_sentiment_task, split_line
+from fastrlhf.tasks.registry import load_task, task_names, task_options
+from fastrlhf.tasks.sentiment import SentimentTask, make_sentiment_task, split_line, vader_compound
 
 # --- arithmetic ----------------------------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ def test_arithmetic_task_demonstrations_rank_first():
     demos = task.demonstrations()
     assert [d.prompt for d in demos] == task.prompts("train") and len(task.prompts("heldout")) == 20
     assert not set(task.prompts("train")) & set(task.prompts("heldout"))
-    lab = ArithmeticLabeler()
+    lab = make_labeler("arithmetic")
     for d in demos[:20]:
         wrong = str(int(d.response) + 3)
         assert lab.rank(d.prompt, ["junk", wrong, d.response]) == [2, 1, 0]
@@ -157,9 +157,8 @@ def test_sentiment_demonstrations_are_positive_continuations_of_train_prompts():
     train, heldout = task.prompts("train"), task.prompts("heldout")
     assert len(set(train)) == len(train) and not set(train) & set(heldout)
     assert 0.05 < len(heldout) / (len(train) + len(heldout)) < 0.2  # about one in HELDOUT_EVERY
-    lab = SentimentLabeler()
     demos = task.demonstrations()
-    assert demos and all(d.prompt in train and lab.score(d.response) >= 0.05 for d in demos)
+    assert demos and all(d.prompt in train and vader_compound(d.response) >= 0.05 for d in demos)
     assert not any(d.response.endswith("dead") for d in demos)
     for d in demos:  # a demonstration is the corpus line itself
         assert any(" ".join(line.split()) == d.prompt + d.response for line in lines)
@@ -208,37 +207,32 @@ def test_bad_sentiment_arguments(kwargs, exc, match):
 # --- registry ------------------------------------------------------------------------------------------
 
 
-def test_get_task_builds_each_task_with_its_labeler():
-    assert sorted(TASKS) == ["arithmetic", "sentiment"]
-    arith = get_task("arithmetic", n_train=10, n_heldout=5)
+def test_load_task_builds_each_task_with_its_labeler(tmp_path):
+    assert task_names() == ["arithmetic", "sentiment"]
+    arith = load_task("arithmetic", task_options("arithmetic", {"train_problems": 10, "heldout_problems": 5}))
     assert isinstance(arith, ArithmeticTask) and len(arith.prompts("heldout")) == 5
-    senti = get_task("sentiment", lines=LINES * 3, prompt_words=2)
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n".join(LINES * 3) + "\n")
+    senti = load_task("sentiment", corpus=str(corpus))
     assert isinstance(senti, SentimentTask) and all(isinstance(d, SFTExample) for d in senti.demonstrations())
     for task in (arith, senti):
-        assert make_labeler(task.labeler).name == task.name
+        assert make_labeler(task.name).name == task.name
 
 
-def test_get_task_unknown_name_lists_the_valid_ones():
+def test_load_task_unknown_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown task 'poetry'; valid names: arithmetic, sentiment"):
-        get_task("poetry")
+        load_task("poetry")
 
 
-def test_get_task_sentiment_without_lines():
-    with pytest.raises(
-        TypeError, match=r"task 'sentiment' takes \(lines: .*missing a required argument: 'lines'"
-    ):
-        get_task("sentiment")
-
-
-def test_get_task_unknown_argument():
-    with pytest.raises(
-        TypeError, match=r"task 'arithmetic' takes \(n_train.*unexpected keyword argument 'n'"
-    ):
-        get_task("arithmetic", n=5)
+def test_task_options_unknown_field_and_bad_value_are_named():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['arithmetic.n'\]"):
+        task_options("arithmetic", {"n": 5})
+    with pytest.raises(ValueError, match=r"arithmetic.max_digits must be in \[1, 6\]; got 7"):
+        task_options("arithmetic", {"max_digits": 7})
 
 
 def test_task_split_name_is_checked():
     with pytest.raises(ValueError, match=r"split must be 'train' or 'heldout'; got 'dev'"):
-        get_task("sentiment", lines=LINES * 3, prompt_words=2).prompts("dev")
+        make_sentiment_task(LINES * 3, prompt_words=2).prompts("dev")
     with pytest.raises(ValueError, match=r"split must be 'train' or 'heldout'; got 'dev'"):
-        get_task("arithmetic").prompts("dev")
+        ArithmeticTask().prompts("dev")

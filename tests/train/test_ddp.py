@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fastrlhf.config import load_config
 from fastrlhf.models import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import global_masked_moments, masked_mean, masked_var
@@ -24,7 +25,6 @@ from fastrlhf.rl.ppo import PPOTrainer
 from fastrlhf.train import dist
 from fastrlhf.train import reward as reward_mod
 from fastrlhf.train import sft as sft_mod
-from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.pretrain import PretrainConfig, pretrain
 from fastrlhf.train.reward import RMConfig, train_rm

@@ -2,11 +2,11 @@ import shutil
 
 import pytest
 import torch
+from fastrlhf.config import load_config
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.safetensors import read_safetensors
 from fastrlhf.models import GPT
 from fastrlhf.models.load import load_gpt
-from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.pretrain import PretrainConfig, pretrain
 from helpers.pretrain import TINY

@@ -4,12 +4,12 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from fastrlhf.config import load_config
 from fastrlhf.data.formats import FormatError, Ranking, read_rankings, read_sft
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import ScalarHeadModel
 from fastrlhf.models.load import load_gpt
 from fastrlhf.models.shared import common_prefix
-from fastrlhf.train.config import load_config
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.reward import (
     RMConfig,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,13 +26,15 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from fastrlhf.data import decode_response, format_prompt
+    from fastrlhf.data.prompts import read_prompts
     from fastrlhf.models import generate
     from fastrlhf.models.load import load_gpt
 
     prompts = list(args.prompts)
-    if args.file:
-        lines = sys.stdin.readlines() if args.file == "-" else Path(args.file).read_text().splitlines()
-        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in lines if line.strip()]
+    if args.file == "-":
+        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in sys.stdin if line.strip()]
+    elif args.file:
+        prompts += read_prompts(args.file, "--file")
     if not prompts:
         raise ValueError("give at least one prompt (arguments or --file)")
     model, tok = load_gpt(args.checkpoint)

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import argparse
 
-from fastrlhf.labeling.answers import label_to_file, read_prompts
+from fastrlhf.labeling.answers import label_to_file, task_or_file_prompts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft", required=True, help="SFT checkpoint or run folder")
     p.add_argument("--prompts", required=True, help="a task name (arithmetic, sentiment) or a prompts file")
     p.add_argument("--k", type=int, default=4, help="answers per prompt (K >= 2; default: %(default)s)")
-    p.add_argument("--labeler", help="arithmetic, sentiment, terminal or jsonl (default: the task's)")
+    p.add_argument(
+        "--labeler", help="a task's name (its scripted labeler), terminal or jsonl (default: the task's)"
+    )
     p.add_argument("--labeler-file", help="rankings JSONL the jsonl labeler reads")
     p.add_argument("--out", required=True, help="rankings JSONL to append to (resumed if it exists)")
     p.add_argument("--split", choices=("train", "heldout"), default="train", help="task prompts to use")
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--k must be >= 2 (a ranking needs two answers); got {args.k}")
     if args.batch_prompts < 1 or args.max_new_tokens < 1 or args.limit < 0:
         raise ValueError("--batch-prompts and --max-new-tokens must be >= 1 and --limit >= 0")
-    prompts, task_labeler = read_prompts(args.prompts, args.split, args.corpus)
+    prompts, task_labeler = task_or_file_prompts(args.prompts, args.split, args.corpus)
     name = args.labeler or task_labeler
     if name is None:
         raise ValueError("--labeler is required when --prompts is a file")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from fastrlhf.pipeline.run import STAGES, load_pipeline_config, run_pipeline
+from fastrlhf.pipeline.config import STAGES, load_pipeline_config
+from fastrlhf.pipeline.run import run_pipeline
+from fastrlhf.tasks.registry import task_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="sentiment", help="sentiment or arithmetic (default: %(default)s)")
+    p.add_argument("--task", default="sentiment", help=f"one of {task_names()} (default: %(default)s)")
     p.add_argument("--out", required=True, help="run folder, e.g. runs/sentiment; an existing run is resumed")
     p.add_argument(
         "--config", help="TOML file with [run] [data] [pretrain.*] [sft.*] [label] [rm.*] [ppo.*] [eval]"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from fastrlhf.config import load_config
 from fastrlhf.rl.build import build_trainer
 from fastrlhf.rl.config import PPOConfig
-from fastrlhf.train.config import load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastrlhf.train.config import load_config
+from fastrlhf.config import load_config
 from fastrlhf.train.pretrain import PretrainConfig, pretrain
 
 

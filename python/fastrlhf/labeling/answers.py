@@ -9,46 +9,28 @@ already in --out are neither sampled nor shown again."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from fastrlhf.data import Tokenizer, decode_response, encode_prompt
+from fastrlhf.data.prompts import read_prompts
 from fastrlhf.labeling.labelers import LabelStats
 from fastrlhf.models import GPT, generate
+from fastrlhf.tasks.registry import load_task, task_names
 
 
-def read_prompts(source: str, split: str, corpus: str = "") -> tuple[list[str], str | None]:
-    """(prompts, the task's labeler name or None) of a task name or a prompts file."""
-    from fastrlhf.tasks.registry import TASKS
-
-    if source in TASKS:
-        from fastrlhf.train.sft import load_task
-
-        task = load_task(source, corpus)
-        return task.prompts(split), task.labeler
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {source!r} is neither a task ({', '.join(TASKS)}) nor a file")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string field 'prompt'")
-            prompts.append(obj["prompt"])
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return list(dict.fromkeys(prompts)), None  # each prompt once, in file order
+def task_or_file_prompts(source: str, split: str, corpus: str = "") -> tuple[list[str], str | None]:
+    """(prompts, the task's name for its scripted labeler, or None) of a task name or a prompts file;
+    each prompt once, in order."""
+    if source in task_names():
+        return load_task(source, corpus=corpus).prompts(split), source
+    if not Path(source).is_file():
+        raise FileNotFoundError(
+            f"--prompts {source!r} is neither a task ({', '.join(task_names())}) nor a file"
+        )
+    return list(dict.fromkeys(read_prompts(source, "--prompts"))), None
 
 
 def sample_answers(

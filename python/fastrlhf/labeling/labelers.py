@@ -23,16 +23,15 @@ from fastrlhf.data.formats import (
     numbered_rankings,
     ranking_problem,
 )
-from fastrlhf.tasks.arithmetic import parse_answer, parse_problem
+from fastrlhf.tasks.registry import task_module, task_names
 
 __all__ = [
     "LABELERS",
-    "ArithmeticLabeler",
     "JsonlLabeler",
     "LabelStats",
     "Labeler",
     "Quit",
-    "SentimentLabeler",
+    "ScoreLabeler",
     "TerminalLabeler",
     "Undo",
     "label_prompts",
@@ -87,44 +86,15 @@ class Labeler(ABC):
         """A message for the person labeling (resume, nothing to undo); scripted labelers ignore it."""
 
 
-class SentimentLabeler(Labeler):
-    """Most positive first by the VADER compound score of the response (Hutto & Gilbert, ICWSM 2014)."""
+class ScoreLabeler(Labeler):
+    """A scripted labeler: ranks by a task's graded score (`preference(prompt, response)`, higher is better,
+    equal scores tie), e.g. VADER's compound for sentiment, distance to the right sum for arithmetic."""
 
-    name = "sentiment"
-
-    def __init__(self) -> None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # loads its lexicon: ~50 ms
-
-        self._vader = SentimentIntensityAnalyzer()
-
-    def score(self, text: str) -> float:
-        """VADER compound score in [-1, 1]; >= 0.05 is VADER's own threshold for positive."""
-        return self._vader.polarity_scores(text)["compound"]
+    def __init__(self, name: str, preference: Callable[[str, str], float]) -> None:
+        self.name, self._preference = name, preference
 
     def scores(self, prompt: str, responses: Sequence[str]) -> list[float]:
-        return [self.score(r) for r in responses]
-
-    def _rank(self, prompt: str, responses: list[str]) -> list[int]:
-        return _order([-x for x in self.scores(prompt, responses)])
-
-
-class ArithmeticLabeler(Labeler):
-    """Exact checker for the arithmetic task: correct answers first, then wrong numbers by distance to
-    the right one, then responses that are not a number (see tasks.arithmetic.parse_answer)."""
-
-    name = "arithmetic"
-
-    def scores(self, prompt: str, responses: Sequence[str]) -> list[float]:
-        """1 for the right answer, -1 for no number, and -1 + 1 / (1 + distance) in (-1, 0) for a wrong one."""
-        target = parse_problem(prompt).value
-
-        def score(response: str) -> float:
-            x = parse_answer(response)
-            if x is None:
-                return -1.0
-            return 1.0 if x == target else -1.0 + 1.0 / (1.0 + abs(x - target))
-
-        return [score(r) for r in responses]
+        return [self._preference(prompt, r) for r in responses]
 
     def _rank(self, prompt: str, responses: list[str]) -> list[int]:
         return _order([-x for x in self.scores(prompt, responses)])
@@ -313,13 +283,18 @@ def label_prompts(labeler: Labeler, items: Iterable[tuple[str, Responses]], out_
     return stats
 
 
-LABELERS: dict[str, type[Labeler]] = {
-    c.name: c for c in (ArithmeticLabeler, JsonlLabeler, SentimentLabeler, TerminalLabeler)
-}
+LABELERS: dict[str, type[Labeler]] = {c.name: c for c in (JsonlLabeler, TerminalLabeler)}
+
+
+def labeler_names() -> list[str]:
+    """Every task's scripted labeler (by the task's name) and the jsonl and terminal labelers, sorted."""
+    return sorted([*task_names(), *LABELERS])
 
 
 def make_labeler(name: str, **kwargs: object) -> Labeler:
-    """The labeler registered under name, built with kwargs (jsonl needs path=...)."""
+    """The labeler registered under name: a task's name gives its scripted labeler; jsonl needs path=..."""
+    if name in task_names():
+        return ScoreLabeler(name, task_module(name).preference, **kwargs)
     if name not in LABELERS:
-        raise ValueError(f"unknown labeler {name!r}; valid names: {', '.join(sorted(LABELERS))}")
+        raise ValueError(f"unknown labeler {name!r}; valid names: {', '.join(labeler_names())}")
     return LABELERS[name](**kwargs)

@@ -3,7 +3,6 @@ answer is scored three ways: the task's true score, the reward model's, and its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,18 +12,7 @@ from fastrlhf import ops
 from fastrlhf.data import decode_response, encode_prompt
 from fastrlhf.models import GPT, Generation, ScalarHeadModel, generate
 from fastrlhf.models.heads import last_token_index
-
-
-def true_scorer(task: str) -> Callable[[str, str], float]:
-    """score(prompt, response): VADER compound in [-1, 1] (sentiment), or 1/0 for a right/wrong answer."""
-    if task == "sentiment":
-        from fastrlhf.labeling.labelers import SentimentLabeler
-
-        vader = SentimentLabeler()
-        return lambda prompt, response: vader.score(response)
-    from fastrlhf.tasks.arithmetic import parse_answer, parse_problem
-
-    return lambda prompt, response: float(parse_answer(response) == parse_problem(prompt).value)
+from fastrlhf.tasks.registry import task_module
 
 
 def sequence_logprobs(model: GPT, gen: Generation, temperature: float) -> Tensor:
@@ -61,7 +49,7 @@ def answer_and_score(
     sft, tok = load_gpt(run.dir("sft"))
     policies = {"sft": sft, "ppo": ppo if ppo is not None else load_gpt(run.dir("ppo"))[0]}
     rm = load_reward_model(run.dir("rm"))[0]
-    score = true_scorer(cfg.run.task)
+    score = task_module(cfg.run.task).score
     p = cfg.ppo.ppo
     rows: list[dict[str, Any]] = [{"prompt": x} for x in prompts]
     for i in tqdm(range(0, len(prompts), cfg.eval.batch), desc="eval", disable=not progress, unit="batch"):

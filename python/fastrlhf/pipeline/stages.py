@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from fastrlhf.pipeline.run import Run
+from fastrlhf.pipeline.folder import Run
+from fastrlhf.tasks.registry import load_task, task_module
 
 
 def _runtime(section: Any, run: Run) -> None:
@@ -33,19 +34,7 @@ def _last(log: Path, key: str) -> float:
 
 
 def _task(run: Run):
-    from fastrlhf.train.sft import load_task
-
-    if run.cfg.run.task != "arithmetic":
-        return load_task(run.cfg.run.task, run.cfg.data.corpus)
-    from fastrlhf.tasks.arithmetic import ArithmeticTask
-
-    a = run.cfg.arithmetic
-    return ArithmeticTask(
-        n_train=a.train_problems,
-        n_heldout=a.heldout_problems,
-        ops=tuple(a.ops),
-        digits=tuple(range(1, a.max_digits + 1)),
-    )
+    return load_task(run.cfg.run.task, run.cfg.options, run.cfg.data.corpus)
 
 
 def corpus_docs(run: Run) -> list[str]:
@@ -54,18 +43,7 @@ def corpus_docs(run: Run) -> list[str]:
 
     if run.cfg.data.corpus:
         return corpus.read_texts([run.cfg.data.corpus])
-    if run.cfg.run.task == "sentiment":
-        return corpus.read_texts(corpus.fetch_shakespeare())
-    # arithmetic: train problems with their answers in the chat format, one per document (no held-out one)
-    from fastrlhf.data.chat import format_prompt
-    from fastrlhf.tasks.arithmetic import make_problems, split_size
-
-    task = _task(run)
-    n = min(run.cfg.arithmetic.pretrain_problems, split_size("train", task.ops, task.digits))
-    return [
-        f"{format_prompt(p.prompt)} {p.answer}"
-        for p in make_problems(n, seed=1, ops=task.ops, digits=task.digits)
-    ]
+    return _task(run).pretrain_documents()
 
 
 def stage_data(run: Run, quiet: bool) -> dict[str, Any]:
@@ -114,12 +92,12 @@ def stage_sft(run: Run, quiet: bool) -> dict[str, Any]:
 
 def stage_label(run: Run, quiet: bool) -> dict[str, Any]:
     from fastrlhf.labeling.answers import label_to_file
-    from fastrlhf.labeling.labelers import make_labeler
+    from fastrlhf.labeling.labelers import ScoreLabeler
     from fastrlhf.models.load import load_gpt
 
     lab, task = run.cfg.label, _task(run)
     model, tok = load_gpt(run.dir("sft"))
-    labeler = make_labeler(task.labeler)
+    labeler = ScoreLabeler(run.cfg.run.task, task_module(run.cfg.run.task).preference)
     summary = {}
     for split, n, seed in (
         ("train", lab.train_prompts, lab.seed),
@@ -163,7 +141,6 @@ def stage_rm(run: Run, quiet: bool) -> dict[str, Any]:
 
 
 def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
-    from fastrlhf.pipeline.evaluate import true_scorer
     from fastrlhf.rl.build import build_trainer
 
     cfg = copy.deepcopy(run.cfg.ppo)
@@ -174,7 +151,7 @@ def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
     cfg.train.prompts, cfg.train.out_dir = str(prompts), str(run.dir("ppo"))
     cfg.train.ptx_data = str(run.dir("data") / "train.bin") if cfg.ppo.ptx_coef > 0 else ""
     # the evaluation's true score (VADER, or 1/0 for a sum) of every rollout: logged, to see reward hacking
-    history = build_trainer(cfg, quiet=quiet, true_score=true_scorer(run.cfg.run.task)).train()
+    history = build_trainer(cfg, quiet=quiet, true_score=task_module(run.cfg.run.task).score).train()
     tail = history[-10:]
     keys = ("true_score", "score_mean", "kl", "kl_coef", "entropy")
     return (
@@ -226,3 +203,14 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
         "ppo_score": metrics["ppo_score"],
         "ppo_kl": metrics["ppo_kl"],
     }
+
+
+STAGE_FUNCTIONS = {
+    "data": stage_data,
+    "pretrain": stage_pretrain,
+    "sft": stage_sft,
+    "label": stage_label,
+    "rm": stage_rm,
+    "ppo": stage_ppo,
+    "eval": stage_eval,
+}

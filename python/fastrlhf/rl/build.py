@@ -1,6 +1,6 @@
 """Step 3 of the recipe, PPO with PPO-ptx, from checkpoints (InstructGPT section 3.5):
 
-    python -m fastrlhf ppo --config configs/ppo.toml [section.field=value ...]
+    python -m fastrlhf ppo --config configs/ppo_arithmetic.toml [section.field=value ...]
 
 [models] names the SFT checkpoint (policy and reference) and the reward model checkpoint (reward and,
 by default, the value model's start); [train] prompts is a text file with one prompt per line."""
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fastrlhf.data.prompts import read_prompts
 from fastrlhf.models import GPT
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.ppo import PPOTrainer
@@ -24,14 +25,6 @@ def _need(path: str, field: str, command: str) -> str:
     if not Path(path).exists():
         raise FileNotFoundError(f"{field} = {path} does not exist: run `{command}` first")
     return path
-
-
-def read_prompts(path: str) -> list[str]:
-    """The prompts of a prompts file, one a line ("\\n" for a newline inside one)."""
-    lines = [line.replace("\\n", "\n") for line in Path(path).read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"train.prompts = {path} holds no prompts")
-    return lines
 
 
 def build_trainer(
@@ -67,7 +60,7 @@ def build_trainer(
             )
     if cfg.ppo.value_model == "separate" and m.value:
         value = load_reward_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0]
-    lines = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"))
+    lines = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"), "train.prompts")
     prompts = [encode_prompt(tok, x) if t.chat else tok.encode(x) for x in lines]
     ptx = None
     if cfg.ppo.ptx_coef > 0:

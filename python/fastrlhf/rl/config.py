@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastrlhf.train.config import INF, check_choice, check_range
+from fastrlhf.config import INF, check_choice, check_range
 from fastrlhf.train.optim import OptimConfig
 
 

@@ -1,7 +1,7 @@
 """Step 3 of the recipe: PPO with PPO-ptx (InstructGPT, arXiv 2203.02155 section 3.5; the reward shaping
 and KL controller of Ziegler et al. 2019, arXiv 1909.08593).
 
-    python -m fastrlhf ppo --config configs/ppo.toml [section.field=value ...]
+    python -m fastrlhf ppo --config configs/ppo_arithmetic.toml [section.field=value ...]
 
 One step = rollout (KV-cache sampling; the sampler's logprobs are the old logprobs) -> score (reference
 logprobs, values, reward) -> rewards = score at the last token - kl_coef * KL per token -> GAE ->
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fastrlhf import ops
+from fastrlhf.config import to_dict
 from fastrlhf.data import random_batch
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, Generation, ScalarHeadModel, generate, last_token_index
@@ -44,7 +45,6 @@ from fastrlhf.rl.kl import (
     shape_rewards,
 )
 from fastrlhf.train import dist
-from fastrlhf.train.config import to_dict
 from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
 from fastrlhf.train.optim import lr_at, make_adamw, set_lr
 

@@ -15,7 +15,10 @@ import random
 import re
 from dataclasses import dataclass
 
+from fastrlhf.config import check_range
+from fastrlhf.data.chat import format_prompt
 from fastrlhf.data.formats import SFTExample
+from fastrlhf.tasks.base import Goal
 
 __all__ = [
     "HELDOUT_EVERY",
@@ -158,7 +161,8 @@ def split_size(split: str, ops: tuple[str, ...] = ("+", "-", "*"), digits: tuple
 
 @dataclass
 class ArithmeticTask:
-    """Train prompts + demonstrations and held-out prompts; ranked by the `arithmetic` labeler."""
+    """Train prompts + demonstrations and held-out prompts, the pretraining documents; ranked by
+    `preference`, scored by `score`."""
 
     n_train: int = 2000
     """number of train problems (prompts and SFT demonstrations)"""
@@ -171,8 +175,10 @@ class ArithmeticTask:
     digits: tuple[int, ...] = (1, 2)
     """allowed digit counts of each operand"""
 
+    n_pretrain: int = 20000
+    """number of train problems written out with their answers as the pretraining corpus"""
+
     name = "arithmetic"
-    labeler = "arithmetic"
 
     def problems(self, split: str) -> list[Problem]:
         n = self.n_heldout if split == "heldout" else self.n_train
@@ -183,3 +189,71 @@ class ArithmeticTask:
 
     def demonstrations(self) -> list[SFTExample]:
         return [SFTExample(p.prompt, p.answer) for p in self.problems("train")]
+
+    def pretrain_documents(self) -> list[str]:
+        """Train problems with their answers in the chat format, one per document (no held-out one)."""
+        n = min(self.n_pretrain, split_size("train", self.ops, self.digits))
+        return [
+            f"{format_prompt(p.prompt)} {p.answer}"
+            for p in make_problems(n, seed=1, ops=self.ops, digits=self.digits)
+        ]
+
+
+# ---- what the pipeline and the labelers read (tasks/registry.py) --------------------------------------
+NAME = "arithmetic"
+GOAL = Goal(metric="accuracy", min_gain=1e-9, rm_accuracy=0.9)
+
+
+@dataclass
+class Options:
+    """The pipeline's [arithmetic] table: the problem space."""
+
+    ops: str = "+"
+    """Operators, any of '+', '-', '*' (two-digit '-' and '*' need far more training than 2 cores give)."""
+    max_digits: int = 2
+    """Operands have 1..max_digits digits."""
+    train_problems: int = 9000
+    """Train problems (at most the train split's size): SFT demonstrations, and the prompts labeling and PPO draw from."""
+    heldout_problems: int = 512
+    """Held-out problems: the prompts the reward model is tested on and the evaluation answers."""
+    pretrain_problems: int = 20000
+    """Train problems written out with their answers as the pretraining corpus."""
+
+    LABEL_FIELDS = ("heldout_problems",)  # first read by the label stage: changing them redoes it onward
+
+    def __post_init__(self) -> None:
+        if not self.ops or set(self.ops) - set(OPS) or len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"arithmetic.ops must be distinct operators from '+-*'; got {self.ops!r}")
+        check_range("arithmetic.max_digits", self.max_digits, 1, 6)
+        for name in ("train_problems", "pretrain_problems", "heldout_problems"):
+            check_range(f"arithmetic.{name}", getattr(self, name), 1, float("inf"))
+        digits = tuple(range(1, self.max_digits + 1))
+        for split, name in (("train", "train_problems"), ("heldout", "heldout_problems")):
+            check_range(
+                f"arithmetic.{name}", getattr(self, name), 1, split_size(split, tuple(self.ops), digits)
+            )
+
+
+def build(options: Options, corpus: str = "") -> ArithmeticTask:
+    """The task the pipeline runs (the corpus is unused: the problems are the text)."""
+    return ArithmeticTask(
+        n_train=options.train_problems,
+        n_heldout=options.heldout_problems,
+        ops=tuple(options.ops),
+        digits=tuple(range(1, options.max_digits + 1)),
+        n_pretrain=options.pretrain_problems,
+    )
+
+
+def score(prompt: str, response: str) -> float:
+    """The true score: 1 for the right answer, 0 otherwise."""
+    return float(parse_answer(response) == parse_problem(prompt).value)
+
+
+def preference(prompt: str, response: str) -> float:
+    """The scripted labeler's graded score: 1 for the right answer, -1 for no number, and
+    -1 + 1 / (1 + distance) in (-1, 0) for a wrong one (near misses rank above far ones)."""
+    x, target = parse_answer(response), parse_problem(prompt).value
+    if x is None:
+        return -1.0
+    return 1.0 if x == target else -1.0 + 1.0 / (1.0 + abs(x - target))

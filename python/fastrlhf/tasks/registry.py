@@ -1,44 +1,68 @@
-"""The built-in tasks by name: `get_task("arithmetic")`, `get_task("sentiment", lines=corpus_lines)`."""
+"""The tasks by name, found in this folder: every module that defines NAME (tasks/base.py says what else).
+Adding a task is one module plus its defaults TOML beside it; no other file names a task. A task module
+outside the package joins with `register_task(module)`."""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any, Protocol
+import importlib
+import pkgutil
+import tomllib
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from fastrlhf.data.formats import SFTExample
-from fastrlhf.tasks.arithmetic import ArithmeticTask
-from fastrlhf.tasks.sentiment import make_sentiment_task
+from fastrlhf.config import from_dict
+from fastrlhf.tasks.base import Task
 
-__all__ = ["TASKS", "Task", "get_task"]
-
-
-class Task(Protocol):
-    """What the trainers and the labeling loop need from a task."""
-
-    name: str
-    labeler: str  # name of its scripted labeler in train.labelers.make_labeler
-
-    def prompts(self, split: str) -> list[str]:
-        """Prompts of the "train" or "heldout" split (the two never share a prompt)."""
-        ...
-
-    def demonstrations(self) -> list[SFTExample]:
-        """SFT examples, made from train prompts only."""
-        ...
+HERE = Path(__file__).parent
 
 
-TASKS: dict[str, Callable[..., Task]] = {"arithmetic": ArithmeticTask, "sentiment": make_sentiment_task}
+@cache
+def _modules() -> dict[str, ModuleType]:
+    found = {}
+    for info in pkgutil.iter_modules([str(HERE)]):
+        if info.name in ("base", "registry"):
+            continue
+        module = importlib.import_module(f"fastrlhf.tasks.{info.name}")
+        if hasattr(module, "NAME"):
+            found[module.NAME] = module
+    return found
 
 
-def get_task(name: str, **kwargs: Any) -> Task:
-    """The task registered under name, built with kwargs (sentiment needs lines=<corpus lines>)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid names: {', '.join(sorted(TASKS))}")
-    factory = TASKS[name]
-    signature = inspect.signature(factory)
-    try:
-        signature.bind(**kwargs)
-    except TypeError as e:
-        raise TypeError(f"task {name!r} takes {signature}; {e}") from None
-    return factory(**kwargs)
+def register_task(module: ModuleType) -> None:
+    """Make a task module importable by name (its NAME), e.g. one of your own outside fastrlhf/tasks."""
+    missing = [
+        a for a in ("NAME", "GOAL", "Options", "build", "score", "preference") if not hasattr(module, a)
+    ]
+    if missing:
+        raise ValueError(f"task module {module.__name__} lacks {missing} (tasks/base.py says what each is)")
+    _modules()[module.NAME] = module
+
+
+def task_names() -> list[str]:
+    return sorted(_modules())
+
+
+def task_module(name: str) -> ModuleType:
+    """The module of task `name`; ValueError listing the valid names."""
+    if name not in _modules():
+        raise ValueError(f"unknown task {name!r}; valid names: {', '.join(task_names())}")
+    return _modules()[name]
+
+
+def task_options(name: str, data: dict[str, Any] | None = None) -> Any:
+    """The task's Options from plain data (its [name] table); errors name the field as [name] field."""
+    return from_dict(task_module(name).Options, data or {}, f"{name}.")
+
+
+def load_task(name: str, options: Any = None, corpus: str = "") -> Task:
+    """Task `name` built from its Options (default: its defaults) and the corpus path the run names."""
+    module = task_module(name)
+    return module.build(options if options is not None else module.Options(), corpus)
+
+
+def task_defaults(name: str) -> dict[str, Any]:
+    """The task's pipeline defaults: tasks/<name>.toml as plain data (sections of the pipeline config)."""
+    path = Path(task_module(name).__file__).with_suffix(".toml")
+    return tomllib.loads(path.read_text()) if path.is_file() else {}

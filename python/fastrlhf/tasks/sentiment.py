@@ -1,8 +1,8 @@
 """The sentiment task: continue the opening of a Shakespeare line positively.
 
 Prompts are the first few words of corpus lines; SFT demonstrations are the corpus's own continuations
-of train prompts that the SentimentLabeler (VADER) scores positive; the labeler ranks sampled
-continuations by the same score. The corpus loader lives elsewhere: this module takes lines.
+of train prompts that VADER (Hutto & Gilbert, ICWSM 2014) scores positive; the scripted labeler ranks
+sampled continuations by the same score, which is also the task's true score.
 A prompt is held out when the CRC-32 of its text is divisible by HELDOUT_EVERY, so the split depends on
 the text alone (not on corpus order or a seed), and every line sharing an opening lands on the same side.
 """
@@ -13,7 +13,9 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from fastrlhf.data import corpus as corpora
 from fastrlhf.data.formats import SFTExample
+from fastrlhf.tasks.base import Goal
 
 __all__ = ["HELDOUT_EVERY", "SentimentTask", "make_sentiment_task", "split_line"]
 
@@ -43,7 +45,6 @@ class SentimentTask:
     demos: tuple[SFTExample, ...]
 
     name = "sentiment"
-    labeler = "sentiment"
 
     def prompts(self, split: str) -> list[str]:
         if split not in ("train", "heldout"):
@@ -52,6 +53,10 @@ class SentimentTask:
 
     def demonstrations(self) -> list[SFTExample]:
         return list(self.demos)
+
+    def pretrain_documents(self) -> list[str]:
+        """Shakespeare's works (the corpus the prompts come from when no other is given)."""
+        return corpora.read_texts(corpora.fetch_shakespeare())
 
 
 def make_sentiment_task(
@@ -74,9 +79,7 @@ def make_sentiment_task(
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [-1, 1] (VADER compound scale); got {threshold}")
     if score is None:
-        from fastrlhf.labeling.labelers import SentimentLabeler  # imported here: labelers imports tasks
-
-        score = SentimentLabeler().score
+        score = vader_compound
     splits: dict[str, list[str]] = {"train": [], "heldout": []}
     seen: set[str] = set()
     demos = []
@@ -99,3 +102,39 @@ def make_sentiment_task(
             f"{n_lines} lines (a line needs >= {prompt_words + min_response_words} words); both must be non-empty"
         )
     return SentimentTask(tuple(splits["train"]), tuple(splits["heldout"]), tuple(demos))
+
+
+# ---- what the pipeline and the labelers read (tasks/registry.py) --------------------------------------
+NAME = "sentiment"
+GOAL = Goal(metric="mean VADER compound", min_gain=0.3, rm_accuracy=0.75)
+_VADER = []  # the analyzer, built on first use (loading its lexicon takes ~50 ms)
+
+
+@dataclass
+class Options:
+    """The pipeline's [sentiment] table: none yet (the corpus is [data] corpus)."""
+
+    LABEL_FIELDS = ()
+
+
+def vader_compound(text: str) -> float:
+    """VADER's compound score of text in [-1, 1]; >= 0.05 is VADER's own threshold for positive."""
+    if not _VADER:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER.append(SentimentIntensityAnalyzer())
+    return _VADER[0].polarity_scores(text)["compound"]
+
+
+def score(prompt: str, response: str) -> float:
+    """The true score: the response's VADER compound."""
+    return vader_compound(response)
+
+
+preference = score  # the scripted labeler ranks by the true score itself
+
+
+def build(options: Options, corpus: str = "") -> SentimentTask:
+    """The task from the lines of `corpus` (a UTF-8 text file; default: Shakespeare, fetched once)."""
+    paths = [corpus] if corpus else corpora.fetch_shakespeare()
+    return make_sentiment_task(line for doc in corpora.read_texts(paths) for line in doc.splitlines())

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from fastrlhf.config import from_dict, to_dict
 from fastrlhf.data import TokenFile, load_tokenizer, random_batch
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, GPTConfig
 from fastrlhf.train import dist
-from fastrlhf.train.config import from_dict, to_dict
 from fastrlhf.train.loop import LoopConfig, resolve_device, run_loop, run_outputs
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 

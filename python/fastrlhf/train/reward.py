@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastrlhf.config import from_dict, to_dict
 from fastrlhf.data import Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from fastrlhf.data.formats import Ranking, read_rankings
 from fastrlhf.io import checkpoint as ckpt
@@ -27,7 +28,6 @@ from fastrlhf.models import GPTConfig, ScalarHeadModel
 from fastrlhf.models.load import load_gpt
 from fastrlhf.models.shared import shared_layout
 from fastrlhf.train import dist
-from fastrlhf.train.config import from_dict, to_dict
 from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 from fastrlhf.train.sft import load_demonstrations

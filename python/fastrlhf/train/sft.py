@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastrlhf.config import from_dict, to_dict
 from fastrlhf.data import ByteBPETokenizer, Tokenizer, encode_chat, format_prompt, load_tokenizer
 from fastrlhf.data.formats import SFTExample, read_sft
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
 from fastrlhf.models.load import load_gpt
-from fastrlhf.tasks.registry import TASKS, Task, get_task
+from fastrlhf.tasks.registry import load_task, task_names
 from fastrlhf.train import dist
-from fastrlhf.train.config import from_dict, to_dict
 from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
@@ -89,23 +89,14 @@ class SFTConfig:
 # --- data ----------------------------------------------------------------------------------------------
 
 
-def load_task(name: str, corpus: str = "") -> Task:
-    """A built-in task; sentiment reads the lines of `corpus` (default: Shakespeare, fetched once)."""
-    if name != "sentiment":
-        return get_task(name)
-    from fastrlhf.data import corpus as corpora
-
-    paths = [corpus] if corpus else corpora.fetch_shakespeare()
-    lines = [line for doc in corpora.read_texts(paths) for line in doc.splitlines()]
-    return get_task("sentiment", lines=lines)
-
-
 def load_demonstrations(source: str, corpus: str = "") -> list[SFTExample]:
     """The SFT examples of a built-in task or an SFT JSONL file."""
-    if source in TASKS:
-        return load_task(source, corpus).demonstrations()
+    if source in task_names():
+        return load_task(source, corpus=corpus).demonstrations()
     if not Path(source).is_file():
-        raise FileNotFoundError(f"data.source {source!r} is neither a task ({', '.join(TASKS)}) nor a file")
+        raise FileNotFoundError(
+            f"data.source {source!r} is neither a task ({', '.join(task_names())}) nor a file"
+        )
     return read_sft(source)
 
 

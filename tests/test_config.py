@@ -1,5 +1,5 @@
 import pytest
-from fastrlhf.train.config import load_config, parse_overrides
+from fastrlhf.config import load_config, parse_overrides
 from fastrlhf.train.pretrain import PretrainConfig
 
 

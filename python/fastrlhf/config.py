@@ -1,6 +1,7 @@
-"""Typed run configs: a dataclass of sections, filled from a TOML file and then from command-line
-overrides `section.field=value` (e.g. `train.max_steps=200 optim.lr=1e-3`). Unknown sections or
-fields and values of the wrong type are errors that name them."""
+"""Typed run configs, one mechanism for every command, the pipeline and the tasks' defaults: a dataclass
+of sections, filled from a TOML file and then from command-line overrides `section.field=value` (e.g.
+`train.max_steps=200 optim.lr=1e-3`). Unknown sections or fields and values of the wrong type are errors
+that name them; `check_range` / `check_choice` are the validators every config's __post_init__ uses."""
 
 from __future__ import annotations
 
@@ -117,5 +118,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    return _fill(cls, data, "")
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """cls filled from plain data (a section's table when `where` is "section.", which errors then name)."""
+    return _fill(cls, data, where)
