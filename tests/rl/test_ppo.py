@@ -145,7 +145,8 @@ def test_steps_are_finite_hold_invariants_and_train_every_parameter(value_model)
 def test_first_minibatch_matches_the_sampler():
     """ratio == 1 and approx_kl == 0 at the first minibatch; broken (dropout on) it raises."""
     tr = make_trainer("ppo.ppo_epochs=1", "ppo.minibatch=8")
-    ro = tr.rollout(tr._next_prompts())
+    batch = tr._next_prompts()
+    ro = tr.rollout(tr.generate(batch), batch)
     _, stats, deviation = tr._minibatch_loss(ro, torch.arange(8))
     assert deviation[0] < 1e-4 and deviation[1] < 1e-5 and abs(float(stats["approx_kl"])) < 1e-5
     assert abs(float(stats["ratio_mean"]) - 1) < 1e-5
@@ -228,7 +229,8 @@ def test_non_finite_steps_are_skipped_counted_then_abort():
 @pytest.mark.parametrize("whiten", [True, False])
 def test_advantages_are_gae_whitened_or_not(whiten):
     tr = make_trainer(f"ppo.whiten_advantages={str(whiten).lower()}")
-    ro = tr.rollout(tr._next_prompts())
+    batch = tr._next_prompts()
+    ro = tr.rollout(tr.generate(batch), batch)
     gae, _ = ops.gae(ro.rewards, ro.values, ro.mask, gamma=1.0, lam=0.95)  # (B, Tr)
     live = ro.advantages[ro.mask]
     if whiten:
@@ -373,7 +375,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(stage_inputs, tmp_
     resumed = run_cli(cli_args(stage_inputs, tmp_path / "killed", *steps))
     err = resumed.communicate()[1].decode()
     assert resumed.returncode == 0, err
-    drop = ("time_generate", "time_score", "time_train", "tokens_per_s")
+    drop = ("time_generate", "time_score", "time_train", "tokens_per_s", "time_s")
     key = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
     want, got = read_jsonl(tmp_path / "full" / "log.jsonl"), read_jsonl(tmp_path / "killed" / "log.jsonl")
     assert [r["step"] for r in got] == list(range(1, 9))

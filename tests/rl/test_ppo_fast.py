@@ -4,7 +4,8 @@ block runs on the tail only, and (value_model = 'policy_head') values from the s
 import pytest
 import torch
 from fastrlhf.models import last_token_index
-from fastrlhf.rl.ppo import PPOTrainer, response_hidden
+from fastrlhf.rl.ppo import PPOTrainer
+from fastrlhf.rl.rollout import response_hidden
 from test_ppo import make_trainer
 
 
@@ -22,7 +23,7 @@ def test_rollout_scores_and_values_equal_full_forwards(value_model):
     if value_model == "policy_head":  # the head starts at 0; make it read the states
         torch.nn.init.normal_(tr.value.head.weight)
     prompts = tr._next_prompts()
-    ro = tr.rollout(prompts)
+    ro = tr.rollout(tr.generate(prompts), prompts)
     lengths = ro.mask.sum(1)  # (B,)
     assert lengths.min() < lengths.max(), f"want rows of different lengths; got {lengths.tolist()}"
     with torch.no_grad():

@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 from fastrlhf.config import load_config
 from fastrlhf.models import GPT, GPTConfig, ScalarHeadModel
 from fastrlhf.rl.config import PPOConfig
-from fastrlhf.rl.kl import global_masked_moments, masked_mean, masked_var
 from fastrlhf.rl.ppo import PPOTrainer
+from fastrlhf.rl.stats import global_masked_moments, masked_mean, masked_var
 from fastrlhf.train import dist
 from fastrlhf.train import reward as reward_mod
 from fastrlhf.train import sft as sft_mod

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastrlhf.config import INF, check_choice, check_range
+from fastrlhf.train.loop import LoopConfig
 from fastrlhf.train.optim import OptimConfig
 
 
@@ -157,11 +158,11 @@ class PPOOptimConfig(OptimConfig):
 
 
 @dataclass
-class PPOTrainConfig:
-    """The loop: prompts, pretraining data, steps, logging, checkpoints."""
+class PPOTrainConfig(LoopConfig):
+    """The loop: prompts, pretraining data, steps, logging, checkpoints (LoopConfig's fields besides)."""
 
     prompts: str = ""
-    """A text file with one prompt per line ('\\n' inside a line stands for a newline)."""
+    """A prompts file: one prompt a line ('\\n' inside a line stands for a newline), or JSONL with "prompt"."""
     chat: bool = True
     """Wrap each prompt in the Prompt:/Response: chat format."""
     ptx_data: str = ""
@@ -174,26 +175,11 @@ class PPOTrainConfig:
     """Log every this many steps."""
     ckpt_interval: int = 10
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept."""
     seed: int = 1234
     """Seeds sampling, the prompt order, minibatch shuffles and pretraining batches."""
-    device: str = "auto"
-    """'cpu', 'cuda', or 'auto'."""
-    threads: int = 0
-    """torch CPU threads; 0 = torch's default."""
-    max_minutes: float = 0.0
-    """Wall-clock budget for this invocation (checkpoint and stop when spent); 0 = none."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars to out_dir/tb (needs the tensorboard package)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "log_interval"):
-            check_range(f"train.{name}", getattr(self, name), 1, INF)
-        for name in ("ckpt_interval", "keep_checkpoints", "threads"):
-            check_range(f"train.{name}", getattr(self, name), 0, INF)
-        check_range("train.max_minutes", self.max_minutes, 0.0, INF, hi_open=True)
-        check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        self.check_at_least_one()
 
 
 @dataclass

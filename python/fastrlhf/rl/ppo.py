@@ -16,10 +16,10 @@ per rank, weighted so that the loss is the global minibatch's token mean."""
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,24 +32,25 @@ from fastrlhf import ops
 from fastrlhf.config import to_dict
 from fastrlhf.data import random_batch
 from fastrlhf.io import checkpoint as ckpt
-from fastrlhf.models import GPT, Generation, ScalarHeadModel, generate, last_token_index
+from fastrlhf.models import CausalLM, ScalarHeadModel
 from fastrlhf.models.transformer import load_checked
 from fastrlhf.rl.config import PPOConfig
-from fastrlhf.rl.kl import (
-    AdaptiveKLController,
-    KLController,
-    explained_variance,
-    global_masked_moments,
-    kl_penalty,
-    masked_whiten,
-    shape_rewards,
+from fastrlhf.rl.kl import AdaptiveKLController, KLController, kl_penalty, shape_rewards
+from fastrlhf.rl.rollout import (
+    RewardFn,
+    Samples,
+    function_scores,
+    masked_responses,
+    response_hidden,
+    response_logprobs,
+    reward_model_scores,
+    sample,
 )
+from fastrlhf.rl.stats import explained_variance, global_masked_moments, masked_whiten
 from fastrlhf.train import dist
-from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
-from fastrlhf.train.optim import lr_at, make_adamw, set_lr
+from fastrlhf.train.loop import StepResult, run_loop, run_outputs
+from fastrlhf.train.optim import autocast_for, lr_at, make_adamw, set_lr
 
-RewardFn = Callable[[list[list[int]], list[list[int]]], "Sequence[float] | Tensor"]
-"""reward_fn(prompts, responses) -> (B,) scores; token-id lists, responses cut after EOS (EOS included)."""
 INVARIANT_TOL = 1e-5  # on mean(ratio) - 1 and approx_kl at the first minibatch (the issue's bound)
 TOKEN_TOL = (
     1e-3  # on each token's |ratio - 1| there: the KV-cache sampler and the full-sequence scorer sum in
@@ -76,38 +77,16 @@ class ValueHead(nn.Module):
         load_checked(self, tensors, source)
 
 
-@dataclass
-class Rollout:
-    """One batch of episodes, everything (B, Tr) unless noted; Tp = padded prompt length."""
+@dataclass(frozen=True)
+class Rollout(Samples):
+    """One PPO batch: the sampled episodes and what PPO computes from them, built once; (B, Tr) unless noted."""
 
-    sequences: Tensor  # (B, Tp + Tr) left-padded prompt + response
-    positions: Tensor  # (B, Tp + Tr)
-    segment_ids: Tensor  # (B, Tp + Tr)
-    Tp: int
-    responses: Tensor
-    mask: Tensor  # bool, response tokens up to and including EOS
-    logprobs: Tensor  # the sampler's (old) logprobs
-    values: Tensor
+    values: Tensor  # the critic's V(s_t), 0 outside the mask
     score: Tensor  # (B,) after the EOS penalty and clipping
     kl: Tensor  # per-token KL estimate, 0 outside the mask
     rewards: Tensor
     advantages: Tensor  # whitened
     returns: Tensor
-
-
-def masked_responses(ro: Rollout) -> list[list[int]]:
-    """Each episode's response ids up to and including EOS (what a reward function or scorer reads)."""
-    return [[t for t, k in zip(r, mk) if k] for r, mk in zip(ro.responses.tolist(), ro.mask.tolist())]
-
-
-def response_hidden(gpt: GPT, ro: Rollout, rows: Tensor | slice = slice(None)) -> Tensor:
-    """(b, Tr, C): the trunk's hidden state at the positions that predict each response token. Only the
-    last Tr + 1 positions are read, so the last block skips the prompt's rows (GPT.hidden's tail)."""
-    tail = ro.sequences.shape[1] - ro.Tp + 1  # positions Tp - 1 .. T - 1
-    h = gpt.hidden(
-        ro.sequences[rows], positions=ro.positions[rows], segment_ids=ro.segment_ids[rows], tail=tail
-    )
-    return h[:, :-1]  # (b, Tr, C)
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
@@ -128,8 +107,8 @@ class PPOTrainer:
     def __init__(
         self,
         cfg: PPOConfig,
-        policy: GPT,
-        ref: GPT,
+        policy: CausalLM,
+        ref: CausalLM,
         reward: ScalarHeadModel | RewardFn,
         prompts: Sequence[Sequence[int]],
         *,
@@ -241,29 +220,12 @@ class PPOTrainer:
         self.prompts_seen += len(out)
         return out
 
-    def _values(self, ro: Rollout, rows: Tensor | slice = slice(None), h: Tensor | None = None) -> Tensor:
+    def _values(self, ro: Samples, rows: Tensor | slice = slice(None), h: Tensor | None = None) -> Tensor:
         if isinstance(self.value, ValueHead):
             return self.value(h if h is not None else response_hidden(self.policy, ro, rows))  # (b, Tr)
         return self.value.head(response_hidden(self.value.trunk, ro, rows)).squeeze(-1)  # (b, Tr)
 
-    def _scores(self, gen: Generation, ro: Rollout, prompts: list[list[int]]) -> Tensor:
-        if isinstance(self.reward, nn.Module):  # ScalarHeadModel.score, with the trunk's last block run only
-            T = ro.sequences.shape[1]  # from the earliest last token on (GPT.hidden's tail)
-            index = ro.Tp + last_token_index(ro.mask)  # (B,) the last response token
-            tail = T - int(index.min())
-            h = self.reward.trunk.hidden(
-                ro.sequences, positions=ro.positions, segment_ids=ro.segment_ids, tail=tail
-            )
-            values = self.reward.head(h).squeeze(-1)  # (B, tail): positions T - tail .. T - 1
-            return values.gather(1, (index - (T - tail))[:, None]).squeeze(1).float()
-        scores = torch.as_tensor(
-            self.reward(prompts, masked_responses(ro)), dtype=torch.float32, device=self.device
-        )
-        if scores.shape != (len(prompts),):
-            raise ValueError(f"reward_fn must return {len(prompts)} scores; got shape {tuple(scores.shape)}")
-        return scores
-
-    def _rollout_values(self, ro: Rollout) -> Tensor:
+    def _rollout_values(self, ro: Samples) -> Tensor:
         """(B, Tr) values of the separate value model. In one process the first minibatch's rows run with
         gradients and the graph is kept (self._first): until the first optimizer step the update's forward
         over those rows would compute exactly this again (same weights, same rows), so _update reuses it.
@@ -282,10 +244,9 @@ class PPOTrainer:
         return values
 
     @torch.no_grad()
-    def rollout(self, prompts: list[list[int]]) -> Rollout:
-        p, moments = self.cfg.ppo, global_masked_moments  # whitening over every rank's episodes
-        head_values = isinstance(self.value, ValueHead)  # then the sampling pass's states give the values
-        gen = generate(
+    def generate(self, prompts: list[list[int]]) -> Samples:
+        p = self.cfg.ppo
+        return sample(
             self.policy,
             prompts,
             p.max_new_tokens,
@@ -294,49 +255,42 @@ class PPOTrainer:
             top_p=p.top_p,
             eos_token_id=self.eos,
             generator=self.gens["sample"],
-            return_hidden=head_values,
+            return_hidden=isinstance(self.value, ValueHead),  # the sampling pass's states give the values
         )
-        self._t_gen = time.perf_counter()
-        positions, segment_ids = gen.layout()  # (B, Tp + Tr) each
-        mask = gen.response_mask
-        z = torch.zeros_like(gen.logprobs)
-        ro = Rollout(
-            gen.sequences,
-            positions,
-            segment_ids,
-            gen.prompt_mask.shape[1],
-            gen.responses,
-            mask,
-            gen.logprobs,
-            z,
-            z,
-            z,
-            z,
-            z,
-            z,
-        )
-        ref_logits = self.ref.lm_head(response_hidden(self.ref, ro))  # (B, Tr, V)
-        ref_logprobs = ops.token_logprobs(ref_logits, ro.responses, temperature=p.temperature)  # (B, Tr)
+
+    @torch.no_grad()
+    def rollout(self, s: Samples, prompts: list[list[int]]) -> Rollout:
+        """Score sampled episodes: reference log-probs, values, the reward, KL-shaped rewards, GAE."""
+        p, moments, mask = self.cfg.ppo, global_masked_moments, s.mask  # whitening over every rank's episodes
+        ref_logprobs = response_logprobs(self.ref, s, p.temperature)  # (B, Tr)
         # policy_head: V(s_t) from the states that sampled the rollout (equal to a re-run of the policy
         # trunk up to fp32 rounding), so the trunk is not run a second time
-        ro.values = (self.value(gen.hidden) if head_values else self._rollout_values(ro)) * mask
-        score = self._scores(gen, ro, prompts)
+        values = (self.value(s.hidden) if s.hidden is not None else self._rollout_values(s)) * mask
+        if isinstance(self.reward, nn.Module):
+            score = reward_model_scores(self.reward, s)
+        else:
+            score = function_scores(self.reward, prompts, s)
         if self.eos is not None and p.missing_eos_penalty > 0:
-            ended = ((ro.responses == self.eos) & mask).any(dim=1)  # (B,)
+            ended = ((s.responses == self.eos) & mask).any(dim=1)  # (B,)
             score = torch.where(ended, score, score - p.missing_eos_penalty)
         if p.score_clip > 0:
             score = score.clamp(-p.score_clip, p.score_clip)
-        ro.score = score
-        ro.kl = kl_penalty(ro.logprobs, ref_logprobs, p.kl_estimator) * mask
-        rewards = shape_rewards(score, ro.kl, self.kl_ctl.value, mask)
-        ro.rewards = (
-            masked_whiten(rewards, mask, shift_mean=False, moments=moments) if p.whiten_rewards else rewards
+        kl = kl_penalty(s.logprobs, ref_logprobs, p.kl_estimator) * mask
+        rewards = shape_rewards(score, kl, self.kl_ctl.value, mask)
+        if p.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, moments=moments)
+        advantages, returns = ops.gae(rewards, values, mask, gamma=p.gamma, lam=p.lam)
+        if p.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, moments=moments)
+        return Rollout(
+            **s.fields(),
+            values=values,
+            score=score,
+            kl=kl,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
         )
-        advantages, ro.returns = ops.gae(ro.rewards, ro.values, mask, gamma=p.gamma, lam=p.lam)
-        ro.advantages = (
-            masked_whiten(advantages, mask, moments=moments) if p.whiten_advantages else advantages
-        )
-        return ro
 
     # ---- update --------------------------------------------------------------------------------------
     def _minibatch_loss(
@@ -455,14 +409,21 @@ class PPOTrainer:
         return out, ""
 
     def step(self) -> dict[str, float]:
-        """One PPO step (rollout, score, update); returns its metrics."""
+        """One PPO step (sample, score, update), under train.dtype's autocast (a no-op on the CPU), so the
+        sampler and the scorer compute alike; returns its metrics."""
+        with autocast_for(self.device, self.cfg.train.dtype):
+            return self._step()
+
+    def _step(self) -> dict[str, float]:
         t0, p = time.perf_counter(), self.cfg.ppo
         if dist.active():  # a stream per rank and step: ranks sample differently, a resume repeats them
             for name in ("sample", "ptx"):
                 self.gens[name].manual_seed(dist.stream_seed(self.cfg.train.seed, name, self.step_count))
         prompts = self._next_prompts()[dist.shard(p.rollout_batch)]
-        ro = self.rollout(prompts)
-        t_gen, t_score = self._t_gen, time.perf_counter()
+        samples = self.generate(prompts)
+        t_gen = time.perf_counter()
+        ro = self.rollout(samples, prompts)
+        t_score = time.perf_counter()
         kl_coef, mask = self.kl_ctl.value, ro.mask
         seq_kl = ro.kl.sum(dim=1)  # (B,)
         non_score = (-kl_coef * ro.kl).sum(dim=1)  # (B,)
@@ -483,10 +444,8 @@ class PPOTrainer:
             m = dist.mean_floats(m | {"finite": float(finite)})
             finite = m.pop("finite") == 1.0
         finite = finite and all(math.isfinite(v) for v in m.values())
-        if (
-            self.step_count < p.value_warmup_steps
-        ):  # critic warm-up (after the check above): the value loss alone
-            ro.advantages.zero_()
+        if self.step_count < p.value_warmup_steps:  # critic warm-up (after the check above): value loss alone
+            ro = dataclasses.replace(ro, advantages=torch.zeros_like(ro.advantages))
         stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
         self._first = None  # a skipped update must not leave the rollout's graph behind
         t_train = time.perf_counter()
@@ -592,61 +551,30 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(t["kl_ctl"])
 
     def train(self) -> list[dict[str, float]]:
-        """Run (or resume) to train.max_steps; returns the metrics of the steps this call ran."""
+        """Run (or resume) to train.max_steps on the shared loop; returns the metrics of the steps it ran."""
         t = self.cfg.train
         out = Path(t.out_dir)
         latest = ckpt.latest_checkpoint(out)
-        main = dist.is_main()  # rank 0 logs; every rank trains
         if latest is not None:
             self.load(latest)
-            log = out / "log.jsonl"  # drop rows a killed run logged after its last checkpoint
-            if main and log.is_file():
-                rows = [r for r in read_jsonl(log) if r.get("step", 0) <= self.step_count]
-                ckpt.atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in rows))
-        logger = JSONLLogger(out / "log.jsonl") if main else NullLogger()
-        tb = _tensorboard(out) if t.tensorboard and main else None
-        progress = Progress(
-            t.max_steps,
-            initial=self.step_count,
-            desc="ppo",
-            enabled=False if self.quiet or not main else None,
-        )
-        deadline = time.perf_counter() + t.max_minutes * 60 if t.max_minutes > 0 else math.inf
-        history = []
-        while self.step_count < t.max_steps:
+        history: list[dict[str, float]] = []
+
+        def train_step(_step: int) -> StepResult:
             m = self.step()
             history.append(m)
-            progress.update(
-                int(m["response_length"] * self.cfg.ppo.rollout_batch),
-                score=m["score_mean"],
-                kl=m["kl"],
-                ent=m["entropy"],
-                ev=m["explained_variance"],
-            )
-            late = deadline < math.inf and dist.any_rank(
-                time.perf_counter() > deadline
-            )  # all ranks stop alike
-            final = self.step_count == t.max_steps or late
-            if self.step_count % t.log_interval == 0 or final:
-                logger.log(step=self.step_count, **m)
-                for k, v in m.items() if tb is not None else ():
-                    tb.add_scalar(f"ppo/{k}", v, self.step_count)
-            if (t.ckpt_interval and self.step_count % t.ckpt_interval == 0) or final:
-                self.save(out)
-            if final:
-                break
-        progress.close()
-        logger.close()
-        if tb is not None:
-            tb.close()
+            show = {
+                "score": m["score_mean"],
+                "kl": m["kl"],
+                "ent": m["entropy"],
+                "ev": m["explained_variance"],
+            }
+            return StepResult(m, int(m["response_length"] * self.cfg.ppo.rollout_batch), show)
+
+        run_loop(
+            t=t,
+            step=self.step_count,
+            train_step=train_step,
+            save=lambda _step: self.save(out),
+            outputs=run_outputs(out, t, self.step_count, "ppo", self.quiet),
+        )
         return history
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ValueError(
-            "train.tensorboard = true needs the tensorboard package (pip install tensorboard)"
-        ) from exc
-    return SummaryWriter(str(out / "tb"))

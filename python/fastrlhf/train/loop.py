@@ -1,25 +1,28 @@
-"""The optimisation loop every trainer shares (pretrain, SFT, reward model): learning-rate schedule,
-accumulated and clipped steps, a progress bar, JSONL log lines, periodic evaluation and checkpoints,
-an optional wall-clock budget. A trainer supplies the model, `micro_loss` and `evaluate`; the loop owns
-the step counter. Data streams that are a pure function of (step, micro-batch) — see `EpochStream` —
+"""The loop every trainer shares (pretrain, SFT, reward model, PPO): the step counter, a progress bar,
+JSONL log lines, periodic evaluation and checkpoints, an optional wall-clock budget. A trainer supplies
+its step (`offline_step` builds the offline trainers' learning-rate schedule and accumulated, clipped
+update around their `micro_loss`; PPO's is a rollout and its minibatch updates), `evaluate` and `save`. Data streams that are a pure function of (step, micro-batch) — see `EpochStream` —
 make a resumed run repeat an uninterrupted one exactly (the checkpoint restores torch's RNG for dropout).
 Under torchrun (train.dist) the model is DDP-wrapped, each rank computes its share of every batch, the
 logged loss is the mean over the ranks and rank 0 alone logs and writes checkpoints."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from fastrlhf.config import check_choice, check_range
+from fastrlhf.io.files import atomic_write_text
 from fastrlhf.train import dist
-from fastrlhf.train.log import JSONLLogger, NullLogger, Progress
+from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
 from fastrlhf.train.optim import OptimConfig, lr_at, optimizer_step
 
 T = TypeVar("T")
@@ -27,10 +30,12 @@ T = TypeVar("T")
 
 @dataclass
 class LoopConfig:
-    """[train] fields every trainer shares; pretrain, SFT and RM configs extend it with their own."""
+    """[train] fields every trainer shares; pretrain, SFT, RM and PPO configs extend it with their own."""
 
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    max_steps: int = 100
+    """Optimizer steps (PPO: rollout + update steps) in the whole run."""
+    ckpt_interval: int = 100
+    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
     log_interval: int = 10
     """Print and log training stats every this many steps."""
     keep_checkpoints: int = 2
@@ -45,81 +50,110 @@ class LoopConfig:
     """torch CPU threads; 0 = torch's default."""
     max_minutes: float = 0.0
     """Wall-clock budget for this invocation (stop early with a checkpoint when spent); 0 = none."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to out_dir/tb (needs the tensorboard package)."""
 
     def check_at_least_one(self, *names: str) -> None:
-        for name in ("grad_accum", "log_interval", *names):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"train.dtype must be 'bf16', 'fp16' or 'fp32'; got {self.dtype!r}")
+        for name in ("max_steps", "log_interval", *names):
+            check_range(f"train.{name}", getattr(self, name), 1, float("inf"))
+        for name in ("ckpt_interval", "keep_checkpoints", "threads"):
+            check_range(f"train.{name}", getattr(self, name), 0, float("inf"))
+        check_range("train.max_minutes", self.max_minutes, 0.0, float("inf"), hi_open=True)
+        check_choice("train.dtype", self.dtype, ("bf16", "fp16", "fp32"))
+        check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
 
 
-class LoopSettings(Protocol):
-    """The fields of a trainer's [train] table the loop reads (pretrain's TrainConfig has them all)."""
+@dataclass
+class OfflineLoopConfig(LoopConfig):
+    """The loop of the trainers that step on batches of data (pretrain, SFT, RM): accumulated micro-batches."""
 
-    max_steps: int
-    grad_accum: int
-    log_interval: int
-    eval_interval: int
-    ckpt_interval: int
-    max_minutes: float
-    device: str
-    threads: int
-    seed: int
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+    def check_at_least_one(self, *names: str) -> None:
+        super().check_at_least_one("grad_accum", *names)
 
 
-def resolve_device(t: LoopSettings) -> torch.device:
+def resolve_device(t: LoopConfig) -> torch.device:
     """train.device ('auto' = cuda when available) as a torch.device; applies train.threads. Under
     torchrun this joins the process group and gives this rank's device (dist.setup)."""
     return dist.setup(t.device, t.threads)
 
 
-def run_outputs(
-    out: Path, total: int, initial: int, desc: str, quiet: bool
-) -> tuple[JSONLLogger, Progress, Callable[[str], None]]:
-    """The run's log.jsonl, progress bar and printer: real on rank 0, silent on the other ranks."""
-    loud = dist.is_main() and not quiet
-    logger = JSONLLogger(out / "log.jsonl") if dist.is_main() else NullLogger()
-    progress = Progress(total, initial=initial, desc=desc, enabled=None if loud else False)
-    return logger, progress, (progress.say if loud else lambda s: None)
+@dataclass
+class Outputs:
+    """Where a run reports: log.jsonl, the progress bar, printed lines, TensorBoard (real on rank 0 only)."""
+
+    logger: JSONLLogger
+    progress: Progress
+    say: Callable[[str], None]
+    tensorboard: Any = None
+
+    def close(self) -> None:
+        self.progress.close()
+        self.logger.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def run_outputs(out: Path, t: LoopConfig, initial: int, desc: str, quiet: bool) -> Outputs:
+    """The run's outputs from step `initial` on. On a resume, log rows past `initial` (written after the
+    checkpoint the run resumes from, by the process that was killed) are dropped first, so no step is
+    logged twice."""
+    main = dist.is_main()
+    loud = main and not quiet
+    if main and initial > 0:
+        truncate_log(out / "log.jsonl", initial)
+    logger = JSONLLogger(out / "log.jsonl") if main else NullLogger()
+    progress = Progress(t.max_steps, initial=initial, desc=desc, enabled=None if loud else False)
+    return Outputs(
+        logger,
+        progress,
+        progress.say if loud else lambda s: None,
+        _tensorboard(out) if t.tensorboard and main else None,
+    )
+
+
+@dataclass
+class StepResult:
+    """What one step of a trainer gives the loop."""
+
+    metrics: dict[str, float]
+    """Logged (with the step, tokens/s and seconds) every log_interval steps."""
+    tokens: int
+    """Tokens this step trained on (the progress bar's rate)."""
+    show: dict[str, float]
+    """The progress bar's postfix and the printed line's numbers."""
 
 
 def run_loop(
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    optim: OptimConfig,
-    t: LoopSettings,
+    t: LoopConfig,
     step: int,
-    micro_loss: Callable[[int, int], Tensor],
-    evaluate: Callable[[], dict[str, float]],
+    train_step: Callable[[int], StepResult],
     save: Callable[[int], None],
-    logger: JSONLLogger,
-    progress: Progress,
-    say: Callable[[str], None],
-    tokens_per_step: int | Callable[[], int],
+    outputs: Outputs,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    model: nn.Module | None = None,
+    eval_interval: int = 0,
 ) -> dict[str, float]:
-    """Train from `step` to t.max_steps (or until t.max_minutes is spent). micro_loss(step, i) is the
-    loss of micro-batch i < grad_accum of optimizer step `step` (0-based); evaluate() returns named
-    validation metrics (logged, printed, and returned with the last train loss); save(step) checkpoints.
-    Under torchrun: `model` is the DDP wrapper, micro_loss gives this rank's share of the loss (so that
-    the mean over the ranks is the global batch's loss), evaluate and save are called on every rank."""
-    model.train()
+    """Train from `step` to t.max_steps (or until t.max_minutes is spent) for every trainer: train_step(s)
+    runs optimizer step s (0-based) and returns its StepResult; every log_interval steps a log row and a
+    printed line, every eval_interval steps evaluate() (validation metrics, logged and printed), every
+    ckpt_interval steps and at the end save(step). Returns the last step's metrics and the last
+    evaluation's. `model` is put back in train mode after each evaluation (PPO, which trains in eval
+    mode, passes none). Under torchrun every rank runs this; the outputs are rank 0's."""
+    if model is not None:
+        model.train()
     last: dict[str, float] = {}
     t_start = time.perf_counter()
     deadline = t_start + t.max_minutes * 60 if t.max_minutes > 0 else float("inf")
+    log, say = outputs.logger, outputs.say
     while step < t.max_steps:
-        lr = lr_at(step, optim, t.max_steps)
-        s = step
-        if dist.active():  # dropout masks: a pure function of (seed, step, rank), so resume repeats them
-            torch.manual_seed(dist.stream_seed(t.seed, "dropout", step))
-        loss, norm = optimizer_step(
-            model, optimizer, lambda i: micro_loss(s, i), t.grad_accum, lr, optim.grad_clip
-        )
-        loss = dist.mean_float(loss)
+        result = train_step(step)
         step += 1
-        rate = progress.update(tokens_per_step() if callable(tokens_per_step) else tokens_per_step, loss=loss)
-        last["loss"] = loss
+        rate = outputs.progress.update(result.tokens, **result.show)
+        last.update(result.metrics)
         late = deadline < float("inf") and dist.any_rank(
             time.perf_counter() > deadline
         )  # all ranks stop alike
@@ -127,22 +161,83 @@ def run_loop(
         if final and step < t.max_steps:
             say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
         if step % t.log_interval == 0 or final:
-            dt = time.perf_counter() - t_start
-            logger.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate, time_s=dt)
-            say(f"step {step:>6}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm:.3f}  {rate:,.0f} tok/s")
-        if step % t.eval_interval == 0 or final:
+            row = {"step": step, **result.metrics}
+            row.setdefault("tokens_per_s", rate)
+            row["time_s"] = time.perf_counter() - t_start
+            log.log(**row)
+            _scalars(outputs.tensorboard, row)
+            say(
+                f"step {step:>6}  "
+                + "  ".join(f"{k} {v:.4g}" for k, v in result.show.items())
+                + f"  {rate:,.0f} tok/s"
+            )
+        if evaluate is not None and (step % eval_interval == 0 or final):
             metrics = evaluate()
-            model.train()
+            if model is not None:
+                model.train()
             last.update(metrics)
-            logger.log(step=step, **metrics)
+            log.log(step=step, **metrics)
+            _scalars(outputs.tensorboard, {"step": step, **metrics})
             say(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if (t.ckpt_interval and step % t.ckpt_interval == 0) or final:
             save(step)
         if final:
             break
-    progress.close()
-    logger.close()
+    outputs.close()
     return last
+
+
+def offline_step(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    optim: OptimConfig,
+    t: Any,
+    micro_loss: Callable[[int, int], Tensor],
+    tokens_per_step: int | Callable[[], int],
+) -> Callable[[int], StepResult]:
+    """The step of the offline trainers: micro_loss(step, i) is the loss of micro-batch i < grad_accum of
+    optimizer step `step`; the learning rate follows the schedule, the gradients are accumulated, clipped
+    and applied. Under torchrun `model` is the DDP wrapper and micro_loss gives this rank's share of the
+    loss (so that the mean over the ranks is the global batch's loss)."""
+
+    def train_step(step: int) -> StepResult:
+        lr = lr_at(step, optim, t.max_steps)
+        if dist.active():  # dropout masks: a pure function of (seed, step, rank), so resume repeats them
+            torch.manual_seed(dist.stream_seed(t.seed, "dropout", step))
+        loss, norm = optimizer_step(
+            model, optimizer, lambda i: micro_loss(step, i), t.grad_accum, lr, optim.grad_clip
+        )
+        loss = dist.mean_float(loss)
+        tokens = tokens_per_step() if callable(tokens_per_step) else tokens_per_step
+        return StepResult(
+            {"loss": loss, "lr": lr, "grad_norm": norm}, tokens, {"loss": loss, "lr": lr, "grad_norm": norm}
+        )
+
+    return train_step
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of log.jsonl up to `step` (a resume from that step's checkpoint)."""
+    if path.is_file():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError(
+            "train.tensorboard = true needs the tensorboard package (pip install tensorboard)"
+        ) from exc
+    return SummaryWriter(str(out / "tb"))
+
+
+def _scalars(tb: Any, row: dict[str, Any]) -> None:
+    for k, v in row.items() if tb is not None else ():
+        if k != "step" and isinstance(v, (int, float)):
+            tb.add_scalar(k, v, row["step"])
 
 
 class EpochStream(Generic[T]):

@@ -17,12 +17,12 @@ from fastrlhf.data import TokenFile, load_tokenizer, random_batch
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, GPTConfig
 from fastrlhf.train import dist
-from fastrlhf.train.loop import LoopConfig, resolve_device, run_loop, run_outputs
+from fastrlhf.train.loop import OfflineLoopConfig, offline_step, resolve_device, run_loop, run_outputs
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
 
 @dataclass
-class TrainConfig(LoopConfig):
+class TrainConfig(OfflineLoopConfig):
     """The loop around the model: data, batch, length, evaluation, checkpoints."""
 
     data_dir: str = "data/shakespeare"
@@ -100,7 +100,8 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
         step = ckpt.load_checkpoint(
             latest, models={"model": model}, optimizers={"optim": optimizer}, generators={"data": data_gen}
         )["step"]
-    logger, progress, say = run_outputs(out, t.max_steps, step, "pretrain", quiet)
+    outputs = run_outputs(out, t, step, "pretrain", quiet)
+    say = outputs.say
     ddp_model, rows = dist.wrap(model), dist.shard(t.batch_size)
     say(
         f"model: {model.num_params():,} parameters; {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
@@ -124,17 +125,21 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
             keep=t.keep_checkpoints,
         )
 
-    return run_loop(
+    train_step = offline_step(
         model=ddp_model,
         optimizer=optimizer,
         optim=cfg.optim,
         t=t,
-        step=step,
         micro_loss=micro_loss,
+        tokens_per_step=t.batch_size * T * t.grad_accum,
+    )
+    return run_loop(
+        t=t,
+        step=step,
+        train_step=train_step,
         evaluate=lambda: {"val_loss": evaluate(model, val_tokens.tokens, t, T, device)},
         save=save,
-        logger=logger,
-        progress=progress,
-        say=say,
-        tokens_per_step=t.batch_size * T * t.grad_accum,
+        outputs=outputs,
+        model=ddp_model,
+        eval_interval=t.eval_interval,
     )

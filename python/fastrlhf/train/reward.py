@@ -28,7 +28,15 @@ from fastrlhf.models import GPTConfig, ScalarHeadModel
 from fastrlhf.models.load import load_gpt
 from fastrlhf.models.shared import shared_layout
 from fastrlhf.train import dist
-from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
+from fastrlhf.train.loop import (
+    EpochStream,
+    OfflineLoopConfig,
+    offline_step,
+    resolve_device,
+    run_loop,
+    run_outputs,
+    shuffled,
+)
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 from fastrlhf.train.sft import load_demonstrations
 
@@ -61,7 +69,7 @@ class RMDataConfig:
 
 
 @dataclass
-class RMTrainConfig(LoopConfig):
+class RMTrainConfig(OfflineLoopConfig):
     """The loop: where the trunk comes from, batches of rankings, evaluation, checkpoints."""
 
     sft: str = "runs/sft"
@@ -319,7 +327,8 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
         step = ckpt.load_checkpoint(latest, models={"model": rm}, optimizers={"optim": optimizer})["step"]
 
     batches = EpochStream(lambda e: shuffled(as_pairs(train_enc) if t.pairwise else train_enc, t.seed, e))
-    logger, progress, say = run_outputs(out, t.max_steps, step, "rm", quiet)
+    outputs = run_outputs(out, t, step, "rm", quiet)
+    logger, say = outputs.logger, outputs.say
     ddp_rm, share = dist.wrap(rm), dist.shard(t.batch_size)
     if not step:
         logger.log(
@@ -371,19 +380,23 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
             keep=t.keep_checkpoints,
         )
 
-    return run_loop(
+    train_step = offline_step(
         model=ddp_rm,
         optimizer=optimizer,
         optim=cfg.optim,
         t=t,
-        step=step,
         micro_loss=micro_loss,
+        tokens_per_step=tokens_per_step,
+    )
+    return run_loop(
+        t=t,
+        step=step,
+        train_step=train_step,
         evaluate=lambda: rm_metrics(rm, val_enc, tok.eot_id, device, t.batch_size, t.margin, t.share_prefix),
         save=save,
-        logger=logger,
-        progress=progress,
-        say=say,
-        tokens_per_step=tokens_per_step,
+        outputs=outputs,
+        model=ddp_rm,
+        eval_interval=t.eval_interval,
     )
 
 

@@ -26,7 +26,15 @@ from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
 from fastrlhf.models.load import load_gpt
 from fastrlhf.tasks.registry import load_task, task_names
 from fastrlhf.train import dist
-from fastrlhf.train.loop import EpochStream, LoopConfig, resolve_device, run_loop, run_outputs, shuffled
+from fastrlhf.train.loop import (
+    EpochStream,
+    OfflineLoopConfig,
+    offline_step,
+    resolve_device,
+    run_loop,
+    run_outputs,
+    shuffled,
+)
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
 
 Encoded = tuple[list[int], list[bool]]  # token ids of one example, True on the tokens the loss counts
@@ -55,7 +63,7 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTTrainConfig(LoopConfig):
+class SFTTrainConfig(OfflineLoopConfig):
     """The loop: initial weights, batches of packed rows, evaluation, checkpoints."""
 
     out_dir: str = "runs/sft"
@@ -238,7 +246,8 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
 
     stream = EpochStream(lambda e: pack(shuffled(train_enc, t.seed, e), T))
     val_rows = pack(val_enc, T)
-    logger, progress, say = run_outputs(out, t.max_steps, step, "sft", quiet)
+    outputs = run_outputs(out, t, step, "sft", quiet)
+    logger, say = outputs.logger, outputs.say
     ddp_model, share, world = dist.wrap(model), dist.shard(t.batch_size), dist.world_size()
     if not step:
         logger.log(
@@ -296,17 +305,21 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
             keep=t.keep_checkpoints,
         )
 
-    return run_loop(
+    train_step = offline_step(
         model=ddp_model,
         optimizer=optimizer,
         optim=cfg.optim,
         t=t,
-        step=step,
         micro_loss=micro_loss,
+        tokens_per_step=tokens_per_step,
+    )
+    return run_loop(
+        t=t,
+        step=step,
+        train_step=train_step,
         evaluate=evaluate,
         save=save,
-        logger=logger,
-        progress=progress,
-        say=say,
-        tokens_per_step=tokens_per_step,
+        outputs=outputs,
+        model=ddp_model,
+        eval_interval=t.eval_interval,
     )
