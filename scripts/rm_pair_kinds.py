@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from fastrlhf.data import encode_chat
 from fastrlhf.data.formats import read_rankings
-from fastrlhf.models.load import load_gpt
+from fastrlhf.models.load import load_model
 from fastrlhf.train.reward import load_reward_model
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--file", help="rankings JSONL (default: RUN/label/heldout.jsonl)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    gpt, tok = load_gpt(f"{a.run}/sft")
+    gpt, tok = load_model(f"{a.run}/sft")
     gpt.eval()
     rm, _ = load_reward_model(a.rm or f"{a.run}/rm")
     counts: dict[str, list[int]] = {}  # kind -> [pairs, SFT log-prob right, RM right]

@@ -4,7 +4,7 @@ from fastrlhf.cli import main
 from fastrlhf.data.formats import read_rankings
 from fastrlhf.labeling.answers import sample_answers
 from fastrlhf.labeling.labelers import make_labeler
-from fastrlhf.models.load import load_gpt
+from fastrlhf.models.load import load_model
 from fastrlhf.tasks.arithmetic import parse_problem
 
 
@@ -39,7 +39,7 @@ def test_label_writes_rankings_of_k_sampled_answers_and_resumes(sft_run, tmp_pat
 
 
 def test_sample_answers_batches_k_per_prompt(sft_run):
-    model, tok = load_gpt(sft_run)
+    model, tok = load_model(sft_run)
     answers = sample_answers(
         model,
         tok,

@@ -14,7 +14,7 @@ from fastrlhf.data import corpus
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.safetensors import read_safetensors
 from fastrlhf.models import GPT, GPTConfig, ScalarHeadModel
-from fastrlhf.models.load import load_gpt
+from fastrlhf.models.load import load_model
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import AdaptiveKLController, KLController, kl_penalty, shape_rewards
 from fastrlhf.rl.ppo import PPOTrainer
@@ -383,7 +383,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(stage_inputs, tmp_
     a = read_safetensors(tmp_path / "full" / "step_0000008" / "value.safetensors")
     b = read_safetensors(tmp_path / "killed" / "step_0000008" / "value.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    policy, tok = load_gpt(tmp_path / "killed")  # the PPO policy loads like any GPT checkpoint
+    policy, tok = load_model(tmp_path / "killed")  # the PPO policy loads like any GPT checkpoint
     assert tok is not None and policy.config.vocab_size == 300
 
 

@@ -6,7 +6,7 @@ from fastrlhf.config import load_config
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.safetensors import read_safetensors
 from fastrlhf.models import GPT
-from fastrlhf.models.load import load_gpt
+from fastrlhf.models.load import load_model
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.pretrain import PretrainConfig, pretrain
 from helpers.pretrain import TINY
@@ -43,7 +43,7 @@ def test_loss_falls_and_every_parameter_changes(full_run):
     assert len(losses) == 16 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
     assert [r["step"] for r in log if "val_loss" in r] == [8, 16] and last["val_loss"] < losses[0]
-    model, tok = load_gpt(out)
+    model, tok = load_model(out)
     assert tok is not None and tok.vocab_size == 300
     for name, w in model.weights().items():
         assert not torch.equal(w, init[name]), f"{name} did not change"
@@ -68,7 +68,7 @@ def test_resume_gives_identical_numbers(full_run, tmp_path):
     got = read_jsonl(tmp_path / "log.jsonl")
     key = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}
     assert [key(r) for r in got] == [key(r) for r in want]
-    a, b = load_gpt(out)[0].weights(), load_gpt(tmp_path)[0].weights()
+    a, b = load_model(out)[0].weights(), load_model(tmp_path)[0].weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -86,18 +86,18 @@ def test_damaged_checkpoints_give_clear_errors(full_run, tmp_path):
     data = model_file.read_bytes()
     model_file.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors is corrupted or truncated"):
-        load_gpt(tmp_path / "c")
+        load_model(tmp_path / "c")
     model_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit
     with pytest.raises(ValueError, match="corrupted or truncated"):
-        load_gpt(tmp_path / "c")
+        load_model(tmp_path / "c")
     model_file.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         read_safetensors(model_file)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
-        load_gpt(tmp_path / "nothing")
+        load_model(tmp_path / "nothing")
     (tmp_path / "c" / "state.json").write_text("{not json")
     with pytest.raises(ValueError, match="state.json is corrupted"):
-        load_gpt(tmp_path / "c")
+        load_model(tmp_path / "c")
 
 
 def test_checkpoint_that_does_not_match_its_config(full_run, tmp_path):
@@ -106,14 +106,14 @@ def test_checkpoint_that_does_not_match_its_config(full_run, tmp_path):
     out, _, _, _ = full_run
     shutil.copytree(out / "step_0000016", tmp_path / "c")
     state = json.loads((tmp_path / "c" / "state.json").read_text())
-    state["state"]["config"]["model"]["n_embd"] = 64
+    state["model"]["config"]["n_embd"] = 64  # the model record the loader builds from
     (tmp_path / "c" / "state.json").write_text(json.dumps(state))
     with pytest.raises(
         ValueError,
         match=r"does not match the model config: wrong shapes: transformer.wte.weight: "
         r"expected \(300, 64\), got \(300, 32\)",
     ):
-        load_gpt(tmp_path / "c")
+        load_model(tmp_path / "c")
 
 
 def test_keeps_only_the_newest_checkpoints_and_writes_atomically(full_run):
@@ -143,5 +143,5 @@ def test_pretrain_on_gpu_with_bf16_autocast(data_dir, tmp_path):
         cfg(data_dir, tmp_path, "train.max_steps=6", "train.device=cuda", "train.dtype=bf16"), quiet=True
     )
     assert torch.isfinite(torch.tensor([last["loss"], last["val_loss"]])).all()
-    model, _ = load_gpt(tmp_path)
+    model, _ = load_model(tmp_path)
     assert next(model.parameters()).dtype == torch.float32

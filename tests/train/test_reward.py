@@ -8,7 +8,7 @@ from fastrlhf.config import load_config
 from fastrlhf.data.formats import FormatError, Ranking, read_rankings, read_sft
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import ScalarHeadModel
-from fastrlhf.models.load import load_gpt
+from fastrlhf.models.load import load_model
 from fastrlhf.models.shared import common_prefix
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.reward import (
@@ -116,7 +116,7 @@ def test_loss_falls_every_parameter_changes_and_metrics(full_run, sft_run):
     assert [r["step"] for r in evals] == [6, 12]
     assert {"val_loss", "val_margin", "val_acc_k2", "val_acc_k3", "val_acc_k4"} <= set(evals[-1])
     rm, _ = load_reward_model(out)
-    gpt, _ = load_gpt(sft_run)
+    gpt, _ = load_model(sft_run)
     init = {f"trunk.{k}": v for k, v in gpt.weights().items()}
     for name, w in rm.weights().items():
         if name in init:
@@ -243,7 +243,7 @@ def test_malformed_line(sft_run, tmp_path):
 
 
 def test_overlong_rankings_dropped_or_truncated(sft_run):
-    _, tok = load_gpt(sft_run)
+    _, tok = load_model(sft_run)
     rankings = [
         Ranking("What is 1+1?", ["2", "3 " * 40], [0, 1]),
         Ranking("What is 1+2?", ["3", "4"], [0, 1]),
@@ -293,7 +293,7 @@ def test_shared_prefix_forward_leaves_the_loss_curve_unchanged(full_run, sft_run
 def test_score_batch_shared_equals_plain_with_gradients(sft_run, rankings_file):
     """Real tokenised rankings (K = 2, 3, 4; prompts of different lengths): the shared-prefix rewards and
     every parameter's gradient equal the plain forward's (float64)."""
-    gpt, tok = load_gpt(ckpt.resolve_checkpoint(sft_run))
+    gpt, tok = load_model(ckpt.resolve_checkpoint(sft_run))
     rm = ScalarHeadModel.from_gpt(gpt).double()
     # one-digit prompts may all tokenise to one length: two-digit ones make the shared prefixes differ
     longer = [

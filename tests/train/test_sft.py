@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from fastrlhf.data import ByteBPETokenizer, encode_chat
 from fastrlhf.data.formats import FormatError, SFTExample
 from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
-from fastrlhf.models.load import load_gpt
+from fastrlhf.models.load import load_model
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.sft import collate, encode_examples, pack, sft, token_losses
 from helpers.sft import sft_config, write_demos
@@ -55,7 +55,7 @@ def test_loss_falls_and_every_parameter_changes(full_run, demos, tmp_path):
     assert len(losses) == 16 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
     assert [r["step"] for r in log if "val_loss" in r] == [8, 16] and last["val_loss"] < losses[0]
-    model, tok = load_gpt(out)
+    model, tok = load_model(out)
     assert tok is not None
     torch.manual_seed(1337)  # train.seed: the weights the run started from
     init = GPT(model.config).weights()
@@ -71,7 +71,7 @@ def test_resume_gives_identical_numbers(full_run, tmp_path):
     key = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}
     want = [key(r) for r in read_jsonl(out / "log.jsonl") if r["step"] > 8]
     assert [key(r) for r in read_jsonl(tmp_path / "log.jsonl")] == want
-    a, b = load_gpt(out)[0].weights(), load_gpt(tmp_path)[0].weights()
+    a, b = load_model(out)[0].weights(), load_model(tmp_path)[0].weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

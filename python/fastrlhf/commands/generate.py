@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> None:
     from fastrlhf.data import decode_response, format_prompt
     from fastrlhf.data.prompts import read_prompts
     from fastrlhf.models import generate
-    from fastrlhf.models.load import load_gpt
+    from fastrlhf.models.load import load_model
 
     prompts = list(args.prompts)
     if args.file == "-":
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
         prompts += read_prompts(args.file, "--file")
     if not prompts:
         raise ValueError("give at least one prompt (arguments or --file)")
-    model, tok = load_gpt(args.checkpoint)
+    model, tok = load_model(args.checkpoint)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer/ folder to encode prompts with")
     texts = [format_prompt(p) if args.chat else p for p in prompts for _ in range(args.num_samples)]

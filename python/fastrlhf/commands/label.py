@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from fastrlhf.labeling.labelers import make_labeler
-    from fastrlhf.models.load import load_gpt
+    from fastrlhf.models.load import load_model
 
     if args.k < 2:
         raise ValueError(f"--k must be >= 2 (a ranking needs two answers); got {args.k}")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--labeler is required when --prompts is a file")
     labeler = make_labeler(name, **({"path": args.labeler_file} if name == "jsonl" else {}))
     prompts = prompts[: args.limit] if args.limit else prompts
-    model, tok = load_gpt(args.sft)
+    model, tok = load_model(args.sft)
     if tok is None:
         raise ValueError(f"{args.sft} has no tokenizer/ folder")
     stats, skipped = label_to_file(

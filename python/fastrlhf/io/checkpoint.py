@@ -69,9 +69,11 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     tokenizer: Any = None,
     keep: int = 2,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write <run_dir>/step_<step>/ atomically, point `latest` at it, keep only the newest `keep`.
-    models need .weights() (GPT, ScalarHeadModel); state is any JSON-able dict (configs, counters).
+    models need .weights() (a CausalLM, ScalarHeadModel); state is any JSON-able dict (configs, counters);
+    record describes what model.safetensors holds (model_record), read back by read_model_record.
     One writer: under torchrun, train.dist.save_checkpoint has rank 0 call this and the others wait."""
     from safetensors.torch import save_file
 
@@ -84,6 +86,8 @@ def save_checkpoint(
     for gname, gen in (generators or {}).items():
         trainer[f"rng.{gname}"] = gen.get_state()
     meta: dict[str, Any] = {"step": step, "state": state or {}, "optimizers": {}, "files": {}}
+    if record is not None:
+        meta["model"] = record
     for oname, opt in (optimizers or {}).items():
         tensors, meta["optimizers"][oname] = _optimizer_to_parts(oname, opt)
         trainer.update(tensors)
@@ -106,6 +110,30 @@ def save_checkpoint(
     for old in sorted(p for p in run_dir.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+HEADS = ("lm", "scalar")  # a language model (LM head), or a reward/value model (a scalar head on the trunk)
+
+
+def model_record(arch: str, config: dict[str, Any], head: str) -> dict[str, Any]:
+    """The record every trainer writes beside model.safetensors: the family (`arch`, e.g. 'gpt2' or
+    'llama'), its config as plain data, and its head."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}; got {head!r}")
+    return {"arch": arch, "config": config, "head": head}
+
+
+def read_model_record(meta: dict[str, Any], where: str | os.PathLike = "the checkpoint") -> dict[str, Any]:
+    """The model record of a checkpoint's state.json, also for checkpoints written before the record
+    existed: the reward model's `state.model` and every other trainer's `state.config.model` (GPT-2)."""
+    if "model" in meta:
+        return meta["model"]
+    state = meta.get("state", {})
+    if isinstance(state.get("model"), dict):  # the RM, before the record
+        return model_record("gpt2", state["model"], "scalar")
+    if isinstance(state.get("config", {}).get("model"), dict):  # pretrain, SFT, PPO, before the record
+        return model_record("gpt2", state["config"]["model"], "lm")
+    raise ValueError(f"{where} records no model (no 'model' record in its {STATE_FILE})")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

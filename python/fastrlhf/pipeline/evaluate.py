@@ -42,12 +42,12 @@ def answer_and_score(
     policy compared with SFT (default: the run's PPO checkpoint)."""
     from tqdm import tqdm
 
-    from fastrlhf.models.load import load_gpt
+    from fastrlhf.models.load import load_model
     from fastrlhf.train.reward import load_reward_model
 
     cfg = run.cfg
-    sft, tok = load_gpt(run.dir("sft"))
-    policies = {"sft": sft, "ppo": ppo if ppo is not None else load_gpt(run.dir("ppo"))[0]}
+    sft, tok = load_model(run.dir("sft"))
+    policies = {"sft": sft, "ppo": ppo if ppo is not None else load_model(run.dir("ppo"))[0]}
     rm = load_reward_model(run.dir("rm"))[0]
     score = task_module(cfg.run.task).score
     p = cfg.ppo.ppo

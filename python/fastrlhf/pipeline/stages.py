@@ -93,10 +93,10 @@ def stage_sft(run: Run, quiet: bool) -> dict[str, Any]:
 def stage_label(run: Run, quiet: bool) -> dict[str, Any]:
     from fastrlhf.labeling.answers import label_to_file
     from fastrlhf.labeling.labelers import ScoreLabeler
-    from fastrlhf.models.load import load_gpt
+    from fastrlhf.models.load import load_model
 
     lab, task = run.cfg.label, _task(run)
-    model, tok = load_gpt(run.dir("sft"))
+    model, tok = load_model(run.dir("sft"))
     labeler = ScoreLabeler(run.cfg.run.task, task_module(run.cfg.run.task).preference)
     summary = {}
     for split, n, seed in (

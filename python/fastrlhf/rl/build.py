@@ -40,16 +40,18 @@ def build_trainer(
     if gold_reward and true_score is None:  # checked before anything is loaded
         raise ValueError("gold_reward=True trains on true_score: pass one")
     from fastrlhf.data import TokenFile, decode_response, encode_prompt
-    from fastrlhf.models.load import load_gpt
+    from fastrlhf.models.load import load_model
     from fastrlhf.train import dist
 
     t, m = cfg.train, cfg.models
     device = dist.setup(t.device, t.threads)  # under torchrun: joins the process group, this rank's device
-    policy, tok = load_gpt(_need(m.policy, "models.policy", "python -m fastrlhf sft"))
+    policy, tok = load_model(_need(m.policy, "models.policy", "python -m fastrlhf sft"))
     if tok is None:
         raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")
     ref: GPT = (
-        load_gpt(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0] if m.ref else load_gpt(m.policy)[0]
+        load_model(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0]
+        if m.ref
+        else load_model(m.policy)[0]
     )
     reward, reward_tok, value = None, None, None
     if not gold_reward:

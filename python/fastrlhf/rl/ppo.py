@@ -33,6 +33,7 @@ from fastrlhf.config import to_dict
 from fastrlhf.data import random_batch
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import CausalLM, ScalarHeadModel
+from fastrlhf.models.load import lm_record
 from fastrlhf.models.transformer import load_checked
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import AdaptiveKLController, KLController, kl_penalty, shape_rewards
@@ -511,7 +512,6 @@ class PPOTrainer:
     # ---- checkpoints and the loop ----------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
         state = {
-            "config": {"model": self.policy.config.to_dict()},
             "ppo_config": to_dict(self.cfg),
             "trainer": {
                 "step": self.step_count,
@@ -529,6 +529,7 @@ class PPOTrainer:
             optimizers={"optim": self.optimizer},
             generators=self.gens,
             state=state,
+            record=lm_record(self.policy),
             tokenizer=self.tokenizer,
             keep=self.cfg.train.keep_checkpoints,
         )
@@ -536,7 +537,7 @@ class PPOTrainer:
     def load(self, path: str | Path) -> None:
         """Restore everything save() wrote (weights, optimizer, RNGs, KL controller, data position)."""
         meta = ckpt.read_state(path)
-        saved = meta["state"]["config"]["model"]
+        saved = ckpt.read_model_record(meta, path)["config"]
         if saved != self.policy.config.to_dict():
             raise ValueError(f"{path} holds a policy with config {saved}, not {self.policy.config.to_dict()}")
         meta = ckpt.load_checkpoint(

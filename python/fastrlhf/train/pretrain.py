@@ -16,6 +16,7 @@ from fastrlhf.config import from_dict, to_dict
 from fastrlhf.data import TokenFile, load_tokenizer, random_batch
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, GPTConfig
+from fastrlhf.models.load import lm_record
 from fastrlhf.train import dist
 from fastrlhf.train.loop import OfflineLoopConfig, offline_step, resolve_device, run_loop, run_outputs
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
@@ -121,6 +122,7 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
             optimizers={"optim": optimizer},
             generators={"data": data_gen},
             state={"config": to_dict(cfg)},
+            record=lm_record(model),
             tokenizer=tokenizer,
             keep=t.keep_checkpoints,
         )

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastrlhf.config import from_dict, to_dict
-from fastrlhf.data import Tokenizer, encode_chat, encode_prompt, load_tokenizer
+from fastrlhf.data import Tokenizer, encode_chat, encode_prompt
 from fastrlhf.data.formats import Ranking, read_rankings
 from fastrlhf.io import checkpoint as ckpt
-from fastrlhf.models import GPTConfig, ScalarHeadModel
-from fastrlhf.models.load import load_gpt
+from fastrlhf.io.checkpoint import read_model_record
+from fastrlhf.models import ScalarHeadModel
+from fastrlhf.models.load import load_model, load_scalar_model, scalar_record
 from fastrlhf.models.shared import shared_layout
 from fastrlhf.train import dist
 from fastrlhf.train.loop import (
@@ -278,11 +279,7 @@ def split_by_prompt(
 
 def load_reward_model(path: str | Path) -> tuple[ScalarHeadModel, Tokenizer | None]:
     """(reward model, tokenizer) from a checkpoint or run folder written by `python -m fastrlhf rm`."""
-    c = ckpt.resolve_checkpoint(path)
-    meta = ckpt.read_state(c)
-    rm = ScalarHeadModel(GPTConfig.from_dict(meta["state"]["model"]))
-    ckpt.load_checkpoint(c, models={"model": rm}, restore_rng=False)
-    return rm.eval(), (load_tokenizer(c / "tokenizer") if (c / "tokenizer").is_dir() else None)
+    return load_scalar_model(path)
 
 
 def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
@@ -291,7 +288,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     device = resolve_device(t)
     out = Path(t.out_dir)
     sft_ckpt = ckpt.resolve_checkpoint(t.sft)
-    gpt, tok = load_gpt(sft_ckpt)
+    gpt, tok = load_model(sft_ckpt)
     if tok is None:
         raise ValueError(f"train.sft {t.sft} has no tokenizer/ folder")
     T = gpt.config.block_size
@@ -319,7 +316,7 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     step = 0
     latest = ckpt.latest_checkpoint(out)
     if latest is not None:
-        saved = ckpt.read_state(latest)["state"]["model"]
+        saved = read_model_record(ckpt.read_state(latest), latest)["config"]
         if saved != gpt.config.to_dict():
             raise ValueError(
                 f"{latest} was trained with model config {saved}, not the SFT model's {gpt.config}"
@@ -376,7 +373,8 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
             models={"model": rm},
             optimizers={"optim": optimizer},
             tokenizer=tok,
-            state={"config": to_dict(cfg), "model": gpt.config.to_dict(), "sft": str(sft_ckpt)},
+            state={"config": to_dict(cfg), "sft": str(sft_ckpt)},
+            record=scalar_record(rm),
             keep=t.keep_checkpoints,
         )
 

@@ -23,7 +23,7 @@ from fastrlhf.data import ByteBPETokenizer, Tokenizer, encode_chat, format_promp
 from fastrlhf.data.formats import SFTExample, read_sft
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
-from fastrlhf.models.load import load_gpt
+from fastrlhf.models.load import lm_record, load_model
 from fastrlhf.tasks.registry import load_task, task_names
 from fastrlhf.train import dist
 from fastrlhf.train.loop import (
@@ -194,7 +194,7 @@ def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]
     """The model (random, or from train.init_from) and the tokenizer (the checkpoint's or a new BPE)."""
     t = cfg.train
     if t.init_from:
-        model, tok = load_gpt(t.init_from)
+        model, tok = load_model(t.init_from)
         if tok is None:
             raise ValueError(f"train.init_from {t.init_from} has no tokenizer/ folder")
         cfg.model = model.config  # the checkpoint decides the shape; recorded with the run
@@ -301,6 +301,7 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
             models={"model": model},
             optimizers={"optim": optimizer},
             state={"config": to_dict(cfg)},
+            record=lm_record(model),
             tokenizer=tok,
             keep=t.keep_checkpoints,
         )
