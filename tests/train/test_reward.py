@@ -14,10 +14,10 @@ from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.reward import (
     RMConfig,
     as_pairs,
-    collate,
     encode_rankings,
     kwise_loss,
     load_reward_model,
+    ranking_batch,
     rm_metrics,
     score_batch,
     train_rm,
@@ -78,7 +78,7 @@ def test_kwise_loss_is_the_mean_of_the_explicit_pair_losses():
         Ranking("r", ["u", "v", "w"], [0, 2, 1]),
     ]
     enc = [([[1] * (i + 2) for i in range(r.k)], r.pairs()) for r in rankings]
-    idx, _last, better, worse, owner = collate(enc, 0)
+    idx, _last, better, worse, owner = ranking_batch(enc, 0)
     assert idx.shape[0] == 4 + 2 + 3 and len(better) == 6 + 1 + 3  # K passes, C(K, 2) pairs
     rewards = torch.randn(9, dtype=torch.float64)
     for margin in (0.0, 0.5):
@@ -96,7 +96,7 @@ def test_kwise_loss_is_the_mean_of_the_explicit_pair_losses():
     pairs = as_pairs(enc)
     assert len(pairs) == 10 and sum(len(s) for s, _ in pairs) == 20
     flat = torch.stack([rewards[better], rewards[worse]], 1).flatten()  # (2P,) the pair rewards in order
-    _, _, pb, pw, po = collate(pairs, 0)
+    _, _, pb, pw, po = ranking_batch(pairs, 0)
     pair_mean = -F.logsigmoid(rewards[better] - rewards[worse]).mean()
     torch.testing.assert_close(kwise_loss(flat, pb, pw, po), pair_mean)
 
@@ -149,7 +149,7 @@ def test_bias_makes_the_sft_demonstrations_score_zero(full_run, sft_run):
             for d in demos
         )
     ]
-    idx, last, *_ = collate(enc, tok.eot_id)
+    idx, last, *_ = ranking_batch(enc, tok.eot_id)
     with torch.no_grad():
         assert rm.score(idx, last).mean().item() == pytest.approx(0.0, abs=1e-4)
     shifts = [

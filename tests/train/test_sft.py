@@ -8,7 +8,7 @@ from fastrlhf.data.formats import FormatError, SFTExample
 from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
 from fastrlhf.models.load import load_model
 from fastrlhf.train.log import read_jsonl
-from fastrlhf.train.sft import collate, encode_examples, pack, sft, token_losses
+from fastrlhf.train.sft import encode_examples, pack, pack_batch, sft, token_losses
 from helpers.sft import sft_config, write_demos
 
 
@@ -86,7 +86,7 @@ def test_packing_equals_each_example_alone(tok):
     enc, _, _ = encode_examples(tok, examples, 48, "drop")
     rows = pack(enc, 48)
     assert len(rows) == 1 and len(rows[0]) == 3  # all three share one row
-    idx, targets, positions, segments = collate(rows, 48, tok.eot_id)
+    idx, targets, positions, segments = pack_batch(rows, 48, tok.eot_id)
     packed = F.cross_entropy(
         model(idx, positions=positions, segment_ids=segments)[0][0],
         targets[0],
@@ -96,7 +96,7 @@ def test_packing_equals_each_example_alone(tok):
     o = 0
     for j, (ids, mask) in enumerate(enc):
         n = len(ids)
-        alone_idx, alone_t, _, _ = collate([[(ids, mask)]], n, tok.eot_id)
+        alone_idx, alone_t, _, _ = pack_batch([[(ids, mask)]], n, tok.eot_id)
         alone = F.cross_entropy(
             model(alone_idx)[0][0], alone_t[0], ignore_index=IGNORE_INDEX, reduction="none"
         )
@@ -111,7 +111,7 @@ def test_packing_equals_each_example_alone(tok):
 
 def test_loss_counts_response_tokens_only(tok):
     ids, mask = encode_chat(tok, "What is 2+2?", "4")
-    _, targets, _, _ = collate([[(ids, mask)]], 32, tok.eot_id)
+    _, targets, _, _ = pack_batch([[(ids, mask)]], 32, tok.eot_id)
     want = [ids[i + 1] if mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)]
     assert targets[0, : len(ids) - 1].tolist() == want
     assert (targets[0, len(ids) - 1 :] == IGNORE_INDEX).all()

@@ -21,7 +21,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +30,7 @@ from torch import Tensor, nn
 from fastrlhf import ops
 from fastrlhf.config import to_dict
 from fastrlhf.data import random_batch
-from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import CausalLM, ScalarHeadModel
-from fastrlhf.models.load import lm_record
 from fastrlhf.models.transformer import load_checked
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import AdaptiveKLController, KLController, kl_penalty, shape_rewards
@@ -48,8 +45,8 @@ from fastrlhf.rl.rollout import (
     sample,
 )
 from fastrlhf.rl.stats import explained_variance, global_masked_moments, masked_whiten
+from fastrlhf.rl.trainer import OnlineTrainer
 from fastrlhf.train import dist
-from fastrlhf.train.loop import StepResult, run_loop, run_outputs
 from fastrlhf.train.optim import autocast_for, lr_at, make_adamw, set_lr
 
 INVARIANT_TOL = 1e-5  # on mean(ratio) - 1 and approx_kl at the first minibatch (the issue's bound)
@@ -100,10 +97,12 @@ def same_tokenizer(a: Any, b: Any) -> bool:
     )
 
 
-class PPOTrainer:
+class PPOTrainer(OnlineTrainer):
     """PPO on `policy` against a frozen `ref`, scored by a frozen reward model (a ScalarHeadModel) or a
     reward_fn. `step()` runs one rollout + update and returns its metrics; `train()` is the loop with
-    logging and resumable checkpoints."""
+    logging and resumable checkpoints (rl/trainer.py)."""
+
+    desc = "ppo"
 
     def __init__(
         self,
@@ -122,10 +121,16 @@ class PPOTrainer:
         true_score: RewardFn | None = None,
     ):
         self.cfg, p = cfg, cfg.ppo
+        super().__init__(
+            cfg.train,
+            policy,
+            prompts,
+            p.rollout_batch,
+            max_nonfinite=p.max_nonfinite,
+            tokenizer=tokenizer,
+            quiet=quiet,
+        )
         self.true_score = true_score  # e.g. a task's checker: logged to show reward hacking, never trained on
-        self.prompts = [list(map(int, x)) for x in prompts]
-        if not self.prompts:
-            raise ValueError("prompts must hold at least one prompt; got none")
         longest = max(map(len, self.prompts))
         if longest + p.max_new_tokens > policy.config.block_size:
             raise ValueError(
@@ -166,9 +171,7 @@ class PPOTrainer:
             )
         dist.check_divides("ppo.rollout_batch", p.rollout_batch)
         dist.check_divides("ppo.minibatch", p.minibatch)
-        self.device = next(policy.parameters()).device
-        self.policy, self.ref, self.reward = policy, ref, reward
-        self.eos, self.tokenizer, self.ptx_tokens, self.quiet = eos_token_id, tokenizer, ptx_tokens, quiet
+        self.ref, self.reward, self.eos, self.ptx_tokens = ref, reward, eos_token_id, ptx_tokens
         if p.value_model == "policy_head":
             if value_model is not None:
                 raise ValueError("ppo.value_model = 'policy_head' takes no separate value model")
@@ -198,29 +201,10 @@ class PPOTrainer:
             if p.adaptive_kl
             else KLController(p.kl_coef)
         )
-        seed = cfg.train.seed
-        self.gens = {
-            name: torch.Generator().manual_seed(seed + i)
-            for i, name in enumerate(("sample", "shuffle", "ptx"))
-        }
-        self.step_count = self.prompts_seen = self.updates = 0
-        self.nonfinite_total = self.nonfinite_in_a_row = 0
-        self._perm_cache: tuple[int, list[int]] = (-1, [])
+        self.models = {"model": policy, "value": self.value}
         self._first: tuple[Tensor, Tensor] | None = None  # set by _rollout_values, taken by _update
 
     # ---- rollout -------------------------------------------------------------------------------------
-    def _next_prompts(self) -> list[list[int]]:
-        """rollout_batch prompts in a fresh seeded permutation per pass over the pool (resumable by count)."""
-        out, n = [], len(self.prompts)  # the global batch; step() keeps this rank's share
-        for i in range(self.prompts_seen, self.prompts_seen + self.cfg.ppo.rollout_batch):
-            epoch, j = divmod(i, n)
-            if self._perm_cache[0] != epoch:
-                g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-                self._perm_cache = (epoch, torch.randperm(n, generator=g).tolist())
-            out.append(self.prompts[self._perm_cache[1][j]])
-        self.prompts_seen += len(out)
-        return out
-
     def _values(self, ro: Samples, rows: Tensor | slice = slice(None), h: Tensor | None = None) -> Tensor:
         if isinstance(self.value, ValueHead):
             return self.value(h if h is not None else response_hidden(self.policy, ro, rows))  # (b, Tr)
@@ -417,9 +401,7 @@ class PPOTrainer:
 
     def _step(self) -> dict[str, float]:
         t0, p = time.perf_counter(), self.cfg.ppo
-        if dist.active():  # a stream per rank and step: ranks sample differently, a resume repeats them
-            for name in ("sample", "ptx"):
-                self.gens[name].manual_seed(dist.stream_seed(self.cfg.train.seed, name, self.step_count))
+        self.seed_step()
         prompts = self._next_prompts()[dist.shard(p.rollout_batch)]
         samples = self.generate(prompts)
         t_gen = time.perf_counter()
@@ -450,20 +432,8 @@ class PPOTrainer:
         stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
         self._first = None  # a skipped update must not leave the rollout's graph behind
         t_train = time.perf_counter()
-        self.step_count += 1
-        if why:
-            self.nonfinite_total, self.nonfinite_in_a_row = (
-                self.nonfinite_total + 1,
-                self.nonfinite_in_a_row + 1,
-            )
-            if self.nonfinite_in_a_row >= self.cfg.ppo.max_nonfinite:
-                raise RuntimeError(
-                    f"{self.nonfinite_in_a_row} non-finite PPO steps in a row (last, step "
-                    f"{self.step_count}: {why}); aborting. Lower optim.lr, check the reward's "
-                    f"scores, or raise ppo.max_nonfinite"
-                )
-        else:
-            self.nonfinite_in_a_row = 0
+        self.count_step(why)
+        if not why:
             self.kl_ctl.update(m["kl"], self.cfg.ppo.rollout_batch)
         lengths = mask.sum(dim=1).float()
         ended = (
@@ -509,73 +479,17 @@ class PPOTrainer:
         )
         return m
 
-    # ---- checkpoints and the loop ----------------------------------------------------------------------
-    def save(self, out_dir: str | Path) -> Path:
-        state = {
-            "ppo_config": to_dict(self.cfg),
-            "trainer": {
-                "step": self.step_count,
-                "prompts_seen": self.prompts_seen,
-                "updates": self.updates,
-                "kl_ctl": self.kl_ctl.state_dict(),
-                "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            },
-        }
-        return dist.save_checkpoint(
-            out_dir,
-            self.step_count,
-            models={"model": self.policy, "value": self.value},
-            optimizers={"optim": self.optimizer},
-            generators=self.gens,
-            state=state,
-            record=lm_record(self.policy),
-            tokenizer=self.tokenizer,
-            keep=self.cfg.train.keep_checkpoints,
-        )
+    # ---- what the shared trainer (rl/trainer.py) asks of an algorithm -------------------------------------
+    def show(self, m: dict[str, float]) -> tuple[int, dict[str, float]]:
+        shown = {"score": m["score_mean"], "kl": m["kl"], "ent": m["entropy"], "ev": m["explained_variance"]}
+        return int(m["response_length"] * self.cfg.ppo.rollout_batch), shown
 
-    def load(self, path: str | Path) -> None:
-        """Restore everything save() wrote (weights, optimizer, RNGs, KL controller, data position)."""
-        meta = ckpt.read_state(path)
-        saved = ckpt.read_model_record(meta, path)["config"]
-        if saved != self.policy.config.to_dict():
-            raise ValueError(f"{path} holds a policy with config {saved}, not {self.policy.config.to_dict()}")
-        meta = ckpt.load_checkpoint(
-            path,
-            models={"model": self.policy, "value": self.value},
-            optimizers={"optim": self.optimizer},
-            generators=self.gens,
-        )
-        t = meta["state"]["trainer"]
-        self.step_count, self.prompts_seen, self.updates = t["step"], t["prompts_seen"], t["updates"]
-        self.nonfinite_total, self.nonfinite_in_a_row = t["nonfinite_total"], t["nonfinite_in_a_row"]
-        self.kl_ctl.load_state_dict(t["kl_ctl"])
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict()}
 
-    def train(self) -> list[dict[str, float]]:
-        """Run (or resume) to train.max_steps on the shared loop; returns the metrics of the steps it ran."""
-        t = self.cfg.train
-        out = Path(t.out_dir)
-        latest = ckpt.latest_checkpoint(out)
-        if latest is not None:
-            self.load(latest)
-        history: list[dict[str, float]] = []
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
 
-        def train_step(_step: int) -> StepResult:
-            m = self.step()
-            history.append(m)
-            show = {
-                "score": m["score_mean"],
-                "kl": m["kl"],
-                "ent": m["entropy"],
-                "ev": m["explained_variance"],
-            }
-            return StepResult(m, int(m["response_length"] * self.cfg.ppo.rollout_batch), show)
-
-        run_loop(
-            t=t,
-            step=self.step_count,
-            train_step=train_step,
-            save=lambda _step: self.save(out),
-            outputs=run_outputs(out, t, self.step_count, "ppo", self.quiet),
-        )
-        return history
+    def train(self) -> list[dict[str, float]]:  # type: ignore[override]
+        """Run (or resume) to train.max_steps; returns the metrics of the steps this call ran."""
+        return super().train(to_dict(self.cfg))

@@ -141,7 +141,7 @@ def as_pairs(encoded: list[EncodedRanking]) -> list[EncodedRanking]:
     return [([seqs[b], seqs[w]], [(0, 1)]) for seqs, pairs in encoded for b, w in pairs]
 
 
-def collate(batch: list[EncodedRanking], pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def ranking_batch(batch: list[EncodedRanking], pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """idx (N, T) right-padded sequences of all N = sum(K) responses, last (N,) index of each one's last
     token, better/worse (P,) indices into N of all pairs, owner (P,) the ranking each pair belongs to.
     Right padding needs no mask: causal attention never lets a real token see the pads after it."""
@@ -186,7 +186,7 @@ def score_batch(
     only (model.shared; the same rewards and gradients as the plain forward, fewer FLOPs); False = one
     plain forward over all N right-padded sequences. rm may be the DDP wrapper of a ScalarHeadModel: its
     forward (not .score) is what syncs gradients."""
-    idx, last, better, worse, owner = collate(batch, pad_id)
+    idx, last, better, worse, owner = ranking_batch(batch, pad_id)
     if share:
         layout = shared_layout(
             [s for ranking, _ in batch for s in ranking], [len(r) for r, _ in batch], pad_id
@@ -253,7 +253,7 @@ def normalize_bias(
         if c % dist.world_size() != dist.rank():  # rank r scores chunks r, r + N, ...
             continue
         chunk = [([s], []) for s in seqs[i : i + batch_size]]
-        idx, last, *_ = collate(chunk, tok.eot_id)
+        idx, last, *_ = ranking_batch(chunk, tok.eot_id)
         total += rm.score(idx.to(device), last.to(device)).sum().item()
     rm.train(was)
     mean = float(dist.all_sum(torch.tensor(total, dtype=torch.float64))) / len(

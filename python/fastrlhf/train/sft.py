@@ -140,7 +140,7 @@ def pack(examples: list[Encoded], T: int) -> list[list[Encoded]]:
     return rows
 
 
-def collate(rows: list[list[Encoded]], T: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def pack_batch(rows: list[list[Encoded]], T: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """idx, targets, positions, segment_ids, each (B, T) int64, for packed rows. Example j of a row is
     segment j + 1 with positions 0..n-1; padding is segment 0. targets[t] is the token after t when that
     token is a response token of the same example, IGNORE_INDEX otherwise."""
@@ -268,7 +268,7 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
     def micro_loss(s: int, i: int) -> Tensor:
         rows = stream.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)[share]
         with autocast_for(device, t.dtype):
-            total, n = token_losses(ddp_model, collate(rows, T, tok.eot_id), device)
+            total, n = token_losses(ddp_model, pack_batch(rows, T, tok.eot_id), device)
         if world == 1:
             counted[0] += int(n)
             return total / n.clamp(min=1)
@@ -285,7 +285,7 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
             if k % world != dist.rank():  # rank r scores chunks r, r + N, ...
                 continue
             with autocast_for(device, t.dtype):
-                s, c = token_losses(model, collate(val_rows[i : i + t.batch_size], T, tok.eot_id), device)
+                s, c = token_losses(model, pack_batch(val_rows[i : i + t.batch_size], T, tok.eot_id), device)
             total, n = total + s.item(), n + int(c)
         total, n = dist.all_sum(torch.tensor([total, n], dtype=torch.float64)).tolist()
         return {"val_loss": total / n}
