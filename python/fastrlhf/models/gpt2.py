@@ -6,13 +6,21 @@ names only: the forward passes (training, `tail`, decode, read-one-token, shared
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fastrlhf import ops
 from fastrlhf.models.config import GPTConfig
 from fastrlhf.models.transformer import CausalLM, Linear
 
+_CONV1D = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)  # HF: (in, out)
 TIED = "lm_head.weight"  # the output matrix is transformer.wte.weight; checkpoints store it once
 _PARTS = {"qkv": slice(0, 3), "q": slice(0, 1), "kv": slice(1, 3)}  # rows of c_attn, in units of C
 
@@ -108,3 +116,57 @@ class GPT(CausalLM):
 
     def norm_f(self, x: Tensor) -> Tensor:
         return self.transformer.ln_f(x)
+
+    # ---- Hugging Face's names and layouts (GPT2LMHeadModel); reading them back: models/hf.py -------------
+    def hf_config(self) -> dict[str, Any]:
+        return config_to_hf_dict(self.config)
+
+    def hf_tensors(self) -> dict[str, Tensor]:
+        sd = state_dict_to_hf(self)
+        del sd["lm_head.weight"]  # tied: save_pretrained stores it once too
+        return sd
+
+
+def config_to_hf_dict(config: GPTConfig) -> dict[str, Any]:
+    """The fields of a GPT2Config equal to config (attention dropout 0: ours has none)."""
+    eos = config.vocab_size - 1
+    return dict(
+        model_type="gpt2",
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_ctx=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=config.layer_norm_eps,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
+    )
+
+
+def state_dict_to_hf(gpt: GPT) -> dict[str, Tensor]:
+    """GPT2LMHeadModel's names and layouts (lm_head included, equal to wte); a bias-free model gets zeros."""
+    out = {}
+    for k, v in gpt.weights().items():
+        out[k] = v.t().contiguous() if k.endswith(_CONV1D) else v.clone()
+    if not gpt.config.bias:
+        C, L = gpt.config.n_embd, gpt.config.n_layer
+        zeros = {
+            "ln_1.bias": C,
+            "attn.c_attn.bias": 3 * C,
+            "attn.c_proj.bias": C,
+            "ln_2.bias": C,
+            "mlp.c_fc.bias": 4 * C,
+            "mlp.c_proj.bias": C,
+        }
+        for i in range(L):
+            out.update({f"transformer.h.{i}.{k}": torch.zeros(n) for k, n in zeros.items()})
+        out["transformer.ln_f.bias"] = torch.zeros(C)
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out

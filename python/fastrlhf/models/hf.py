@@ -10,13 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from fastrlhf.models.config import GPTConfig
-from fastrlhf.models.gpt2 import GPT
+from fastrlhf.models.gpt2 import _CONV1D, GPT, config_to_hf_dict, state_dict_to_hf
 
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some transformers versions save
 
 
@@ -38,29 +36,6 @@ def config_from_hf(hf: dict[str, Any] | Any) -> GPTConfig:
     )
 
 
-def config_to_hf_dict(config: GPTConfig) -> dict[str, Any]:
-    """The fields of a GPT2Config equal to config (attention dropout 0: ours has none)."""
-    eos = config.vocab_size - 1
-    return dict(
-        model_type="gpt2",
-        architectures=["GPT2LMHeadModel"],
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        n_ctx=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        activation_function="gelu_new",
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=config.layer_norm_eps,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        tie_word_embeddings=True,
-    )
-
-
 def state_dict_from_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our names and layouts from a GPT2LMHeadModel (or bare GPT2Model) state dict."""
     out = {}
@@ -69,28 +44,6 @@ def state_dict_from_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
             continue  # lm_head is tied to wte
         name = k if k.startswith("transformer.") else "transformer." + k
         out[name] = v.t().contiguous() if k.endswith(_CONV1D) else v
-    return out
-
-
-def state_dict_to_hf(gpt: GPT) -> dict[str, Tensor]:
-    """GPT2LMHeadModel's names and layouts (lm_head included, equal to wte); a bias-free model gets zeros."""
-    out = {}
-    for k, v in gpt.weights().items():
-        out[k] = v.t().contiguous() if k.endswith(_CONV1D) else v.clone()
-    if not gpt.config.bias:
-        C, L = gpt.config.n_embd, gpt.config.n_layer
-        zeros = {
-            "ln_1.bias": C,
-            "attn.c_attn.bias": 3 * C,
-            "attn.c_proj.bias": C,
-            "ln_2.bias": C,
-            "mlp.c_fc.bias": 4 * C,
-            "mlp.c_proj.bias": C,
-        }
-        for i in range(L):
-            out.update({f"transformer.h.{i}.{k}": torch.zeros(n) for k, n in zeros.items()})
-        out["transformer.ln_f.bias"] = torch.zeros(C)
-    out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 

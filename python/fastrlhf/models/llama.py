@@ -166,6 +166,12 @@ class LlamaForCausalLM(CausalLM):
     def norm_f(self, x: Tensor) -> Tensor:
         return self.model.norm(x)
 
+    def hf_config(self) -> dict[str, Any]:
+        return config_to_hf(self.config)
+
+    def hf_tensors(self) -> dict[str, Tensor]:
+        return self.weights()  # HF's names already; a tied head is stored once, as save_pretrained does
+
 
 # ---- Hugging Face config.json <-> LlamaConfig (the weight names are HF's already) ------------------------
 def config_from_hf(d: dict[str, Any]) -> LlamaConfig:

@@ -4,9 +4,14 @@ record every trainer writes (io/checkpoint.py)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from fastrlhf.data import load_tokenizer
+from fastrlhf.data.hf_tokenizer import HFTokenizer
 from fastrlhf.io.checkpoint import (
     STATE_FILE,
     model_record,
@@ -15,8 +20,12 @@ from fastrlhf.io.checkpoint import (
     read_verified,
     resolve_checkpoint,
 )
+from fastrlhf.io.gguf import SMOLLM2, find_smollm2, read_gguf, read_gguf_tokenizer
+from fastrlhf.io.hf import is_hf_folder, read_hf_folder
 from fastrlhf.models.families import arch_of, build_model, config_from_dict
 from fastrlhf.models.heads import ScalarHeadModel
+from fastrlhf.models.llama import LlamaForCausalLM
+from fastrlhf.models.llama import config_from_hf as llama_config_from_hf
 from fastrlhf.models.transformer import CausalLM
 
 
@@ -58,3 +67,63 @@ def load_scalar_model(path: str | os.PathLike) -> tuple[ScalarHeadModel, Any]:
     rm.load_weights(read_verified(ckpt, "model.safetensors", meta), source=str(ckpt / "model.safetensors"))
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     return rm.eval(), tok
+
+
+# ---- pretrained models from other places: Hugging Face folders, GGUF files, names ---------------------------
+def _source(path: str | os.PathLike) -> tuple[str, Path]:
+    """('gguf' | 'hf' | 'run', path) of a model name, GGUF file, HF folder or fastrlhf run/checkpoint folder."""
+    if str(path) == SMOLLM2:
+        return "gguf", find_smollm2()
+    p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        return "gguf", p
+    if is_hf_folder(p):
+        return "hf", p
+    if p.is_dir() and ((p / STATE_FILE).is_file() or (p / "latest").is_file()):
+        return "run", p
+    raise FileNotFoundError(
+        f"{path} is neither a Hugging Face model folder (config.json + safetensors), a .gguf file, a fastrlhf "
+        f"run or checkpoint folder, nor a known name ({SMOLLM2!r})"
+    )
+
+
+def model_from_hf(config: dict[str, Any], tensors: dict[str, Tensor], source: str) -> CausalLM:
+    """The model an HF config.json describes, with its HF-named tensors loaded (names and shapes checked)."""
+    if config.get("model_type") == "gpt2":
+        from fastrlhf.models.hf import from_hf_state_dict
+
+        return from_hf_state_dict(tensors, config)
+    model = LlamaForCausalLM(llama_config_from_hf(config))
+    kept = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    model.load_weights(kept, source=source)
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """The model of a Hugging Face folder (config.json + model.safetensors or a sharded index), a GGUF
+    file (dequantized), a fastrlhf run/stage/checkpoint folder, or the name 'smollm2-135m-instruct'."""
+    kind, p = _source(path)
+    if kind == "run":
+        model = load_model(p)[0]
+    elif kind == "hf":
+        model = model_from_hf(*read_hf_folder(p), source=str(p))
+    else:
+        config, tensors, _ = read_gguf(p)
+        model = model_from_hf(config, tensors, source=str(p))
+    return model.to(dtype).eval()
+
+
+def load_pretrained_tokenizer(path: str | os.PathLike):
+    """The tokenizer that goes with from_pretrained(path): the HF folder's tokenizer.json, the GGUF's
+    vocabulary, or a run's tokenizer/ folder."""
+    kind, p = _source(path)
+    if kind == "gguf":
+        return HFTokenizer.from_gguf(read_gguf_tokenizer(p))
+    if kind == "hf":
+        if not (p / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{p} has no tokenizer.json")
+        return HFTokenizer.from_folder(p)
+    tok = load_model(p)[1]
+    if tok is None:
+        raise FileNotFoundError(f"{p} has no tokenizer/ folder")
+    return tok

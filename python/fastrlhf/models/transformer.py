@@ -20,12 +20,15 @@ once per group: K-wise reward scoring).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fastrlhf import ops
+from fastrlhf.io.hf import write_hf_folder
 from fastrlhf.models.shared import SharedBatch
 
 IGNORE_INDEX = -100  # targets equal to this are left out of the loss (torch's and HF's convention)
@@ -301,6 +304,24 @@ class CausalLM(nn.Module):
         if targets is None:
             return self.lm_head(h), None
         return None, ops.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX)
+
+    def hf_config(self) -> dict[str, Any]:
+        """config.json for transformers' AutoModelForCausalLM (each family writes its own)."""
+        raise NotImplementedError
+
+    def hf_tensors(self) -> dict[str, Tensor]:
+        """The weights under Hugging Face's names and layouts (each family maps its own)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+        """A Hugging Face model folder (config.json, safetensors, generation_config.json with the EOS, and the
+        tokenizer's files when one is given) that transformers.AutoModelForCausalLM.from_pretrained loads
+        with equal logits; fastrlhf.from_pretrained reads it back."""
+        generation = {"eos_token_id": tokenizer.eot_id} if tokenizer is not None else None
+        out = write_hf_folder(folder, self.hf_config(), self.hf_tensors(), generation)
+        if tokenizer is not None:
+            tokenizer.save(out)
+        return out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
