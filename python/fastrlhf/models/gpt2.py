@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastrlhf import ops
@@ -23,6 +24,11 @@ _CONV1D = (
 )  # HF: (in, out)
 TIED = "lm_head.weight"  # the output matrix is transformer.wte.weight; checkpoints store it once
 _PARTS = {"qkv": slice(0, 3), "q": slice(0, 1), "kv": slice(1, 3)}  # rows of c_attn, in units of C
+
+
+def _drop(x: Tensor, d: nn.Dropout) -> Tensor:
+    """d(x) without the module call (a no-op in eval mode)."""
+    return F.dropout(x, d.p, d.training) if d.training else x
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,8 +60,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
+    # The three calls run the submodules' own functions on their parameters rather than through
+    # nn.Module.__call__: the same ops in the same order (the same numbers), without the per-call overhead
+    # that dominates a one-token decode step of a small model.
     def norm_in(self, x: Tensor) -> Tensor:
-        return self.ln_1(x)
+        return F.layer_norm(x, self.ln_1.normalized_shape, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
 
     def project(self, h: Tensor, positions: Tensor, parts: str) -> list[Tensor]:
         """The q/k/v heads of h (B, T, C) that `parts` names, each (B, H, T, D): one GEMM over the rows of
@@ -71,10 +80,14 @@ class Block(nn.Module):
 
     def finish(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor | None) -> Tensor:
         B, Tq, C = x.shape
+        a, m, ln = self.attn, self.mlp, self.ln_2
         y = ops.causal_attention(q, k, v, segment_ids=segment_ids)  # (B, H, Tq, D)
         y = y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C): heads side by side
-        x = x + self.attn.resid_dropout(self.attn.c_proj(y))
-        return x + self.mlp(self.ln_2(x))
+        x = x + _drop(ops.linear(y, a.c_proj.weight, a.c_proj.bias), a.resid_dropout)
+        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        # GPT-2's "gelu_new" is the tanh approximation; HF weights only match with it.
+        h = ops.gelu(ops.linear(h, m.c_fc.weight, m.c_fc.bias))
+        return x + _drop(ops.linear(h, m.c_proj.weight, m.c_proj.bias), m.dropout)
 
 
 class GPT(CausalLM):
@@ -109,13 +122,16 @@ class GPT(CausalLM):
 
     def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
         tr = self.transformer
-        return tr.drop(tr.wte(idx) + tr.wpe(positions))  # (B, T, C)
+        return _drop(
+            F.embedding(idx, tr.wte.weight) + F.embedding(positions, tr.wpe.weight), tr.drop
+        )  # (B, T, C)
 
     def blocks(self) -> nn.ModuleList:
         return self.transformer.h
 
     def norm_f(self, x: Tensor) -> Tensor:
-        return self.transformer.ln_f(x)
+        ln = self.transformer.ln_f
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
     # ---- Hugging Face's names and layouts (GPT2LMHeadModel); reading them back: models/hf.py -------------
     def hf_config(self) -> dict[str, Any]:
