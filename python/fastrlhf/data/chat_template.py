@@ -11,7 +11,9 @@ from typing import Any
 
 
 def _raise(message: str) -> None:
-    raise ValueError(message)
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)  # reported as the template's own error below
 
 
 def _tojson(

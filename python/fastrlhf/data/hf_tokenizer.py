@@ -125,7 +125,7 @@ class HFTokenizer(Tokenizer):
                 f"GGUF tokenizer model {meta.get('model')!r} is not supported (only byte-level BPE, 'gpt2')"
             )
         tokens, types = meta["tokens"], meta.get("token_type") or [1] * len(meta["tokens"])
-        merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("merges") or []]
         tok = Tok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
         if meta.get("pre") in ("smollm", "starcoder", "refact", "deepseek-coder"):  # each digit its own token
