@@ -11,6 +11,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("fastrlhf.commands.data", "fetch/read text, train a tokenizer, write train/val token files"),
     "pretrain": ("fastrlhf.commands.pretrain", "next-token pretraining from a TOML config"),
     "generate": ("fastrlhf.commands.generate", "sample completions from a checkpoint"),
+    "chat": ("fastrlhf.commands.chat", "talk to a model with its chat template, tokens streamed"),
+    "convert": ("fastrlhf.commands.convert", "write a GGUF file, HF folder or run as a Hugging Face folder"),
     "sft": ("fastrlhf.commands.sft", "supervised fine-tuning on demonstrations (packed, response-only loss)"),
     "label": ("fastrlhf.commands.label", "sample K answers per prompt from an SFT model and rank them"),
     "rm": ("fastrlhf.commands.rm", "train a K-wise reward model on rankings"),

@@ -8,10 +8,16 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompt texts (or use --file)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run or checkpoint folder (its latest), an HF folder, a .gguf file, or smollm2-135m-instruct",
+    )
     p.add_argument("--file", help="a text file with one prompt per line ('-' = stdin)")
     p.add_argument(
-        "--chat", action="store_true", help="wrap each prompt in the Prompt:/Response: chat format"
+        "--chat",
+        action="store_true",
+        help="format each prompt as a user turn (the model's chat template, else the Prompt:/Response: format)",
     )
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -25,10 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from fastrlhf.data import decode_response, format_prompt
+    from fastrlhf import from_pretrained, load_tokenizer
+    from fastrlhf.data import decode_response, encode_prompt
     from fastrlhf.data.prompts import read_prompts
     from fastrlhf.models import generate
-    from fastrlhf.models.load import load_model
 
     prompts = list(args.prompts)
     if args.file == "-":
@@ -37,11 +43,13 @@ def run(args: argparse.Namespace) -> None:
         prompts += read_prompts(args.file, "--file")
     if not prompts:
         raise ValueError("give at least one prompt (arguments or --file)")
-    model, tok = load_model(args.checkpoint)
-    if tok is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer/ folder to encode prompts with")
-    texts = [format_prompt(p) if args.chat else p for p in prompts for _ in range(args.num_samples)]
-    ids = [tok.encode(t) for t in texts]
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise ValueError(
+            f"--num-samples and --max-new-tokens must be >= 1; got {args.num_samples}, {args.max_new_tokens}"
+        )
+    model, tok = from_pretrained(args.checkpoint), load_tokenizer(args.checkpoint)
+    texts = [p for p in prompts for _ in range(args.num_samples)]
+    ids = [encode_prompt(tok, t) if args.chat else tok.encode(t) for t in texts]  # the model sees decode(ids)
     room = model.config.block_size - max(map(len, ids))
     g = generate(
         model,
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
         eos_token_id=tok.eot_id,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    for text, row, mask in zip(texts, g.responses.tolist(), g.response_mask.tolist()):
+    for text, row, mask in zip(map(tok.decode, ids), g.responses.tolist(), g.response_mask.tolist()):
         kept = [t for t, m in zip(row, mask) if m]
         completion = (
             decode_response(tok, kept) if args.chat else tok.decode([t for t in kept if t != tok.eot_id])

@@ -1,9 +1,12 @@
-"""A minimal prompt/response format shared by SFT, reward modelling, PPO and `generate`:
+"""The prompt/response format shared by SFT, reward modelling, labeling, PPO and `generate`.
+
+A chat model's tokenizer (one with a chat template) formats a prompt as one user turn and the response as
+the assistant's turn, with the model's own template. Every other tokenizer uses a minimal plain format:
 
     "Prompt: {prompt}\nResponse:" + " {response}" + <|endoftext|>
 
 Plain text markers work with any tokenizer (no new embeddings for GPT-2); <|endoftext|> is added by id
-so it ends every response, and the loss/reward masks cover the response tokens and that EOT."""
+so it ends every response. Either way the loss/reward masks cover the response tokens and its end token."""
 
 from __future__ import annotations
 
@@ -18,19 +21,38 @@ def format_prompt(prompt: str) -> str:
 
 
 def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
+    """The ids a model answers from: the user turn and the assistant's header (chat template), or
+    "Prompt: ...\nResponse:"."""
+    if tok.chat_template:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tok.encode(format_prompt(prompt))
 
 
 def encode_chat(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[bool]]:
-    """ids of prompt + response + EOT and a mask that is True on the response tokens and the EOT."""
+    """ids of prompt + response + its end and a mask that is True on the response tokens and the end
+    (with a chat template: the assistant turn as the template writes it, end-of-turn token included)."""
     p = encode_prompt(tok, prompt)
+    if tok.chat_template:
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        full = tok.apply_chat_template(turns)
+        if full[: len(p)] != p:
+            raise ValueError(
+                "the chat template renders a conversation that does not start with its own prompt"
+            )
+        r = full[len(p) :]
+        if (
+            tok.eot_id in r
+        ):  # the turn ends at its end token; what a template writes after it is not trained on
+            r = r[: r.index(tok.eot_id) + 1]
+        return p + r, [False] * len(p) + [True] * len(r)
     r = tok.encode(" " + response) + [tok.eot_id]
     return p + r, [False] * len(p) + [True] * len(r)
 
 
 def decode_response(tok: Tokenizer, ids: list[int]) -> str:
-    """The response text of generated ids: cut at the first EOT, one leading space dropped."""
+    """The response text of generated ids: cut at the first end token (the plain format's one leading
+    space dropped)."""
     if tok.eot_id in ids:
         ids = ids[: ids.index(tok.eot_id)]
     text = tok.decode(ids)
-    return text.removeprefix(" ")
+    return text if tok.chat_template else text.removeprefix(" ")

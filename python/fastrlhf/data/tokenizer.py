@@ -30,6 +30,8 @@ class Tokenizer(ABC):
     kind: str
     vocab_size: int
     eot_id: int
+    chat_template: str | None = None
+    """A chat model's template (HF tokenizers); None = the plain Prompt:/Response: format (data/chat.py)."""
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:

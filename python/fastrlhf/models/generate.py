@@ -6,7 +6,7 @@ logprob 0; the loop stops when every row is done."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +59,12 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_hidden: bool = False,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Generation:
     """Sample up to max_new_tokens after each prompt (token-id lists of any lengths, or a (B, T) tensor).
     Sampling options as ops.sample (numbers or per-row (B,) tensors; temperature 0 = greedy).
-    return_hidden=True also returns the hidden states behind each sampled token (Generation.hidden)."""
+    return_hidden=True also returns the hidden states behind each sampled token (Generation.hidden).
+    on_token(tokens (B,)) is called after each step with the tokens just written (streaming output)."""
     cfg = model.config
     rows = _as_lists(prompts)
     if not rows:
@@ -131,12 +133,16 @@ def generate(
                 responses[:, t] = torch.where(done, pad, tok)
                 logprobs[:, t] = torch.where(done, 0.0, lp)
                 mask[:, t] = ~done
+                if on_token is not None:
+                    on_token(responses[:, t])
                 done |= tok == eos_token_id
                 if bool(done.all()):
                     steps = t + 1
                     break
             else:
                 responses[:, t], logprobs[:, t] = tok, lp
+                if on_token is not None:
+                    on_token(responses[:, t])
             if t + 1 < max_new_tokens:
                 h = model.decode(responses[:, t : t + 1], next_pos, seg[:, : Tp + t + 1], cache)  # (B, C)
                 next_pos += 1
