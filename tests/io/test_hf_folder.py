@@ -40,7 +40,9 @@ def test_write_read_round_trip(tmp_path, max_shard_bytes):
     files = write_safetensors_folder(t, tmp_path, max_shard_bytes=max_shard_bytes)
     sharded = max_shard_bytes == 3000
     assert (tmp_path / INDEX_FILE).is_file() == sharded
-    assert len(files) == (4 if sharded else 1)  # 40x40 fp32 = 6400 B alone in a shard: a, c, b+d and the index
+    assert len(files) == (
+        4 if sharded else 1
+    )  # 40x40 fp32 = 6400 B alone in a shard: a, c, b+d and the index
     back = SafetensorsFolder(tmp_path)
     assert set(back) == set(t) and back.shapes["a.weight"] == (33, 17)
     for name, v in t.items():
@@ -48,7 +50,7 @@ def test_write_read_round_trip(tmp_path, max_shard_bytes):
     if sharded:
         index = json.loads((tmp_path / INDEX_FILE).read_text())
         assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in t.values())
-        assert sorted(set(index["weight_map"].values()))[0] == "model-00001-of-00003.safetensors"
+        assert min(index["weight_map"].values()) == "model-00001-of-00003.safetensors"
     # a smaller rewrite into the same folder leaves no stale shards behind
     write_safetensors_folder({"x": torch.ones(2)}, tmp_path)
     assert set(SafetensorsFolder(tmp_path)) == {"x"} and not list(tmp_path.glob("model-*"))
@@ -67,7 +69,9 @@ def test_damaged_folders_name_the_file(tmp_path):
     shard2 = tmp_path / "model-00002-of-00003.safetensors"
     data = shard2.read_bytes()
     shard2.write_bytes(data[: len(data) - 100])
-    with pytest.raises(ValueError, match="model-00002-of-00003.safetensors is not a readable safetensors file"):
+    with pytest.raises(
+        ValueError, match="model-00002-of-00003.safetensors is not a readable safetensors file"
+    ):
         SafetensorsFolder(tmp_path)
     shard2.unlink()
     with pytest.raises(FileNotFoundError, match="shard model-00002-of-00003.safetensors listed in"):

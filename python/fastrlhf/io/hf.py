@@ -39,7 +39,8 @@ def read_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object; got {type(data).__name__}")
+        # a file's content, not an argument's type: ValueError like every other damaged file
+        raise ValueError(f"{path} must hold a JSON object; got {type(data).__name__}")  # noqa: TRY004
     return data
 
 

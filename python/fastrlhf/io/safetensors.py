@@ -89,7 +89,9 @@ def tensor_files(folder: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {exc}") from exc
+            raise ValueError(
+                f"{index} is not a safetensors index (a JSON object with a weight_map): {exc}"
+            ) from exc
         files = {name: folder / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -100,7 +102,7 @@ def tensor_files(folder: Path) -> dict[str, Path]:
 
         try:
             with safe_open(str(single), framework="pt") as f:
-                return {name: single for name in f.keys()}
+                return dict.fromkeys(f.keys(), single)
         except (SafetensorError, OSError) as exc:
             raise _damaged(single, exc) from exc
     raise FileNotFoundError(f"no weights in {folder}: neither {SINGLE_FILE} nor {INDEX_FILE} exists")
