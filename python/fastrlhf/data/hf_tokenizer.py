@@ -138,6 +138,10 @@ class HFTokenizer(Tokenizer):
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def get_vocab(self) -> dict[str, int]:
+        """{token as the vocabulary spells it (GPT-2's byte alphabet): id}, added tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def apply_chat_template(
         self,
         messages: Sequence[Message],
@@ -170,9 +174,7 @@ class HFTokenizer(Tokenizer):
         folder.mkdir(parents=True, exist_ok=True)
         self._tok.encode_special_tokens = False
         self._tok.save(str(folder / TOKENIZER_FILE))
-        config = dict(self.config)
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
+        config = dict(self.config)  # the template as it came: a string, or transformers' list of named ones
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         (folder / CONFIG_FILE).write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
