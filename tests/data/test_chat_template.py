@@ -102,3 +102,30 @@ def test_named_templates_and_kwargs():
     assert out == "<s>1|2|"  # caller kwargs override the special tokens, as in transformers
     # trim_blocks + lstrip_blocks: block tags leave no newline or indentation behind
     assert render_chat("{% if true %}\n  a\n  {% endif %}\nb", msgs) == "  a\nb"
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_assistant_mask_covers_answers_and_their_end_token(tmp_path, style):
+    tok = load_tokenizer(save_transformers_folder(style, tmp_path))
+    chat = [*CHATS[1], {"role": "assistant", "content": "Très bien, 391."}]
+    ids, mask = tok.encode_chat_with_mask(chat)
+    assert ids == tok.apply_chat_template(chat, add_generation_prompt=False) and len(mask) == len(ids)
+    spans, run = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            run.append(i)
+        elif run:
+            spans, run = [*spans, run], []
+    spans += [run] if run else []
+    eos = tok.decode([tok.eot_id])
+    assert [tok.decode(s) for s in spans] == [f"Oui, merci.{eos}", f"Très bien, 391.{eos}"]
+
+
+def test_reasoning_fields_are_aliased_as_in_transformers(folder):
+    _, path, theirs = folder
+    template = (
+        "{% for m in messages %}[{{ m.thinking }}|{{ m.reasoning_content }}]{{ m.content }}{% endfor %}"
+    )
+    chat = [{"role": "assistant", "content": "4", "reasoning": "2+2"}]
+    ours = load_tokenizer(path).apply_chat_template(chat, chat_template=template, tokenize=False)
+    assert ours == "[2+2|2+2]4" == theirs.apply_chat_template(chat, chat_template=template, tokenize=False)

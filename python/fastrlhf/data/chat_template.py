@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 Message = Mapping[str, Any]
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _raise_exception(message: str):
@@ -69,7 +70,11 @@ def render_chat(
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content'; got {type(m).__name__}")
-        chat.append({k: v for k, v in m.items() if v is not None})  # as transformers: a None field is absent
+        m = {k: v for k, v in m.items() if v is not None}  # as transformers: a None field is absent
+        reasoning = next((m[k] for k in REASONING_FIELDS if k in m), None)
+        if reasoning is not None:  # transformers' _alias_reasoning_fields: templates read either name
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        chat.append(m)
     context = {"tools": None, "documents": None, **(special_tokens or {}), **kwargs}
     try:
         return compile_template(template).render(

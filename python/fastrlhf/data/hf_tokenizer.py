@@ -167,6 +167,30 @@ class HFTokenizer(Tokenizer):
         )
         return self.encode(text, special=True) if tokenize else text
 
+    def encode_chat_with_mask(
+        self, messages: Sequence[Message], **kwargs: Any
+    ) -> tuple[list[int], list[bool]]:
+        """ids of a whole chat (no generation prompt) and a mask that is True on each assistant turn's
+        tokens through its end-of-turn token (EOS), for a loss on the assistant turns only. The turns are
+        found by rendering the chat up to each assistant message, so the template must render a chat as a
+        prefix of its continuation (ChatML, Llama 3 and Qwen2.5 do; Qwen3's drops old <think> blocks)."""
+        ids = self.apply_chat_template(messages, add_generation_prompt=False, **kwargs)
+        mask = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = self.apply_chat_template(messages[:i], **kwargs) if i else []
+            through = self.apply_chat_template(messages[: i + 1], add_generation_prompt=False, **kwargs)
+            if ids[: len(through)] != through or through[: len(before)] != before:
+                raise ValueError(
+                    f"the chat template renders messages[:{i + 1}] differently inside the longer chat; "
+                    "cannot tell the assistant's tokens apart"
+                )
+            span = range(len(before), len(through))
+            end = next((j for j in span if ids[j] in self.stop_ids), span.stop - 1)
+            mask[span.start : end + 1] = [True] * (end + 1 - span.start)
+        return ids, mask
+
     def save(self, folder: str | os.PathLike) -> None:
         """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json, which
         transformers' AutoTokenizer and load_tokenizer both read."""

@@ -90,19 +90,10 @@ def _open(path: Path):
     return reader
 
 
-def _field_value(field) -> Any:
-    import gguf
-
-    if field.types[0] == gguf.GGUFValueType.ARRAY and field.types[-1] == gguf.GGUFValueType.STRING:
-        # contents() decodes each string through a numpy view: a 150k-token vocabulary takes seconds that way
-        return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    return field.contents()
-
-
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Every key-value pair of a GGUF file as Python values (`general.architecture`, `llama.block_count`,
     `tokenizer.ggml.tokens`, `tokenizer.chat_template`, ...)."""
-    return {k: _field_value(f) for k, f in _open(Path(path)).fields.items() if not k.startswith("GGUF.")}
+    return {k: f.contents() for k, f in _open(Path(path)).fields.items() if not k.startswith("GGUF.")}
 
 
 def check_supported(tensor, path: str | os.PathLike = "") -> None:
@@ -247,7 +238,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Metadata, HF config and lazily dequantized HF-named tensors of a GGUF model file."""
     path = Path(path)
     reader = _open(path)
-    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path} has no token_embd.weight tensor; is it a language model?")
