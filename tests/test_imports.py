@@ -30,7 +30,7 @@ LEVEL = {
     "io": 0,
     "_ext": -1,
     "config": -1,  # fastrlhf/config.py: the typed-config machinery and validators every layer uses
-    "__init__": -1,  # fastrlhf/__init__.py: build_info only
+    "__init__": 9,  # fastrlhf/__init__.py: the public facade (build_info, from_pretrained, load_tokenizer)
 }
 ALLOWED_SIDEWAYS = {("rl", "train")}  # {labeling, rl -> train}: rl sits above train
 

@@ -1,109 +1,131 @@
-"""Chat templates and HF tokenizer folders: ids equal transformers' for ChatML (SmolLM2's), Llama-3-style
-and Qwen2.5-style templates on a tokenizer built in the test; a template that fails names its error."""
-
-from __future__ import annotations
-
 import json
 
 import pytest
-import transformers
-from fastrlhf import load_tokenizer
-from fastrlhf.data.chat_template import render_chat
-from fastrlhf.data.hf_tokenizer import HFTokenizer
+from fastrlhf.data import load_tokenizer
+from fastrlhf.data.chat_template import pick_template, render_chat
+from helpers.hf_tokenizers import STYLES, save_transformers_folder
 
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{{- bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-QWEN = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
-    "{%- else %}{{- '<|im_start|>system\nYou are Qwen.<|im_end|>\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if message.role != 'system' %}"
-    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
-SPECIAL = [
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
+transformers = pytest.importorskip("transformers")
+
+CHATS = [
+    [{"role": "user", "content": "What is 17 * 23?"}],
+    [
+        {"role": "system", "content": "You answer in French, briefly.  "},
+        {"role": "user", "content": "Bonjour ! Ça va ?"},
+        {"role": "assistant", "content": "Oui, merci.", "tool_calls": None},
+        {"role": "user", "content": "  and 日本語 🙂 <|im_end|>\n"},
+    ],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
 ]
-MESSAGES = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is 37+45?  Tell me ünïcode too 😀"},
-    {"role": "assistant", "content": " 82 "},
-    {"role": "user", "content": "And 1+1?"},
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b <tag> & é",
+                                           "parameters": {"a": {"type": "int"}, "b": {"type": "int"}}}}]  # fmt: skip
+TOOL_CHAT = [
+    {"role": "user", "content": "add 2 and 3"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2, "b": 3}}}],
+    },
+    {"role": "tool", "content": "5"},
 ]
 
 
-def folder(tmp_path, template, eos, bos=None):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+@pytest.fixture(scope="module", params=list(STYLES))
+def folder(request, tmp_path_factory):
+    path = save_transformers_folder(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, path, transformers.AutoTokenizer.from_pretrained(path)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    text = ["What is 37+45? Be brief. assistant user system You are a helpful AI assistant"] * 20
-    tok.train_from_iterator(
-        text,
-        trainers.BpeTrainer(
-            vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_apply_chat_template_equals_transformers(folder, add_generation_prompt):
+    style, path, theirs = folder
+    ours = load_tokenizer(path)
+    assert ours.chat_template == STYLES[style][-1]
+    for chat in CHATS:
+        kw = dict(add_generation_prompt=add_generation_prompt)
+        text = ours.apply_chat_template(chat, tokenize=False, **kw)
+        assert text == theirs.apply_chat_template(chat, tokenize=False, **kw)
+        assert ours.apply_chat_template(chat, **kw) == theirs.apply_chat_template(chat, **kw)["input_ids"]
+        assert text.endswith(("assistant\n", "assistant<|end_header_id|>\n\n")) == add_generation_prompt
+    if style == "llama3":
+        assert ours.apply_chat_template(CHATS[0], tokenize=True)[0] == ours.bos_id  # the template writes BOS
+        assert "Today Date: " in text  # strftime_now
+    if style == "qwen25":  # tools through tojson (non-ASCII and <, & kept), tool calls and tool results
+        for chat in (CHATS[0], TOOL_CHAT):
+            text = ours.apply_chat_template(chat, tools=TOOLS, tokenize=False)
+            assert text == theirs.apply_chat_template(
+                chat, tools=TOOLS, add_generation_prompt=True, tokenize=False
+            )
+        assert '"description": "a + b <tag> & é"' in text and '{"a": 2, "b": 3}' in text
+
+
+def test_template_errors_are_value_errors_with_the_template_message(tmp_path):
+    save_transformers_folder("llama3", tmp_path)
+    tok = load_tokenizer(tmp_path)
+    with pytest.raises(
+        ValueError, match="failed to render: Conversation roles must be user or assistant; got tool"
+    ):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    with pytest.raises(ValueError, match="the chat template does not parse \\(line 1\\): .*'endfor'"):
+        render_chat("{% for m in messages %}{{ m }}", [{"role": "user", "content": "a"}])
+    with pytest.raises(ValueError, match="failed to render: .*'role'"):
+        render_chat("{{ messages[0]['role'] + 1 }}", [{"content": "a"}])
+    with pytest.raises(ValueError, match="failed to render: TypeError"):
+        render_chat("{{ messages[0]['content'] + 1 }}", [{"role": "user", "content": "a"}])
+    with pytest.raises(ValueError, match="access to attribute '__class__'|unsafe"):
+        render_chat("{{ messages.__class__.__mro__ }}", [{"role": "user", "content": "a"}])
+    with pytest.raises(ValueError, match="messages must be a non-empty list"):
+        render_chat("x", [])
+    with pytest.raises(TypeError, match=r"messages\[0\] must be a dict"):
+        render_chat("x", ["hello"])
+    (tmp_path / "chat_template.jinja").unlink()
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in cfg.items() if k != "chat_template"})
     )
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": eos,
-        "bos_token": bos,
-        "chat_template": template,
-    }
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (tmp_path / "config.json").write_text("{}")
-    return tmp_path
+    with pytest.raises(ValueError, match="this tokenizer has no chat template"):
+        load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "a"}])
 
 
-@pytest.mark.parametrize(
-    ("template", "eos", "bos"),
-    [(CHATML, "<|im_end|>", None), (LLAMA3, "<|eot_id|>", "<|begin_of_text|>"), (QWEN, "<|im_end|>", None)],
-    ids=["chatml", "llama3", "qwen"],
-)
-def test_chat_ids_equal_transformers(tmp_path, template, eos, bos):
-    path = folder(tmp_path, template, eos, bos)
-    ours = HFTokenizer.from_folder(path)
-    theirs = transformers.AutoTokenizer.from_pretrained(path)
-    for n, gen in ((2, True), (3, False), (4, True)):
-        want = theirs.apply_chat_template(MESSAGES[:n], add_generation_prompt=gen, tokenize=False)
-        got = ours.apply_chat_template(MESSAGES[:n], add_generation_prompt=gen)
-        assert got == theirs(want, add_special_tokens=False)["input_ids"]
-        assert ours.decode(got) == want
-    assert ours.eot_id == theirs.convert_tokens_to_ids(eos)
-    ours.save(tmp_path / "saved")
-    again = load_tokenizer_folder(tmp_path / "saved")
-    assert again.apply_chat_template(MESSAGES[:2], add_generation_prompt=True) == ours.apply_chat_template(
-        MESSAGES[:2], add_generation_prompt=True
+def test_named_templates_and_kwargs():
+    named = [{"name": "default", "template": "D{{ x }}"}, {"name": "tool_use", "template": "T"}]
+    assert pick_template(named) == "D{{ x }}" and pick_template(named, "tool_use") == "T"
+    assert pick_template("plain") == "plain" and pick_template(None) is None
+    with pytest.raises(
+        ValueError, match="no chat template named 'rag'; the tokenizer has \\['default', 'tool_use'\\]"
+    ):
+        pick_template(named, "rag")
+    msgs = [{"role": "user", "content": "a"}]
+    out = render_chat(
+        "{{ bos_token }}{{ x }}|{{ y }}|", msgs, special_tokens={"bos_token": "<s>", "y": "?"}, x=1, y=2
     )
+    assert out == "<s>1|2|"  # caller kwargs override the special tokens, as in transformers
+    # trim_blocks + lstrip_blocks: block tags leave no newline or indentation behind
+    assert render_chat("{% if true %}\n  a\n  {% endif %}\nb", msgs) == "  a\nb"
 
 
-def load_tokenizer_folder(path):
-    (path / "config.json").write_text("{}")
-    (path / "model.safetensors").write_bytes(b"")  # an HF model folder as far as load_tokenizer looks
-    return load_tokenizer(path)
+@pytest.mark.parametrize("style", list(STYLES))
+def test_assistant_mask_covers_answers_and_their_end_token(tmp_path, style):
+    tok = load_tokenizer(save_transformers_folder(style, tmp_path))
+    chat = [*CHATS[1], {"role": "assistant", "content": "Très bien, 391."}]
+    ids, mask = tok.encode_chat_with_mask(chat)
+    assert ids == tok.apply_chat_template(chat, add_generation_prompt=False) and len(mask) == len(ids)
+    spans, run = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            run.append(i)
+        elif run:
+            spans, run = [*spans, run], []
+    spans += [run] if run else []
+    eos = tok.decode([tok.eot_id])
+    assert [tok.decode(s) for s in spans] == [f"Oui, merci.{eos}", f"Très bien, 391.{eos}"]
 
 
-def test_a_template_that_fails_gives_its_own_message():
-    with pytest.raises(ValueError, match="failed to render: only user turns, please"):
-        render_chat("{{ raise_exception('only user turns, please') }}", MESSAGES)
-    with pytest.raises(ValueError, match="does not compile"):
-        render_chat("{% for m in messages %}", MESSAGES)
-    with pytest.raises(TypeError, match=r"messages\[0\] must be a dict with string 'role' and 'content'"):
-        render_chat(CHATML, [{"role": "user"}])
+def test_reasoning_fields_are_aliased_as_in_transformers(folder):
+    _, path, theirs = folder
+    template = (
+        "{% for m in messages %}[{{ m.thinking }}|{{ m.reasoning_content }}]{{ m.content }}{% endfor %}"
+    )
+    chat = [{"role": "assistant", "content": "4", "reasoning": "2+2"}]
+    ours = load_tokenizer(path).apply_chat_template(chat, chat_template=template, tokenize=False)
+    assert ours == "[2+2|2+2]4" == theirs.apply_chat_template(chat, chat_template=template, tokenize=False)

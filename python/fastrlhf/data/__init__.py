@@ -1,6 +1,7 @@
-"""Tokenizers, corpora, token files and the chat format."""
+"""Tokenizers (our own and pretrained models' with their chat templates), corpora, token files and the chat format."""
 
 from fastrlhf.data.chat import decode_response, encode_chat, encode_prompt, format_prompt
+from fastrlhf.data.hf_tokenizer import HFTokenizer
 from fastrlhf.data.tokenizer import EOT, ByteBPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 from fastrlhf.data.tokens import TokenFile, random_batch, write_tokens
 
@@ -8,6 +9,7 @@ __all__ = [
     "EOT",
     "ByteBPETokenizer",
     "GPT2Tokenizer",
+    "HFTokenizer",
     "TokenFile",
     "Tokenizer",
     "decode_response",

@@ -34,7 +34,7 @@ def encode_chat(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], 
     p = encode_prompt(tok, prompt)
     if tok.chat_template:
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        full = tok.apply_chat_template(turns)
+        full = tok.apply_chat_template(turns, add_generation_prompt=False)
         if full[: len(p)] != p:
             raise ValueError(
                 "the chat template renders a conversation that does not start with its own prompt"

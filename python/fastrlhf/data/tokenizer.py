@@ -69,7 +69,7 @@ def _gpt2_file(name: str) -> bytes:
     return data
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's printable stand-ins for the 256 bytes: printable non-space bytes are themselves, the
     rest map to chr(256 + n) in byte order (OpenAI's bytes_to_unicode)."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
@@ -83,7 +83,7 @@ def _byte_decoder() -> dict[str, int]:
 def gpt2_mergeable_ranks() -> dict[bytes, int]:
     """tiktoken's {token bytes: rank} built from encoder.json, cross-checked against the merges in vocab.bpe.
     Cached: building it takes about a second."""
-    dec = _byte_decoder()
+    dec = byte_decoder()
     to_bytes = lambda s: bytes(dec[c] for c in s)
     encoder = json.loads(_gpt2_file("encoder.json"))
     ranks = {to_bytes(k): v for k, v in encoder.items() if k != EOT}
@@ -180,16 +180,33 @@ class ByteBPETokenizer(Tokenizer):
         (Path(folder) / CONFIG_FILE).write_text(json.dumps({"kind": self.kind}))
 
 
-def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """The tokenizer a run saved with Tokenizer.save (in a data folder or a checkpoint)."""
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer at path: a folder a run saved with Tokenizer.save (data folder or checkpoint; its
+    tokenizer_config.json names the `kind`), a Hugging Face tokenizer or model folder (tokenizer.json), a GGUF
+    file, or a model name the project knows (`smollm2-135m-instruct`)."""
+    from fastrlhf.io.gguf import is_gguf_file, resolve_model_name
+
+    folder = resolve_model_name(path)
+    if is_gguf_file(folder):
+        from fastrlhf.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_gguf(folder)
     cfg_path = Path(folder) / CONFIG_FILE
+    kind = json.loads(cfg_path.read_text()).get("kind", "hf") if cfg_path.is_file() else "hf"
+    if kind == "hf" and (Path(folder) / "tokenizer.json").is_file():
+        from fastrlhf.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_folder(folder)
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"no tokenizer in {folder}: {CONFIG_FILE} is missing")
-    kind = json.loads(cfg_path.read_text()).get("kind")
+        raise FileNotFoundError(
+            f"no tokenizer in {folder}: {CONFIG_FILE} is missing (and there is no HF tokenizer.json)"
+        )
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
         return ByteBPETokenizer(HFTokenizer.from_file(str(Path(folder) / "tokenizer.json")))
-    raise ValueError(f"{cfg_path}: unknown tokenizer kind {kind!r}; expected 'gpt2' or 'bpe'")
+    raise ValueError(
+        f"{cfg_path}: unknown tokenizer kind {kind!r}; expected 'gpt2' or 'bpe', or an HF tokenizer.json"
+    )

@@ -4,6 +4,7 @@ record every trainer writes (io/checkpoint.py)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,6 @@ import torch
 from torch import Tensor
 
 from fastrlhf.data import load_tokenizer
-from fastrlhf.data.hf_tokenizer import HFTokenizer
 from fastrlhf.io.checkpoint import (
     STATE_FILE,
     model_record,
@@ -20,7 +20,7 @@ from fastrlhf.io.checkpoint import (
     read_verified,
     resolve_checkpoint,
 )
-from fastrlhf.io.gguf import SMOLLM2, find_smollm2, read_gguf, read_gguf_tokenizer
+from fastrlhf.io.gguf import is_gguf_file, read_gguf, resolve_model_name
 from fastrlhf.io.hf import is_hf_folder, read_hf_folder
 from fastrlhf.models.families import arch_of, build_model, config_from_dict
 from fastrlhf.models.heads import ScalarHeadModel
@@ -70,59 +70,44 @@ def load_scalar_model(path: str | os.PathLike) -> tuple[ScalarHeadModel, Any]:
 
 
 # ---- pretrained models from other places: Hugging Face folders, GGUF files, names ---------------------------
-def _source(path: str | os.PathLike) -> tuple[str, Path]:
-    """('gguf' | 'hf' | 'run', path) of a model name, GGUF file, HF folder or fastrlhf run/checkpoint folder."""
-    if str(path) == SMOLLM2:
-        return "gguf", find_smollm2()
-    p = Path(path)
-    if p.suffix == ".gguf" and p.is_file():
-        return "gguf", p
-    if is_hf_folder(p):
-        return "hf", p
-    if p.is_dir() and ((p / STATE_FILE).is_file() or (p / "latest").is_file()):
-        return "run", p
-    raise FileNotFoundError(
-        f"{path} is neither a Hugging Face model folder (config.json + safetensors), a .gguf file, a fastrlhf "
-        f"run or checkpoint folder, nor a known name ({SMOLLM2!r})"
-    )
-
-
-def model_from_hf(config: dict[str, Any], tensors: dict[str, Tensor], source: str) -> CausalLM:
+def model_from_hf(config: dict[str, Any], tensors: Mapping[str, Tensor], source: str) -> CausalLM:
     """The model an HF config.json describes, with its HF-named tensors loaded (names and shapes checked)."""
+    tensors = {k: tensors[k] for k in tensors if not k.endswith("rotary_emb.inv_freq")}
     if config.get("model_type") == "gpt2":
         from fastrlhf.models.hf import from_hf_state_dict
 
         return from_hf_state_dict(tensors, config)
     model = LlamaForCausalLM(llama_config_from_hf(config))
-    kept = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
-    model.load_weights(kept, source=source)
+    model.load_weights(tensors, source=source)
     return model
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CausalLM:
     """The model of a Hugging Face folder (config.json + model.safetensors or a sharded index), a GGUF
     file (dequantized), a fastrlhf run/stage/checkpoint folder, or the name 'smollm2-135m-instruct'."""
-    kind, p = _source(path)
-    if kind == "run":
+    p = resolve_model_name(path)
+    if is_gguf_file(p):
+        ckpt = read_gguf(p)
+        model = model_from_hf(ckpt.config, ckpt.tensors, str(p))
+    elif is_hf_folder(p):
+        folder = read_hf_folder(p)
+        model = model_from_hf(folder.config, folder.tensors, str(p))
+    elif Path(p).is_dir() and ((Path(p) / STATE_FILE).is_file() or (Path(p) / "latest").is_file()):
         model = load_model(p)[0]
-    elif kind == "hf":
-        model = model_from_hf(*read_hf_folder(p), source=str(p))
     else:
-        config, tensors, _ = read_gguf(p)
-        model = model_from_hf(config, tensors, source=str(p))
+        raise FileNotFoundError(
+            f"{path} is neither a Hugging Face model folder (config.json + safetensors), a .gguf file, a "
+            f"fastrlhf run or checkpoint folder, nor a known name ('smollm2-135m-instruct')"
+        )
     return model.to(dtype).eval()
 
 
-def load_pretrained_tokenizer(path: str | os.PathLike):
+def load_pretrained_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer that goes with from_pretrained(path): the HF folder's tokenizer.json, the GGUF's
     vocabulary, or a run's tokenizer/ folder."""
-    kind, p = _source(path)
-    if kind == "gguf":
-        return HFTokenizer.from_gguf(read_gguf_tokenizer(p))
-    if kind == "hf":
-        if not (p / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{p} has no tokenizer.json")
-        return HFTokenizer.from_folder(p)
+    p = resolve_model_name(path)
+    if is_gguf_file(p) or is_hf_folder(p):
+        return load_tokenizer(p)
     tok = load_model(p)[1]
     if tok is None:
         raise FileNotFoundError(f"{p} has no tokenizer/ folder")

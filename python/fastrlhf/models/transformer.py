@@ -318,10 +318,9 @@ class CausalLM(nn.Module):
         tokenizer's files when one is given) that transformers.AutoModelForCausalLM.from_pretrained loads
         with equal logits; fastrlhf.from_pretrained reads it back."""
         generation = {"eos_token_id": tokenizer.eot_id} if tokenizer is not None else None
-        out = write_hf_folder(folder, self.hf_config(), self.hf_tensors(), generation)
-        if tokenizer is not None:
-            tokenizer.save(out)
-        return out
+        return write_hf_folder(
+            folder, self.hf_config(), self.hf_tensors(), generation_config=generation, tokenizer=tokenizer
+        )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
