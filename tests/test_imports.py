@@ -1,6 +1,6 @@
 """The package's imports go one way (README, Layout):
 
-    commands -> pipeline -> {labeling, rl -> train} -> models -> {ops, tasks} -> {data, io} -> config
+    commands -> pipeline -> {labeling, rl -> train} -> models -> {ops, tasks} -> data -> io -> config
 
 Every `import fastrlhf.x` and `from fastrlhf.x import y` in python/fastrlhf, lazy ones inside functions
 included, is read from the source (ast, nothing imported). A module may import its own folder and the
@@ -27,7 +27,7 @@ LEVEL = {
     "ops": 1,
     "tasks": 1,
     "data": 0,
-    "io": 0,
+    "io": -0.5,  # file formats only: data (tokenizers from GGUF files, token files) reads through io
     "_ext": -1,
     "config": -1,  # fastrlhf/config.py: the typed-config machinery and validators every layer uses
     "__init__": 9,  # fastrlhf/__init__.py: the public facade (build_info, from_pretrained, load_tokenizer)

@@ -37,7 +37,7 @@ def tiny_chat_model(path):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
-    hf_tok = HFTokenizer(tok, eos="<|im_end|>", chat_template=CHATML)
+    hf_tok = HFTokenizer(tok, {"eos_token": "<|im_end|>", "chat_template": CHATML})
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(

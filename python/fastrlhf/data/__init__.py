@@ -2,7 +2,8 @@
 
 from fastrlhf.data.chat import decode_response, encode_chat, encode_prompt, format_prompt
 from fastrlhf.data.hf_tokenizer import HFTokenizer
-from fastrlhf.data.tokenizer import EOT, ByteBPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+from fastrlhf.data.loading import load_tokenizer
+from fastrlhf.data.tokenizer import EOT, ByteBPETokenizer, GPT2Tokenizer, Tokenizer
 from fastrlhf.data.tokens import TokenFile, random_batch, write_tokens
 
 __all__ = [
