@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("fastrlhf.commands.label", "sample K answers per prompt from an SFT model and rank them"),
     "rm": ("fastrlhf.commands.rm", "train a K-wise reward model on rankings"),
     "ppo": ("fastrlhf.commands.ppo", "PPO (with PPO-ptx) from SFT and reward-model checkpoints"),
+    "grpo": (
+        "fastrlhf.commands.grpo",
+        "GRPO (Dr. GRPO, DAPO options): critic-free RL on a task's scorer or an RM",
+    ),
     "pipeline": (
         "fastrlhf.commands.pipeline",
         "the whole recipe: data, pretrain, SFT, label, RM, PPO, eval, report",

@@ -91,3 +91,78 @@ def build_trainer(
         quiet=quiet,
         true_score=truth,
     )
+
+
+def build_grpo(cfg, quiet: bool = False):
+    """The GRPO trainer cfg names: the policy (any model source), its prompts (a task's train prompts or a
+    file) and its reward (the task's exact scorer, or a reward model's score)."""
+    from fastrlhf import from_pretrained, load_tokenizer
+    from fastrlhf.data import decode_response, encode_prompt
+    from fastrlhf.rl.grpo import GRPOTrainer
+    from fastrlhf.tasks.registry import load_task, task_module, task_names
+    from fastrlhf.train import dist
+
+    t = cfg.train
+    device = dist.setup(t.device, t.threads)
+    if not cfg.policy:
+        raise ValueError("policy is empty: give a run folder, an HF folder, a .gguf file or a model name")
+    policy, tok = from_pretrained(cfg.policy), load_tokenizer(cfg.policy)
+    task = t.prompts if t.prompts in task_names() else None
+    lines = (
+        load_task(task).prompts("train") if task else read_prompts(_need(t.prompts, "train.prompts", "label"))
+    )
+    prompts = [encode_prompt(tok, x) for x in lines]
+    text = {tuple(ids): line for ids, line in zip(prompts, lines)}
+    if t.reward == "task":
+        if task is None:
+            raise ValueError(
+                "train.reward = 'task' needs train.prompts to name a task (its scorer rates the answers)"
+            )
+        score = task_module(task).score
+
+        def reward_fn(ps: list[list[int]], rs: list[list[int]]) -> list[float]:
+            return [score(text[tuple(p)], decode_response(tok, r)) for p, r in zip(ps, rs)]
+    else:
+        rm = load_reward_model(_need(t.reward, "train.reward", "python -m fastrlhf rm"))[0].to(device)
+        reward_fn = rm_reward_fn(rm, tok.eot_id)
+    ref = from_pretrained(cfg.policy).to(device) if cfg.grpo.beta > 0 else None
+    torch.manual_seed(t.seed)
+    return GRPOTrainer(
+        cfg,
+        policy.to(device),
+        reward_fn,
+        prompts,
+        ref=ref,
+        eos_token_id=tok.eot_id,
+        tokenizer=tok,
+        quiet=quiet,
+    )
+
+
+def rm_reward_fn(rm, pad_id: int):
+    """reward_fn(prompts, responses) of a reward model: its score at each answer's last token."""
+    from fastrlhf.models import left_pad_layout
+
+    @torch.no_grad()
+    def reward_fn(ps: list[list[int]], rs: list[list[int]]) -> torch.Tensor:
+        seqs = [p + r for p, r in zip(ps, rs)]
+        T = max(map(len, seqs))
+        idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        real = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            idx[b, T - len(s) :], real[b, T - len(s) :] = torch.tensor(s), 1
+        positions, segments = left_pad_layout(real)
+        device = next(rm.parameters()).device
+        last = torch.full((len(seqs),), T - 1)
+        return (
+            rm.score(
+                idx.to(device),
+                last.to(device),
+                positions=positions.to(device),
+                segment_ids=segments.to(device),
+            )
+            .float()
+            .cpu()
+        )
+
+    return reward_fn

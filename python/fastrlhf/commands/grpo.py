@@ -1,0 +1,20 @@
+"""`python -m fastrlhf grpo --config FILE [section.field=value ...]`: GRPO / Dr. GRPO / DAPO-style critic-free
+RL (fastrlhf.rl.grpo) from any model, on a task's exact scorer or a reward model. Resumes from out_dir."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastrlhf.config import load_config
+from fastrlhf.rl.build import build_grpo
+from fastrlhf.rl.grpo import GRPOConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with policy and [grpo], [optim], [train] tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. grpo.group_size=8")
+
+
+def run(args: argparse.Namespace) -> None:
+    build_grpo(load_config(GRPOConfig, args.config, args.overrides), quiet=args.quiet).train()
