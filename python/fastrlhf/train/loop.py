@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fastrlhf.config import check_choice, check_range
 from fastrlhf.io.files import atomic_write_text
+from fastrlhf.io.lock import RunLock
 from fastrlhf.train import dist
 from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
 from fastrlhf.train.optim import OptimConfig, lr_at, optimizer_step
@@ -88,20 +89,25 @@ class Outputs:
     progress: Progress
     say: Callable[[str], None]
     tensorboard: Any = None
+    lock: RunLock | None = None
 
     def close(self) -> None:
         self.progress.close()
         self.logger.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def run_outputs(out: Path, t: LoopConfig, initial: int, desc: str, quiet: bool) -> Outputs:
     """The run's outputs from step `initial` on. On a resume, log rows past `initial` (written after the
     checkpoint the run resumes from, by the process that was killed) are dropped first, so no step is
-    logged twice."""
+    logged twice. Rank 0 holds the run folder's lock until close(): a second process writing the same folder
+    stops here, naming the holder (io/lock.py)."""
     main = dist.is_main()
     loud = main and not quiet
+    lock = RunLock(out).acquire() if main else None
     if main and initial > 0:
         truncate_log(out / "log.jsonl", initial)
     logger = JSONLLogger(out / "log.jsonl") if main else NullLogger()
@@ -111,6 +117,7 @@ def run_outputs(out: Path, t: LoopConfig, initial: int, desc: str, quiet: bool) 
         progress,
         progress.say if loud else lambda s: None,
         _tensorboard(out) if t.tensorboard and main else None,
+        lock,
     )
 
 
