@@ -99,7 +99,7 @@ std::tuple<Tensor, Tensor, Tensor> policy_loss_fwd(Tensor logprobs, Tensor old_l
   const ScalarType acc = acc_scalar_type(in.dtype);
   Tensor loss = torch::stable::new_empty(logprobs, {});
   Tensor stats = torch::stable::new_empty(logprobs, {int64_t(fr::kNumPolicyStats)}, acc);
-  const int64_t K = in.entropy ? 2 : 1;
+  const int64_t K = entropy.has_value() && entropy->defined() ? 2 : 1;  // (in.entropy is null when B T = 0)
   Tensor grads = need_grads ? torch::stable::new_empty(logprobs, {K, in.B, in.T}, acc)
                             : torch::stable::new_empty(logprobs, {0}, acc);
   const fr::PolicyLossParams p{in, loss.mutable_data_ptr(), stats.mutable_data_ptr(),

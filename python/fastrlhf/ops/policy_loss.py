@@ -49,7 +49,11 @@ if HAS_EXT:
         acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
         k = 2 if entropy is not None else 1
         grads = logprobs.new_empty((k, *logprobs.shape) if need_grads else (0,), dtype=acc)  # (K, B, T)
-        return logprobs.new_empty(()), logprobs.new_empty((len(POLICY_STATS),), dtype=acc), grads  # loss, stats
+        return (
+            logprobs.new_empty(()),
+            logprobs.new_empty((len(POLICY_STATS),), dtype=acc),
+            grads,
+        )  # loss, stats
 
     def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
         ctx.save_for_backward(output[2])
@@ -135,11 +139,15 @@ def policy_loss(
     if agg not in POLICY_AGGS:
         raise ValueError(f"agg must be one of {', '.join(POLICY_AGGS)}; got {agg!r}")
     if max_len is not None and agg != "seq_mean_token_sum_norm":
-        raise ValueError(f"max_len is only used by agg='seq_mean_token_sum_norm'; got max_len={max_len} with {agg=}")
+        raise ValueError(
+            f"max_len is only used by agg='seq_mean_token_sum_norm'; got max_len={max_len} with {agg=}"
+        )
     if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1):
         raise ValueError(f"max_len must be an int >= 1; got {max_len!r}")
     all_cpu = logprobs.is_cpu and old_logprobs.is_cpu and advantages.is_cpu and mask.is_cpu
-    all_cpu = all_cpu and (ref_logprobs is None or ref_logprobs.is_cpu) and (entropy is None or entropy.is_cpu)
+    all_cpu = (
+        all_cpu and (ref_logprobs is None or ref_logprobs.is_cpu) and (entropy is None or entropy.is_cpu)
+    )
     if not all_cpu:  # is_cpu is cheaper than comparing devices; same_device names the odd one out
         same_device(
             logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,

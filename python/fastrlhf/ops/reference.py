@@ -300,7 +300,8 @@ def policy_loss(
     elif agg == "seq_mean_token_mean":
         loss = (row_sums / row_tokens.clamp(min=1)).sum() / n_rows
     else:
-        loss = (row_sums / (logprobs.shape[1] if max_len is None else max_len)).sum() / n_rows
+        max_len = max(logprobs.shape[1], 1) if max_len is None else max_len  # T (a T = 0 batch has no token)
+        loss = (row_sums / max_len).sum() / n_rows
     with torch.no_grad():
         live = mask.bool()
         zero = torch.zeros((), dtype=dt, device=logprobs.device)
