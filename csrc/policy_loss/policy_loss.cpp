@@ -230,7 +230,8 @@ double row_mask_sum(const PolicyLossInputs& in, int64_t b) {
 template <class M>
 std::vector<double> row_weights(const PolicyLossInputs& in, double* n) {
   std::vector<double> c(size_t(in.B));  // (B,) row mask sums
-  parallel_for(0, in.B, std::max<int64_t>(1, 65536 / std::max<int64_t>(in.T, 1)), [&](int64_t b0, int64_t b1) {
+  const int64_t grain = std::max<int64_t>(1, kGrainChunks * kChunkTokens / std::max<int64_t>(in.T, 1));
+  parallel_for(0, in.B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) c[size_t(b)] = row_mask_sum<M>(in, b);
   });
   double total = 0;
@@ -264,10 +265,11 @@ void policy_loss(const PolicyLossParams& p) {
   const PolicyLossInputs& in = p.in;
   double n = 1;
   const std::vector<double> row_w = row_weights<M>(in, &n);  // (B,)
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkTokens / std::max<int64_t>(in.T, 1));
+  const int64_t row_tokens = std::max<int64_t>(in.T, 1);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkTokens / row_tokens);
   const int64_t chunks = (in.B + rows_per_chunk - 1) / rows_per_chunk;
   std::vector<double> parts(size_t(chunks) * kPartSize);  // (chunks, kPartSize)
-  const int64_t grain = std::max<int64_t>(1, kGrainChunks * kChunkTokens / (rows_per_chunk * std::max<int64_t>(in.T, 1)));
+  const int64_t grain = std::max<int64_t>(1, kGrainChunks * kChunkTokens / (rows_per_chunk * row_tokens));
   parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch)
       chunk<T, M>(p, row_w.data(), ch * rows_per_chunk, std::min(in.B, (ch + 1) * rows_per_chunk),
