@@ -15,6 +15,7 @@ MODULES = [
     "bench_sample",
     "bench_logprobs",
     "bench_ppo_loss",
+    "bench_policy_loss",
     "bench_linear",
     "bench_linear_ce",
     "bench_gelu",

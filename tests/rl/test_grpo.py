@@ -27,9 +27,10 @@ def loss_by_hand(lp, old, A, mask, g, ref=None):
     m = mask.double()
     if g.loss_agg == "token_mean":
         return (per * m).sum() / m.sum()
+    rows = [b for b in range(B) if m[b].sum() > 0]  # the per-answer means count answers with a token
     if g.loss_agg == "seq_mean_token_mean":
-        return torch.stack([(per[b] * m[b]).sum() / m[b].sum() for b in range(B) if m[b].sum() > 0]).sum() / B
-    return torch.stack([(per[b] * m[b]).sum() / g.max_new_tokens for b in range(B)]).mean()
+        return torch.stack([(per[b] * m[b]).sum() / m[b].sum() for b in rows]).mean()
+    return torch.stack([(per[b] * m[b]).sum() / g.max_new_tokens for b in rows]).mean()
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])

@@ -9,6 +9,7 @@ from fastrlhf.ops.linear import linear, rows_linear
 from fastrlhf.ops.linear_ce import linear_cross_entropy
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.ops.norms import rms_norm, swiglu
+from fastrlhf.ops.policy_loss import policy_loss
 from fastrlhf.ops.ppo_loss import ppo_loss
 from fastrlhf.ops.sample import sample
 
@@ -18,6 +19,7 @@ __all__ = [
     "gelu",
     "linear",
     "linear_cross_entropy",
+    "policy_loss",
     "ppo_loss",
     "rms_norm",
     "rows_linear",

@@ -235,6 +235,89 @@ def ppo_loss(
     return loss.to(logprobs.dtype), stats
 
 
+POLICY_STATS = (
+    "pg_loss",
+    "kl",
+    "clipfrac_low",
+    "clipfrac_high",
+    "approx_kl",
+    "ratio_mean",
+    "ratio_max",
+    "entropy",
+)
+POLICY_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    agg: str = "token_mean",
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    max_len: int | None = None,
+    entropy: Tensor | None = None,
+    ent_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic-free policy loss (GRPO arXiv 2402.03300, Dr. GRPO 2503.20783, DAPO 2503.14476, RLOO,
+    REINFORCE++): per token l = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) [+ beta k3(ref || pi) when
+    beta > 0] [- ent_coef H when ent_coef > 0], r = exp(logprobs - old_logprobs), aggregated by `agg`:
+    token_mean (sum of m l / sum of m), seq_mean_token_mean (mean over rows of each row's token mean),
+    seq_mean_token_sum_norm (mean over rows of each row's sum / max_len, max_len defaulting to T). Rows
+    whose mask sums to 0 are left out of the mean over rows; sums of m are clamped at 1, as TRL does.
+    advantages (B, T), or (B,) broadcast over each row's tokens. Stats: masked token means."""
+    if agg not in POLICY_AGGS:
+        raise ValueError(f"agg must be one of {', '.join(POLICY_AGGS)}; got {agg!r}")
+    dt = _math_dtype(logprobs)
+    m = mask.to(dt)  # (B, T)
+    n = m.sum().clamp(min=1)
+
+    def masked_mean(x: Tensor) -> Tensor:
+        return (x.to(dt) * m).sum() / n
+
+    adv = advantages.to(dt)
+    adv = adv[:, None] if adv.dim() == 1 else adv  # (B, 1) or (B, T)
+    log_ratio = logprobs.to(dt) - old_logprobs.to(dt)
+    ratio = torch.exp(log_ratio)
+    pg_losses = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    per_token = pg_losses
+    if ref_logprobs is not None:
+        d = ref_logprobs.to(dt) - logprobs.to(dt)
+        kl = torch.exp(d) - d - 1  # k3, http://joschu.net/blog/kl-approx.html (GRPO eqs. 3-4)
+        if beta > 0:
+            per_token = per_token + beta * kl
+    if entropy is not None and ent_coef > 0:
+        per_token = per_token - ent_coef * entropy.to(dt)
+    row_sums = (per_token * m).sum(1)  # (B,)
+    row_tokens = m.sum(1)  # (B,)
+    n_rows = (row_tokens > 0).sum().clamp(min=1)  # rows with no token count for nothing
+    if agg == "token_mean":
+        loss = row_sums.sum() / n
+    elif agg == "seq_mean_token_mean":
+        loss = (row_sums / row_tokens.clamp(min=1)).sum() / n_rows
+    else:
+        max_len = max(logprobs.shape[1], 1) if max_len is None else max_len  # T (a T = 0 batch has no token)
+        loss = (row_sums / max_len).sum() / n_rows
+    with torch.no_grad():
+        live = mask.bool()
+        zero = torch.zeros((), dtype=dt, device=logprobs.device)
+        stats = {
+            "pg_loss": masked_mean(pg_losses),
+            "kl": masked_mean(kl) if ref_logprobs is not None else zero,
+            "clipfrac_low": masked_mean((ratio < 1 - eps_low) & (adv < 0)),
+            "clipfrac_high": masked_mean((ratio > 1 + eps_high) & (adv > 0)),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio),  # k3 between new and old
+            "ratio_mean": masked_mean(ratio),
+            "ratio_max": ratio[live].max() if live.any() else zero,
+            "entropy": masked_mean(entropy) if entropy is not None else zero,
+        }
+    return loss.to(logprobs.dtype), stats
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2, last dim) + eps) * weight, accumulated in fp32 (fp64 for fp64), rounded once to
     x's dtype before the gain, as HF's LlamaRMSNorm does."""

@@ -129,35 +129,20 @@ def policy_loss(
     g: GRPOHyperConfig,
     ref: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (+ beta * k3 KL to the
-    reference) per token, aggregated as g.loss_agg says; advantages (B,) per answer, the rest (B, T)."""
-    m = mask.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - old)  # (B, T)
-    A = advantages[:, None].to(logprobs.dtype)  # (B, 1)
-    clipped = ratio.clamp(1 - g.eps_low, 1 + g.eps_high)
-    per_token = -torch.minimum(ratio * A, clipped * A)
-    if g.beta > 0:  # k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1
-        d = ref - logprobs
-        per_token = per_token + g.beta * (torch.expm1(d) - d)
-    lengths = m.sum(dim=1)  # (B,)
-    if g.loss_agg == "token_mean":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
-    elif g.loss_agg == "seq_mean_token_mean":
-        loss = ((per_token * m).sum(dim=1) / lengths.clamp(min=1)).mean()
-    else:  # Dr. GRPO: each answer's token sum over a constant length, so long answers are not favoured
-        loss = ((per_token * m).sum(dim=1) / g.max_new_tokens).mean()
-    with torch.no_grad():
-        n = m.sum().clamp(min=1)
-        low = ((ratio < 1 - g.eps_low) & (A < 0)).to(m.dtype) * m  # tokens the lower clip holds back
-        high = ((ratio > 1 + g.eps_high) & (A > 0)).to(m.dtype) * m
-        stats = {
-            "clipfrac_low": low.sum() / n,
-            "clipfrac_high": high.sum() / n,
-            "approx_kl": ((ratio - 1) - (logprobs - old)).mul(m).sum() / n,
-            "ratio_mean": (ratio * m).sum() / n,
-            "ratio_max": ratio.masked_fill(~mask.bool(), 0).max(),
-        }
-    return loss, stats
+    """GRPO's loss through the fused op (ops.policy_loss: the clipped surrogate with the asymmetric clip,
+    the k3 KL term, the aggregation; one pass forward and backward); advantages (B,) per answer."""
+    return ops.policy_loss(
+        logprobs,
+        old,
+        advantages.to(logprobs.dtype),
+        mask,
+        eps_low=g.eps_low,
+        eps_high=g.eps_high,
+        agg=g.loss_agg,
+        ref_logprobs=ref if g.beta > 0 else None,
+        beta=g.beta,
+        max_len=g.max_new_tokens if g.loss_agg == "seq_mean_token_sum_norm" else None,
+    )
 
 
 class GRPOTrainer(OnlineTrainer):
