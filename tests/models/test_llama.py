@@ -237,5 +237,5 @@ def test_parameter_count_matches_the_models_and_an_impossible_size_is_refused_be
         ),
     ):
         assert parameter_count(cfg) == build_model(cfg).num_params()
-    with pytest.raises(ValueError, match=r"needs \d+\.\d GiB .* block_size=100000000"):
-        build_model(GPTConfig(block_size=100_000_000))
+    with pytest.raises(ValueError, match=r"needs \d+\.\d GiB for its fp32 weights.* block_size=1000000000"):
+        build_model(GPTConfig(block_size=1_000_000_000))  # 256e9 parameters: refused before allocating

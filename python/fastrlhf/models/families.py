@@ -55,16 +55,25 @@ def available_memory() -> int | None:
         return None
 
 
-def build_model(config: Any) -> CausalLM:
-    """A freshly initialised model of config's family. The weights' memory is checked first, so a config
-    with a typo in a size (block_size = 100000000) fails with a message, not with the out-of-memory killer."""
-    need, free = 4 * parameter_count(config), available_memory()  # fp32 weights at construction
+TRAINING_BYTES = 16  # per parameter to train in fp32 with AdamW: weights, gradients, two moments
+
+
+def build_model(config: Any, bytes_per_param: int = 4) -> CausalLM:
+    """A freshly initialised model of config's family. Its memory (bytes_per_param a parameter: 4 for fp32
+    weights, TRAINING_BYTES to train them) is checked first against what the machine has available, so a
+    config with a typo in a size (block_size = 100000000) fails with a message, not the out-of-memory killer."""
+    need, free = bytes_per_param * parameter_count(config), available_memory()
     if free is not None and need > free:
+        what = (
+            "to train (weights, gradients, AdamW's moments)"
+            if bytes_per_param > 4
+            else "for its fp32 weights"
+        )
         sizes = ", ".join(
             f"{k}={getattr(config, k)}" for k in ("vocab_size", "block_size", "n_layer", "n_embd")
         )
         raise ValueError(
-            f"this model config needs {need / 2**30:.1f} GiB for its fp32 weights alone, more than the "
-            f"{free / 2**30:.1f} GiB this machine has available ({sizes}): check these sizes"
+            f"this model config needs {need / 2**30:.1f} GiB {what}, more than the {free / 2**30:.1f} GiB this "
+            f"machine has available ({sizes}): check these sizes"
         )
     return FAMILIES[arch_of(config)][1](config)

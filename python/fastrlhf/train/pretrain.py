@@ -16,7 +16,7 @@ from fastrlhf.config import from_dict, to_dict
 from fastrlhf.data import TokenFile, load_tokenizer, random_batch
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, GPTConfig
-from fastrlhf.models.families import build_model
+from fastrlhf.models.families import TRAINING_BYTES, build_model
 from fastrlhf.models.load import lm_record
 from fastrlhf.train import dist
 from fastrlhf.train.loop import OfflineLoopConfig, offline_step, resolve_device, run_loop, run_outputs
@@ -89,7 +89,7 @@ def pretrain(cfg: PretrainConfig, quiet: bool = False) -> dict[str, float]:
 
     dist.check_divides("train.batch_size", t.batch_size)
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, TRAINING_BYTES).to(device)
     optimizer = make_adamw(model, cfg.optim)
     data_gen = torch.Generator().manual_seed(t.seed)
     out = Path(t.out_dir)

@@ -23,7 +23,7 @@ from fastrlhf.data import ByteBPETokenizer, Tokenizer, encode_chat, format_promp
 from fastrlhf.data.formats import SFTExample, read_sft
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
-from fastrlhf.models.families import build_model
+from fastrlhf.models.families import TRAINING_BYTES, build_model
 from fastrlhf.models.load import lm_record, load_model
 from fastrlhf.tasks.registry import load_task, task_names
 from fastrlhf.train import dist
@@ -206,7 +206,7 @@ def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]
     else:
         tok = dist.from_main(lambda: ByteBPETokenizer.train(texts, cfg.model.vocab_size))  # one for all ranks
     torch.manual_seed(t.seed)
-    return build_model(cfg.model), tok
+    return build_model(cfg.model, TRAINING_BYTES), tok
 
 
 def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
