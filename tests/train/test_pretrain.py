@@ -118,7 +118,14 @@ def test_checkpoint_that_does_not_match_its_config(full_run, tmp_path):
 
 def test_keeps_only_the_newest_checkpoints_and_writes_atomically(full_run):
     out, _, _, _ = full_run
-    assert sorted(p.name for p in out.iterdir()) == ["latest", "log.jsonl", "step_0000008", "step_0000016"]
+    # .lock: the run-folder lock the writer held (io/lock.py; left in place, free once the writer exits)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "latest",
+        "log.jsonl",
+        "step_0000008",
+        "step_0000016",
+    ]
     assert ckpt.latest_checkpoint(out) == out / "step_0000016"
 
 
