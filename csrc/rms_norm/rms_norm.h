@@ -19,9 +19,9 @@ struct RmsNormFwdParams {
   double eps;
 };
 
-// dw is summed in fixed chunks of rows (each into its own row of `partial`), then over the chunks in
-// order: the same bits for any thread count or CUDA grid.
-constexpr int64_t kRmsNormChunk = 64;
+// dw is summed in fixed chunks of rows (each into its own row of `partial`), then over the chunks
+// pairwise in a fixed tree: as accurate as torch's sum over rows, and the same bits for any thread count.
+constexpr int64_t kRmsNormChunk = 16;
 inline int64_t rms_norm_chunks(int64_t N) { return (N + kRmsNormChunk - 1) / kRmsNormChunk; }
 
 struct RmsNormBwdParams {
