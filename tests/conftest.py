@@ -25,7 +25,9 @@ def cpu_path(request):
 
     info = fastrlhf.build_info()
     if request.param not in info["cpu_paths_supported"]:
-        pytest.skip(f"this CPU lacks the {request.param} path (it runs {', '.join(info['cpu_paths_supported'])})")
+        pytest.skip(
+            f"this CPU lacks the {request.param} path (it runs {', '.join(info['cpu_paths_supported'])})"
+        )
     before = info["cpu_path"]
     fastrlhf._ext._C.set_cpu_path(request.param)
     yield request.param

@@ -143,7 +143,9 @@ void bwd(const RmsNormBwdParams& p) {
   T* dx = static_cast<T*>(p.dx);  // (N, C)
   acc* partial = static_cast<acc*>(p.partial);  // (chunks, C)
   const int64_t N = p.N, C = p.C, chunks = rms_norm_chunks(N);
-  parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  // tasks of >= ~16k elements: below that, waking a pool thread costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(kRmsNormChunk * C, 1));
+  parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       acc* pw = partial + c * C;
       std::fill(pw, pw + C, acc(0));
@@ -156,7 +158,8 @@ void bwd(const RmsNormBwdParams& p) {
   });
   // dw = the chunks' sums added pairwise in a fixed tree, in place, 256 columns at a time
   Wt* dw = static_cast<Wt*>(p.dw);  // (C,)
-  parallel_for(0, (C + 255) / 256, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t col_grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(256 * chunks, 1));
+  parallel_for(0, (C + 255) / 256, col_grain, [&](int64_t b0, int64_t b1) {
     for (int64_t j0 = b0 * 256; j0 < std::min(C, b1 * 256); j0 += 256) {
       const int64_t n = std::min<int64_t>(256, C - j0);
       for (int64_t stride = 1; stride < chunks; stride *= 2)

@@ -59,7 +59,15 @@ def compile_all(archs: list[str], tmp_path: Path) -> None:
 
 def test_every_op_has_a_cuda_source():
     names = {p.relative_to(CSRC).as_posix() for p in CU_FILES}
-    for op in ("gae/gae.cu", "ppo_loss/ppo_loss.cu", "logprobs/logprobs.cu", "sample/sample.cu"):
+    for op in (
+        "gae/gae.cu",
+        "ppo_loss/ppo_loss.cu",
+        "logprobs/logprobs.cu",
+        "sample/sample.cu",
+        "rms_norm/rms_norm.cu",
+        "swiglu/swiglu.cu",
+        "rope/rope.cu",
+    ):
         assert op in names, f"missing {op}"
     assert any(n.startswith("attention/") for n in names), "missing the attention kernels"
 

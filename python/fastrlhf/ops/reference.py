@@ -281,17 +281,29 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     return y.transpose(1, 2).contiguous().to(x.dtype)  # (B, H, T, D)
 
 
-def hf_rope(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """What HF's Llama attention does from the projections' (B, T, H, D) views: transpose to (B, H, T, D),
-    LlamaRotaryEmbedding's cos/sin (fp32, cast to q's dtype) and apply_rotary_pos_emb. The baseline."""
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+def hf_rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """HF's LlamaRotaryEmbedding.forward: cos, sin (B, T, D) computed in fp32 and cast to `dtype`; HF runs
+    it once per model forward and shares it across the layers."""
     pos = positions if positions.dim() == 2 else positions[None]  # (B or 1, T)
     freqs = (inv_freq[None, :, None].float() @ pos[:, None, :].float()).transpose(1, 2)  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-    cos, sin = emb.cos().to(q.dtype)[:, None], emb.sin().to(q.dtype)[:, None]  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def hf_apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """HF's apply_rotary_pos_emb on q (B, H, T, D), k (B, Hkv, T, D) (in HF, transposed views of the
+    projections) with cos, sin (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
 
     def rotate_half(x: Tensor) -> Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def hf_rope(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """What HF's Llama attention does from the projections' (B, T, H, D) views: transpose to (B, H, T, D),
+    LlamaRotaryEmbedding's cos/sin and apply_rotary_pos_emb. The tests' measure of torch's own error."""
+    cos, sin = hf_rope_cos_sin(positions, inv_freq, q.dtype)
+    return hf_apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
