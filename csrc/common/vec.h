@@ -28,7 +28,9 @@ inline F fmadd(F a, F b, F c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }   // 
 inline F fnmadd(F a, F b, F c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a b
 inline F max(F a, F b) { return {_mm512_max_ps(a.v, b.v)}; }  // b where either is NaN (as maxps)
 inline F min(F a, F b) { return {_mm512_min_ps(a.v, b.v)}; }
-inline F or_bits(F a, F b) { return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a.v), _mm512_castps_si512(b.v)))}; }
+inline F or_bits(F a, F b) {
+  return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a.v), _mm512_castps_si512(b.v)))};
+}
 // a where c >= 0 (ordered), else b
 inline F select_ge0(F c, F a, F b) {
   return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(c.v, _mm512_setzero_ps(), _CMP_GE_OQ), b.v, a.v)};
@@ -110,7 +112,8 @@ template <class T> inline F load(const T* p) { return {simd::load8(p), simd::loa
 template <class T> inline void store(T* p, F a) { simd::store8(p, a.lo), simd::store8(p + 8, a.hi); }
 template <class T>
 inline F load_tail(const T* p, int64_t n) {
-  return n > 8 ? F{simd::load8(p), simd::load_tail(p + 8, n - 8, 0.0f)} : F{simd::load_tail(p, n, 0.0f), _mm256_setzero_ps()};
+  if (n > 8) return {simd::load8(p), simd::load_tail(p + 8, n - 8, 0.0f)};
+  return {simd::load_tail(p, n, 0.0f), _mm256_setzero_ps()};
 }
 template <class T>
 inline void store_tail(T* p, int64_t n, F a) {

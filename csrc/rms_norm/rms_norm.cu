@@ -1,7 +1,7 @@
 // RMSNorm on the GPU, to the CPU kernel's contract (rms_norm.h). One warp per row (rows of a few
 // thousand elements: a warp streams them at full bandwidth, and its shuffle sum has a fixed order). The
 // backward's dw is summed without atomics, in the CPU kernel's chunks: a kernel sums each chunk of rows
-// for a range of columns into `partial`, another adds the chunks in order.
+// for a range of columns into `partial`, another adds the chunks pairwise in the CPU kernel's tree.
 #include "common/cuda_utils.cuh"
 #include "rms_norm/rms_norm.h"
 
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kWarps * 32) dx_kernel(const T* __restrict__ d
     store(dx + j, acc(load(dy + j)) * acc(load(w + j)) * r - acc(load(x + j)) * k);
 }
 
-// partial[c, j] = sum over the rows of chunk c of dy x r, for column j
+// partial[c, j] = sum over the rows of chunk c of dy x r, for column j (chunks striding over grid.y)
 template <class T>
 __global__ void __launch_bounds__(kColThreads) dw_chunk_kernel(const T* __restrict__ dy,  // (N, C)
                                                                const T* __restrict__ x,   // (N, C)
@@ -60,23 +60,27 @@ __global__ void __launch_bounds__(kColThreads) dw_chunk_kernel(const T* __restri
                                                                acc_t<T>* __restrict__ partial,  // (chunks, C)
                                                                int64_t N, int64_t C) {
   using acc = acc_t<T>;
-  const int64_t j = int64_t(blockIdx.x) * kColThreads + threadIdx.x, c = blockIdx.y;
+  const int64_t j = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
   if (j >= C) return;
-  const int64_t end = min(N, (c + 1) * kRmsNormChunk);
-  acc s = 0;
-  for (int64_t i = c * kRmsNormChunk; i < end; ++i) s += acc(load(dy + i * C + j)) * (acc(load(x + i * C + j)) * rstd[i]);
-  partial[c * C + j] = s;
+  for (int64_t c = blockIdx.y; c * kRmsNormChunk < N; c += gridDim.y) {
+    const int64_t end = min(N, (c + 1) * kRmsNormChunk);
+    acc s = 0;
+    for (int64_t i = c * kRmsNormChunk; i < end; ++i)
+      s += acc(load(dy + i * C + j)) * (acc(load(x + i * C + j)) * rstd[i]);
+    partial[c * C + j] = s;
+  }
 }
 
+// dw[j] = the chunks' sums of column j added pairwise in place, in the CPU kernel's tree
 template <class Wt, class acc>
-__global__ void __launch_bounds__(kColThreads) dw_sum_kernel(const acc* __restrict__ partial,  // (chunks, C)
+__global__ void __launch_bounds__(kColThreads) dw_sum_kernel(acc* __restrict__ partial,  // (chunks, C)
                                                              Wt* __restrict__ dw,  // (C,)
                                                              int64_t chunks, int64_t C) {
   const int64_t j = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
   if (j >= C) return;
-  acc s = 0;
-  for (int64_t c = 0; c < chunks; ++c) s += partial[c * C + j];
-  store(dw + j, s);
+  for (int64_t stride = 1; stride < chunks; stride *= 2)
+    for (int64_t c = 0; c + stride < chunks; c += 2 * stride) partial[c * C + j] += partial[(c + stride) * C + j];
+  store(dw + j, chunks ? partial[j] : acc(0));
 }
 
 template <class T, class Wt>
@@ -99,7 +103,8 @@ void bwd(const RmsNormBwdParams& p, cudaStream_t stream) {
     dx_kernel<T, Wt><<<unsigned(ceil_div(p.N, kWarps)), kWarps * 32, 0, stream>>>(
         dy, x, static_cast<const Wt*>(p.w), rstd, static_cast<T*>(p.dx), p.N, p.C);
   if (chunks > 0)
-    dw_chunk_kernel<T><<<dim3(col_blocks, unsigned(chunks)), kColThreads, 0, stream>>>(dy, x, rstd, partial, p.N, p.C);
+    dw_chunk_kernel<T><<<dim3(col_blocks, unsigned(chunks < 65535 ? chunks : 65535)), kColThreads, 0, stream>>>(
+        dy, x, rstd, partial, p.N, p.C);
   dw_sum_kernel<Wt, acc><<<col_blocks, kColThreads, 0, stream>>>(partial, static_cast<Wt*>(p.dw), chunks, p.C);
 }
 
