@@ -140,12 +140,75 @@ def extras(r: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in r.items() if k not in BASE_KEYS)
 
 
+def llama_elementwise_rows(row, reps: int, hbm: float) -> None:
+    """rms_norm, swiglu and rope (fwd+bwd, bf16) at a Llama training step's shape (16k tokens, C 2048,
+    FFN 8192, 16/4 heads of 128) against HF's formulas; GB/s counts each kernel's reads and writes once."""
+    from fastrlhf.ops import reference, rms_norm, rope, swiglu
+
+    dev, bf, N, C, Fd, H, Hkv, D = "cuda", torch.bfloat16, 16384, 2048, 8192, 16, 4, 128
+    x = torch.randn(N, C, device=dev, dtype=bf, requires_grad=True)
+    w = torch.ones(C, device=dev, dtype=bf, requires_grad=True)
+    g, u = (torch.randn(N, Fd, device=dev, dtype=bf, requires_grad=True) for _ in range(2))
+    q = torch.randn(8, N // 8, H, D, device=dev, dtype=bf, requires_grad=True)
+    k = torch.randn(8, N // 8, Hkv, D, device=dev, dtype=bf, requires_grad=True)
+    pos = torch.arange(N // 8, device=dev).expand(8, N // 8)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    cos, sin = reference.hf_rope_cos_sin(pos, inv, bf)
+
+    def fwd_bwd(fn):
+        def run():
+            outs = fn()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+
+        return run
+
+    cases = [
+        (
+            "rms_norm fwd+bwd",
+            f"({N}, {C}) bf16",
+            "HF LlamaRMSNorm",
+            lambda: reference.hf_rms_norm(x, w, 1e-5),
+            lambda: rms_norm(x, w, 1e-5),
+            5 * x.numel() * 2,
+        ),  # x, y; dy, x, dx
+        (
+            "swiglu fwd+bwd",
+            f"({N}, {Fd}) bf16",
+            "F.silu(g) * u",
+            lambda: reference.hf_swiglu(g, u),
+            lambda: swiglu(g, u),
+            8 * g.numel() * 2,
+        ),  # g, u, y; g, u, dy, dg, du
+        (
+            "rope fwd+bwd",
+            f"B8 T{N // 8} H{H}/{Hkv} D{D} bf16",
+            "HF apply_rotary",
+            lambda: reference.hf_apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin),
+            lambda: rope(q, k, pos, inv),
+            4 * (q.numel() + k.numel()) * 2,
+        ),
+    ]
+    for op, shape, base_name, base, ours, nbytes in cases:
+        ours_ms = cuda_ms(fwd_bwd(ours), reps)
+        row(
+            op,
+            shape,
+            base_name,
+            cuda_ms(fwd_bwd(base), reps),
+            ours_ms,
+            ">= 1.5x",
+            GBs=round(nbytes / ours_ms / 1e6),
+            hbm_frac=round(nbytes / ours_ms / 1e6 / hbm, 3),
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and reps")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument(
-        "--only", default="", help="comma list of gae,ppo_loss,token_logprobs,sample,attention,decode"
+        "--only", default="", help="comma list of gae,ppo_loss,token_logprobs,sample,attention,decode,norms"
     )
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench_cuda needs a CUDA device"
@@ -352,6 +415,9 @@ def main() -> None:
             ">= 1.0x",
             GBs=round(2 * k.numel() * k.element_size() / ours / 1e6),
         )  # K and V read once
+
+    if want("norms"):
+        llama_elementwise_rows(row, reps, hbm)
 
     info = run_info(hbm)
     for r_ in rows:

@@ -19,6 +19,7 @@ MODULES = [
     "bench_linear",
     "bench_linear_ce",
     "bench_gelu",
+    "bench_norms",
 ]
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # One GPU session's checks in one command (device time is scarce; a lent machine starts bare):
 # build the CUDA kernels against the torch there, run the CUDA op tests, compute-sanitizer, then the
 # benchmarks, printing short results last. Usage (repo root, on the GPU machine):
-#   bash scripts/gpu_round.sh [--only gae,ppo_loss,token_logprobs,sample,attention,decode] [--quick]
+#   bash scripts/gpu_round.sh [--only gae,ppo_loss,token_logprobs,sample,attention,decode,norms] [--quick]
 # Logs go to $OUT (or ./gpu_round_logs). TORCH_CUDA_ARCH_LIST defaults to this GPU's architecture.
 set -uo pipefail
 cd "$(dirname "$0")/.."

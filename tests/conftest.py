@@ -17,6 +17,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["base", "avx2", "avx512"])
+def cpu_path(request):
+    """Runs the test on each CPU code path of the kernels (fastrlhf._C.set_cpu_path), skipping only the
+    paths this CPU cannot run; the path in use before is restored after."""
+    import fastrlhf
+
+    info = fastrlhf.build_info()
+    if request.param not in info["cpu_paths_supported"]:
+        pytest.skip(
+            f"this CPU lacks the {request.param} path (it runs {', '.join(info['cpu_paths_supported'])})"
+        )
+    before = info["cpu_path"]
+    fastrlhf._ext._C.set_cpu_path(request.param)
+    yield request.param
+    fastrlhf._ext._C.set_cpu_path(before)
+
+
 from helpers.pretrain import make_text
 
 

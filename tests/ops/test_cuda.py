@@ -1,4 +1,4 @@
-"""The five ops on CUDA tensors against the references (marked `gpu`: skipped without a CUDA device).
+"""The ops on CUDA tensors against the references (marked `gpu`: skipped without a CUDA device).
 
 FASTRLHF_TEST_DEVICE=cpu runs the same tests on the CPU kernels, which checks the tests themselves on a
 machine without a GPU. Tolerances (STYLE.md): float64 paths close to the float64 reference; bf16/fp16
@@ -11,7 +11,17 @@ import os
 import fastrlhf
 import pytest
 import torch
-from fastrlhf.ops import causal_attention, gae, ppo_loss, reference, sample, token_logprobs
+from fastrlhf.ops import (
+    causal_attention,
+    gae,
+    ppo_loss,
+    reference,
+    rms_norm,
+    rope,
+    sample,
+    swiglu,
+    token_logprobs,
+)
 
 DEV = os.environ.get("FASTRLHF_TEST_DEVICE", "cuda")
 pytestmark = [] if DEV == "cpu" else [pytest.mark.gpu]
@@ -482,3 +492,89 @@ def test_attention_decode_reads_cache_view_in_place(dtype):
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     exact, _ = attn_fwd_exact(q, k, v, seg)
     assert rel_err(out, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# ---- rms_norm, swiglu, rope (the Llama family's elementwise ops) --------------------------------------
+def outputs_and_grads(fn, tensors, dys):
+    """fn's outputs and the gradients of its tensor inputs for upstream dys, all on the CPU in float64."""
+    xs = [t.detach().requires_grad_() for t in tensors]
+    outs = fn(*xs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(list(outs), list(dys))
+    return [t.detach().double().cpu() for t in (*outs, *(x.grad for x in xs))]
+
+
+def check_elementwise(ours, torch_own, exact, tensors, dys, dtype):
+    """float64: equal to the reference within rounding; other dtypes: within twice torch's own error."""
+    got = outputs_and_grads(ours, [t.to(DEV, dtype) for t in tensors], [d.to(DEV, dtype) for d in dys])
+    want = outputs_and_grads(exact, tensors, dys)
+    if dtype == torch.float64:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        return
+    own = outputs_and_grads(torch_own, [t.to(dtype) for t in tensors], [d.to(dtype) for d in dys])
+    for g, o, w in zip(got, own, want):
+        assert rel_err(g, w) <= max(2 * rel_err(o, w), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+@pytest.mark.parametrize("shape", [(97, 59), (3, 64, 576), (1, 4096)], ids=str)
+def test_rms_norm_matches_reference(shape, dtype):
+    x, dy = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    w = 1 + 0.3 * torch.randn(shape[-1], dtype=torch.float64)
+    x, w, dy = (t.to(dtype).double() for t in (x, w, dy))
+    check_elementwise(
+        lambda a, b: rms_norm(a, b, 1e-5),
+        lambda a, b: reference.hf_rms_norm(a, b, 1e-5),
+        lambda a, b: reference.rms_norm(a, b, 1e-5),
+        [x, w],
+        [dy],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_rms_norm_fp32_weight(dtype):
+    x, w = torch.randn(5, 97, 64, device=DEV, dtype=dtype), torch.randn(64, device=DEV, requires_grad=True)
+    y = rms_norm(x, w, 1e-5)
+    y.sum().backward()
+    assert y.dtype == dtype and w.grad.dtype == torch.float32
+    want = reference.rms_norm(x.double().cpu(), w.detach().double().cpu(), 1e-5)
+    assert rel_err(y, want) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+def test_swiglu_matches_reference(dtype):
+    n = 3 * 65536 + 5
+    g = torch.cat(
+        [
+            torch.randn(n // 2, dtype=torch.float64) * 3,
+            torch.linspace(-20, 20, n - n // 2, dtype=torch.float64),
+        ]
+    )
+    u, dy = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    g, u, dy = (t.to(dtype).double() for t in (g, u, dy))
+    check_elementwise(swiglu, reference.hf_swiglu, reference.swiglu, [g, u], [dy], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+@pytest.mark.parametrize("shape", [(2, 97, 9, 3, 64), (1, 33, 4, 1, 80), (3, 1, 2, 2, 128)], ids=str)
+def test_rope_matches_reference(shape, dtype):
+    B, T, H, Hkv, D = shape
+    q, k = torch.randn(B, T, H, D, dtype=torch.float64), torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    dq, dk = torch.randn(B, H, T, D, dtype=torch.float64), torch.randn(B, Hkv, T, D, dtype=torch.float64)
+    q, k, dq, dk = (t.to(dtype).double() for t in (q, k, dq, dk))
+    pos = torch.randint(0, 100000, (B, T))
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+
+    def ours(a, b):
+        return rope(a, b, pos.to(a.device), inv.to(a.device))
+
+    check_elementwise(
+        ours,
+        lambda a, b: reference.hf_rope(a, b, pos, inv),
+        lambda a, b: (reference.rope(a, pos, inv), reference.rope(b, pos, inv)),
+        [q, k],
+        [dq, dk],
+        dtype,
+    )

@@ -65,6 +65,9 @@ def test_every_op_has_a_cuda_source():
         "policy_loss/policy_loss.cu",
         "logprobs/logprobs.cu",
         "sample/sample.cu",
+        "rms_norm/rms_norm.cu",
+        "swiglu/swiglu.cu",
+        "rope/rope.cu",
     ):
         assert op in names, f"missing {op}"
     assert any(n.startswith("attention/") for n in names), "missing the attention kernels"

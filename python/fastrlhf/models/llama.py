@@ -60,15 +60,10 @@ def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
 
 
 def rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-    """RoPE on x (B, H, T, D) at positions (B, T) or (T,), in HF's half-split layout: the pairs are
-    (x[i], x[i + D/2]), so checkpoints need no permutation."""
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2) or (T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, D)
-    if emb.dim() == 3:
-        emb = emb[:, None]  # (B, 1, T, D): one rotation for every head
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """RoPE on the heads x (B, T, n, D) at positions (B, T) or (T,), returned in attention's layout
+    (B, n, T, D), in HF's half-split layout: the pairs are (x[i], x[i + D/2]), so checkpoints need no
+    permutation. One pass (ops.rope), which also does the transpose."""
+    return ops.rope(x, None, positions, inv_freq)[0]
 
 
 class Attention(nn.Module):
@@ -91,8 +86,9 @@ class Attention(nn.Module):
         x = proj(h).view(B, T, n, self.head_dim)  # (B, T, n, D)
         if norm is not None:
             x = norm(x)
-        x = x.transpose(1, 2)  # (B, n, T, D)
-        return x if positions is None else rotate(x, positions, self.inv_freq)
+        if positions is None:
+            return x.transpose(1, 2)  # (B, n, T, D)
+        return rotate(x, positions, self.inv_freq)  # (B, n, T, D), contiguous
 
 
 class MLP(nn.Module):

@@ -8,10 +8,12 @@ from fastrlhf.ops.gelu import gelu
 from fastrlhf.ops.linear import linear, rows_linear
 from fastrlhf.ops.linear_ce import linear_cross_entropy
 from fastrlhf.ops.logprobs import token_logprobs
-from fastrlhf.ops.norms import rms_norm, swiglu
 from fastrlhf.ops.policy_loss import policy_loss
 from fastrlhf.ops.ppo_loss import ppo_loss
+from fastrlhf.ops.rms_norm import rms_norm
+from fastrlhf.ops.rope import rope
 from fastrlhf.ops.sample import sample
+from fastrlhf.ops.swiglu import swiglu
 
 __all__ = [
     "causal_attention",
@@ -22,6 +24,7 @@ __all__ = [
     "policy_loss",
     "ppo_loss",
     "rms_norm",
+    "rope",
     "rows_linear",
     "sample",
     "swiglu",

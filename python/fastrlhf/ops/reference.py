@@ -319,13 +319,74 @@ def policy_loss(
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x / sqrt(mean(x^2, last dim) + eps) * weight, accumulated in fp32 (fp64 for fp64), rounded once to
-    x's dtype before the gain, as HF's LlamaRMSNorm does."""
-    xf = x.to(_math_dtype(x))
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    """x / sqrt(mean(x^2, last dim) + eps) * weight in fp32 (fp64 for fp64), (x r) w in that order as HF's
+    LlamaRMSNorm rounds it in fp32, rounded once to x's dtype (HF rounds x r to x's dtype before the gain
+    and promotes to the weight's dtype: the benchmarks' baseline, hf_rms_norm)."""
+    dt = _math_dtype(x)
+    xf = x.to(dt)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * r * weight.to(dt)).to(x.dtype)
+
+
+def hf_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF's LlamaRMSNorm.forward as written in transformers: the PyTorch a user would write."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up (Shazeer 2020, arXiv 2002.05202), in gate's dtype."""
-    return torch.nn.functional.silu(gate) * up
+    return F.silu(gate) * up
+
+
+def hf_swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """HF's LlamaMLP gate as written there, act_fn(gate_proj(x)) * up_proj(x): the benchmarks' baseline."""
+    return F.silu(gate) * up
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin (..., T, D/2) fp32 of the angles float(positions) * inv_freq (an fp32 product, as HF's
+    `inv_freq @ positions`), each the fp32 rounding of the exact value (HF's fp32 cos/sin are within 1 ulp)."""
+    angles = positions[..., None].float() * inv_freq.float()  # (B, T, D/2) or (T, D/2)
+    return angles.double().cos().float(), angles.double().sin().float()
+
+
+def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotary embeddings in HF's half-split layout on x (B, T, H, D), returned as (B, H, T, D): the pairs
+    (x[i], x[i + D/2]) rotate by angle i of rope_cos_sin; math in fp32 (fp64 for fp64)."""
+    dt = _math_dtype(x)
+    cos, sin = (
+        t.to(dt)[..., None, :] for t in rope_cos_sin(positions, inv_freq)
+    )  # (B, T, 1, D/2) or (T, 1, D/2)
+    x1, x2 = x.to(dt).chunk(2, dim=-1)  # (B, T, H, D/2) each
+    y = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, T, H, D)
+    return y.transpose(1, 2).contiguous().to(x.dtype)  # (B, H, T, D)
+
+
+def hf_rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """HF's LlamaRotaryEmbedding.forward: cos, sin (B, T, D) computed in fp32 and cast to `dtype`; HF runs
+    it once per model forward and shares it across the layers."""
+    pos = positions if positions.dim() == 2 else positions[None]  # (B or 1, T)
+    freqs = (inv_freq[None, :, None].float() @ pos[:, None, :].float()).transpose(1, 2)  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def hf_apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """HF's apply_rotary_pos_emb on q (B, H, T, D), k (B, Hkv, T, D) (in HF, transposed views of the
+    projections) with cos, sin (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+
+    def rotate_half(x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def hf_rope(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """What HF's Llama attention does from the projections' (B, T, H, D) views: transpose to (B, H, T, D),
+    LlamaRotaryEmbedding's cos/sin and apply_rotary_pos_emb. The tests' measure of torch's own error."""
+    cos, sin = hf_rope_cos_sin(positions, inv_freq, q.dtype)
+    return hf_apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
