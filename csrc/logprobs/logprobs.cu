@@ -2,9 +2,13 @@
 //   logprob = y[target] - lse,  entropy = lse - E_p[y],  lse = log sum exp y,
 //   d x_i = (g_lp * (1[i == target] - p_i) - g_H * p_i * (y_i - E_p[y])) / T.
 // The forward reads the row once: each thread keeps an online-softmax state (Milakov & Gimelshein
-// 2018, arXiv 1805.02867) relative to its running max M: s = sum e^(y - M), t = sum e^(y - M)(y - M)
-// (in log2 units for fp32, see Units), and the block merges the states in a fixed order. The backward reads the row once more and writes
-// d logits once. Rows are read in 16-byte packs (a scalar head and tail around the aligned body).
+// 2018, arXiv 1805.02867) relative to its running max logit M: with d = (x - M) * scale,
+// s = sum e^d, t = sum e^d d (in log2 units for fp32, see Units), and the block merges the states in a
+// fixed order. The backward reads the row once more and writes d logits once. Rows are read in 16-byte
+// packs (a scalar head and tail around the aligned body).
+// Range (as logprobs.cpp): everything is relative to the row's max logit M, subtracted before scaling;
+// the saved statistics are M, log S and E_p[d] in float64 (logprobs.h). The old form, y = x * scale with
+// a float lse, made +inf log-probs at |x| ~ 1e9 (lse off by its ulp) and overflowed near |x| = 2.4e38.
 #include "logprobs/logprobs.h"
 #include "common/cuda_utils.cuh"
 
@@ -57,39 +61,41 @@ struct Units<double> {
   __device__ static double lg(double s) { return log(s); }
 };
 
-// Online softmax state in those units: s = sum e^(y - m), t = sum e^(y - m) (y - m); s == 0: empty.
+// Online softmax state: m the max logit, and in those units (d = (x - m) * scale) s = sum e^d,
+// t = sum e^d d; s == 0: empty.
 template <class A>
 struct State {
   A m, s, t;
 };
 
 template <class A>
-__device__ __forceinline__ State<A> merge(State<A> a, State<A> b) {
+__device__ __forceinline__ State<A> merge(State<A> a, State<A> b, A scale) {
   if (b.s == A(0)) return a;
   if (a.s == A(0)) return b;
-  const A M = max(a.m, b.m), ea = Units<A>::ex(a.m - M), eb = Units<A>::ex(b.m - M);
-  return {M, a.s * ea + b.s * eb, ea * (a.t + (a.m - M) * a.s) + eb * (b.t + (b.m - M) * b.s)};
+  const A M = max(a.m, b.m), da = (a.m - M) * scale, db = (b.m - M) * scale;
+  const A ea = Units<A>::ex(da), eb = Units<A>::ex(db);
+  return {M, a.s * ea + b.s * eb, ea * (a.t + da * a.s) + eb * (b.t + db * b.s)};
 }
 
-// Adds n values y[] (a pack or one element) to the state: one rescale per call, one exp per value.
+// Adds n logits x[] (a pack or one element) to the state: one rescale per call, one exp per value.
 template <class A, int n>
-__device__ __forceinline__ void add(State<A>& st, const A* y) {
-  A local = y[0];
+__device__ __forceinline__ void add(State<A>& st, const A* x, A scale) {
+  A local = x[0];
 #pragma unroll
-  for (int k = 1; k < n; ++k) local = max(local, y[k]);
+  for (int k = 1; k < n; ++k) local = max(local, x[k]);
   if (local == -INFINITY) return;  // -inf logits carry no mass
   if (st.s == A(0)) {
     st = {local, A(0), A(0)};
   } else if (local > st.m) {
-    const A r = Units<A>::ex(st.m - local);
-    st.t = r * (st.t + (st.m - local) * st.s);
+    const A dm = (st.m - local) * scale, r = Units<A>::ex(dm);
+    st.t = r * (st.t + dm * st.s);
     st.s *= r;
     st.m = local;
   }
 #pragma unroll
   for (int k = 0; k < n; ++k) {
     // a -inf logit gives e = 0; clamping d keeps e * d = 0 (not 0 * inf = NaN) without a branch
-    const A d = max(y[k] - st.m, A(-1e30)), e = Units<A>::ex(d);
+    const A d = max((x[k] - st.m) * scale, A(-1e30)), e = Units<A>::ex(d);
     st.s += e;
     st.t += e * d;
   }
@@ -111,43 +117,43 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(TokenLogprobsFwdParams p,
   const Split<T> sp(x, p.V);
   State<A> st{A(-INFINITY), A(0), A(0)};
   for (int64_t i = threadIdx.x; i < sp.head; i += kThreads) {
-    const A y = load(x + i) * scale;
-    add<A, 1>(st, &y);
+    const A xv = load(x + i);
+    add<A, 1>(st, &xv, scale);
   }
   for (int64_t q = threadIdx.x; q < sp.packs; q += kThreads) {
-    A y[Pack<T>::n];
-    load_pack(x + sp.head + q * Pack<T>::n, y);
-#pragma unroll
-    for (int k = 0; k < Pack<T>::n; ++k) y[k] *= scale;
-    add<A, Pack<T>::n>(st, y);
+    A xv[Pack<T>::n];
+    load_pack(x + sp.head + q * Pack<T>::n, xv);
+    add<A, Pack<T>::n>(st, xv, scale);
   }
   for (int64_t i = sp.tail + threadIdx.x; i < p.V; i += kThreads) {
-    const A y = load(x + i) * scale;
-    add<A, 1>(st, &y);
+    const A xv = load(x + i);
+    add<A, 1>(st, &xv, scale);
   }
   // merge: warps by shuffles, then warp 0 over the warps' states, in a fixed order
   for (int o = 16; o > 0; o >>= 1) {
     const State<A> other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s, o),
                          __shfl_xor_sync(0xffffffffu, st.t, o)};
-    st = merge(st, other);
+    st = merge(st, other, scale);
   }
   if ((threadIdx.x & 31) == 0) s_state[threadIdx.x >> 5] = st;
   __syncthreads();
   if (threadIdx.x != 0) return;
   st = s_state[0];
-  for (int w = 1; w < kThreads / 32; ++w) st = merge(st, s_state[w]);
-  // a row of all -inf has s == 0: lse = -inf and NaN statistics, as log_softmax gives
+  for (int w = 1; w < kThreads / 32; ++w) st = merge(st, s_state[w], scale);
+  // A row of all -inf has s == 0: M = log S = -inf and NaN statistics, as log_softmax gives. Otherwise s >= 1
+  // (the max contributes e^0), so log_s >= 0, tm <= 0: log-probs <= 0 and entropies >= 0 at any magnitude.
   const A to_nat = Units<A>::kToNat;
-  const A log_s = Units<A>::lg(st.s), lse = (st.m + log_s) * to_nat, tm = st.s > A(0) ? st.t / st.s : A(NAN);
+  const A log_s = Units<A>::lg(st.s) * to_nat, tm = st.s > A(0) ? st.t / st.s * to_nat : A(NAN);  // natural
   const int64_t target = p.targets[n];
   A lp = A(NAN);
-  if (target >= 0 && target < p.V) lp = load(x + target) * inv_t - lse;
+  if (target >= 0 && target < p.V) lp = (load(x + target) - st.m) * inv_t - log_s;  // x - m: exact
   else atomicMin(bad_row, (unsigned long long)n);
   store(static_cast<T*>(p.logprobs) + n, lp);
-  static_cast<A*>(p.lse)[n] = lse;
+  p.lse[2 * n] = double(st.m);
+  p.lse[2 * n + 1] = double(log_s);
   if (p.entropy) {
-    store(static_cast<T*>(p.entropy) + n, A((log_s - tm) * to_nat));
-    static_cast<A*>(p.mean_scaled)[n] = (st.m + tm) * to_nat;
+    store(static_cast<T*>(p.entropy) + n, A(log_s - tm));
+    p.mean_scaled[n] = double(tm);
   }
 }
 
@@ -160,13 +166,14 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(TokenLogprobsBwdParams p,
   const A inv_t = A(p.inv_temperature);
   const A g_lp = p.grad_logprobs ? A(load(static_cast<const T*>(p.grad_logprobs) + n)) : A(0);
   const A g_h = p.grad_entropy ? A(load(static_cast<const T*>(p.grad_entropy) + n)) : A(0);
-  const A lse = static_cast<const A*>(p.lse)[n];
-  const A mean = p.grad_entropy ? static_cast<const A*>(p.mean_scaled)[n] : A(0);
+  // relative to the row's max logit M (logprobs.h): d = (x - M) / T, p = e^(d - log S)
+  const A M = A(p.lse[2 * n]), log_s = A(p.lse[2 * n + 1]);
+  const A mean_d = p.grad_entropy ? A(p.mean_scaled[n]) : A(0);
   int64_t target = p.targets[n];  // validated by the forward
   target = target < 0 ? 0 : target >= p.V ? p.V - 1 : target;
   auto grad = [&](A xv, int64_t i) {
-    const A y = xv * inv_t, pr = exp(y - lse);
-    const A pd = pr > A(0) ? pr * (y - mean) : A(0);
+    const A d = (xv - M) * inv_t, pr = exp(d - log_s);  // xv - M: exact for the logits with mass
+    const A pd = pr > A(0) ? pr * (d - mean_d) : A(0);  // p (y - E_p[y])
     return A(-(g_lp * pr + g_h * pd) * inv_t + (i == target ? g_lp * inv_t : A(0)));
   };
   const Split<T> sp(x, p.V);

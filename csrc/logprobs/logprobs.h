@@ -12,7 +12,10 @@
 
 namespace fr {
 // Row n of the logits is V contiguous elements at logits + row_offset[n] (leading dims may be
-// strided, e.g. logits[:, :-1]). Statistics are in acc_t of the dtype (double for f64, else float).
+// strided, e.g. logits[:, :-1]). The statistics saved for the backward are float64 and relative to the
+// row's max logit M, so that nothing is lost at any magnitude: with d = (x - M) / T, lse = M / T + log S,
+// S = sum e^d, and E_p[y] = M / T + E_p[d]. (A float lse is off by up to its ulp, 64 at logits ~1e9, and
+// the backward's p = exp(y - lse) was then e^64; at ~1e30 even a double M / T + log S drops log S.)
 struct TokenLogprobsFwdParams {
   DType dtype;                // of logits, logprobs, entropy
   const void* logits;         // rows of (V,)
@@ -20,8 +23,8 @@ struct TokenLogprobsFwdParams {
   const int64_t* targets;     // (N,)
   void* logprobs;             // (N,) out: log p[target]
   void* entropy;              // (N,) out, or nullptr when not requested
-  void* lse;                  // (N,) out, acc_t: logsumexp(logits / T)
-  void* mean_scaled;          // (N,) out, acc_t: E_p[logits / T]; nullptr when no entropy
+  double* lse;                // (N, 2) out: M and log S
+  double* mean_scaled;        // (N,) out: E_p[d]; nullptr when no entropy
   int64_t N, V;
   double inv_temperature;
   int64_t* bad_row;  // out: the first row whose target is outside [0, V), else -1
@@ -32,8 +35,8 @@ struct TokenLogprobsBwdParams {
   const void* logits;             // rows of (V,) as in the forward
   const int64_t* row_offset;      // (N,)
   const int64_t* targets;         // (N,) already validated by the forward
-  const void* lse;                // (N,) acc_t, from the forward
-  const void* mean_scaled;        // (N,) acc_t, or nullptr when grad_entropy is nullptr
+  const double* lse;              // (N, 2) from the forward: M and log S
+  const double* mean_scaled;      // (N,) E_p[d], or nullptr when grad_entropy is nullptr
   const void* grad_logprobs;      // (N,) or nullptr (= 0)
   const void* grad_entropy;       // (N,) or nullptr (= 0)
   void* d_logits;                 // (N, V) out, contiguous

@@ -1,5 +1,6 @@
 // The torch adapter of causal_attention: causal (optionally segment-masked) grouped-query attention,
 // forward and backward.
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -48,6 +49,12 @@ AttnShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v,
   return s;
 }
 
+// A NaN or inf scale would silently give NaN outputs, and scale <= 0 turns causal attention into
+// attention to the least similar keys; neither is what a caller means.
+void check_scale(double scale) {
+  FR_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be finite and > 0 (default D**-0.5); got ", scale);
+}
+
 // What the CUDA kernels add: no float64, and B, H within the grid's y/z limits.
 void check_attention_cuda(const Tensor& q, const AttnShape& s) {
   FR_CHECK(q.scalar_type() != ScalarType::Double, "q must be float32, bfloat16 or float16 on CUDA; got float64");
@@ -75,6 +82,7 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(Tensor q, Tensor k, Tensor v, do
   check_cpu({{&q, "q"}, {&k, "k"}, {&v, "v"}});
   if (segment_ids) check_cpu({{&q, "q"}, {&*segment_ids, "segment_ids"}});
   const AttnShape s = check_attention(q, k, v, segment_ids);
+  check_scale(scale);
   const fr::DType dtype = float_dtype(q, "q");
   if (q.is_cuda()) check_attention_cuda(q, s);
   q = contig(q);
@@ -123,6 +131,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(Tensor dout, Tensor q, T
   check_cpu({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&out, "out"}, {&lse, "lse"}});
   if (segment_ids) check_cpu({{&q, "q"}, {&*segment_ids, "segment_ids"}});
   const AttnShape s = check_attention(q, k, v, segment_ids);
+  check_scale(scale);
   const fr::DType dtype = float_dtype(q, "q");
   check_same_shape(dout, "dout", q, "q");
   check_same_dtype(dout, "dout", q, "q");

@@ -95,11 +95,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Ten
   int64_t N = 1;
   for (int64_t s : lead) N *= s;
   const std::vector<int64_t> ent_shape = return_entropy ? lead : std::vector<int64_t>{0};
-  const ScalarType acc = acc_scalar_type(dtype);
   Tensor logprobs = torch::stable::new_empty(logits, lead);
   Tensor entropy = torch::stable::new_empty(logits, ent_shape);
-  Tensor lse = torch::stable::new_empty(logits, lead, acc);
-  Tensor mean_scaled = torch::stable::new_empty(logits, ent_shape, acc);
+  // float64 for every dtype, relative to each row's max logit (logprobs.h): lse (..., 2) = (max, log S)
+  std::vector<int64_t> lse_shape = lead;
+  lse_shape.push_back(2);
+  Tensor lse = torch::stable::new_empty(logits, lse_shape, ScalarType::Double);
+  Tensor mean_scaled = torch::stable::new_empty(logits, ent_shape, ScalarType::Double);
   const int64_t V = logits.size(logits.dim() - 1);
   int64_t bad_row = -1, bad_target = 0;
   fr::TokenLogprobsFwdParams p{dtype,
@@ -108,8 +110,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(Tensor logits, Ten
                                static_cast<const int64_t*>(targets.const_data_ptr()),
                                logprobs.mutable_data_ptr(),
                                return_entropy ? entropy.mutable_data_ptr() : nullptr,
-                               lse.mutable_data_ptr(),
-                               return_entropy ? mean_scaled.mutable_data_ptr() : nullptr,
+                               static_cast<double*>(lse.mutable_data_ptr()),
+                               return_entropy ? static_cast<double*>(mean_scaled.mutable_data_ptr()) : nullptr,
                                N,
                                V,
                                1.0 / temperature,
@@ -143,8 +145,13 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
   const fr::DType dtype = check_logits(logits);
   check_dtype(targets, "targets", ScalarType::Long);
   check_lead_shape(targets, "targets", logits);
-  check_lead_shape(lse, "lse", logits);
-  check_dtype(lse, "lse", acc_scalar_type(dtype));
+  std::vector<int64_t> lse_shape = leading_shape(logits);
+  lse_shape.push_back(2);
+  bool lse_ok = lse.dim() == int64_t(lse_shape.size());
+  for (int64_t i = 0; lse_ok && i < lse.dim(); ++i) lse_ok = lse.size(i) == lse_shape[size_t(i)];
+  FR_CHECK(lse_ok, "lse must have the shape logits.shape[:-1] + (2,) = ", shape_str(lse_shape), "; got ",
+           shape_of(lse));
+  check_dtype(lse, "lse", ScalarType::Double);
   FR_CHECK(temperature > 0.0, "temperature must be > 0; got ", temperature);
   for (auto* g : {&grad_logprobs, &grad_entropy}) {
     if (!g->has_value() || !(*g)->defined()) {
@@ -159,7 +166,7 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
   }
   if (grad_entropy) {
     check_lead_shape(mean_scaled, "mean_scaled", logits);
-    check_dtype(mean_scaled, "mean_scaled", acc_scalar_type(dtype));
+    check_dtype(mean_scaled, "mean_scaled", ScalarType::Double);
   }
   logits = rows_readable(logits);
   targets = contig(targets);
@@ -173,8 +180,8 @@ Tensor token_logprobs_bwd(std::optional<Tensor> grad_logprobs, std::optional<Ten
                                logits.const_data_ptr(),
                                offsets.data(),
                                static_cast<const int64_t*>(targets.const_data_ptr()),
-                               lse.const_data_ptr(),
-                               grad_entropy ? mean_scaled.const_data_ptr() : nullptr,
+                               static_cast<const double*>(lse.const_data_ptr()),
+                               grad_entropy ? static_cast<const double*>(mean_scaled.const_data_ptr()) : nullptr,
                                grad_logprobs ? grad_logprobs->const_data_ptr() : nullptr,
                                grad_entropy ? grad_entropy->const_data_ptr() : nullptr,
                                d_logits.mutable_data_ptr(),

@@ -130,10 +130,12 @@ def test_gradcheck_float64_kv_cache_and_scale():
     assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v, scale=0.7), (q, k, v))
 
 
-# A negative scale; and logits of magnitude ~100, where fp32 itself loses ~1e-5 (compare PyTorch's fp32)
-@pytest.mark.parametrize("scale", [-0.4, 3.0])
-def test_unusual_scales_match_reference(scale):
+# Scores of the opposite sign (a negative scale is refused since issue 22: -k gives the same scores);
+# and logits of magnitude ~100, where fp32 itself loses ~1e-5 (compare PyTorch's fp32)
+@pytest.mark.parametrize("scale,flip", [(0.4, True), (3.0, False)])
+def test_unusual_scales_match_reference(scale, flip):
     q, k, v = make(2, 4, 2, 80, 80, 64)
+    k = -k if flip else k
     segment_ids = packed(2, 80)
     dout = torch.randn(2, 4, 80, 64)
     kw = {"scale": scale, "segment_ids": segment_ids}
@@ -325,3 +327,17 @@ def test_rejects_tensors_on_different_devices():
     q, k, v = make(1, 2, 2, 4, 4, 8)
     with pytest.raises(ValueError, match="v must be on the same device as q"):
         causal_attention(q, k, v.to("meta"))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf"), 0.0, -0.125])
+def test_rejects_nonfinite_or_nonpositive_scale(scale):
+    """Issue 22: scale=nan silently returned NaN. The message names scale, the expectation and the value."""
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(
+        ValueError, match=rf"scale must be finite and > 0 \(default D\*\*-0.5\); got {scale:g}$"
+    ):
+        causal_attention(q, q, q, scale=scale)
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):  # the raw backward checks it too
+        torch.ops.fastrlhf.causal_attention_bwd(
+            q, q, q, q, q, torch.zeros(1, 2, 3, dtype=torch.float64), scale, None
+        )

@@ -199,3 +199,38 @@ def test_a_frozen_weight_gets_no_gradient_and_hidden_the_same_one():
     want = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.t(), t), h)[0]
     torch.testing.assert_close(h.grad, want)
     assert w.grad is None
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e10, 1e15])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_huge_inputs_stay_finite_and_match_reference(scale, with_grad):
+    """Issue 22: hidden ~1e10 gave a NaN loss and NaN gradients (the in-place kernel's float pivot times
+    log2(e) was off by hundreds in the exponent). Cross-entropy there is large but finite."""
+    h, w, t = make(37, 16, 4100, torch.float32, ignored=(3,))
+    h = h * scale
+    if with_grad:
+        got = loss_and_grads(linear_cross_entropy, h, w, t, chunk_rows=16)
+        want = loss_and_grads(reference.linear_cross_entropy, h.double(), w.double(), t)
+    else:
+        with torch.no_grad():
+            got = (linear_cross_entropy(h, w, t, chunk_rows=16),)
+        want = (reference.linear_cross_entropy(h.double(), w.double(), t),)
+    assert all(torch.isfinite(g).all() for g in got)
+    # the logits' own float32 rounding (2^-24 of |h @ w.T|) bounds how well the loss can be known
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    for g, r in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
+@pytest.mark.parametrize("dt_h,dt_w", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                       (torch.bfloat16, torch.float32)])  # fmt: skip
+def test_mixed_dtypes_raise_value_error_naming_both(dt_h, dt_w):
+    """Issue 22: a mix used to reach torch's matmul and raise its RuntimeError."""
+    h, w, t = make(3, 4, 11)
+    short = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+    with pytest.raises(
+        ValueError,
+        match=rf"hidden and weight must have the same dtype; got hidden torch.{short[dt_h]}, "
+        rf"weight torch.{short[dt_w]}",
+    ):
+        linear_cross_entropy(h.to(dt_h), w.to(dt_w), t)

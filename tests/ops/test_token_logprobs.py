@@ -293,3 +293,40 @@ def test_reference_entropy_is_finite_with_minus_inf_logits():
     assert torch.isfinite(x.grad).all() and (x.grad[:, 4:] == 0).all()
     _, ours = token_logprobs(x.detach().float(), torch.tensor([0, 1]), return_entropy=True)
     torch.testing.assert_close(ours.double(), h.detach(), rtol=2e-6, atol=2e-6)
+
+
+def extreme_logits(scale, dtype, V=5000):
+    """(4, V) logits at |x| ~ scale: spread rows, a row of near-ties (1e7-sized logits one apart, where
+    the softmax is not one-hot), a row all at one huge value, V > one CPU chunk (2048)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, V, generator=g, dtype=torch.float64) * scale
+    x[1] = -scale + torch.randint(0, 4, (V,), generator=g)  # exact in float32 up to scale 2^24
+    x[2] = scale  # V equal logits: uniform, entropy log V
+    x[3, ::7] = float("-inf")  # a padded vocabulary among huge logits
+    x = x.to(dtype)
+    t = torch.tensor([int(x[0].argmax()), 17, 4999, 3])  # the argmax: log p == -log(#ties) ~ 0
+    return x, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", [1e4, 1e9, 1e30])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_extreme_logits_stay_in_range_and_match_reference(dtype, scale, temperature):
+    """Issue 22: at logits ~1e9 the AVX2 kernel gave +inf log-probs and NaN entropies (float pivots
+    times the temperature scale were off by up to 256 in base-2 exponents). log_softmax stays finite
+    there, and so must we: log p <= 0, H >= 0, both finite, gradients finite and right."""
+    x, t = extreme_logits(scale, dtype)
+    if dtype == torch.bfloat16:
+        x[1] = (-1e4 + torch.randint(0, 4, (x.shape[1],)) * 32).to(dtype)  # bf16's spacing at 1e4 is 64
+    lp, h = token_logprobs(x, t, temperature=temperature, return_entropy=True)
+    assert torch.isfinite(lp).all() and (lp <= 0).all(), lp
+    assert torch.isfinite(h).all() and (h >= 0).all(), h
+    ref_lp, ref_h = ref64(x, t, temperature)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=tol, atol=tol)
+    torch.testing.assert_close(h.double(), ref_h, rtol=tol, atol=tol)
+    g_lp, g_h = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    d = grads(token_logprobs, x, t, g_lp, g_h, temperature=temperature)
+    ref_d = grads(reference.token_logprobs, x.double(), t, g_lp, g_h, temperature=temperature)
+    assert torch.isfinite(d).all()
+    torch.testing.assert_close(d.double(), ref_d, rtol=tol, atol=10 * tol)

@@ -160,8 +160,12 @@ def linear_cross_entropy(
             f"targets must have the shape of hidden.shape[:-1] {tuple(hidden.shape[:-1])}; "
             f"got {tuple(targets.shape)}"
         )
+    if weight.dtype != hidden.dtype:  # else torch's matmul raises a RuntimeError on the plain path
+        raise ValueError(
+            f"hidden and weight must have the same dtype; got hidden {hidden.dtype}, weight {weight.dtype}"
+        )
     fused = HAS_EXT and hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
-    if not fused or weight.dtype != hidden.dtype:
+    if not fused:
         return _plain(hidden, weight, targets, ignore_index)
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, C)

@@ -17,12 +17,14 @@ if HAS_EXT:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lead = logits.shape[:-1]  # (...)
         per_row = lead if return_entropy else (0,)  # entropy outputs are empty when not requested
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        # Saved for the backward, float64 for every dtype and relative to each row's max logit M, so that
+        # nothing is lost at any magnitude (csrc/logprobs/logprobs.h): with d = (logits - M) / T,
+        # lse (..., 2) holds (M, log sum e^d) and mean_scaled (...) holds E_p[d].
         return (
             logits.new_empty(lead),  # logprobs
             logits.new_empty(per_row),  # entropy
-            logits.new_empty(lead, dtype=acc),  # lse of logits / T, saved for backward
-            logits.new_empty(per_row, dtype=acc),  # E_p[logits / T], saved for backward
+            logits.new_empty((*lead, 2), dtype=torch.float64),  # lse: M, log S
+            logits.new_empty(per_row, dtype=torch.float64),  # mean_scaled: E_p[d]
         )
 
     @torch.library.register_fake("fastrlhf::token_logprobs_bwd")
