@@ -76,7 +76,9 @@ std::tuple<Tensor, Tensor, Tensor> ppo_loss_fwd(Tensor logprobs, Tensor old_logp
   const ScalarType acc = acc_scalar_type(in.dtype);
   Tensor loss = torch::stable::new_empty(logprobs, {});
   Tensor stats = torch::stable::new_empty(logprobs, {int64_t(fr::kNumPpoStats)}, acc);
-  const int64_t K = in.entropy ? 3 : 2;
+  // from the argument, not in.entropy: an empty (B, T) entropy has no data pointer (fuzzing found K = 2
+  // for B * T = 0, and the backward then indexed a missing row)
+  const int64_t K = entropy.has_value() && entropy->defined() ? 3 : 2;
   Tensor grads = need_grads ? torch::stable::new_empty(logprobs, {K, logprobs.size(0), logprobs.size(1)}, acc)
                             : torch::stable::new_empty(logprobs, {0}, acc);
   const fr::PpoLossParams p{in, loss.mutable_data_ptr(), stats.mutable_data_ptr(),

@@ -234,3 +234,12 @@ def test_mixed_dtypes_raise_value_error_naming_both(dt_h, dt_w):
         rf"weight torch.{short[dt_w]}",
     ):
         linear_cross_entropy(h.to(dt_h), w.to(dt_w), t)
+
+
+def test_plain_path_with_no_kept_target_is_nan_with_zero_gradients():
+    """Found by tests/ops/test_fuzz.py: the unfused path (bf16, CUDA) divided by zero kept targets, which
+    made NaN gradients; F.cross_entropy (and the fused path) give a NaN loss and zero gradients."""
+    h, w, t = make(3, 4, 5, torch.bfloat16, ignored=(0, 1, 2))
+    loss, d_h, d_w = loss_and_grads(linear_cross_entropy, h, w, t)
+    assert torch.isnan(loss)
+    assert (d_h == 0).all() and (d_w == 0).all()

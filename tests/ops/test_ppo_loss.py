@@ -408,3 +408,14 @@ def test_baseline_isa_path_matches(tmp_path):
     torch.testing.assert_close(
         base, list(run(ppo_loss, g, mask * torch.rand(5, 203), **KW)), rtol=1e-5, atol=1e-7
     )
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (3, 0)])
+def test_empty_batch_with_entropy_has_gradients_for_all_three(shape):
+    """Found by tests/ops/test_fuzz.py: with B * T = 0 the empty entropy tensor has no data pointer, and the
+    adapter took that for 'no entropy': two gradient rows instead of three, and an IndexError in backward."""
+    z = lambda: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+    lp, v, ent = (z().requires_grad_() for _ in range(3))
+    loss, _ = ppo_loss(lp, z(), z(), v, z(), z(), torch.zeros(shape, dtype=torch.bool), entropy=ent)
+    grads = torch.autograd.grad(loss, (lp, v, ent))
+    assert [g.shape for g in grads] == [torch.Size(shape)] * 3

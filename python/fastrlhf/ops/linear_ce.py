@@ -141,7 +141,10 @@ def _plain(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -
     lp = token_logprobs(logits, torch.where(keep, targets, 0))  # (...)
     if lp.dtype != torch.float64:
         lp = lp.float()
-    return -(lp * keep).sum() / keep.sum()
+    n = keep.sum()
+    loss = -(lp * keep).sum() / n.clamp(min=1)
+    # no kept target: NaN, with zero gradients (as F.cross_entropy and the fused path; 0 / 0 gave NaN ones)
+    return torch.where(n > 0, loss, torch.full_like(loss, float("nan")))
 
 
 def linear_cross_entropy(
