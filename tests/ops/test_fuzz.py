@@ -15,9 +15,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from fastrlhf.ops import (
     causal_attention,
     gae,
@@ -30,6 +27,8 @@ from fastrlhf.ops import (
     sample,
     token_logprobs,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 FUZZ = settings(
     max_examples=60,
@@ -192,7 +191,7 @@ def test_fuzz_ppo_loss(B, T, dtype, seed, weights, with_entropy, contiguous, cli
         diff[0], old, adv, diff[1], old_val, ret, mask, entropy=diff[2] if with_entropy else None, **kw
     )
     grads = torch.autograd.grad(loss, diff) if loss.requires_grad else None
-    as64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    as64 = lambda t: None if t is None else t.detach().double()
     d64 = [t.detach().double().requires_grad_() for t in diff]
     loss64, stats64 = reference.ppo_loss(d64[0], as64(old), as64(adv), d64[1], as64(old_val), as64(ret),
                                          mask.double() if weights else mask, entropy=d64[2] if with_entropy else None, **kw)  # fmt: skip
@@ -202,8 +201,21 @@ def test_fuzz_ppo_loss(B, T, dtype, seed, weights, with_entropy, contiguous, cli
     )
     ulps = 16 * (B * T + 1)
     assert_twice_torch(loss, loss_l, loss64.detach(), "loss", ulps)
+    # The clip fractions count strict comparisons: a token whose two losses tie up to rounding (e.g. value
+    # clipping inactive, old + (v - old) vs v) may count either way, so each such token is allowed to flip.
+    m = mask.double()
+    n = m.sum().clamp(min=1)
+    lr = lp.double() - old.double()
+    pg1, pg2 = -adv.double() * lr.exp(), -adv.double() * lr.exp().clamp(1 - clip, 1 + clip)
+    v64, ov64, r64 = val.double(), old_val.double(), ret.double()
+    vf1, vf2 = (v64 - r64) ** 2, (ov64 + (v64 - ov64).clamp(-clip_v, clip_v) - r64) ** 2
+    near = lambda a, b: ((a - b).abs() <= 1e-5 * (a.abs() + b.abs()) + 1e-300).double()
+    slack = {"clipfrac": (near(pg1, pg2) * m).sum() / n, "vf_clipfrac": (near(vf1, vf2) * m).sum() / n}
     for name in stats:
-        assert_twice_torch(stats[name], stats_l[name], stats64[name], name, ulps)
+        if name in slack:
+            assert float((stats[name].double() - stats64[name]).abs()) <= float(slack[name]) + 1e-6, name
+        else:
+            assert_twice_torch(stats[name], stats_l[name], stats64[name], name, ulps)
     if grads is not None:
         g64 = torch.autograd.grad(loss64, d64)
         gl = torch.autograd.grad(loss_l, dl)
