@@ -25,7 +25,7 @@ CXX="${CXX:-g++}"
 DEFAULT_TESTS=(
   tests/ops/test_gae.py tests/ops/test_token_logprobs.py tests/ops/test_ppo_loss.py
   tests/ops/test_attention.py tests/ops/test_attention_cache_view.py tests/ops/test_sample.py
-  tests/ops/test_linear.py tests/ops/test_linear_ce.py tests/ops/test_gelu.py
+  tests/ops/test_linear.py tests/ops/test_linear_ce.py tests/ops/test_gelu.py tests/ops/test_fuzz.py
   -k "not compile and not baseline and not thread_count and not independent_of_thread and not philox_header"
 )
 # Arguments that start with a path replace the selection; others (options) are added to it.
@@ -54,6 +54,11 @@ for lib in "$ASAN_LIB" "$UBSAN_LIB"; do
   [ -f "$lib" ] || { echo "sanitize.sh: $lib not found (install the compiler's sanitizer runtimes)" >&2; exit 2; }
 done
 
+# The baseline-ISA kernels (FASTRLHF_CPU_PATH=base, picked once per process) get the fuzz tests first,
+# which reach every op; then the default (AVX2 where the CPU has it) path gets the selection.
+if [ "${1:-}" != --canary ] && [ -z "${FASTRLHF_CPU_PATH:-}" ] && [ "${SANITIZE_BASE:-1}" = 1 ]; then
+  FASTRLHF_CPU_PATH=base SANITIZE_BASE=0 "$0" tests/ops/test_fuzz.py || exit $?
+fi
 cd "$ROOT"
 export LD_PRELOAD="$ASAN_LIB:$UBSAN_LIB${LD_PRELOAD:+:$LD_PRELOAD}"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
