@@ -26,6 +26,7 @@ DEFAULT_TESTS=(
   tests/ops/test_gae.py tests/ops/test_token_logprobs.py tests/ops/test_ppo_loss.py
   tests/ops/test_attention.py tests/ops/test_attention_cache_view.py tests/ops/test_sample.py
   tests/ops/test_linear.py tests/ops/test_linear_ce.py tests/ops/test_gelu.py tests/ops/test_fuzz.py
+  tests/ops/test_rms_norm.py tests/ops/test_swiglu.py tests/ops/test_rope.py tests/ops/test_policy_loss.py
   -k "not compile and not baseline and not thread_count and not independent_of_thread and not philox_header"
 )
 # Arguments that start with a path replace the selection; others (options) are added to it.

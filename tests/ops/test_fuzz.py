@@ -21,10 +21,14 @@ from fastrlhf.ops import (
     gelu,
     linear,
     linear_cross_entropy,
+    policy_loss,
     ppo_loss,
     reference,
+    rms_norm,
+    rope,
     rows_linear,
     sample,
+    swiglu,
     token_logprobs,
 )
 from hypothesis import HealthCheck, given, settings
@@ -61,7 +65,8 @@ def assert_twice_torch(ours, ref_low, ref64, name, ulps=4.0, mag=None):
     """|ours - ref64| <= 2 |ref_low - ref64| + ulps * eps * (1 + mag), elementwise, with mag = |ref64| unless
     given (a sum's rounding scales with the sum of its |terms|, not with the result); NaN only where ref64
     is NaN, infinities equal."""
-    eps = torch.finfo(ours.dtype).eps if ours.dtype.is_floating_point else 0.0
+    dt = ours.dtype
+    eps = torch.finfo(dt).eps if dt.is_floating_point else 0.0
     ours, ref_low, ref64 = ours.detach().double(), ref_low.detach().double(), ref64.detach()
     mag = ref64.abs() if mag is None else mag.detach().double().abs()
     assert ours.shape == ref64.shape, (name, ours.shape, ref64.shape)
@@ -69,6 +74,10 @@ def assert_twice_torch(ours, ref_low, ref64, name, ulps=4.0, mag=None):
     assert torch.equal(torch.isnan(ours), nan), (name, ours, ref64)
     inf = torch.isinf(ref64)
     assert torch.equal(ours[inf], ref64[inf]), (name, ours, ref64)
+    if dt != torch.float64 and dt.is_floating_point:  # beyond the dtype's range, inf is the right answer
+        over = ~inf & (ref64.abs() > torch.finfo(dt).max)
+        assert torch.equal(ours[over], ref64[over].sign() * math.inf), (name, ours[over], ref64[over])
+        inf = inf | over
     ok = ~(nan | inf)
     err = (ours - ref64).abs()[ok]
     tol = 2 * (ref_low - ref64).abs().nan_to_num(0.0, 0.0, 0.0)[ok] + ulps * eps * (1 + mag[ok])
@@ -376,3 +385,154 @@ def test_fuzz_gelu(shape, dtype, seed, contiguous, data):
     xl = x.detach().clone().requires_grad_()
     (dl,) = torch.autograd.grad(reference.gelu(xl), xl, dy)
     assert_twice_torch(dx, dl, d64, "d gelu", ulps=64)  # float64: the formula differs from autograd's
+
+
+def grads_three_ways(fn_ours, fn_ref, inputs, dy):
+    """d(sum dy * f)/d inputs from ours, the reference in the inputs' dtype and the reference in float64."""
+    out = []
+    for fn, cast in ((fn_ours, None), (fn_ref, None), (fn_ref, torch.float64)):
+        xs = [(x.detach().to(cast) if cast else x.detach().clone()).requires_grad_() for x in inputs]
+        y = fn(*xs)
+        out.append(torch.autograd.grad(y, xs, dy.to(y.dtype)))
+    return out
+
+
+# ---- rms_norm -------------------------------------------------------------------------------------------
+@FUZZ
+@given(
+    lead=st.lists(st.integers(0, 6), min_size=0, max_size=2), C=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31), eps=st.sampled_from([1e-6, 1e-5, 0.0, 1.0]), contiguous=st.booleans(),
+    mag=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+)  # fmt: skip
+def test_fuzz_rms_norm(lead, C, dtype, seed, eps, contiguous, mag):
+    x = randn(seed, (*lead, C), mag, dtype, contiguous)
+    w = randn(seed + 1, (C,), 1.0, dtype)
+    if eps == 0.0:
+        x = x + torch.where(x >= 0, 1e-2, -1e-2).to(dtype)  # eps 0 needs a row that is not all zeros
+    want = reference.rms_norm(x.double(), w.double(), eps)
+    y = rms_norm(x, w, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_twice_torch(y, reference.rms_norm(x, w, eps), want, "rms_norm")
+    dy = randn(seed + 2, x.shape, 1.0, dtype)
+    ours, low, d64 = grads_three_ways(
+        lambda a, b: rms_norm(a, b, eps), lambda a, b: reference.rms_norm(a, b, eps), [x, w], dy
+    )
+    # dw sums over every row: its rounding scales with the sum of |dy x r| (mag), not with the result
+    dw_mag = (
+        dy.double() * reference.rms_norm(x.double(), torch.ones_like(w, dtype=torch.float64), eps)
+    ).abs()
+    dw_mag = dw_mag.reshape(-1, C).sum(0)
+    assert_twice_torch(ours[0], low[0], d64[0], "d rms_norm / dx", ulps=64, mag=d64[0].abs() + 1)
+    assert_twice_torch(ours[1], low[1], d64[1], "d rms_norm / dw", ulps=64, mag=dw_mag)
+
+
+# ---- swiglu ---------------------------------------------------------------------------------------------
+@FUZZ
+@given(
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=3), dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31), contiguous=st.booleans(), data=st.data(),
+)  # fmt: skip
+def test_fuzz_swiglu(shape, dtype, seed, contiguous, data):
+    gate = randn(seed, tuple(shape), data.draw(scales(dtype)), dtype, contiguous)
+    up = randn(seed + 1, tuple(shape), data.draw(st.sampled_from([1e-3, 1.0, 30.0])), dtype, contiguous)
+    y = swiglu(gate, up)
+    assert y.dtype == dtype and y.shape == gate.shape
+    want = reference.swiglu(gate.double(), up.double())
+    assert_twice_torch(y, reference.swiglu(gate, up), want, "swiglu")
+    dy = randn(seed + 2, tuple(shape), 1.0, dtype)
+    ours, low, d64 = grads_three_ways(swiglu, reference.swiglu, [gate, up], dy)
+    for name, a, b, c in zip(("d gate", "d up"), ours, low, d64):
+        assert_twice_torch(a, b, c, f"swiglu {name}", ulps=64)
+
+
+# ---- rope -----------------------------------------------------------------------------------------------
+@FUZZ
+@given(
+    B=st.integers(0, 3), T=st.integers(0, 12), H=st.integers(1, 4), Hkv=st.integers(0, 3),
+    half=st.integers(1, 40), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
+    batched_positions=st.booleans(), far=st.booleans(), contiguous=st.booleans(),
+    mag=st.sampled_from([1e-3, 1.0, 1e4]),
+)  # fmt: skip
+def test_fuzz_rope(B, T, H, Hkv, half, dtype, seed, batched_positions, far, contiguous, mag):
+    D = 2 * half
+    q = randn(seed, (B, T, H, D), mag, dtype, contiguous)
+    k = randn(seed + 1, (B, T, Hkv, D), mag, dtype, contiguous) if Hkv else None
+    g = torch.Generator().manual_seed(seed)
+    top = 1_000_000 if far else 4096  # positions far past any trained context still rotate exactly
+    positions = torch.randint(0, top, (B, T) if batched_positions else (T,), generator=g)
+    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
+    yq, yk = rope(q, k, positions, inv_freq)
+    for x, y, name in ((q, yq, "q"), (k, yk, "k")):
+        if x is None:
+            assert y is None
+            continue
+        assert y.dtype == dtype and y.shape == (B, x.shape[2], T, D)
+        want = reference.rope(x.double(), positions, inv_freq)
+        assert_twice_torch(
+            y,
+            reference.rope(x, positions, inv_freq),
+            want,
+            f"rope {name}",
+            mag=x.abs().amax(-1, keepdim=True).transpose(1, 2).expand_as(want),
+        )
+        dy = randn(seed + 2, y.shape, 1.0, dtype)
+        ours, low, d64 = grads_three_ways(
+            lambda a: rope(a, None, positions, inv_freq)[0],
+            lambda a: reference.rope(a, positions, inv_freq),
+            [x],
+            dy,
+        )
+        assert_twice_torch(
+            ours[0],
+            low[0],
+            d64[0],
+            f"d rope {name}",
+            mag=dy.abs().amax(-1, keepdim=True).transpose(1, 2).expand_as(d64[0]),
+        )
+
+
+# ---- policy_loss ----------------------------------------------------------------------------------------
+@FUZZ
+@given(
+    B=st.integers(0, 5), T=st.integers(0, 30), dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**31), agg=st.sampled_from(reference.POLICY_AGGS), per_seq=st.booleans(),
+    eps=st.sampled_from([(0.2, 0.2), (0.2, 0.28), (0.0, 0.0), (0.9, 5.0)]),
+    beta=st.sampled_from([0.0, 0.04, 1.0]), with_entropy=st.booleans(), density=st.sampled_from([0.0, 0.3, 1.0]),
+    drift=st.sampled_from([0.0, 1e-3, 0.5, 5.0]), contiguous=st.booleans(),
+)  # fmt: skip
+def test_fuzz_policy_loss(
+    B, T, dtype, seed, agg, per_seq, eps, beta, with_entropy, density, drift, contiguous
+):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64).mul(5).to(dtype)
+    lp = old + randn(seed + 1, (B, T), drift, dtype, contiguous)
+    adv = randn(seed + 2, (B,) if per_seq else (B, T), 1.0, dtype)
+    mask = torch.rand(B, T, generator=g) < density
+    ref = old + randn(seed + 3, (B, T), 0.3, dtype) if beta > 0 else None
+    ent = torch.rand(B, T, generator=g, dtype=torch.float64).mul(3).to(dtype) if with_entropy else None
+    kw = dict(eps_low=eps[0], eps_high=eps[1], agg=agg, ref_logprobs=ref, beta=beta, ent_coef=0.01)
+
+    def run(fn, cast):
+        xs = [None if x is None else x.detach().to(cast).requires_grad_() for x in (lp, ent)]
+        args = {k: (v.to(cast) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        loss, stats = fn(xs[0], old.to(cast), adv.to(cast), mask, entropy=xs[1], **args)
+        grads = torch.autograd.grad(loss, [x for x in xs if x is not None], allow_unused=True)
+        return loss, stats, grads
+
+    loss, stats, grads = run(policy_loss, dtype)
+    loss_l, stats_l, grads_l = run(reference.policy_loss, dtype)
+    loss64, stats64, grads64 = run(reference.policy_loss, torch.float64)
+    assert loss.dtype == dtype and torch.isfinite(loss)
+    assert_twice_torch(loss, loss_l, loss64, "policy_loss", ulps=64, mag=loss64.abs() + 1)
+    for a, b, c in zip(grads, grads_l, grads64):
+        assert a is not None and a.shape == (B, T)
+        assert_twice_torch(a, b, c, "d policy_loss", ulps=64, mag=c.abs() + 1)
+    for name in ("pg_loss", "kl", "approx_kl", "ratio_mean", "entropy"):
+        assert_twice_torch(
+            stats[name].to(dtype),
+            stats_l[name].to(dtype),
+            stats64[name],
+            name,
+            ulps=64,
+            mag=stats64[name].abs() + 1,
+        )
