@@ -414,7 +414,7 @@ def test_baseline_isa_path_matches(tmp_path):
 def test_empty_batch_with_entropy_has_gradients_for_all_three(shape):
     """Found by tests/ops/test_fuzz.py: with B * T = 0 the empty entropy tensor has no data pointer, and the
     adapter took that for 'no entropy': two gradient rows instead of three, and an IndexError in backward."""
-    z = lambda: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+    z = lambda: torch.zeros(shape, dtype=torch.float64)
     lp, v, ent = (z().requires_grad_() for _ in range(3))
     loss, _ = ppo_loss(lp, z(), z(), v, z(), z(), torch.zeros(shape, dtype=torch.bool), entropy=ent)
     grads = torch.autograd.grad(loss, (lp, v, ent))
