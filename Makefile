@@ -37,7 +37,7 @@ $(VENV)/.deps: $(PYTHON)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,web]"
 	touch $@
 
 clean:
