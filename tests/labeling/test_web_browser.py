@@ -146,8 +146,10 @@ def test_a_labeler_ranks_by_keyboard_and_drag_flags_skips_undoes_and_reloads(dri
         "#3 · Answer 4",
         "#4 · Answer 3",
     ]
-    if os.environ.get("FASTRLHF_WEB_SCREENSHOT"):
+    if os.environ.get("FASTRLHF_WEB_SCREENSHOT"):  # docs/labeling.png
+        driver.set_window_size(1150, 600)
         driver.save_screenshot(os.environ["FASTRLHF_WEB_SCREENSHOT"])
+        driver.set_window_size(1200, 900)
     type_keys(driver, Keys.TAB, Keys.TAB, Keys.SPACE, Keys.SHIFT + Keys.TAB, Keys.SHIFT + Keys.TAB)
     type_keys(driver, Keys.ENTER)  # 2: keyboard, flagged harmful
 

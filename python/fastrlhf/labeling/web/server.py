@@ -217,6 +217,8 @@ def label_in_browser(
         f"rankings in {out}. Ctrl-C stops (resume by running the same command again).",
         flush=True,
     )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"listening on {host}: anyone who can reach it with the token can label (plain HTTP)")
     serve(store, host, port)
     n = len(store.rankings())
     print(f"{n} rankings in {out}")
