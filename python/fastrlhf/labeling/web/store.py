@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fastrlhf.data.formats import JsonlAppender, PathLike, write_rankings
+from fastrlhf.data.formats import JsonlAppender, PathLike, Ranking, write_rankings
 from fastrlhf.labeling.web.answers import AnswerItem
 from fastrlhf.labeling.web.labels import Label, parse_log
 
@@ -149,7 +149,7 @@ class LabelStore:
                 if x.ranking is not None and x.prompt_id in self._counts:
                     self._counts[x.prompt_id] += 1
 
-    def rankings(self) -> list:
+    def rankings(self) -> list[Ranking]:
         """Every live ranking of every labeler: by prompt (answers-file order), then labeler name."""
         rows = []
         with self._lock:
