@@ -41,7 +41,7 @@ $(VENV)/.deps: $(PYTHON) Makefile
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,web]"
 	touch $@
 
 clean:

@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("fastrlhf.commands.convert", "write a GGUF file, HF folder or run as a Hugging Face folder"),
     "sft": ("fastrlhf.commands.sft", "supervised fine-tuning on demonstrations (packed, response-only loss)"),
     "label": ("fastrlhf.commands.label", "sample K answers per prompt from an SFT model and rank them"),
+    "label-server": ("fastrlhf.commands.label_server", "serve sampled answers to labelers in the browser"),
+    "label-agreement": ("fastrlhf.commands.label_agreement", "counts and pairwise agreement of web labelers"),
     "rm": ("fastrlhf.commands.rm", "train a K-wise reward model on rankings"),
     "ppo": ("fastrlhf.commands.ppo", "PPO (with PPO-ptx) from SFT and reward-model checkpoints"),
     "grpo": (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from fastrlhf.commands.label_server import add_web_arguments, label_sampled
 from fastrlhf.labeling.answers import label_to_file, task_or_file_prompts
 
 
@@ -14,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="a task name (arithmetic, sentiment) or a prompts file")
     p.add_argument("--k", type=int, default=4, help="answers per prompt (K >= 2; default: %(default)s)")
     p.add_argument(
-        "--labeler", help="a task's name (its scripted labeler), terminal or jsonl (default: the task's)"
+        "--labeler",
+        help="a task's name (its scripted labeler), terminal, jsonl or web (default: the task's)",
     )
     p.add_argument("--labeler-file", help="rankings JSONL the jsonl labeler reads")
     p.add_argument("--out", required=True, help="rankings JSONL to append to (resumed if it exists)")
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_web_arguments(p.add_argument_group("--labeler web (people rank in the browser)"))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -41,11 +44,14 @@ def run(args: argparse.Namespace) -> None:
     name = args.labeler or task_labeler
     if name is None:
         raise ValueError("--labeler is required when --prompts is a file")
-    labeler = make_labeler(name, **({"path": args.labeler_file} if name == "jsonl" else {}))
+    kwargs = {"path": args.labeler_file} if name == "jsonl" else {}
+    labeler = None if name == "web" else make_labeler(name, **kwargs)
     prompts = prompts[: args.limit] if args.limit else prompts
     model, tok = load_model(args.sft)
     if tok is None:
         raise ValueError(f"{args.sft} has no tokenizer/ folder")
+    if labeler is None:  # people rank in the browser (fastrlhf.labeling.web)
+        return label_sampled(args, model, tok, prompts)
     stats, skipped = label_to_file(
         model,
         tok,
