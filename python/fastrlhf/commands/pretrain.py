@@ -11,8 +11,9 @@ from fastrlhf.train.pretrain import PretrainConfig, pretrain
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file with [model], [optim], [train] tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=200")
 
 
 def run(args: argparse.Namespace) -> None:
-    pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    pretrain(load_config(PretrainConfig, args.config, args.overrides), quiet=args.quiet)

@@ -11,8 +11,9 @@ from fastrlhf.train.reward import RMConfig, train_rm
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file with [optim], [data], [train] tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.train=rankings.jsonl")
 
 
 def run(args: argparse.Namespace) -> None:
-    train_rm(load_config(RMConfig, args.config, args.overrides))
+    train_rm(load_config(RMConfig, args.config, args.overrides), quiet=args.quiet)

@@ -11,8 +11,9 @@ from fastrlhf.train.sft import SFTConfig, sft
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file with [model], [optim], [data], [train] tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.source=sft.jsonl")
 
 
 def run(args: argparse.Namespace) -> None:
-    sft(load_config(SFTConfig, args.config, args.overrides))
+    sft(load_config(SFTConfig, args.config, args.overrides), quiet=args.quiet)

@@ -39,9 +39,27 @@ def scalar_record(model: ScalarHeadModel) -> dict[str, Any]:
     return model_record(arch_of(model.config), model.config.to_dict(), "scalar")
 
 
+def is_pretrained_source(path: str | os.PathLike) -> bool:
+    """A model from outside fastrlhf: a Hugging Face model folder, a GGUF file or a known model name."""
+    p = resolve_model_name(path)
+    return is_gguf_file(p) or is_hf_folder(p)
+
+
 def load_model(path: str | os.PathLike, name: str = "model"):
-    """(language model, tokenizer or None) from a checkpoint or run folder written by a fastrlhf trainer."""
-    ckpt = resolve_checkpoint(path)
+    """(language model, tokenizer or None) from any source the trainers start from: a checkpoint or run folder
+    written by a fastrlhf trainer (`name`: which of its models), a Hugging Face model folder, a GGUF file or
+    'smollm2-135m-instruct' (from_pretrained's sources, float32, with their own tokenizer)."""
+    p = resolve_model_name(path)
+    if is_pretrained_source(p):
+        has_tok = is_gguf_file(p) or (Path(p) / "tokenizer.json").is_file()
+        return from_pretrained(p), load_tokenizer(p) if has_tok else None
+    try:
+        ckpt = resolve_checkpoint(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc}; nor is it a Hugging Face model folder (config.json + safetensors), a .gguf file or a known "
+            f"name ('smollm2-135m-instruct')"
+        ) from None
     meta = read_state(ckpt)
     record = read_model_record(meta, ckpt / STATE_FILE)
     if record["head"] != "lm":

@@ -26,7 +26,7 @@ from fastrlhf.data.formats import Ranking, read_rankings
 from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.checkpoint import read_model_record
 from fastrlhf.models import ScalarHeadModel
-from fastrlhf.models.load import load_model, load_scalar_model, scalar_record
+from fastrlhf.models.load import is_pretrained_source, load_model, load_scalar_model, scalar_record
 from fastrlhf.models.shared import shared_layout
 from fastrlhf.train import dist
 from fastrlhf.train.loop import (
@@ -56,7 +56,7 @@ class RMDataConfig:
     val_fraction: float = 0.1
     """Share of the prompts held out when val is empty (all rankings of a prompt stay on one side)."""
     demos: str = ""
-    """Task name or SFT JSONL whose demonstrations should score 0; "" = the SFT run's data.source; "none" = keep the bias."""
+    """Task name or SFT JSONL whose demonstrations should score 0; "" = the SFT run's data.source ("none" for a pretrained source); "none" = keep the bias."""
     max_demos: int = 512
     """At most this many demonstrations (the first ones) are scored for the bias."""
     overlong: str = "drop"
@@ -74,7 +74,8 @@ class RMTrainConfig(OfflineLoopConfig):
     """The loop: where the trunk comes from, batches of rankings, evaluation, checkpoints."""
 
     sft: str = "runs/sft"
-    """SFT checkpoint or run folder: the trunk's initial weights and the tokenizer."""
+    """SFT checkpoint or run folder, or a pretrained source (HF folder, GGUF file, 'smollm2-135m-instruct'):
+    the trunk's initial weights and the tokenizer."""
     out_dir: str = "runs/rm"
     """Checkpoints and log.jsonl go here; an existing run there is resumed."""
     max_steps: int = 200
@@ -287,10 +288,10 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
     t, d = cfg.train, cfg.data
     device = resolve_device(t)
     out = Path(t.out_dir)
-    sft_ckpt = ckpt.resolve_checkpoint(t.sft)
-    gpt, tok = load_model(sft_ckpt)
+    gpt, tok = load_model(t.sft)
     if tok is None:
-        raise ValueError(f"train.sft {t.sft} has no tokenizer/ folder")
+        raise ValueError(f"train.sft {t.sft} has no tokenizer")
+    sft_ckpt = None if is_pretrained_source(t.sft) else ckpt.resolve_checkpoint(t.sft)
     T = gpt.config.block_size
     rankings = read_rankings(d.train)
     train_r, val_r = (
@@ -306,7 +307,8 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
             f"no ranking fits the context of {T} tokens or states a preference ({dropped} train and "
             f"{val_dropped} validation rankings dropped as too long, {sum(tied)} all tied)"
         )
-    demos_from, corpus = (d.demos, "") if d.demos else sft_source(sft_ckpt)
+    demos_from, corpus = (d.demos, "") if d.demos or sft_ckpt is None else sft_source(sft_ckpt)
+    demos_from = demos_from or "none"  # a pretrained source (HF, GGUF) records no SFT data
     demos = [] if demos_from == "none" else load_demonstrations(demos_from, corpus)[: d.max_demos]
 
     dist.check_divides("train.batch_size", t.batch_size)
@@ -400,10 +402,10 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
 
 def sft_source(sft_ckpt: Path) -> tuple[str, str]:
     """(data.source, data.corpus) an SFT run recorded, or ('none', '') for checkpoints of other runs."""
-    from fastrlhf.train.sft import SFTConfig
+    from fastrlhf.train.sft import SFTDataConfig
 
     config = ckpt.read_state(sft_ckpt)["state"].get("config", {})
     if "data" not in config:
         return "none", ""
-    data = from_dict(SFTConfig, config).data
+    data = from_dict(SFTDataConfig, config["data"], "data.")  # [model] may be any family's
     return data.source, data.corpus

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastrlhf.config import from_dict, to_dict
+from fastrlhf.config import to_dict
 from fastrlhf.data import ByteBPETokenizer, Tokenizer, encode_chat, format_prompt, load_tokenizer
 from fastrlhf.data.formats import SFTExample, read_sft
 from fastrlhf.io import checkpoint as ckpt
@@ -70,7 +70,8 @@ class SFTTrainConfig(OfflineLoopConfig):
     out_dir: str = "runs/sft"
     """Checkpoints and log.jsonl go here; an existing run there is resumed."""
     init_from: str = ""
-    """A pretrain checkpoint or run folder to start from (its model config and tokenizer are used);
+    """Where to start from: a pretrain (or any fastrlhf) checkpoint or run folder, a Hugging Face model folder, a
+    GGUF file or 'smollm2-135m-instruct' (its model config and tokenizer are used, with its chat template);
     "" = random weights of [model] and a byte-level BPE of model.vocab_size trained on the examples."""
     max_steps: int = 300
     """Optimizer steps in the whole run."""
@@ -197,7 +198,7 @@ def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]
     if t.init_from:
         model, tok = load_model(t.init_from)
         if tok is None:
-            raise ValueError(f"train.init_from {t.init_from} has no tokenizer/ folder")
+            raise ValueError(f"train.init_from {t.init_from} has no tokenizer")
         cfg.model = model.config  # the checkpoint decides the shape; recorded with the run
         return model.train(), tok
     latest = ckpt.latest_checkpoint(out)
@@ -240,9 +241,9 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
     step = 0
     latest = ckpt.latest_checkpoint(out)
     if latest is not None:
-        saved = from_dict(SFTConfig, ckpt.read_state(latest)["state"]["config"])
-        if saved.model != cfg.model:
-            raise ValueError(f"{latest} was trained with model config {saved.model}, not {cfg.model}")
+        saved = ckpt.read_model_record(ckpt.read_state(latest), latest / ckpt.STATE_FILE)  # any family's
+        if saved != lm_record(model):
+            raise ValueError(f"{latest} was trained with model {saved}, not {lm_record(model)}")
         step = ckpt.load_checkpoint(latest, models={"model": model}, optimizers={"optim": optimizer})["step"]
 
     stream = EpochStream(lambda e: pack(shuffled(train_enc, t.seed, e), T))

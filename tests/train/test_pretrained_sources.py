@@ -1,0 +1,88 @@
+"""The recipe from a model made outside fastrlhf (issue 18): SFT starts from a Hugging Face folder (a
+random-init Llama saved by transformers, with a chat template), the reward model and PPO start from that
+SFT run, and each stage keeps the family, the weights it was given and the tokenizer's chat template."""
+
+import pytest
+import torch
+from fastrlhf.cli import main
+from fastrlhf.models.llama import LlamaForCausalLM
+from fastrlhf.models.load import from_pretrained, is_pretrained_source, load_model
+from fastrlhf.train.log import read_jsonl
+from helpers.hf_tokenizers import save_transformers_folder
+from helpers.sft import arithmetic_rankings, write_demos, write_ranking_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf_llama")
+    save_transformers_folder("smollm2", folder)
+    vocab = len(transformers.PreTrainedTokenizerFast.from_pretrained(folder))
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=96,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_sft_rm_and_ppo_start_from_a_hugging_face_folder(hf_folder, tmp_path):
+    assert is_pretrained_source(hf_folder) and not is_pretrained_source(tmp_path)
+    demos, sft_run = write_demos(tmp_path / "demos.jsonl", n=64), tmp_path / "sft"
+    common = ["train.device=cpu", "train.threads=1", "train.log_interval=1", "train.batch_size=4"]
+    sft = [
+        f"train.init_from={hf_folder}",
+        f"data.source={demos}",
+        f"train.out_dir={sft_run}",
+        "train.max_steps=3",
+    ]
+    assert main(["sft", "--quiet", *sft, *common, "train.eval_interval=3"]) == 0
+    model, tok = load_model(sft_run)
+    base = from_pretrained(hf_folder)
+    assert isinstance(model, LlamaForCausalLM) and model.config == base.config
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template  # the chat format travels with the run
+    moved = [n for n, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert moved, "SFT changed no weight"
+    assert [r["step"] for r in read_jsonl(sft_run / "log.jsonl") if "loss" in r][-1] == 3
+    more = [a.replace("max_steps=3", "max_steps=4") for a in sft]
+    assert main(["sft", "--quiet", *more, *common, "train.eval_interval=3"]) == 0  # resumes the Llama run
+    assert [r["step"] for r in read_jsonl(sft_run / "log.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+    rankings, rm_run = (
+        write_ranking_file(tmp_path / "rankings.jsonl", arithmetic_rankings(24)),
+        tmp_path / "rm",
+    )
+    rm = [f"train.sft={sft_run}", f"data.train={rankings}", f"train.out_dir={rm_run}", "train.max_steps=2"]
+    assert main(["rm", *rm, *common, "data.val_fraction=0.3"]) == 0
+    assert main(["rm", *[a.replace(str(sft_run), str(hf_folder)) for a in rm], *common[:-1],
+                 f"train.out_dir={tmp_path / 'rm_hf'}", "data.val_fraction=0.3"]) == 0  # fmt: skip
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"What is {a}+{b}?\n" for a in range(3) for b in range(4)))
+    ppo = [f"models.policy={sft_run}", f"models.reward={rm_run}", f"train.prompts={prompts}"]
+    ppo += [
+        f"train.out_dir={tmp_path / 'ppo'}",
+        "train.threads=1",
+        "train.max_steps=2",
+        "train.log_interval=1",
+    ]
+    ppo += ["ppo.rollout_batch=4", "ppo.minibatch=2", "ppo.max_new_tokens=4", "train.dtype=fp32"]
+    assert main(["ppo", "--quiet", *ppo]) == 0
+    rows = [r for r in read_jsonl(tmp_path / "ppo" / "log.jsonl") if "ratio_mean" in r]
+    assert len(rows) == 2 and all(abs(r["ratio_mean"] - 1) < 1e-2 for r in rows)
+    policy, _ = load_model(tmp_path / "ppo")
+    assert isinstance(policy, LlamaForCausalLM)
+
+
+def test_a_missing_source_names_every_kind_it_accepts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nor is it a Hugging Face model folder"):
+        load_model(tmp_path / "nowhere")
