@@ -57,3 +57,50 @@ def test_bad_optim_config():
         OptimConfig(lr=1e-4, min_lr=1e-3)
     with pytest.raises(ValueError, match="warmup_steps and grad_clip must be >= 0"):
         OptimConfig(warmup_steps=-1)
+
+
+def test_bf16_autocast_on_the_cpu_when_asked_and_only_then():
+    """train.dtype = 'auto' computes fp32 on the CPU; 'bf16' autocasts there too (matmuls in bf16, the loss
+    and the gradients of the fp32 weights in fp32), close to the fp32 step; 'fp16' needs a GPU."""
+    import warnings
+
+    from fastrlhf.models.config import LlamaConfig
+    from fastrlhf.models.llama import LlamaForCausalLM
+    from fastrlhf.train.optim import autocast_for
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128
+    )
+    model, cpu = LlamaForCausalLM(cfg), torch.device("cpu")
+    x, y = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
+    seen, grads = {}, {}
+    for dt in ("fp32", "auto", "bf16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the slow-bf16 warning on CPUs without AVX512-BF16
+            with autocast_for(cpu, dt):
+                _, loss = model(x, y)
+        loss.backward()
+        seen[dt] = (loss.dtype, loss.item())
+        grads[dt] = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+    assert seen["auto"] == seen["fp32"] and all(map(torch.equal, grads["auto"], grads["fp32"]))
+    assert seen["bf16"][0] == torch.float32 and abs(seen["bf16"][1] - seen["fp32"][1]) < 2e-2
+    assert seen["bf16"][1] != seen["fp32"][1]  # bf16 matmuls did run
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads["bf16"])
+    with pytest.raises(ValueError, match="'fp16' needs a GPU"):
+        autocast_for(cpu, "fp16")
+
+
+def test_online_rl_refuses_bf16_on_the_cpu():
+    from fastrlhf.rl.trainer import OnlineTrainer
+    from fastrlhf.train.loop import LoopConfig
+
+    with pytest.raises(ValueError, match="train.dtype = 'bf16' on the CPU: the sampler's log-probs"):
+        OnlineTrainer(
+            LoopConfig(dtype="bf16"),
+            GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=1, n_embd=8)),
+            [[1, 2]],
+            1,
+            max_nonfinite=3,
+        )

@@ -47,6 +47,12 @@ class OnlineTrainer:
             raise ValueError("prompts must hold at least one prompt; got none")
         self.tokenizer, self.quiet = tokenizer, quiet
         self.device = next(policy.parameters()).device
+        if self.device.type == "cpu" and t.dtype in ("bf16", "fp16"):
+            raise ValueError(
+                f"train.dtype = {t.dtype!r} on the CPU: the sampler's log-probs (decoded a token at a time) and "
+                f"the update's (one full forward) would differ by bf16 rounding, past the ratio == 1 check; "
+                f"use 'auto' or 'fp32'"
+            )
         self.gens = {name: torch.Generator().manual_seed(t.seed + i) for i, name in enumerate(GENERATORS)}
         self.step_count = self.prompts_seen = self.updates = 0
         self.nonfinite_total = self.nonfinite_in_a_row = 0

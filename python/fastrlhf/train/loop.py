@@ -29,6 +29,9 @@ from fastrlhf.train.optim import OptimConfig, lr_at, optimizer_step
 T = TypeVar("T")
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
 @dataclass
 class LoopConfig:
     """[train] fields every trainer shares; pretrain, SFT, RM and PPO configs extend it with their own."""
@@ -45,8 +48,9 @@ class LoopConfig:
     """Seeds the weights not loaded from a checkpoint, the data order and dropout."""
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda when available)."""
-    dtype: str = "bf16"
-    """Autocast dtype on GPU: 'bf16', 'fp16' or 'fp32' (the CPU always computes in fp32)."""
+    dtype: str = "auto"
+    """Autocast: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16' (on CPU too: fast where the CPU has AVX512-BF16
+    or AMX), 'fp16' (GPU only) or 'fp32'. Losses, softmax and optimizer state stay fp32."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     max_minutes: float = 0.0
@@ -60,7 +64,7 @@ class LoopConfig:
         for name in ("ckpt_interval", "keep_checkpoints", "threads"):
             check_range(f"train.{name}", getattr(self, name), 0, float("inf"))
         check_range("train.max_minutes", self.max_minutes, 0.0, float("inf"), hi_open=True)
-        check_choice("train.dtype", self.dtype, ("bf16", "fp16", "fp32"))
+        check_choice("train.dtype", self.dtype, DTYPES)
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
 
 
