@@ -1,12 +1,15 @@
-"""JSONL formats for SFT demonstrations and rankings, and a crash-safe appending writer.
+"""Data formats for SFT demonstrations and rankings, and a crash-safe appending writer.
 
-One JSON object per line, UTF-8:
-  SFT       {"prompt": str, "response": str}
-  ranking   {"prompt": str, "responses": [str, ...], "ranking": [int, ...]}   best first, a permutation of
+One record per JSONL line (UTF-8) or Parquet row (data/rows.py):
+  SFT       {"prompt": P, "response": str}
+            {"messages": [{"role", "content"}, ...]}   each assistant turn is an example (its prompt: the
+                                                       turns before it), as HF datasets and OpenAI write them
+  ranking   {"prompt": P, "responses": [str, ...], "ranking": [int, ...]}   best first, a permutation of
             range(K), K >= 2; optionally "scores": [float, ...], a scripted labeler's score of each
             response (equal scores are ties, whose pairs state no preference)
-  pair      {"prompt": str, "chosen": str, "rejected": str}                  read as a ranking with K = 2
-Blank lines are skipped. Every error names `file:line` and what is wrong.
+  pair      {"prompt": P, "chosen": str, "rejected": str}                  read as a ranking with K = 2
+P is a string or a list of messages (a conversation; data/messages.py). Blank lines are skipped. Every
+error names `file:line` (or the Parquet row) and what is wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from dataclasses import dataclass
 from itertools import combinations, pairwise
 from pathlib import Path
 from typing import Any, Self
+
+from fastrlhf.data.messages import Prompt, parse_messages, prompt_json, prompt_problem
+from fastrlhf.data.rows import FormatError, PathLike, iter_objects
 
 __all__ = [
     "FormatError",
@@ -36,16 +42,6 @@ __all__ = [
     "write_rankings",
     "write_sft",
 ]
-
-PathLike = str | os.PathLike
-
-
-class FormatError(ValueError):
-    """A JSONL line that does not hold a valid record; `str()` reads `file:line: what is wrong`."""
-
-    def __init__(self, path: PathLike, line: int, message: str) -> None:
-        super().__init__(f"{os.fspath(path)}:{line}: {message}")
-        self.path, self.line, self.message = os.fspath(path), line, message
 
 
 def _empty(text: str) -> bool:
@@ -89,12 +85,14 @@ def scores_problem(scores: Sequence[Any], ranking: Sequence[int]) -> str | None:
 class SFTExample:
     """One demonstration: the loss counts the response tokens only."""
 
-    prompt: str
+    prompt: Prompt
     response: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str) or not isinstance(self.response, str):
-            raise TypeError("prompt and response must be strings")
+        if not isinstance(self.prompt, (str, tuple)) or not isinstance(self.response, str):
+            raise TypeError("prompt must be a string or a tuple of Turns, and response a string")
+        if problem := prompt_problem(self.prompt):
+            raise ValueError(problem)
         if _empty(self.response):
             raise ValueError("response is empty")
 
@@ -104,7 +102,7 @@ class Ranking:
     """K responses to one prompt and their order: ranking[0] indexes the best response. `scores`, when a
     scripted labeler gives them, mark ties: responses with equal scores are not preferred either way."""
 
-    prompt: str
+    prompt: Prompt
     responses: tuple[str, ...]
     ranking: tuple[int, ...]
     scores: tuple[float, ...] | None = None
@@ -113,9 +111,9 @@ class Ranking:
         # accept lists from callers, store tuples so a Ranking is hashable and immutable
         object.__setattr__(self, "responses", tuple(self.responses))
         object.__setattr__(self, "ranking", tuple(self.ranking))
-        if not isinstance(self.prompt, str):
-            raise TypeError(f"prompt must be a string; got {type(self.prompt).__name__}")
-        problem = ranking_problem(self.responses, self.ranking)
+        if not isinstance(self.prompt, (str, tuple)):
+            raise TypeError(f"prompt must be a string or a tuple of Turns; got {type(self.prompt).__name__}")
+        problem = prompt_problem(self.prompt) or ranking_problem(self.responses, self.ranking)
         if problem is None and self.scores is not None:
             object.__setattr__(self, "scores", tuple(self.scores))
             problem = scores_problem(self.scores, self.ranking)
@@ -133,32 +131,15 @@ class Ranking:
         return [(b, w) for b, w in pairs if self.scores is None or self.scores[b] > self.scores[w]]
 
     def to_json(self) -> dict[str, Any]:
-        out = {"prompt": self.prompt, "responses": list(self.responses), "ranking": list(self.ranking)}
+        out = {
+            "prompt": prompt_json(self.prompt),
+            "responses": list(self.responses),
+            "ranking": list(self.ranking),
+        }
         return out if self.scores is None else {**out, "scores": list(self.scores)}
 
 
 # --- reading -------------------------------------------------------------------------------------------
-
-
-def _iter_objects(path: PathLike) -> Iterator[tuple[int, int, bytes, dict[str, Any]]]:
-    """(line number, byte offset, raw line, object) for every non-blank line."""
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            start, offset = offset, offset + len(raw)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise FormatError(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if _empty(text):
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise FormatError(path, lineno, f"malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict):
-                raise FormatError(path, lineno, f"expected a JSON object; got {type(obj).__name__}")
-            yield lineno, start, raw, obj
 
 
 def _check_fields(
@@ -172,31 +153,55 @@ def _check_fields(
     if extra:
         raise FormatError(path, lineno, f"unexpected field {extra[0]!r} in {what} (expected {expected})")
     for name, typ in fields.items():
-        if not isinstance(obj[name], typ):
+        if typ is not Prompt and not isinstance(obj[name], typ):
             raise FormatError(
                 path, lineno, f"field {name!r} must be {typ.__name__}; got {type(obj[name]).__name__}"
             )
 
 
+def _prompt_from(path: PathLike, lineno: int, value: Any) -> Prompt:
+    """A record's "prompt": a string, or a list of messages (a conversation)."""
+    if isinstance(value, str):
+        return value
+    turns, problem = parse_messages(value, "prompt")
+    if problem or (problem := prompt_problem(turns)):
+        raise FormatError(path, lineno, f"{problem} (prompt: a string or a list of messages)")
+    return turns
+
+
+def _sft_from(path: PathLike, lineno: int, obj: dict[str, Any]) -> list[SFTExample]:
+    if "messages" in obj:
+        _check_fields(path, lineno, obj, {"messages": list}, "an SFT conversation")
+        turns, problem = parse_messages(obj["messages"])
+        answers = [
+            i for i, t in enumerate(turns) if t.role == "assistant" and prompt_problem(turns[:i]) is None
+        ]
+        if problem or not answers or any(_empty(turns[i].content) for i in answers):
+            why = problem or "needs an assistant turn after a user turn, with text"
+            raise FormatError(path, lineno, f"messages: {why}")
+        return [SFTExample(turns[:i], turns[i].content) for i in answers]
+    _check_fields(path, lineno, obj, {"prompt": Prompt, "response": str}, "an SFT example")
+    if _empty(obj["response"]):
+        raise FormatError(path, lineno, "response is empty")
+    return [SFTExample(_prompt_from(path, lineno, obj["prompt"]), obj["response"])]
+
+
 def iter_sft(path: PathLike) -> Iterator[SFTExample]:
-    """SFT examples from a JSONL file, checked line by line."""
-    for lineno, _, _, obj in _iter_objects(path):
-        _check_fields(path, lineno, obj, {"prompt": str, "response": str}, "an SFT example")
-        if _empty(obj["response"]):
-            raise FormatError(path, lineno, "response is empty")
-        yield SFTExample(obj["prompt"], obj["response"])
+    """SFT examples from a JSONL or Parquet file, checked record by record."""
+    for lineno, _, obj in iter_objects(path):
+        yield from _sft_from(path, lineno, obj)
 
 
 def _ranking_from(path: PathLike, lineno: int, obj: dict[str, Any]) -> Ranking:
     if "chosen" in obj or "rejected" in obj:
-        _check_fields(path, lineno, obj, {"prompt": str, "chosen": str, "rejected": str}, "a pair")
+        _check_fields(path, lineno, obj, {"prompt": Prompt, "chosen": str, "rejected": str}, "a pair")
         responses, ranking = [obj["chosen"], obj["rejected"]], [0, 1]
         for name in ("chosen", "rejected"):
             if _empty(obj[name]):
                 raise FormatError(path, lineno, f"{name} is empty")
     else:
         fields = {
-            "prompt": str,
+            "prompt": Prompt,
             "responses": list,
             "ranking": list,
             **({"scores": list} if "scores" in obj else {}),
@@ -208,12 +213,14 @@ def _ranking_from(path: PathLike, lineno: int, obj: dict[str, Any]) -> Ranking:
         problem = scores_problem(obj["scores"], ranking)
     if problem:
         raise FormatError(path, lineno, problem)
-    return Ranking(obj["prompt"], tuple(responses), tuple(ranking), obj.get("scores"))
+    return Ranking(
+        _prompt_from(path, lineno, obj["prompt"]), tuple(responses), tuple(ranking), obj.get("scores")
+    )
 
 
 def numbered_rankings(path: PathLike) -> Iterator[tuple[int, Ranking]]:
     """(line number, ranking) pairs; pair lines ({"prompt", "chosen", "rejected"}) become K = 2 rankings."""
-    for lineno, _, _, obj in _iter_objects(path):
+    for lineno, _, obj in iter_objects(path):
         yield lineno, _ranking_from(path, lineno, obj)
 
 
@@ -249,7 +256,7 @@ def _write_all(path: PathLike, objs: Iterable[dict[str, Any]]) -> None:
 
 
 def write_sft(path: PathLike, examples: Iterable[SFTExample]) -> None:
-    _write_all(path, ({"prompt": e.prompt, "response": e.response} for e in examples))
+    _write_all(path, ({"prompt": prompt_json(e.prompt), "response": e.response} for e in examples))
 
 
 def write_rankings(path: PathLike, rankings: Iterable[Ranking]) -> None:
@@ -310,7 +317,7 @@ class RankingLog:
         self.dropped_tail_bytes = self._drop_torn_tail()
         self.records: list[Ranking] = []
         self._offsets: list[int] = []
-        for lineno, offset, _, obj in _iter_objects(self.path):
+        for lineno, offset, obj in iter_objects(self.path):
             self.records.append(_ranking_from(self.path, lineno, obj))
             self._offsets.append(offset)
 
