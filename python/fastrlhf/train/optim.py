@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastrlhf.train import dist
+
 
 @dataclass
 class OptimConfig:
@@ -91,8 +93,10 @@ def optimizer_step(
     grad_clip: float,
 ) -> tuple[float, float]:
     """One update: backward of micro_losses(i) / grad_accum for i < grad_accum, clip, step.
-    Returns (mean loss, gradient norm before clipping). A DDP model averages the gradients over the
-    ranks once, in the last micro-batch's backward (no_sync before it)."""
+    Returns (mean loss, over the ranks too, and the gradient norm before clipping); when either is not
+    finite, no update is applied (the gradients are dropped) and the caller counts a skipped step. A DDP
+    model averages the gradients over the ranks once, in the last micro-batch's backward (no_sync before
+    it), so every rank sees the same norm and takes the same branch."""
     set_lr(optimizer, lr)
     total = 0.0
     for i in range(grad_accum):
@@ -102,7 +106,9 @@ def optimizer_step(
             (loss / grad_accum).backward()
         total += loss.item()
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    loss = dist.mean_float(total / grad_accum)
+    if math.isfinite(loss) and math.isfinite(norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum, float(norm)
+    return loss, norm
