@@ -172,8 +172,9 @@ def run_loop(
     printed line, every eval_interval steps evaluate() (validation metrics, logged and printed), every
     ckpt_interval steps and at the end save(step). Returns the last step's metrics and the last
     evaluation's. `model` is put back in train mode after each evaluation (PPO, which trains in eval
-    mode, passes none). A skipped step (StepResult.skipped) is always logged; outputs.guard aborts after
-    MAX_NONFINITE in a row, and at once when `model`'s weights went non-finite (which are never saved).
+    mode, passes none). A skipped step (StepResult.skipped) is always logged and is no place for a
+    checkpoint (the next good step writes the one due); outputs.guard aborts after MAX_NONFINITE in a row,
+    and at once when `model`'s weights went non-finite (which are never saved).
     Ctrl-C stops at the next step boundary with a checkpoint and raises Interrupted. Under torchrun every
     rank runs this; the outputs are rank 0's."""
     if model is not None:
@@ -182,6 +183,7 @@ def run_loop(
     t_start = time.perf_counter()
     deadline = t_start + t.max_minutes * 60 if t.max_minutes > 0 else float("inf")
     log, say, guard = outputs.logger, outputs.say, outputs.guard
+    due = False  # a checkpoint put off by a skipped step
 
     def checked_save(at: int) -> None:
         if model is not None and not finite_weights(model):
@@ -228,8 +230,12 @@ def run_loop(
                 log.log(step=step, **metrics)
                 _scalars(outputs.tensorboard, {"step": step, **metrics})
                 say(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if (t.ckpt_interval and step % t.ckpt_interval == 0) or final:
+            due = due or bool(t.ckpt_interval and step % t.ckpt_interval == 0) or final
+            if due and not result.skipped:
                 checked_save(step)
+                due = False
+            elif due and final:
+                say(f"step {step} was skipped (non-finite): no checkpoint for it; a rerun repeats it")
             if stop:
                 raise Interrupted(
                     f"interrupted at step {step} of {t.max_steps}: checkpoint {latest_checkpoint(outputs.out)} "

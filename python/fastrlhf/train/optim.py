@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastrlhf.config import check_range
 from fastrlhf.train import dist
 
 
@@ -35,14 +36,14 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = off)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(
-                f"optim needs 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}"
-            )
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError(
-                f"optim.warmup_steps and grad_clip must be >= 0; got {self.warmup_steps}, {self.grad_clip}"
-            )
+        inf = float("inf")  # check_range also refuses nan and inf for the float fields
+        check_range("optim.lr", float(self.lr), 0.0, inf, lo_open=True, hi_open=True)
+        check_range("optim.min_lr", float(self.min_lr), 0.0, self.lr)
+        check_range("optim.warmup_steps", self.warmup_steps, 0, inf)
+        check_range("optim.weight_decay", float(self.weight_decay), 0.0, inf, hi_open=True)
+        check_range("optim.beta1", float(self.beta1), 0.0, 1.0, hi_open=True)
+        check_range("optim.beta2", float(self.beta2), 0.0, 1.0, hi_open=True)
+        check_range("optim.grad_clip", float(self.grad_clip), 0.0, inf, hi_open=True)
 
 
 def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
