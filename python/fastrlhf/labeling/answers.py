@@ -9,6 +9,7 @@ already in --out are neither sampled nor shown again."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from fastrlhf.data import Tokenizer, decode_response, encode_prompt
 from fastrlhf.data.prompts import read_prompts
+from fastrlhf.io.lock import RunLock
 from fastrlhf.labeling.labelers import LabelStats
 from fastrlhf.models import GPT, generate
 from fastrlhf.tasks.registry import load_task, task_names
@@ -44,12 +46,11 @@ def sample_answers(
     generator: torch.Generator | None = None,
     **sampling,
 ) -> list[list[str] | None]:
-    """K decoded answers per prompt from one batched generate call (B = len(prompts) * K); empty answers
+    """K decoded answers per prompt from one batched generate call (B = len(prompts) * K), each up to
+    max_new_tokens long (a prompt without that much room in the context is refused, named); empty answers
     are resampled up to `retries` times, and a prompt that still has one gets None (rankings need text)."""
     ids = [encode_prompt(tok, p) for p in prompts]
-    room = model.config.block_size - max(map(len, ids))
-    if room < 1:
-        raise ValueError(f"a prompt fills the whole context ({model.config.block_size} tokens); shorten it")
+    check_room(model, prompts, ids, max_new_tokens)
     answers: list[list[str]] = [[""] * k for _ in prompts]
     todo = [(i, j) for i in range(len(prompts)) for j in range(k)]
     for _ in range(1 + retries):
@@ -58,7 +59,7 @@ def sample_answers(
         g = generate(
             model,
             [ids[i] for i, _ in todo],
-            min(max_new_tokens, room),
+            max_new_tokens,
             eos_token_id=tok.eot_id,
             generator=generator,
             **sampling,
@@ -67,6 +68,24 @@ def sample_answers(
             answers[i][j] = decode_response(tok, [t for t, m in zip(row, mask) if m])
         todo = [(i, j) for i, j in todo if not answers[i][j].strip()]
     return [None if any(not a.strip() for a in row) else row for row in answers]
+
+
+def check_room(model: GPT, prompts: list[str], ids: list[list[int]], max_new_tokens: int) -> None:
+    """Every prompt leaves max_new_tokens of room in the context (else a batch would cut all its answers
+    to the room its longest prompt leaves)."""
+    size = model.config.block_size
+    for prompt, x in zip(prompts, ids):
+        if len(x) + max_new_tokens > size:
+            raise ValueError(
+                f"prompt {prompt[:60]!r} is {len(x)} tokens: with max_new_tokens {max_new_tokens} it needs "
+                f"{len(x) + max_new_tokens} > the model's block_size {size}; shorten it or lower max_new_tokens"
+            )
+
+
+def chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    """The sampling generator of prompt chunk `chunk` (prompts [chunk * batch_prompts, ...) of the list)."""
+    digest = hashlib.sha256(f"label/{seed}/{chunk}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def label_to_file(
@@ -86,7 +105,10 @@ def label_to_file(
 ) -> tuple[LabelStats, int]:
     """Sample k answers per prompt not yet in `out`, rank them and append each ranking to `out` at once
     (a progress bar over prompts when `progress`). Returns the labeling stats and how many prompts were
-    skipped because an answer stayed empty."""
+    skipped because an answer stayed empty. Prompts are sampled in fixed chunks of batch_prompts, each
+    with its own generator (chunk_generator): a prompt's answers depend only on the seed and its index
+    (given batch_prompts), so an interrupted run resumes with the answers an uninterrupted one gives
+    (a chunk partly ranked before is sampled whole again, its ranked prompts left alone)."""
     from tqdm import tqdm
 
     from fastrlhf.data.formats import read_rankings
@@ -94,24 +116,29 @@ def label_to_file(
 
     done = {r.prompt for r in read_rankings(out)} if Path(out).is_file() else set()
     todo = [p for p in prompts if p not in done]
-    gen = torch.Generator().manual_seed(seed)
+    check_room(model, prompts, [encode_prompt(tok, p) for p in prompts], max_new_tokens)  # before any work
     no_answer = [0]
 
     bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress)
 
     def items() -> Iterator[tuple[str, list[str]]]:
-        for i in range(0, len(todo), batch_prompts):
-            chunk = todo[i : i + batch_prompts]
-            bar.update(len(chunk))
-            for prompt, answers in zip(
-                chunk, sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen, **sampling)
-            ):
-                if answers is None:
+        for c in range((len(prompts) + batch_prompts - 1) // batch_prompts):
+            chunk = prompts[c * batch_prompts : (c + 1) * batch_prompts]
+            if all(p in done for p in chunk):
+                continue
+            gen = chunk_generator(seed, c)
+            answers = sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen, **sampling)
+            for prompt, a in zip(chunk, answers):
+                if prompt in done:
+                    continue
+                bar.update(1)
+                if a is None:
                     no_answer[0] += 1
                 else:
-                    yield prompt, answers
+                    yield prompt, a
 
-    stats = label_prompts(labeler, items(), out)
+    with RunLock.for_file(out, "ranking"):  # a second labeler on this file stops here, naming this one
+        stats = label_prompts(labeler, items(), out)
     bar.close()
     stats.skipped += len(prompts) - len(todo)
     return stats, no_answer[0]
