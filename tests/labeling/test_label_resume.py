@@ -10,7 +10,10 @@ import torch
 from fastrlhf.cli import main
 from fastrlhf.data import encode_prompt
 from fastrlhf.data.formats import read_rankings
+from fastrlhf.labeling.answers import label_to_file
+from fastrlhf.labeling.labelers import make_labeler
 from fastrlhf.models.load import load_model
+from fastrlhf.tasks.registry import load_task
 
 HOLD = (
     "import sys, time; from fastrlhf.io.lock import RunLock; RunLock.for_file(sys.argv[1], 'ranking').acquire(); "
@@ -31,13 +34,34 @@ def label(sft_run, out, *extra):
     return main([*args, "--prompts", "arithmetic", "--batch-prompts", "3", *extra])
 
 
+class Interrupting:
+    """The arithmetic labeler, with a Ctrl-C after `n` rankings (what a kill between two appends leaves)."""
+
+    def __init__(self, n):
+        self.inner, self.n = make_labeler("arithmetic"), n
+
+    def rank(self, prompt, responses):
+        if self.n == 0:
+            raise KeyboardInterrupt
+        self.n -= 1
+        return self.inner.rank(prompt, responses)
+
+    def __getattr__(self, name):  # scores, notice, ...
+        return getattr(self.inner, name)
+
+
 def test_an_interrupted_label_run_resumes_with_the_uninterrupted_answers(sft_run, tmp_path):
+    model, tok = load_model(sft_run)
+    prompts = load_task("arithmetic").prompts("train")[:8]
+    kw = dict(k=3, batch_prompts=3, max_new_tokens=6, seed=5, temperature=1.0)
     whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
-    assert label(sft_run, whole, "--limit", "8") == 0
-    lines = whole.read_text().splitlines(keepends=True)
-    cut.write_text("".join(lines[:4]))  # what a run killed after its fourth ranking leaves (mid-chunk)
-    assert label(sft_run, cut, "--limit", "8") == 0
-    assert read_rankings(cut) == read_rankings(whole)
+    label_to_file(model, tok, prompts, make_labeler("arithmetic"), whole, **kw)
+    with pytest.raises(KeyboardInterrupt):  # stopped mid-chunk (prompts 3-5), after 4 rankings
+        label_to_file(model, tok, prompts, Interrupting(4), cut, **kw)
+    assert len(read_rankings(cut)) == 4
+    stats, _ = label_to_file(model, tok, prompts, make_labeler("arithmetic"), cut, **kw)
+    assert stats.skipped == 4 and read_rankings(cut) == read_rankings(whole)
+    assert not list(tmp_path.glob("*.resume"))  # removed once every chunk was ranked
 
 
 def test_a_prompt_without_room_for_the_whole_budget_is_refused_by_name(sft_run, tmp_path, capsys):

@@ -9,7 +9,9 @@ already in --out are neither sampled nor shown again."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 
 from fastrlhf.data import Tokenizer, decode_response, encode_prompt
 from fastrlhf.data.prompts import read_prompts
+from fastrlhf.io.files import atomic_write_text
 from fastrlhf.io.lock import RunLock
 from fastrlhf.labeling.labelers import LabelStats
 from fastrlhf.models import GPT, generate
@@ -82,10 +85,37 @@ def check_room(model: GPT, prompts: list[str], ids: list[list[int]], max_new_tok
             )
 
 
-def chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    """The sampling generator of prompt chunk `chunk` (prompts [chunk * batch_prompts, ...) of the list)."""
-    digest = hashlib.sha256(f"label/{seed}/{chunk}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+class ResumePoint:
+    """`.<out>.resume` beside the rankings file: the sampling generator's state at the start of the chunk
+    being labeled, written before the chunk is sampled. A run that resumes within that chunk restores it,
+    so it samples the answers the interrupted run drew (and an uninterrupted one draws); removed when the
+    labeling ends."""
+
+    def __init__(self, out: Path, seed: int, batch_prompts: int):
+        self.path = out.parent / f".{out.name}.resume"
+        self.key = {"seed": seed, "batch_prompts": batch_prompts}
+
+    def read(self, prompts: list[str]) -> tuple[int, torch.Generator] | None:
+        """(chunk, its generator) saved for this seed, chunking and these prompts; None if none."""
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        c, n = saved.get("chunk", -1), self.key["batch_prompts"]
+        if saved.get("key") != self.key or saved.get("prompts") != _digest(prompts[c * n : (c + 1) * n]):
+            return None
+        gen = torch.Generator()
+        gen.set_state(torch.frombuffer(bytearray(base64.b64decode(saved["state"])), dtype=torch.uint8))
+        return c, gen
+
+    def write(self, c: int, chunk: list[str], gen: torch.Generator) -> None:
+        state = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
+        data = {"key": self.key, "chunk": c, "prompts": _digest(chunk), "state": state}
+        atomic_write_text(self.path, json.dumps(data))
+
+
+def _digest(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
 
 
 def label_to_file(
@@ -105,40 +135,48 @@ def label_to_file(
 ) -> tuple[LabelStats, int]:
     """Sample k answers per prompt not yet in `out`, rank them and append each ranking to `out` at once
     (a progress bar over prompts when `progress`). Returns the labeling stats and how many prompts were
-    skipped because an answer stayed empty. Prompts are sampled in fixed chunks of batch_prompts, each
-    with its own generator (chunk_generator): a prompt's answers depend only on the seed and its index
-    (given batch_prompts), so an interrupted run resumes with the answers an uninterrupted one gives
-    (a chunk partly ranked before is sampled whole again, its ranked prompts left alone)."""
+    skipped because an answer stayed empty. Prompts are sampled in chunks of batch_prompts taken in order
+    from `prompts` (a chunk holding a prompt already ranked is sampled whole, its ranked prompts left
+    alone), from one generator seeded with `seed` whose state at each chunk's start is kept (ResumePoint):
+    a prompt's answers depend only on the seed and its index, so an interrupted run resumes with the
+    answers an uninterrupted one gives."""
     from tqdm import tqdm
 
     from fastrlhf.data.formats import read_rankings
     from fastrlhf.labeling.labelers import label_prompts
 
-    done = {r.prompt for r in read_rankings(out)} if Path(out).is_file() else set()
-    todo = [p for p in prompts if p not in done]
+    out = Path(out)
     check_room(model, prompts, [encode_prompt(tok, p) for p in prompts], max_new_tokens)  # before any work
-    no_answer = [0]
+    lock = RunLock.for_file(out, "ranking").acquire()  # a second labeler on `out` stops here, naming this one
+    try:
+        done = {r.prompt for r in read_rankings(out)} if out.is_file() else set()
+        resume = ResumePoint(out, seed, batch_prompts)
+        first, gen = resume.read(prompts) or (0, torch.Generator().manual_seed(seed))
+        earlier = prompts[: first * batch_prompts]  # chunks the interrupted run finished
+        todo = [p for p in prompts[len(earlier) :] if p not in done]
+        no_answer = [sum(p not in done for p in earlier)]  # their prompts left unranked had an empty answer
+        bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress)
 
-    bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress)
-
-    def items() -> Iterator[tuple[str, list[str]]]:
-        for c in range((len(prompts) + batch_prompts - 1) // batch_prompts):
-            chunk = prompts[c * batch_prompts : (c + 1) * batch_prompts]
-            if all(p in done for p in chunk):
-                continue
-            gen = chunk_generator(seed, c)
-            answers = sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen, **sampling)
-            for prompt, a in zip(chunk, answers):
-                if prompt in done:
+        def items() -> Iterator[tuple[str, list[str]]]:
+            for c in range(first, (len(prompts) + batch_prompts - 1) // batch_prompts):
+                chunk = prompts[c * batch_prompts : (c + 1) * batch_prompts]
+                if all(p in done for p in chunk):
                     continue
-                bar.update(1)
-                if a is None:
-                    no_answer[0] += 1
-                else:
-                    yield prompt, a
+                resume.write(c, chunk, gen)
+                answers = sample_answers(model, tok, chunk, k, max_new_tokens, generator=gen, **sampling)
+                for prompt, a in zip(chunk, answers):
+                    if prompt in done:
+                        continue
+                    bar.update(1)
+                    if a is None:
+                        no_answer[0] += 1
+                    else:
+                        yield prompt, a
+            resume.path.unlink(missing_ok=True)  # every chunk sampled and ranked
 
-    with RunLock.for_file(out, "ranking"):  # a second labeler on this file stops here, naming this one
         stats = label_prompts(labeler, items(), out)
-    bar.close()
-    stats.skipped += len(prompts) - len(todo)
+        bar.close()
+    finally:
+        lock.release()
+    stats.skipped += sum(p in done for p in prompts)
     return stats, no_answer[0]
