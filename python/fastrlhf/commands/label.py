@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> None:
     name = args.labeler or task_labeler
     if name is None:
         raise ValueError("--labeler is required when --prompts is a file")
+    if name == "jsonl" and not args.labeler_file:
+        raise ValueError("--labeler jsonl reads its rankings from --labeler-file: give that file")
     labeler = make_labeler(name, **({"path": args.labeler_file} if name == "jsonl" else {}))
     prompts = prompts[: args.limit] if args.limit else prompts
     model, tok = load_model(args.sft)
