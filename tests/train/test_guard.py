@@ -197,3 +197,40 @@ def test_ctrl_c_writes_a_checkpoint_at_the_current_step_and_exits_with_one_line(
     assert step >= 3 and ckpt.latest_checkpoint(tmp_path).name == f"step_{step:07d}"
     assert f"checkpoint {tmp_path / f'step_{step:07d}'} written" in lines[0]
     assert read_jsonl(tmp_path / "log.jsonl")[-1]["step"] == step
+
+
+def test_sft_from_a_checkpoint_follows_train_seed_applies_dropout_and_refuses_shape_fields(
+    data_dir, tmp_path
+):
+    from fastrlhf.train.sft import sft
+    from helpers.sft import sft_config, write_demos
+
+    pretrain(cfg(data_dir, tmp_path / "pre", "train.max_steps=2"), quiet=True)
+    demos = write_demos(tmp_path / "demos.jsonl", n=60)
+
+    def run(name, *extra, rng=0):
+        torch.manual_seed(rng)  # what ran before in the process must not matter
+        args = [
+            f"data.source={demos}",
+            f"train.init_from={tmp_path / 'pre'}",
+            f"train.out_dir={tmp_path / name}",
+        ]
+        sft(sft_config(*args, "train.max_steps=3", "train.eval_interval=3", *extra), quiet=True)
+        return _load(tmp_path / name)
+
+    a = run("a", "model.dropout=0.3", "train.seed=1", rng=123)
+    b = run("b", "model.dropout=0.3", "train.seed=1", rng=456)
+    c = run("c", "model.dropout=0.3", "train.seed=2", rng=123)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(
+        ValueError, match=r"model.n_layer = 3 cannot apply to train.init_from .*has n_layer = 2"
+    ):
+        run("d", "model.n_layer=3")
+
+
+def _load(run):
+    from fastrlhf.models.load import load_model
+
+    model, _ = load_model(run)
+    assert model.config.dropout == 0.3  # recorded with the run
+    return weights(model)

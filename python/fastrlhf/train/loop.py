@@ -290,11 +290,11 @@ def offline_step(
 
 
 def truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the rows of log.jsonl up to `step` (a run starting from that step's checkpoint, or from
-    scratch at 0) and return them."""
+    """Keep the rows of log.jsonl up to `step` (a run starting from that step's checkpoint; none for a
+    run starting from scratch at 0) and return them."""
     if not path.is_file():
         return []
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step] if step > 0 else []
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
