@@ -234,3 +234,11 @@ def _load(run):
     model, _ = load_model(run)
     assert model.config.dropout == 0.3  # recorded with the run
     return weights(model)
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_rows_behind(data_dir, tmp_path):
+    (tmp_path / "log.jsonl").write_text(
+        '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.9}\n'
+    )  # the dead run's
+    pretrain(cfg(data_dir, tmp_path), quiet=True)
+    assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if "loss" in r] == [1, 2, 3, 4]
