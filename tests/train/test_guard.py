@@ -195,7 +195,7 @@ def test_ctrl_c_writes_a_checkpoint_at_the_current_step_and_exits_with_one_line(
     assert len(lines) == 1 and lines[0].startswith("interrupted at step ") and "Traceback" not in err
     step = int(lines[0].split()[3])
     assert step >= 3 and ckpt.latest_checkpoint(tmp_path).name == f"step_{step:07d}"
-    assert f"checkpoint {tmp_path / f'step_{step:07d}'} written" in lines[0]
+    assert lines[0].endswith(f"the same command resumes from {tmp_path / f'step_{step:07d}'}")
     assert read_jsonl(tmp_path / "log.jsonl")[-1]["step"] == step
 
 

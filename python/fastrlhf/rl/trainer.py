@@ -94,7 +94,9 @@ class OnlineTrainer:
         max_nonfinite in a row with a message naming the last cause."""
         self.step_count += 1
         undone = "its updates undone: weights and optimizer state restored to the step's start"
-        self.guard.count(self.step_count, why, undone)
+        abort = self.guard.count(self.step_count, why, undone)
+        if abort is not None:
+            raise abort
 
     # ---- what subclasses define ----------------------------------------------------------------------------
     def step(self) -> dict[str, float]:

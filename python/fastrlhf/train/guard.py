@@ -57,17 +57,19 @@ class NonFiniteGuard:
         self.what, self.max_in_a_row, self.out, self.causes = what, max_in_a_row, Path(out), causes
         self.total, self.in_a_row = total, 0
 
-    def count(self, step: int, why: str, undone: str = "no update was applied") -> None:
-        """Step `step` (1-based) finished; why = '' or why it was skipped."""
+    def count(self, step: int, why: str, undone: str = "no update was applied") -> NonFiniteError | None:
+        """Step `step` (1-based) finished; why = '' or why it was skipped. Returns the error that ends the
+        run (the caller logs the step, then raises it), or None."""
         if not why:
             self.in_a_row = 0
-            return
+            return None
         self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
-        if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(
-                f"{self.in_a_row} non-finite {self.what} steps in a row (last, step {step}: {why}); each was "
-                f"skipped ({undone}); aborting. {self.causes}. {last_good(self.out)}"
-            )
+        if self.in_a_row < self.max_in_a_row:
+            return None
+        return NonFiniteError(
+            f"{self.in_a_row} non-finite {self.what} steps in a row (last, step {step}: {why}); each was "
+            f"skipped ({undone}); aborting. {self.causes}. {last_good(self.out)}"
+        )
 
     def weights_error(self, step: int) -> NonFiniteError:
         return NonFiniteError(

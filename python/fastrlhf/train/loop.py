@@ -198,8 +198,7 @@ def run_loop(
                 if model is not None and not finite_weights(model):
                     raise guard.weights_error(step)
                 say(f"step {step:>6}  skipped: {result.skipped}")
-            if result.skipped is not None:
-                guard.count(step, result.skipped)
+            abort = guard.count(step, result.skipped) if result.skipped is not None else None
             rate = outputs.progress.update(result.tokens, **result.show)
             last.update(result.metrics)
             late = deadline < float("inf") and dist.any_rank(
@@ -222,6 +221,8 @@ def run_loop(
                     + "  ".join(f"{k} {v:.4g}" for k, v in result.show.items())
                     + f"  {rate:,.0f} tok/s"
                 )
+            if abort is not None:
+                raise abort  # after its step's log row
             if evaluate is not None and not stop and (step % eval_interval == 0 or final):
                 metrics = evaluate()
                 if model is not None:
@@ -237,9 +238,9 @@ def run_loop(
             elif due and final:
                 say(f"step {step} was skipped (non-finite): no checkpoint for it; a rerun repeats it")
             if stop:
+                resume = latest_checkpoint(outputs.out) or "the start"
                 raise Interrupted(
-                    f"interrupted at step {step} of {t.max_steps}: checkpoint {latest_checkpoint(outputs.out)} "
-                    "written; the same command resumes from it"
+                    f"interrupted at step {step} of {t.max_steps}: the same command resumes from {resume}"
                 )
             if final:
                 break
