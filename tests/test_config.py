@@ -31,7 +31,10 @@ def test_defaults_without_a_file():
         (["train.max_steps"], "must look like section.field=value"),
         (["model.n_embd=30"], "n_embd must be a multiple of n_head"),
         (["train.dtype=int8"], "train.dtype must be"),
-        (["optim.min_lr=1"], "min_lr <= lr"),
+        (["optim.min_lr=1"], r"optim.min_lr must be in \[0.0, 0.001\]; got 1.0"),
+        (["optim.lr=nan"], r"optim.lr must be in \(0.0, inf\); got nan"),
+        (["optim.beta1=2"], r"optim.beta1 must be in \[0.0, 1.0\); got 2.0"),
+        (["optim.weight_decay=nan"], r"optim.weight_decay must be in \[0.0, inf\); got nan"),
     ],
 )
 def test_bad_configs(overrides, match):

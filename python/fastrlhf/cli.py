@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         module.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # OSError: a full disk, a read-only or missing path
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C; a trainer checkpoints first and says where (train/guard.py)
+        print(f"{exc or 'interrupted'}", file=sys.stderr)
+        return 130
     finally:
         dist = sys.modules.get("fastrlhf.train.dist")  # a command run under torchrun leaves its process group
         if dist is not None:

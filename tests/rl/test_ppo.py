@@ -387,7 +387,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(stage_inputs, tmp_
     assert tok is not None and policy.config.vocab_size == 300
 
 
-def test_cli_refuses_another_tokenizer_and_names_missing_inputs(stage_inputs, tmp_path):
+def test_cli_refuses_another_tokenizer_and_names_missing_inputs(stage_inputs, tmp_path, capsys):
     from fastrlhf.cli import main
 
     args = cli_args(stage_inputs, tmp_path / "o", f"models.reward={stage_inputs / 'rm_other_tok'}")
@@ -404,6 +404,12 @@ def test_cli_refuses_another_tokenizer_and_names_missing_inputs(stage_inputs, tm
             )
         )
     assert main(["ppo", "--quiet", "models.policy="]) == 2
+    ptx = cli_args(stage_inputs, tmp_path / "o", "ppo.ptx_coef=0.5", f"train.ptx_data={tmp_path}")
+    with pytest.raises(ValueError, match=rf"train.ptx_data = {tmp_path} is a folder; give a token file"):
+        build_trainer(load_config(PPOConfig, None, ptx[1:]))
+    # without --quiet and with the output a pipe (capsys): log lines instead of a progress bar
+    assert main(["ppo", *cli_args(stage_inputs, tmp_path / "p", "train.max_steps=1")[1:]]) == 0
+    assert "step      1  score" in capsys.readouterr().out
 
 
 def test_gold_reward_trains_on_the_true_score_without_loading_a_reward_model(stage_inputs, tmp_path):

@@ -53,10 +53,12 @@ def test_clipping_reports_the_norm_before_clipping():
 
 
 def test_bad_optim_config():
-    with pytest.raises(ValueError, match="min_lr <= lr"):
+    with pytest.raises(ValueError, match=r"optim.min_lr must be in \[0.0, 0.0001\]; got 0.001"):
         OptimConfig(lr=1e-4, min_lr=1e-3)
-    with pytest.raises(ValueError, match="warmup_steps and grad_clip must be >= 0"):
+    with pytest.raises(ValueError, match=r"optim.warmup_steps must be in \[0, inf\]; got -1"):
         OptimConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"optim.grad_clip must be in \[0.0, inf\); got inf"):
+        OptimConfig(grad_clip=float("inf"))
 
 
 def test_bf16_autocast_on_the_cpu_when_asked_and_only_then():

@@ -5,6 +5,8 @@ to --out the moment it is made, and a rerun resumes: prompts already in --out ar
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from fastrlhf.commands.label_server import add_web_arguments, label_sampled
 from fastrlhf.labeling.answers import label_to_file, task_or_file_prompts
@@ -40,10 +42,21 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--k must be >= 2 (a ranking needs two answers); got {args.k}")
     if args.batch_prompts < 1 or args.max_new_tokens < 1 or args.limit < 0:
         raise ValueError("--batch-prompts and --max-new-tokens must be >= 1 and --limit >= 0")
+    if Path(args.out).is_dir():
+        raise ValueError(
+            f"--out {args.out} is a directory; give the rankings file to write (e.g. rankings.jsonl)"
+        )
+    if args.temperature == 0:
+        print(
+            "warning: --temperature 0 samples greedily: a prompt's K answers are identical, every ranking a tie",
+            file=sys.stderr,
+        )
     prompts, task_labeler = task_or_file_prompts(args.prompts, args.split, args.corpus)
     name = args.labeler or task_labeler
     if name is None:
         raise ValueError("--labeler is required when --prompts is a file")
+    if name == "jsonl" and not args.labeler_file:
+        raise ValueError("--labeler jsonl reads its rankings from --labeler-file: give that file")
     kwargs = {"path": args.labeler_file} if name == "jsonl" else {}
     labeler = None if name == "web" else make_labeler(name, **kwargs)
     prompts = prompts[: args.limit] if args.limit else prompts

@@ -91,13 +91,18 @@ def fetch_shakespeare(cache: Path | None = None) -> list[Path]:
 
 
 def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """One document per file, decoded as UTF-8 (a byte that is not UTF-8 is an error naming the file)."""
+    """One document per file, decoded as UTF-8 (a byte that is not UTF-8, a folder or a file without text
+    is an error naming the file)."""
     docs = []
     for p in paths:
+        if Path(p).is_dir():
+            raise ValueError(f"{p} is a directory; give the text files in it")
         try:
             docs.append(Path(p).read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
             raise ValueError(f"{p} is not UTF-8 text: {exc}") from exc
+        if not docs[-1].strip():
+            raise ValueError(f"{p} is empty: a document needs text")
     if not docs:
         raise ValueError("no text files given")
     return docs

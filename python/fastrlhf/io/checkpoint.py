@@ -7,7 +7,10 @@ into place (a crash never leaves a half-written checkpoint), then a `latest` poi
                         tokenizer/            the tokenizer the run used (so samples decode the same)
     <run>/latest        name of the newest complete checkpoint
 
-No pickle anywhere: tensors go to safetensors, everything else to JSON."""
+A write that fails (a full disk) removes its temporary folder; one a kill interrupted is removed by the
+run's next start (remove_partial). Weights that are not finite are refused, so rotation never replaces a
+good checkpoint with a broken one, and never removes the checkpoint it has just written. No pickle
+anywhere: tensors go to safetensors, everything else to JSON."""
 
 from __future__ import annotations
 
@@ -75,11 +78,43 @@ def save_checkpoint(
     models need .weights() (a CausalLM, ScalarHeadModel); state is any JSON-able dict (configs, counters);
     record describes what model.safetensors holds (model_record), read back by read_model_record.
     One writer: under torchrun, train.dist.save_checkpoint has rank 0 call this and the others wait."""
-    from safetensors.torch import save_file
-
     run_dir, name = Path(run_dir), f"step_{step:07d}"
+    weights = {mname: model.weights() for mname, model in models.items()}
+    for mname, tensors in weights.items():
+        bad = next(
+            (k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())), None
+        )
+        if bad is not None:
+            raise ValueError(f"{mname} tensor {bad!r} is not finite: refusing to write {run_dir / name}")
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}."))
+    try:
+        final = _write(run_dir, name, tmp, step, weights, optimizers, generators, state, tokenizer, record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves no partial folder behind
+        raise
+    atomic_write_text(run_dir / LATEST, name + "\n")
+    older = sorted(p for p in run_dir.glob("step_*") if p.is_dir() and p != final)
+    for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(
+    run_dir: Path,
+    name: str,
+    tmp: Path,
+    step: int,
+    weights: dict[str, dict[str, Tensor]],
+    optimizers: dict[str, torch.optim.Optimizer] | None,
+    generators: dict[str, torch.Generator] | None,
+    state: dict[str, Any] | None,
+    tokenizer: Any,
+    record: dict[str, Any] | None,
+) -> Path:
+    """save_checkpoint's files into tmp, then tmp renamed to run_dir/name."""
+    from safetensors.torch import save_file
+
     trainer: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         trainer.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -91,10 +126,9 @@ def save_checkpoint(
     for oname, opt in (optimizers or {}).items():
         tensors, meta["optimizers"][oname] = _optimizer_to_parts(oname, opt)
         trainer.update(tensors)
-    for mname, model in models.items():
+    for mname, tensors in weights.items():
         save_file(
-            {k: v.detach().cpu().contiguous() for k, v in model.weights().items()},
-            tmp / f"{mname}.safetensors",
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{mname}.safetensors"
         )
     save_file(trainer, tmp / TRAINER_FILE)
     if tokenizer is not None:
@@ -106,10 +140,16 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(run_dir / LATEST, name + "\n")
-    for old in sorted(p for p in run_dir.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary `.step_*` folders of checkpoint writes that never finished (a kill mid-write);
+    only the run's one writer (the lock's holder) may call this. Returns what it removed."""
+    partial = sorted(p for p in Path(run_dir).glob(".step_*") if p.is_dir())
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
 
 
 HEADS = ("lm", "scalar")  # a language model (LM head), or a reward/value model (a scalar head on the trunk)
@@ -137,10 +177,13 @@ def read_model_record(meta: dict[str, Any], where: str | os.PathLike = "the chec
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names; without `latest` (lost, or a kill between the rename and the
+    pointer), the newest complete step folder (renamed into place only once complete); None for neither."""
     pointer = Path(run_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    return Path(run_dir) / pointer.read_text().strip()
+    if pointer.is_file():
+        return Path(run_dir) / pointer.read_text().strip()
+    steps = sorted(p for p in Path(run_dir).glob("step_*") if (p / STATE_FILE).is_file())
+    return steps[-1] if steps else None
 
 
 def read_state(ckpt: str | os.PathLike) -> dict[str, Any]:

@@ -28,8 +28,15 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike, what: str = "run"):
         self.path = Path(run_dir) / LOCK_FILE
-        self.what = what
+        self.target, self.what = Path(run_dir), what
         self._fd = -1
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike, what: str) -> RunLock:
+        """The lock of one output file (`label --out`): `.<name>.lock` beside it."""
+        lock = cls(Path(path).parent, what)
+        lock.path, lock.target = Path(path).parent / f".{Path(path).name}.lock", Path(path)
+        return lock
 
     def acquire(self) -> Self:
         key = str(self.path.resolve())
@@ -44,7 +51,7 @@ class RunLock:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
             raise RunLockedError(
-                f"{self.path.parent} is being written by another process ({holder}); "
+                f"{self.target} is being written by another process ({holder}); "
                 f"two writers would mix their {self.what}s: wait for it to finish or stop it first"
             ) from None
         os.ftruncate(fd, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fastrlhf.io.lock import RunLock
 from fastrlhf.pipeline.config import STAGES, PipelineConfig, config_data
 from fastrlhf.pipeline.folder import Run, write_json
 from fastrlhf.pipeline.report import write_report
@@ -29,6 +30,11 @@ def run_pipeline(
         )
     run = Run(out, cfg)
     run.out.mkdir(parents=True, exist_ok=True)
+    with RunLock(run.out, "pipeline"):  # a second pipeline on this folder stops here, naming this one
+        return _run(run, until, redo, quiet)
+
+
+def _run(run: Run, until: str, redo: str, quiet: bool) -> Path:
     if redo:
         run.redo(redo)
     for i, stage in enumerate(STAGES):  # refuse a changed or broken run before any work is done
@@ -39,7 +45,7 @@ def run_pipeline(
                 f"{run.dir(stage)} is finished but the stage it needs, {missing[0]}, is missing or "
                 f"unfinished in {run.out}; rerun with --redo {missing[0]}"
             )
-    write_json(run.out / "config.json", config_data(cfg))
+    write_json(run.out / "config.json", config_data(run.cfg))
     for i, stage in enumerate(STAGES[: STAGES.index(until) + 1], start=1):
         done = run.done(stage)
         if done is not None:

@@ -66,6 +66,11 @@ def build_trainer(
     prompts = [encode_prompt(tok, x) if t.chat else tok.encode(x) for x in lines]
     ptx = None
     if cfg.ppo.ptx_coef > 0:
+        if Path(t.ptx_data).is_dir():
+            raise ValueError(
+                f"train.ptx_data = {t.ptx_data} is a folder; give a token file in it (e.g. "
+                f"{Path(t.ptx_data) / 'train.bin'}, written by `python -m fastrlhf data`)"
+            )
         ptx = TokenFile(_need(t.ptx_data, "train.ptx_data", "python -m fastrlhf data")).tokens
     torch.manual_seed(t.seed)
     models = [x.to(device) if x is not None else None for x in (policy, ref, reward, value)]

@@ -256,7 +256,7 @@ class GRPOTrainer(OnlineTrainer):
             ref = response_logprobs(self.ref, s, g.temperature) if g.beta > 0 else None
         t_score = time.perf_counter()
         stats, why = (
-            self._update(s, mask, advantages, ref)
+            self.update_or_undo(lambda: self._update(s, mask, advantages, ref))
             if bool(torch.isfinite(rewards).all())
             else ({}, "non-finite rewards")
         )
@@ -269,7 +269,7 @@ class GRPOTrainer(OnlineTrainer):
             "dropped_groups": dropped,
             "refills": refills,
             "response_length": lengths.mean().item(),
-            "nonfinite_steps": self.nonfinite_total,
+            "nonfinite_steps": self.guard.total,
         }
         if self.true_score is not None:
             m["true_score"] = float(

@@ -363,7 +363,11 @@ class PPOTrainer(OnlineTrainer):
         finite = finite and all(math.isfinite(v) for v in m.values())
         if self.step_count < p.value_warmup_steps:  # critic warm-up (after the check above): value loss alone
             ro = dataclasses.replace(ro, advantages=torch.zeros_like(ro.advantages))
-        stats, why = self._update(ro) if finite else ({}, "non-finite score, KL or advantages in the rollout")
+        stats, why = (
+            self.update_or_undo(lambda: self._update(ro))
+            if finite
+            else ({}, "non-finite score, KL or advantages in the rollout")
+        )
         self._first = None  # a skipped update must not leave the rollout's graph behind
         t_train = time.perf_counter()
         self.count_step(why)
@@ -405,7 +409,7 @@ class PPOTrainer(OnlineTrainer):
             explained_variance=explained_variance(ro.values, ro.returns, mask, moments=global_masked_moments),
             response_length=sizes["response_length"],
             eos_frac=sizes["eos_frac"],
-            nonfinite_steps=self.nonfinite_total,
+            nonfinite_steps=self.guard.total,
             time_generate=t_gen - t0,
             time_score=t_score - t_gen,
             time_train=t_train - t_score,

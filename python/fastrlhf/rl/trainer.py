@@ -1,12 +1,13 @@
 """The skeleton every online RL algorithm shares (PPO, and the critic-free ones): a prompt pool walked in
 seeded permutations, the sampling / shuffle / pretraining-batch generators, step and update counts, the
-non-finite-step guard, resumable checkpoints and the shared loop (train/loop.py). An algorithm subclasses
+non-finite-step guard (a skipped step is undone as a whole: `update_or_undo`), resumable checkpoints and the
+shared loop (train/loop.py). An algorithm subclasses
 OnlineTrainer and writes `step()` (sample -> score -> advantages -> update, returning its metrics) and
 what it adds to a checkpoint."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import CausalLM
 from fastrlhf.models.load import lm_record
 from fastrlhf.train import dist
+from fastrlhf.train.guard import NonFiniteGuard, Snapshot
 from fastrlhf.train.loop import LoopConfig, StepResult, run_loop, run_outputs
 
 GENERATORS = ("sample", "shuffle", "ptx")  # seeded train.seed + 0, 1, 2
@@ -41,7 +43,7 @@ class OnlineTrainer:
         tokenizer: Any = None,
         quiet: bool = False,
     ):
-        self.t, self.policy, self.batch, self.max_nonfinite = t, policy, batch, max_nonfinite
+        self.t, self.policy, self.batch = t, policy, batch
         self.prompts = [list(map(int, x)) for x in prompts]
         if not self.prompts:
             raise ValueError("prompts must hold at least one prompt; got none")
@@ -55,7 +57,8 @@ class OnlineTrainer:
             )
         self.gens = {name: torch.Generator().manual_seed(t.seed + i) for i, name in enumerate(GENERATORS)}
         self.step_count = self.prompts_seen = self.updates = 0
-        self.nonfinite_total = self.nonfinite_in_a_row = 0
+        causes = f"Lower optim.lr, check the reward's scores, or raise {self.desc}.max_nonfinite"
+        self.guard = NonFiniteGuard(self.desc.upper(), max_nonfinite, t.out_dir, causes)  # type: ignore[attr-defined]
         self._perm_cache: tuple[int, list[int]] = (-1, [])
 
     def _next_prompts(self) -> list[list[int]]:
@@ -76,20 +79,30 @@ class OnlineTrainer:
             for name in ("sample", "ptx"):
                 self.gens[name].manual_seed(dist.stream_seed(self.t.seed, name, self.step_count))
 
+    def update_or_undo(
+        self, update: Callable[[], tuple[dict[str, float], str]]
+    ) -> tuple[dict[str, float], str]:
+        """Run a step's update -> (stats, why): why = '' or why it stopped (a non-finite loss or gradient
+        at some minibatch). A stopped update, or one that left non-finite weights, is undone as a whole: the
+        trained weights, the optimizer's state and the update count go back to the step's start."""
+        snapshot, updates = Snapshot(self.optimizer), self.updates
+        stats, why = update()
+        if not why and not snapshot.finite():
+            why = "non-finite weights after the update"
+        if why:
+            snapshot.restore()
+            self.updates = updates
+            return {}, why
+        return stats, why
+
     def count_step(self, why: str) -> None:
         """Count a finished step; why = '' or why its update was skipped (non-finite), which aborts after
         max_nonfinite in a row with a message naming the last cause."""
         self.step_count += 1
-        if not why:
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_total, self.nonfinite_in_a_row = self.nonfinite_total + 1, self.nonfinite_in_a_row + 1
-        if self.nonfinite_in_a_row >= self.max_nonfinite:
-            raise RuntimeError(
-                f"{self.nonfinite_in_a_row} non-finite {self.desc.upper()} steps in a row (last, step "
-                f"{self.step_count}: {why}); aborting. Lower optim.lr, check the reward's scores, or raise "
-                f"{self.desc}.max_nonfinite"
-            )
+        undone = "its updates undone: weights and optimizer state restored to the step's start"
+        abort = self.guard.count(self.step_count, why, undone)
+        if abort is not None:
+            raise abort
 
     # ---- what subclasses define ----------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -111,8 +124,8 @@ class OnlineTrainer:
             "step": self.step_count,
             "prompts_seen": self.prompts_seen,
             "updates": self.updates,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_total": self.guard.total,
+            "nonfinite_in_a_row": self.guard.in_a_row,
             **self.extra_state(),
         }
         return dist.save_checkpoint(
@@ -137,7 +150,7 @@ class OnlineTrainer:
         )
         t = meta["state"]["trainer"]
         self.step_count, self.prompts_seen, self.updates = t["step"], t["prompts_seen"], t["updates"]
-        self.nonfinite_total, self.nonfinite_in_a_row = t["nonfinite_total"], t["nonfinite_in_a_row"]
+        self.guard.total, self.guard.in_a_row = t["nonfinite_total"], t["nonfinite_in_a_row"]
         self.load_extra_state(t)
 
     def train(self, config: dict[str, Any]) -> list[dict[str, float]]:

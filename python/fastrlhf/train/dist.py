@@ -35,6 +35,11 @@ def setup(device: str = "auto", threads: int = 0) -> torch.device:
     if threads:
         torch.set_num_threads(threads)
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(
+            f"train.device={device} but no CUDA device is usable here (torch {torch.__version__}); "
+            "use train.device=cpu or auto"
+        )
     if not launched():
         return torch.device("cuda" if device == "auto" and cuda else ("cpu" if device == "auto" else device))
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")

@@ -43,8 +43,20 @@ class NullLogger(JSONLLogger):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSONL file. A last line cut short (a kill mid-write) is dropped with a warning that
+    names the file; a broken line elsewhere is an error naming the file and the line."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == lines[-1][0] and not line.endswith("\n"):
+                print(f"warning: {path}: dropped a half-written last line ({i}): {exc}", file=sys.stderr)
+                break
+            raise ValueError(f"{path} line {i} is not JSON: {exc}") from None
+    return rows
 
 
 class Progress:

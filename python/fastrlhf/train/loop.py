@@ -4,14 +4,17 @@ its step (`offline_step` builds the offline trainers' learning-rate schedule and
 update around their `micro_loss`; PPO's is a rollout and its minibatch updates), `evaluate` and `save`. Data streams that are a pure function of (step, micro-batch) — see `EpochStream` —
 make a resumed run repeat an uninterrupted one exactly (the checkpoint restores torch's RNG for dropout).
 Under torchrun (train.dist) the model is DDP-wrapped, each rank computes its share of every batch, the
-logged loss is the mean over the ranks and rank 0 alone logs and writes checkpoints."""
+logged loss is the mean over the ranks and rank 0 alone logs and writes checkpoints. What the loop does when
+a step goes non-finite or Ctrl-C comes is train/guard.py's (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -20,9 +23,18 @@ import torch
 from torch import Tensor, nn
 
 from fastrlhf.config import check_choice, check_range
+from fastrlhf.io.checkpoint import latest_checkpoint, remove_partial
 from fastrlhf.io.files import atomic_write_text
 from fastrlhf.io.lock import RunLock
 from fastrlhf.train import dist
+from fastrlhf.train.guard import (
+    MAX_NONFINITE,
+    OFFLINE_CAUSES,
+    Interrupted,
+    NonFiniteGuard,
+    StopOnSigint,
+    finite_weights,
+)
 from fastrlhf.train.log import JSONLLogger, NullLogger, Progress, read_jsonl
 from fastrlhf.train.optim import OptimConfig, lr_at, optimizer_step
 
@@ -92,6 +104,9 @@ class Outputs:
     logger: JSONLLogger
     progress: Progress
     say: Callable[[str], None]
+    out: Path
+    guard: NonFiniteGuard
+    """The offline trainers' non-finite step counter (the online ones keep theirs, rl/trainer.py)."""
     tensorboard: Any = None
     lock: RunLock | None = None
 
@@ -105,21 +120,26 @@ class Outputs:
 
 
 def run_outputs(out: Path, t: LoopConfig, initial: int, desc: str, quiet: bool) -> Outputs:
-    """The run's outputs from step `initial` on. On a resume, log rows past `initial` (written after the
-    checkpoint the run resumes from, by the process that was killed) are dropped first, so no step is
-    logged twice. Rank 0 holds the run folder's lock until close(): a second process writing the same folder
-    stops here, naming the holder (io/lock.py)."""
+    """The run's outputs from step `initial` on. Log rows past `initial` (written after the checkpoint the
+    run resumes from, or before a first checkpoint that never came, by the process that was killed) are
+    dropped first, so no step is logged twice; so are partial checkpoint folders a kill or a full disk left.
+    Rank 0 holds the run folder's lock until close(): a second process writing the same folder stops here,
+    naming the holder (io/lock.py)."""
     main = dist.is_main()
     loud = main and not quiet
     lock = RunLock(out).acquire() if main else None
-    if main and initial > 0:
-        truncate_log(out / "log.jsonl", initial)
+    rows = truncate_log(out / "log.jsonl", initial) if main else []
+    if main:
+        remove_partial(out)
     logger = JSONLLogger(out / "log.jsonl") if main else NullLogger()
     progress = Progress(t.max_steps, initial=initial, desc=desc, enabled=None if loud else False)
+    skipped = [r["nonfinite_steps"] for r in rows if r.get("nonfinite_steps") is not None]
     return Outputs(
         logger,
         progress,
         progress.say if loud else lambda s: None,
+        out,
+        NonFiniteGuard("training", MAX_NONFINITE, out, OFFLINE_CAUSES, total=skipped[-1] if skipped else 0),
         _tensorboard(out) if t.tensorboard and main else None,
         lock,
     )
@@ -135,6 +155,9 @@ class StepResult:
     """Tokens this step trained on (the progress bar's rate)."""
     show: dict[str, float]
     """The progress bar's postfix and the printed line's numbers."""
+    skipped: str | None = None
+    """'' or why the step applied no update (offline trainers: the loop counts it, outputs.guard); None
+    for the online trainers, which count their own."""
 
 
 def run_loop(
@@ -153,49 +176,88 @@ def run_loop(
     printed line, every eval_interval steps evaluate() (validation metrics, logged and printed), every
     ckpt_interval steps and at the end save(step). Returns the last step's metrics and the last
     evaluation's. `model` is put back in train mode after each evaluation (PPO, which trains in eval
-    mode, passes none). Under torchrun every rank runs this; the outputs are rank 0's."""
+    mode, passes none). A skipped step (StepResult.skipped) is always logged and is no place for a
+    checkpoint (the next good step writes the one due); outputs.guard aborts after MAX_NONFINITE in a row,
+    and at once when `model`'s weights went non-finite (which are never saved).
+    Ctrl-C stops at the next step boundary with a checkpoint and raises Interrupted. Under torchrun every
+    rank runs this; the outputs are rank 0's."""
     if model is not None:
         model.train()
     last: dict[str, float] = {}
     t_start = time.perf_counter()
     deadline = t_start + t.max_minutes * 60 if t.max_minutes > 0 else float("inf")
-    log, say = outputs.logger, outputs.say
-    while step < t.max_steps:
-        result = train_step(step)
-        step += 1
-        rate = outputs.progress.update(result.tokens, **result.show)
-        last.update(result.metrics)
-        late = deadline < float("inf") and dist.any_rank(
-            time.perf_counter() > deadline
-        )  # all ranks stop alike
-        final = step == t.max_steps or late
-        if final and step < t.max_steps:
-            say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
-        if step % t.log_interval == 0 or final:
-            row = {"step": step, **result.metrics}
-            row.setdefault("tokens_per_s", rate)
-            row["time_s"] = time.perf_counter() - t_start
-            log.log(**row)
-            _scalars(outputs.tensorboard, row)
-            say(
-                f"step {step:>6}  "
-                + "  ".join(f"{k} {v:.4g}" for k, v in result.show.items())
-                + f"  {rate:,.0f} tok/s"
-            )
-        if evaluate is not None and (step % eval_interval == 0 or final):
-            metrics = evaluate()
-            if model is not None:
-                model.train()
-            last.update(metrics)
-            log.log(step=step, **metrics)
-            _scalars(outputs.tensorboard, {"step": step, **metrics})
-            say(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if (t.ckpt_interval and step % t.ckpt_interval == 0) or final:
-            save(step)
-        if final:
-            break
-    outputs.close()
+    log, say, guard = outputs.logger, outputs.say, outputs.guard
+    due = False  # a checkpoint put off by a skipped step
+
+    def checked_save(at: int) -> None:
+        if model is not None and not finite_weights(model):
+            raise guard.weights_error(at)
+        save(at)
+
+    with StopOnSigint() as sigint, _closing(outputs):
+        while step < t.max_steps:
+            result = train_step(step)
+            step += 1
+            if result.skipped:
+                if model is not None and not finite_weights(model):
+                    raise guard.weights_error(step)
+                say(f"step {step:>6}  skipped: {result.skipped}")
+            abort = guard.count(step, result.skipped) if result.skipped is not None else None
+            rate = outputs.progress.update(result.tokens, **result.show)
+            last.update(result.metrics)
+            late = deadline < float("inf") and dist.any_rank(
+                time.perf_counter() > deadline
+            )  # all ranks stop alike
+            stop = dist.any_rank(sigint.requested)
+            final = step == t.max_steps or late or stop
+            if late and step < t.max_steps:
+                say(f"train.max_minutes ({t.max_minutes}) spent: stopping at step {step} of {t.max_steps}")
+            if step % t.log_interval == 0 or final or result.skipped:
+                row = {"step": step, **result.metrics}
+                if result.skipped is not None:
+                    row["nonfinite_steps"] = guard.total
+                row.setdefault("tokens_per_s", rate)
+                row["time_s"] = time.perf_counter() - t_start
+                log.log(**row)
+                _scalars(outputs.tensorboard, row)
+                say(
+                    f"step {step:>6}  "
+                    + "  ".join(f"{k} {v:.4g}" for k, v in result.show.items())
+                    + f"  {rate:,.0f} tok/s"
+                )
+            if abort is not None:
+                raise abort  # after its step's log row
+            if evaluate is not None and not stop and (step % eval_interval == 0 or final):
+                metrics = evaluate()
+                if model is not None:
+                    model.train()
+                last.update(metrics)
+                log.log(step=step, **metrics)
+                _scalars(outputs.tensorboard, {"step": step, **metrics})
+                say(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            due = due or bool(t.ckpt_interval and step % t.ckpt_interval == 0) or final
+            if due and not result.skipped:
+                checked_save(step)
+                due = False
+            elif due and final:
+                say(f"step {step} was skipped (non-finite): no checkpoint for it; a rerun repeats it")
+            if stop:
+                resume = latest_checkpoint(outputs.out) or "the start"
+                raise Interrupted(
+                    f"interrupted at step {step} of {t.max_steps}: the same command resumes from {resume}"
+                )
+            if final:
+                break
     return last
+
+
+@contextlib.contextmanager
+def _closing(outputs: Outputs) -> Iterator[None]:
+    """outputs.close() however the loop ends (the lock, the log file, the progress bar)."""
+    try:
+        yield
+    finally:
+        outputs.close()
 
 
 def offline_step(
@@ -219,20 +281,27 @@ def offline_step(
         loss, norm = optimizer_step(
             model, optimizer, lambda i: micro_loss(step, i), t.grad_accum, lr, optim.grad_clip
         )
-        loss = dist.mean_float(loss)
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        skipped = "" if finite else f"non-finite loss ({loss:.4g}) or gradient norm ({norm:.4g}), no update"
         tokens = tokens_per_step() if callable(tokens_per_step) else tokens_per_step
         return StepResult(
-            {"loss": loss, "lr": lr, "grad_norm": norm}, tokens, {"loss": loss, "lr": lr, "grad_norm": norm}
+            {"loss": loss, "lr": lr, "grad_norm": norm},
+            tokens,
+            {"loss": loss, "lr": lr, "grad_norm": norm},
+            skipped,
         )
 
     return train_step
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the rows of log.jsonl up to `step` (a resume from that step's checkpoint)."""
-    if path.is_file():
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the rows of log.jsonl up to `step` (a run starting from that step's checkpoint; none for a
+    run starting from scratch at 0) and return them."""
+    if not path.is_file():
+        return []
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step] if step > 0 else []
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def _tensorboard(out: Path) -> Any:

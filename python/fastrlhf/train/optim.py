@@ -14,6 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastrlhf.config import check_range
+from fastrlhf.train import dist
+
 
 @dataclass
 class OptimConfig:
@@ -35,14 +38,14 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = off)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(
-                f"optim needs 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}"
-            )
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError(
-                f"optim.warmup_steps and grad_clip must be >= 0; got {self.warmup_steps}, {self.grad_clip}"
-            )
+        inf = float("inf")  # check_range also refuses nan and inf for the float fields
+        check_range("optim.lr", float(self.lr), 0.0, inf, lo_open=True, hi_open=True)
+        check_range("optim.min_lr", float(self.min_lr), 0.0, self.lr)
+        check_range("optim.warmup_steps", self.warmup_steps, 0, inf)
+        check_range("optim.weight_decay", float(self.weight_decay), 0.0, inf, hi_open=True)
+        check_range("optim.beta1", float(self.beta1), 0.0, 1.0, hi_open=True)
+        check_range("optim.beta2", float(self.beta2), 0.0, 1.0, hi_open=True)
+        check_range("optim.grad_clip", float(self.grad_clip), 0.0, inf, hi_open=True)
 
 
 def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -112,8 +115,10 @@ def optimizer_step(
     grad_clip: float,
 ) -> tuple[float, float]:
     """One update: backward of micro_losses(i) / grad_accum for i < grad_accum, clip, step.
-    Returns (mean loss, gradient norm before clipping). A DDP model averages the gradients over the
-    ranks once, in the last micro-batch's backward (no_sync before it)."""
+    Returns (mean loss, over the ranks too, and the gradient norm before clipping); when either is not
+    finite, no update is applied (the gradients are dropped) and the caller counts a skipped step. A DDP
+    model averages the gradients over the ranks once, in the last micro-batch's backward (no_sync before
+    it), so every rank sees the same norm and takes the same branch."""
     set_lr(optimizer, lr)
     total = 0.0
     for i in range(grad_accum):
@@ -123,7 +128,9 @@ def optimizer_step(
             (loss / grad_accum).backward()
         total += loss.item()
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    loss = dist.mean_float(total / grad_accum)
+    if math.isfinite(loss) and math.isfinite(norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum, float(norm)
+    return loss, norm

@@ -10,13 +10,14 @@ resume are the ones pretraining uses (train.loop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastrlhf.config import to_dict
 from fastrlhf.data import ByteBPETokenizer, Tokenizer, encode_chat, format_prompt, load_tokenizer
@@ -199,7 +200,9 @@ def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]
         model, tok = load_model(t.init_from)
         if tok is None:
             raise ValueError(f"train.init_from {t.init_from} has no tokenizer")
+        _apply_overrides(cfg, model)
         cfg.model = model.config  # the checkpoint decides the shape; recorded with the run
+        torch.manual_seed(t.seed)  # dropout follows train.seed, as in a run from random weights
         return model.train(), tok
     latest = ckpt.latest_checkpoint(out)
     if latest is not None and (latest / "tokenizer").is_dir():
@@ -208,6 +211,25 @@ def _setup(cfg: SFTConfig, out: Path, texts: list[str]) -> tuple[GPT, Tokenizer]
         tok = dist.from_main(lambda: ByteBPETokenizer.train(texts, cfg.model.vocab_size))  # one for all ranks
     torch.manual_seed(t.seed)
     return build_model(cfg.model, TRAINING_BYTES), tok
+
+
+def _apply_overrides(cfg: SFTConfig, model: nn.Module) -> None:
+    """model.* fields set away from their defaults with train.init_from: dropout is applied to the loaded
+    model; a shape field the checkpoint has otherwise is refused, named (the checkpoint decides the shape)."""
+    default, saved = SFTConfig().model, model.config
+    for f in dataclasses.fields(default):
+        given = getattr(cfg.model, f.name)
+        if given == getattr(default, f.name) or given == getattr(saved, f.name, None):
+            continue
+        if f.name != "dropout":
+            raise ValueError(
+                f"model.{f.name} = {given!r} cannot apply to train.init_from {cfg.train.init_from}: its model "
+                f"has {f.name} = {getattr(saved, f.name, None)!r} (the checkpoint decides the shape); drop it"
+            )
+        saved.dropout = given
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = given
 
 
 def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
