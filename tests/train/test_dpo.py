@@ -7,12 +7,14 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from fastrlhf.config import load_config
 from fastrlhf.data.formats import FormatError, Ranking, numbered_rankings
@@ -21,6 +23,7 @@ from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models.config import LlamaConfig
 from fastrlhf.models.llama import LlamaForCausalLM
 from fastrlhf.models.load import from_pretrained, load_model
+from fastrlhf.train import dist
 from fastrlhf.train.dpo import (
     REFERENCE_FILE,
     DPOConfig,
@@ -285,3 +288,48 @@ def test_a_resume_with_other_rankings_is_refused(full_run, sft_run, tmp_path):
     other = write_ranking_file(tmp_path / "other.jsonl", arithmetic_rankings(30, seed=9))
     with pytest.raises(ValueError, match="holds the reference log-probs of another policy, other rankings"):
         dpo(dpo_config(sft_run, other, tmp_path), quiet=True)
+
+
+def _rank(rank, port, config_args):
+    """One of two gloo ranks (the environment torchrun would set) running the same DPO run."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    dist.setup("cpu")
+    dpo(load_config(DPOConfig, None, config_args), quiet=True)
+    dist.cleanup()
+
+
+def test_two_ranks_match_one_process(full_run, sft_run, rankings, tmp_path):
+    """Under torchrun each rank takes half of every batch's rankings; the logged curve (loss and the pair
+    metrics, summed over the ranks) and the weights equal one process's on the same global batch."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = mp.start_processes(
+        _rank,
+        args=(port, args(sft_run, rankings, tmp_path, *STEPS)),
+        nprocs=2,
+        start_method="fork",
+        join=False,
+    )
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):  # a rank that fails raises here
+        assert time.monotonic() < deadline, "the 2-rank DPO run did not finish in 120 s"
+    out, _ = full_run
+    keys = ["step", "loss", "grad_norm", "reward_margin", "accuracy", "kl_ref", "val_loss", "val_accuracy"]
+    one, two = (
+        [[r.get(k, 0.0) for k in keys] for r in read_jsonl(d / "log.jsonl") if r["step"] > 0]
+        for d in (out, tmp_path)
+    )
+    assert len(one) == len(two) == 10
+    for r1, r2 in zip(one, two):
+        assert all(math.isclose(x, y, rel_tol=2e-4, abs_tol=1e-5) for x, y in zip(r1, r2)), (r1, r2)
+    a, b = load_model(out)[0].weights(), load_model(tmp_path)[0].weights()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)

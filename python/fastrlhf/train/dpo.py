@@ -21,6 +21,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,8 +254,12 @@ def reference_logps(
 
 def cached_reference(path: Path, key: str, make: Callable[[], list[list[float]]]) -> tuple[list, bool]:
     """(the reference log-probs per ranking, read from file?): path's when a run with the same key (policy,
-    token ids, dtype) wrote it, else make()'s, written there atomically. Floats go through JSON exactly."""
-    if path.is_file():
+    token ids, dtype) wrote it, else make()'s, written there atomically. Floats go through JSON exactly.
+    Under torchrun rank 0 reads or computes, and every rank gets its numbers."""
+
+    def read_or_make() -> tuple[list, bool]:
+        if not path.is_file():
+            return make(), False
         saved = json.loads(path.read_text())
         if saved["key"] != key:
             raise ValueError(
@@ -262,10 +267,11 @@ def cached_reference(path: Path, key: str, make: Callable[[], list[list[float]]]
                 "than this run's config gives; resume with the settings it started with, or use a new out_dir"
             )
         return saved["logps"], True
-    values = dist.from_main(make)  # under torchrun rank 0 computes, every rank gets the same numbers
-    if dist.is_main():
+
+    values, read = dist.from_main(read_or_make)
+    if not read and dist.is_main():
         atomic_write_text(path, json.dumps({"key": key, "logps": values}))
-    return values, False
+    return values, read
 
 
 def load_split(cfg: DPOConfig, tok: Tokenizer, T: int) -> tuple[list[Encoded], list[Encoded], dict[str, int]]:
@@ -329,7 +335,7 @@ def dpo(cfg: DPOConfig, quiet: bool = False) -> dict[str, float]:
     key = hashlib.sha256(
         json.dumps([cfg.policy, t.dtype, [[e.seqs, e.answer_len] for e in train_enc + val_enc]]).encode()
     ).hexdigest()
-    with RunLock(out):  # run_outputs below holds it for the rest of the run
+    with RunLock(out) if dist.is_main() else nullcontext():  # run_outputs holds it for the rest of the run
         refs, was_cached = cached_reference(
             out / REFERENCE_FILE,
             key,
