@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from _common import interleaved_ms, machine, report
 from fastrlhf.models import GPT, GPTConfig
-from fastrlhf.train.dpo import DPOSettings, Encoded, preference_loss, ranking_batch
 from fastrlhf.train.optim import OptimConfig, lr_at, make_adamw, optimizer_step
-from fastrlhf.train.preference import sequence_logprobs
+from fastrlhf.train.preference import Encoded, preference_loss, ranking_batch, sequence_logprobs
 
 LR, BETA = 1e-4, 0.1
 
@@ -178,7 +177,6 @@ def main(argv: list[str] | None = None) -> None:
         print("TRL comparison skipped: trl is not installed (.venv/bin/pip install trl)")
     policy, ref = make_models(V, P + A, layers, embd)
     e = make_ranking(P, A, V)
-    s = DPOSettings(beta=BETA, loss="sigmoid")
     optim = OptimConfig(lr=LR, min_lr=LR, warmup_steps=0, weight_decay=0.0, beta2=0.999)  # = TRL's AdamW
     opt = make_adamw(policy, optim)
     with torch.no_grad():
@@ -191,13 +189,15 @@ def main(argv: list[str] | None = None) -> None:
                 b.ref = sequence_logprobs(ref, b.layout, b.answer_len)
 
         def loss(i: int) -> torch.Tensor:
-            return preference_loss(sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, s)
+            return preference_loss(
+                sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, BETA, "sigmoid"
+            )
 
         return optimizer_step(policy, opt, loss, 1, lr_at(0, optim, 1), optim.grad_clip)[0]
 
     b = ranking_batch([e], 0)
     with torch.no_grad():
-        ours = preference_loss(sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, s)
+        ours = preference_loss(sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, BETA, "sigmoid")
         plain = plain_pairwise_loss(policy, ref, e)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     assert abs(plain.item() - F.softplus(torch.tensor(0.0)).item()) > 1e-3  # the log-ratios are not all 0
@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         assert abs(loss_ours - loss_trl_step) < 1e-5, (loss_ours, loss_trl_step)
         with torch.no_grad():
             after = pre.compute_loss(pre.model, pre.data_collator(examples)).item()
-            mine = preference_loss(sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, s).item()
+            mine = preference_loss(
+                sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, BETA, "sigmoid"
+            ).item()
         assert abs(after - mine) < 1e-4 and abs(after - loss_trl) > 1e-5, (after, mine, loss_trl)
         print(
             f"TRL agrees: reference log-probs, loss {loss_trl:.6f}, and loss {after:.6f} after one AdamW step each"

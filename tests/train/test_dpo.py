@@ -24,17 +24,9 @@ from fastrlhf.models.config import LlamaConfig
 from fastrlhf.models.llama import LlamaForCausalLM
 from fastrlhf.models.load import from_pretrained, load_model
 from fastrlhf.train import dist
-from fastrlhf.train.dpo import (
-    REFERENCE_FILE,
-    DPOConfig,
-    DPOSettings,
-    dpo,
-    encode_rankings,
-    preference_loss,
-    ranking_batch,
-)
+from fastrlhf.train.dpo import REFERENCE_FILE, DPOConfig, dpo, encode_rankings
 from fastrlhf.train.log import read_jsonl
-from fastrlhf.train.preference import sequence_logprobs
+from fastrlhf.train.preference import preference_loss, ranking_batch, sequence_logprobs
 from helpers.sft import arithmetic_rankings, write_ranking_file
 
 STEPS = ["train.max_steps=8", "train.ckpt_interval=4", "train.eval_interval=4"]
@@ -104,8 +96,8 @@ def test_loss_equals_the_plain_pairwise_computation(sft_run, loss):
     b = ranking_batch(enc, tok.eot_id)
     with torch.no_grad():
         b.ref = sequence_logprobs(ref, b.layout, b.answer_len)
-    s = DPOSettings(beta=0.3, loss=loss)
-    got = preference_loss(sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, s)
+    beta = 0.3
+    got = preference_loss(sequence_logprobs(policy, b.layout, b.answer_len) - b.ref, b, beta, loss)
     per_ranking = []
     for e in enc:
         pairs = []
@@ -115,7 +107,7 @@ def test_loss_equals_the_plain_pairwise_computation(sft_run, loss):
                 prompt, answer = e.seqs[k][: -e.answer_len[k]], e.seqs[k][-e.answer_len[k] :]
                 terms.append(plain_logp(policy, prompt, answer) - plain_logp(ref, prompt, answer))
             h = terms[0] - terms[1]
-            pairs.append(-F.logsigmoid(s.beta * h) if loss == "sigmoid" else (h - 1 / (2 * s.beta)) ** 2)
+            pairs.append(-F.logsigmoid(beta * h) if loss == "sigmoid" else (h - 1 / (2 * beta)) ** 2)
         per_ranking.append(torch.stack(pairs).mean())
     want = torch.stack(per_ranking).mean()
     assert want.item() > 0.01

@@ -35,7 +35,6 @@ from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.files import atomic_write_text
 from fastrlhf.io.lock import RunLock
 from fastrlhf.models.load import from_pretrained, lm_record, load_pretrained_tokenizer
-from fastrlhf.models.shared import SharedBatch, shared_layout
 from fastrlhf.models.transformer import CausalLM
 from fastrlhf.train import dist
 from fastrlhf.train.loop import (
@@ -49,7 +48,15 @@ from fastrlhf.train.loop import (
     shuffled,
 )
 from fastrlhf.train.optim import OptimConfig, autocast_for, make_adamw
-from fastrlhf.train.preference import LOSSES, pair_loss, plackett_luce_loss, sequence_logprobs
+from fastrlhf.train.preference import (
+    LOSSES,
+    Encoded,
+    means,
+    pair_sums,
+    preference_loss,
+    ranking_batch,
+    sequence_logprobs,
+)
 from fastrlhf.train.reward import split_by_prompt
 
 REFERENCE_FILE = "reference_logps.json"
@@ -123,19 +130,6 @@ class DPOConfig:
 # --- data --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Encoded:
-    """One ranking, encoded: each answer as prompt + answer + end ids, how many of its last tokens are the
-    answer, its (better, worse) pairs (ties left out), its order (best first) and, once computed, the
-    reference's log-likelihood of each answer (K,)."""
-
-    seqs: list[list[int]]
-    answer_len: list[int]
-    pairs: list[tuple[int, int]]
-    order: tuple[int, ...]
-    ref: Tensor | None = None
-
-
 def encode_rankings(
     tok: Tokenizer, rows: list[tuple[int, Ranking]], where: str, T: int, overlong: str
 ) -> tuple[list[Encoded], int]:
@@ -160,80 +154,6 @@ def encode_rankings(
             lens.append(n)
         out.append(Encoded(seqs, lens, r.pairs(), r.ranking))
     return out, truncated
-
-
-@dataclass
-class RankingBatch:
-    """R rankings of N answers in all, laid out for sequence_logprobs (each prompt once)."""
-
-    layout: SharedBatch
-    answer_len: Tensor  # (N,) answer tokens at the right edge of each sequence
-    better: Tensor  # (P,) indices into N of every pair's better answer
-    worse: Tensor  # (P,) ... and its worse one
-    owner: Tensor  # (P,) the ranking each pair belongs to
-    order: Tensor  # (R, K_max) indices into N, best first; -1 past a ranking's own K
-    ref: Tensor | None  # (N,) the reference's log-likelihoods, when computed
-
-    def to(self, device: torch.device) -> RankingBatch:
-        keep = {"layout": self.layout.to(device), "ref": None if self.ref is None else self.ref.to(device)}
-        rest = ("answer_len", "better", "worse", "owner", "order")
-        return RankingBatch(**keep, **{k: getattr(self, k).to(device) for k in rest})
-
-
-def ranking_batch(batch: list[Encoded], pad_id: int) -> RankingBatch:
-    better, worse, owner, base = [], [], [], 0
-    order = torch.full((len(batch), max(len(e.seqs) for e in batch)), -1, dtype=torch.long)  # (R, K_max)
-    for i, e in enumerate(batch):
-        better += [base + b for b, _ in e.pairs]
-        worse += [base + w for _, w in e.pairs]
-        owner += [i] * len(e.pairs)
-        order[i, : len(e.order)] = torch.tensor(e.order) + base
-        base += len(e.seqs)
-    refs = [e.ref for e in batch]
-    return RankingBatch(
-        shared_layout([s for e in batch for s in e.seqs], [len(e.seqs) for e in batch], pad_id),
-        torch.tensor([n for e in batch for n in e.answer_len]),
-        torch.tensor(better, dtype=torch.long),
-        torch.tensor(worse, dtype=torch.long),
-        torch.tensor(owner, dtype=torch.long),
-        order,
-        None if any(r is None for r in refs) else torch.cat(refs),
-    )
-
-
-# --- loss and metrics --------------------------------------------------------------------------------------
-
-
-def preference_loss(logratios: Tensor, b: RankingBatch, s: DPOSettings) -> Tensor:
-    """The [dpo] loss of a batch's log-ratios (N,): mean over its rankings."""
-    if s.loss == "plackett_luce":
-        return plackett_luce_loss(logratios, b.order, s.beta)
-    return pair_loss(logratios, b.better, b.worse, b.owner, s.beta, s.loss)
-
-
-def pair_sums(logratios: Tensor, b: RankingBatch, beta: float) -> Tensor:
-    """(6,) float64 sums that make the logged means over several batches and ranks (see `means`): pairs,
-    answers, chosen and rejected rewards (beta r), pairs ordered right (r_better > r_worse), and -r."""
-    r = logratios.detach().double()
-    rb, rw = r[b.better], r[b.worse]  # (P,) each
-    counts = torch.tensor([len(rb), len(r)], dtype=torch.float64, device=r.device)
-    return torch.cat(
-        [counts, torch.stack([beta * rb.sum(), beta * rw.sum(), (rb > rw).double().sum(), -r.sum()])]
-    )
-
-
-def means(sums: Tensor, prefix: str = "") -> dict[str, float]:
-    """Means over pairs of the rewards and the pairwise accuracy, and kl_ref: the mean over answers of
-    log pi_ref(y) - log pi(y), the k1 estimate of KL(pi_ref || pi) per answer when the answers are samples
-    of the reference (the label stage samples them from the SFT model, at its temperature)."""
-    pairs, answers, chosen, rejected, right, minus_r = dist.all_sum(sums).tolist()
-    return {
-        f"{prefix}rewards_chosen": chosen / pairs,
-        f"{prefix}rewards_rejected": rejected / pairs,
-        f"{prefix}reward_margin": (chosen - rejected) / pairs,
-        f"{prefix}accuracy": right / pairs,
-        f"{prefix}kl_ref": minus_r / answers,
-    }
 
 
 @torch.no_grad()
@@ -375,7 +295,7 @@ def dpo(cfg: DPOConfig, quiet: bool = False) -> dict[str, float]:
         with autocast_for(device, t.dtype):
             logratios = call(sequence_logprobs, model, b.layout, b.answer_len).float() - b.ref  # (N,)
         sums.append(pair_sums(logratios, b, s.beta))
-        return preference_loss(logratios, b, s)
+        return preference_loss(logratios, b, s.beta, s.loss)
 
     def tokens_per_step() -> int:
         n, seen[0] = seen[0], 0
@@ -408,7 +328,7 @@ def dpo(cfg: DPOConfig, quiet: bool = False) -> dict[str, float]:
             with autocast_for(device, t.dtype):
                 logratios = sequence_logprobs(model, b.layout, b.answer_len).float() - b.ref
             total += pair_sums(logratios, b, s.beta)
-            loss += preference_loss(logratios, b, s).item() * (b.order.shape[0])
+            loss += preference_loss(logratios, b, s.beta, s.loss).item() * (b.order.shape[0])
         val_loss = float(dist.all_sum(torch.tensor(loss, dtype=torch.float64))) / len(val_enc)
         return {"val_loss": val_loss, **means(total, "val_")}
 
