@@ -235,7 +235,7 @@ def dpo(cfg: DPOConfig, quiet: bool = False) -> dict[str, float]:
     device = resolve_device(t)
     out = Path(t.out_dir)
     latest = ckpt.latest_checkpoint(out)
-    source = latest if latest is not None else cfg.policy  # a resume needs neither the initial weights
+    source = latest if latest is not None else cfg.policy  # a resume needs no initial weights
     if not source:
         raise ValueError("policy is empty: give a run folder, an HF folder, a .gguf file or a model name")
     model, tok = from_pretrained(source), load_pretrained_tokenizer(source)
