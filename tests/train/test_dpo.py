@@ -24,6 +24,7 @@ from fastrlhf.models.config import LlamaConfig
 from fastrlhf.models.llama import LlamaForCausalLM
 from fastrlhf.models.load import from_pretrained, load_model
 from fastrlhf.train import dist
+from fastrlhf.train import dpo as dpo_module
 from fastrlhf.train.dpo import REFERENCE_FILE, DPOConfig, dpo, encode_rankings
 from fastrlhf.train.log import read_jsonl
 from fastrlhf.train.preference import preference_loss, ranking_batch, sequence_logprobs
@@ -141,15 +142,20 @@ def key(rows):
 
 
 @pytest.mark.parametrize("keep_reference", [True, False])
-def test_resume_gives_identical_numbers(full_run, sft_run, rankings, tmp_path, keep_reference):
-    """From the step-4 checkpoint with the cached reference, or with the cache lost (recomputed from the
-    policy): the same log rows and weights as the uninterrupted run."""
+def test_resume_gives_identical_numbers(full_run, sft_run, rankings, tmp_path, keep_reference, monkeypatch):
+    """From the step-4 checkpoint with the cached reference (the initial weights are not loaded again), or
+    with the cache lost (recomputed from the policy): the same log rows and weights as the uninterrupted run."""
     out, _ = full_run
     shutil.copytree(out / "step_0000004", tmp_path / "step_0000004")
     (tmp_path / "latest").write_text("step_0000004\n")
     if keep_reference:
         shutil.copy(out / REFERENCE_FILE, tmp_path / REFERENCE_FILE)
+    loaded = []
+    real = dpo_module.from_pretrained
+    monkeypatch.setattr(dpo_module, "from_pretrained", lambda p: loaded.append(str(p)) or real(p))
     dpo(dpo_config(sft_run, rankings, tmp_path, *STEPS), quiet=True)
+    want_loads = [str(tmp_path / "step_0000004")] + ([] if keep_reference else [str(sft_run)])
+    assert loaded == want_loads
     assert (tmp_path / REFERENCE_FILE).read_text() == (out / REFERENCE_FILE).read_text()
     want = [r for r in read_jsonl(out / "log.jsonl") if r["step"] > 4]
     assert key(read_jsonl(tmp_path / "log.jsonl")) == key(want)
