@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from fastrlhf.config import check_choice, check_range, from_dict, to_dict
 from fastrlhf.data import Tokenizer, encode_chat
@@ -158,11 +160,24 @@ def encode_rankings(
 
 @torch.no_grad()
 def reference_logps(
-    model: CausalLM, data: list[Encoded], pad_id: int, device: torch.device, batch_size: int, dtype: str
+    model: CausalLM,
+    data: list[Encoded],
+    pad_id: int,
+    device: torch.device,
+    batch_size: int,
+    dtype: str,
+    progress: bool = False,
 ) -> list[list[float]]:
     """log pi_ref(y | x) of every answer of every ranking, computed batch_size rankings at a time."""
     out: list[list[float]] = []
-    for i in range(0, len(data), batch_size):
+    bar = tqdm(
+        range(0, len(data), batch_size),
+        desc="reference log-probs",
+        unit="batch",
+        disable=not (progress and sys.stderr.isatty()),
+        file=sys.stderr,
+    )
+    for i in bar:
         b = ranking_batch(data[i : i + batch_size], pad_id).to(device)
         with autocast_for(device, dtype):
             lp = sequence_logprobs(model, b.layout, b.answer_len).float().cpu().tolist()  # (N,)
@@ -266,6 +281,7 @@ def dpo(cfg: DPOConfig, quiet: bool = False) -> dict[str, float]:
                 device,
                 t.batch_size,
                 t.dtype,
+                progress=not quiet,
             ),
         )
     for e, r in zip(train_enc + val_enc, refs):
