@@ -9,12 +9,20 @@ from fastrlhf.config import load_config
 from fastrlhf.pipeline.config import load_pipeline_config
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.grpo import GRPOConfig
+from fastrlhf.train.dpo import DPOConfig
 from fastrlhf.train.pretrain import PretrainConfig
 from fastrlhf.train.reward import RMConfig
 from fastrlhf.train.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
+CLASSES = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+    "dpo": DPOConfig,
+}
 
 
 def test_every_cited_config_exists():

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastrlhf.commands.grpo",
         "GRPO (Dr. GRPO, DAPO options): critic-free RL on a task's scorer or an RM",
     ),
+    "dpo": ("fastrlhf.commands.dpo", "DPO / IPO / Plackett-Luce on K-wise rankings, from any model"),
     "pipeline": (
         "fastrlhf.commands.pipeline",
         "the whole recipe: data, pretrain, SFT, label, RM, PPO, eval, report",

@@ -8,13 +8,16 @@ batch (models/shared.py) in which the prompt is computed once per ranking."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastrlhf import ops
-from fastrlhf.models.shared import SharedBatch
+from fastrlhf.models.shared import SharedBatch, shared_layout
 from fastrlhf.models.transformer import CausalLM
+from fastrlhf.train import dist
 
 LOSSES = ("sigmoid", "ipo", "plackett_luce")
 
@@ -75,3 +78,91 @@ def plackett_luce_loss(logratios: Tensor, order: Tensor, beta: float) -> Tensor:
     tail = torch.logcumsumexp(s.flip(1), dim=1).flip(1)  # (R, K): log sum_{j >= k} exp(s_j)
     terms = torch.where(valid, s - tail, 0.0)  # the last valid term is 0 by construction
     return -terms.sum(dim=1).mean()
+
+
+# --- batches of rankings and their metrics (train/dpo.py, benchmarks/bench_dpo.py) -------------------------
+
+
+@dataclass
+class Encoded:
+    """One ranking, encoded: each answer as prompt + answer + end ids, how many of its last tokens are the
+    answer, its (better, worse) pairs (ties left out), its order (best first) and, once computed, the
+    reference's log-likelihood of each answer (K,)."""
+
+    seqs: list[list[int]]
+    answer_len: list[int]
+    pairs: list[tuple[int, int]]
+    order: tuple[int, ...]
+    ref: Tensor | None = None
+
+
+@dataclass
+class RankingBatch:
+    """R rankings of N answers in all, laid out for sequence_logprobs (each prompt once)."""
+
+    layout: SharedBatch
+    answer_len: Tensor  # (N,) answer tokens at the right edge of each sequence
+    better: Tensor  # (P,) indices into N of every pair's better answer
+    worse: Tensor  # (P,) ... and its worse one
+    owner: Tensor  # (P,) the ranking each pair belongs to
+    order: Tensor  # (R, K_max) indices into N, best first; -1 past a ranking's own K
+    ref: Tensor | None  # (N,) the reference's log-likelihoods, when computed
+
+    def to(self, device: torch.device) -> RankingBatch:
+        keep = {"layout": self.layout.to(device), "ref": None if self.ref is None else self.ref.to(device)}
+        rest = ("answer_len", "better", "worse", "owner", "order")
+        return RankingBatch(**keep, **{k: getattr(self, k).to(device) for k in rest})
+
+
+def ranking_batch(batch: list[Encoded], pad_id: int) -> RankingBatch:
+    """The batch's answers laid out for sequence_logprobs, with its pairs and orders as indices into them."""
+    better, worse, owner, base = [], [], [], 0
+    order = torch.full((len(batch), max(len(e.seqs) for e in batch)), -1, dtype=torch.long)  # (R, K_max)
+    for i, e in enumerate(batch):
+        better += [base + b for b, _ in e.pairs]
+        worse += [base + w for _, w in e.pairs]
+        owner += [i] * len(e.pairs)
+        order[i, : len(e.order)] = torch.tensor(e.order) + base
+        base += len(e.seqs)
+    refs = [e.ref for e in batch]
+    return RankingBatch(
+        shared_layout([s for e in batch for s in e.seqs], [len(e.seqs) for e in batch], pad_id),
+        torch.tensor([n for e in batch for n in e.answer_len]),
+        torch.tensor(better, dtype=torch.long),
+        torch.tensor(worse, dtype=torch.long),
+        torch.tensor(owner, dtype=torch.long),
+        order,
+        None if any(r is None for r in refs) else torch.cat(refs),
+    )
+
+
+def preference_loss(logratios: Tensor, b: RankingBatch, beta: float, kind: str) -> Tensor:
+    """The loss `kind` (one of LOSSES) of a batch's log-ratios (N,): mean over its rankings."""
+    if kind == "plackett_luce":
+        return plackett_luce_loss(logratios, b.order, beta)
+    return pair_loss(logratios, b.better, b.worse, b.owner, beta, kind)
+
+
+def pair_sums(logratios: Tensor, b: RankingBatch, beta: float) -> Tensor:
+    """(6,) float64 sums that make the logged means over several batches and ranks (see `means`): pairs,
+    answers, chosen and rejected rewards (beta r), pairs ordered right (r_better > r_worse), and -r."""
+    r = logratios.detach().double()
+    rb, rw = r[b.better], r[b.worse]  # (P,) each
+    counts = torch.tensor([len(rb), len(r)], dtype=torch.float64, device=r.device)
+    return torch.cat(
+        [counts, torch.stack([beta * rb.sum(), beta * rw.sum(), (rb > rw).double().sum(), -r.sum()])]
+    )
+
+
+def means(sums: Tensor, prefix: str = "") -> dict[str, float]:
+    """Means over pairs of the rewards and the pairwise accuracy, and kl_ref: the mean over answers of
+    log pi_ref(y) - log pi(y), the k1 estimate of KL(pi_ref || pi) per answer when the answers are samples
+    of the reference (the label stage samples them from the SFT model, at its temperature)."""
+    pairs, answers, chosen, rejected, right, minus_r = dist.all_sum(sums).tolist()
+    return {
+        f"{prefix}rewards_chosen": chosen / pairs,
+        f"{prefix}rewards_rejected": rejected / pairs,
+        f"{prefix}reward_margin": (chosen - rejected) / pairs,
+        f"{prefix}accuracy": right / pairs,
+        f"{prefix}kl_ref": minus_r / answers,
+    }
