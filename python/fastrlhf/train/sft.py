@@ -293,13 +293,16 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
         rows = stream.take((s * t.grad_accum + i) * t.batch_size, t.batch_size)[share]
         with autocast_for(device, t.dtype):
             total, n = token_losses(ddp_model, pack_batch(rows, T, tok.eot_id), device)
+        read = sum(len(ids) for row in rows for ids, _ in row)  # every token the model reads (tok/s)
         if world == 1:
-            counted[0] += int(n)
+            counted[0] += read
             return total / n.clamp(min=1)
         # the global batch's token mean: DDP averages over the N ranks, so each gives N * its sum / all tokens
-        n = dist.all_sum(n)
-        counted[0] += int(n)
-        return total * world / n.clamp(min=1)
+        both = dist.all_sum(
+            torch.stack([n.to(torch.float64).cpu(), torch.tensor(float(read), dtype=torch.float64)])
+        )
+        counted[0] += int(both[1])
+        return total * world / both[0].to(total.device).clamp(min=1)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
