@@ -50,3 +50,19 @@ def test_bad_toml(tmp_path):
     with pytest.raises(ValueError, match="is not valid TOML"):
         load_config(PretrainConfig, tmp_path / "c.toml")
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": "1"}}}
+
+
+def test_list_fields_take_a_toml_array_or_commas_on_the_command_line(tmp_path):
+    from fastrlhf.train.sft import SFTConfig
+
+    assert load_config(SFTConfig, None, ["lora.targets=q_proj, v_proj"]).lora.targets == ["q_proj", "v_proj"]
+    path = tmp_path / "c.toml"
+    path.write_text('[lora]\nr = 8\ntargets = ["o_proj"]\n')
+    cfg = load_config(SFTConfig, str(path), [])
+    assert (cfg.lora.r, cfg.lora.targets) == (8, ["o_proj"])
+    path.write_text("[lora]\ntargets = 3\n")
+    with pytest.raises(ValueError, match=r"lora.targets must be a list; got 3"):
+        load_config(SFTConfig, str(path), [])
+    path.write_text("[lora]\ntargets = [1]\n")
+    with pytest.raises(ValueError, match=r"lora.targets\[0\] must be str; got 1"):
+        load_config(SFTConfig, str(path), [])

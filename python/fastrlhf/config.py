@@ -43,6 +43,12 @@ def _convert(value: Any, typ: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _convert(value, args[0], where)
+    if typing.get_origin(typ) is list:  # a TOML array, or "a,b,c" on the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ValueError(f"{where} must be a list; got {value!r} ({type(value).__name__})")
+        (item,) = typing.get_args(typ)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
     if isinstance(value, str) and typ is not str:
         text = value.strip().lower()
         if typ is bool:

@@ -103,7 +103,9 @@ def test_bad_targets_and_folders_name_the_problem(tmp_path):
     m = LlamaForCausalLM(CFG)
     with pytest.raises(ValueError, match=r"match no linear layer.*'gate_proj'"):
         add_lora(m, LoraConfig(targets=["c_attn"]))
-    with pytest.raises(ValueError, match="lora.r must be a positive int"):
-        LoraConfig(r=0)
+    with pytest.raises(ValueError, match=r"lora.r must be an int >= 0 \(0 = no LoRA\); got -1"):
+        LoraConfig(r=-1)
+    with pytest.raises(ValueError, match="lora.r must be >= 1 to add adapters; got 0"):
+        add_lora(m, LoraConfig(r=0))
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_adapter(m, tmp_path)

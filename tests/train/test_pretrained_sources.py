@@ -86,3 +86,45 @@ def test_sft_rm_and_ppo_start_from_a_hugging_face_folder(hf_folder, tmp_path):
 def test_a_missing_source_names_every_kind_it_accepts(tmp_path):
     with pytest.raises(FileNotFoundError, match="nor is it a Hugging Face model folder"):
         load_model(tmp_path / "nowhere")
+
+
+def test_sft_with_lora_trains_only_the_adapters_and_the_next_stage_gets_the_merged_model(hf_folder, tmp_path):
+    from fastrlhf.io import checkpoint as ckpt
+    from fastrlhf.io.safetensors import read_safetensors
+    from fastrlhf.models.lora import LoraLinear
+
+    demos, run = write_demos(tmp_path / "demos.jsonl", n=64), tmp_path / "sft"
+    args = [
+        f"train.init_from={hf_folder}",
+        f"data.source={demos}",
+        f"train.out_dir={run}",
+        "train.device=cpu",
+    ]
+    args += ["train.threads=1", "train.batch_size=4", "train.eval_interval=3", "lora.r=4", "lora.alpha=8"]
+    args += ["optim.lr=1e-2", "optim.min_lr=1e-2", "optim.warmup_steps=0"]
+    assert main(["sft", "--quiet", *args, "train.max_steps=2"]) == 0
+    assert main(["sft", "--quiet", *args, "train.max_steps=3"]) == 0  # resumes with its adapters
+    latest = ckpt.latest_checkpoint(run)
+    record = ckpt.read_model_record(ckpt.read_state(latest))
+    assert record["lora"]["r"] == 4 and ckpt.read_state(latest)["step"] == 3
+    saved, base = read_safetensors(latest / "model.safetensors"), from_pretrained(hf_folder).state_dict()
+    adapters = {k for k in saved if ".lora_" in k}
+    assert adapters and all(torch.equal(saved[k], base[k]) for k in saved if k not in adapters)  # base frozen
+    assert any(".lora_B." in k and saved[k].abs().max() > 0 for k in adapters)  # B left zero: it learned
+    optim_state = read_safetensors(latest / "trainer.safetensors")
+    assert sum(v.numel() for k, v in optim_state.items() if "exp_avg" in k) == 2 * sum(
+        saved[k].numel() for k in adapters
+    )  # AdamW's moments for the adapters only
+
+    merged, _ = load_model(run)  # the next stage: one plain model, the update merged in
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    assert all(p.requires_grad for p in merged.parameters())
+    x = torch.randint(0, merged.config.vocab_size, (2, 9))
+    with_adapters = from_pretrained(hf_folder)
+    from fastrlhf.config import from_dict
+    from fastrlhf.models.lora import LoraConfig, add_lora
+
+    add_lora(with_adapters, from_dict(LoraConfig, record["lora"]))
+    with_adapters.load_weights(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x)[0], with_adapters(x)[0], rtol=1e-5, atol=1e-5)

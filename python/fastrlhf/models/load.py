@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastrlhf.config import from_dict, to_dict
 from fastrlhf.data import load_tokenizer
 from fastrlhf.io.checkpoint import (
     STATE_FILE,
@@ -26,12 +27,16 @@ from fastrlhf.models.families import arch_of, build_model, config_from_dict
 from fastrlhf.models.heads import ScalarHeadModel
 from fastrlhf.models.llama import LlamaForCausalLM
 from fastrlhf.models.llama import config_from_hf as llama_config_from_hf
+from fastrlhf.models.lora import LoraConfig, add_lora, merge_and_unload
 from fastrlhf.models.transformer import CausalLM
 
 
 def lm_record(model: CausalLM) -> dict[str, Any]:
-    """The checkpoint record of a language model (io.checkpoint.model_record)."""
-    return model_record(arch_of(model.config), model.config.to_dict(), "lm")
+    """The checkpoint record of a language model (io.checkpoint.model_record), with its LoRA config when
+    it carries adapters (models/lora.py)."""
+    record = model_record(arch_of(model.config), model.config.to_dict(), "lm")
+    lora = getattr(model, "lora_config", None)
+    return record if lora is None else {**record, "lora": to_dict(lora)}
 
 
 def scalar_record(model: ScalarHeadModel) -> dict[str, Any]:
@@ -65,9 +70,13 @@ def load_model(path: str | os.PathLike, name: str = "model"):
     if record["head"] != "lm":
         raise ValueError(f"{path} holds a reward model (a scalar head), not a language model")
     model = build_model(config_from_dict(record["arch"], record["config"]))
+    if "lora" in record:  # a LoRA run: its weights are the base's and the adapters'
+        add_lora(model, from_dict(LoraConfig, record["lora"], "lora."))
     model.load_weights(
         read_verified(ckpt, f"{name}.safetensors", meta), source=str(ckpt / f"{name}.safetensors")
     )
+    if "lora" in record:
+        merge_and_unload(model)  # the next stage starts from the merged model, as from a full fine-tuning
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     return model.eval(), tok
 

@@ -34,7 +34,7 @@ PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model: base_model (L
 @dataclass
 class LoraConfig:
     r: int = 16
-    """Rank of the update."""
+    """Rank of the update; 0 = no adapters (a trainer's [lora] table then means full fine-tuning)."""
     alpha: float = 32.0
     """The update is scaled by alpha / r."""
     dropout: float = 0.0
@@ -43,8 +43,8 @@ class LoraConfig:
     """Names of the linears to adapt (the last part of the module name); GPT-2's are c_attn, c_proj, c_fc."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"lora.r must be a positive int; got {self.r!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0:
+            raise ValueError(f"lora.r must be an int >= 0 (0 = no LoRA); got {self.r!r}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"lora.alpha must be a finite number > 0; got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -98,7 +98,10 @@ class LoraLinear(Linear):
 
 def add_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Swap every linear named in cfg.targets (and no other) for a LoraLinear, freeze all the rest;
-    returns the adapted modules' names. The LM head is never adapted."""
+    returns the adapted modules' names. The LM head is never adapted. The model keeps cfg as
+    `model.lora_config` (its checkpoint record carries it, models/load.py)."""
+    if cfg.r < 1:
+        raise ValueError(f"lora.r must be >= 1 to add adapters; got {cfg.r}")
     found = [
         (name, m)
         for name, m in model.named_modules()
@@ -115,7 +118,22 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     for name, m in found:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], LoraLinear(m, cfg))
+    model.lora_config = cfg
     return [n for n, _ in found]
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put plain Linears back (PEFT's merge_and_unload): the
+    model a full fine-tuning would give, every parameter trainable again."""
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]:
+        m.merge()
+        plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias  # the merged base parameters themselves, no copy
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], plain)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model.requires_grad_(True)
 
 
 def lora_layers(model: nn.Module) -> list[LoraLinear]:

@@ -193,8 +193,12 @@ def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
 
 def _settings(section: Any) -> Any:
     """A config section as plain data without the fields that only change how a stage runs."""
-    if isinstance(section, dict):
-        return {k: _settings(v) for k, v in section.items() if k not in _RUNTIME_FIELDS}
+    if isinstance(section, dict):  # a [lora] table left off (r = 0) hashes as before the table existed
+        return {
+            k: _settings(v)
+            for k, v in section.items()
+            if k not in _RUNTIME_FIELDS and not (k == "lora" and v.get("r") == 0)
+        }
     return section
 
 

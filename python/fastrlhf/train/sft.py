@@ -26,6 +26,7 @@ from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.models import GPT, IGNORE_INDEX, GPTConfig
 from fastrlhf.models.families import TRAINING_BYTES, build_model
 from fastrlhf.models.load import lm_record, load_model
+from fastrlhf.models.lora import LoraConfig, add_lora
 from fastrlhf.tasks.registry import load_task, task_names
 from fastrlhf.train import dist
 from fastrlhf.train.loop import (
@@ -95,6 +96,9 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20))
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    """LoRA adapters on the initial model (lora.r > 0; models/lora.py): the base stays frozen, the checkpoints
+    hold base + adapters, and the next stage loads the merged model."""
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -258,6 +262,8 @@ def sft(cfg: SFTConfig, quiet: bool = False) -> dict[str, float]:
             f"validation examples dropped as too long)"
         )
     dist.check_divides("train.batch_size", t.batch_size)
+    if cfg.lora.r:
+        add_lora(model, cfg.lora)  # seeded by train.seed, as every weight a run makes
     model = model.to(device)
     optimizer = make_adamw(model, cfg.optim)
     step = 0
