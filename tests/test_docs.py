@@ -9,12 +9,22 @@ from fastrlhf.config import load_config
 from fastrlhf.pipeline.config import load_pipeline_config
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.grpo import GRPOConfig
+from fastrlhf.rl.reinforce_pp import ReinforcePPConfig
+from fastrlhf.rl.rloo import RLOOConfig
 from fastrlhf.train.pretrain import PretrainConfig
 from fastrlhf.train.reward import RMConfig
 from fastrlhf.train.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
+CLASSES = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+    "rloo": RLOOConfig,
+    "reinforce_pp": ReinforcePPConfig,
+}
 
 
 def test_every_cited_config_exists():
@@ -27,7 +37,7 @@ def test_every_cited_config_exists():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_config_loads(path):
-    kind = path.stem.split("_")[0]
+    kind = path.stem.rsplit("_", 1)[0]  # configs/<command>_<task>.toml
     if kind == "pipeline":
         load_pipeline_config("sentiment", str(path))
     else:
