@@ -21,7 +21,7 @@ from fastrlhf import ops
 from fastrlhf.config import INF, check_choice, check_range, to_dict
 from fastrlhf.models import CausalLM
 from fastrlhf.rl.advantages import zero_variance_groups
-from fastrlhf.rl.rewards import NonFiniteReward, check_scores
+from fastrlhf.rl.rewards import NonFiniteReward, check_scores, parse_reward
 from fastrlhf.rl.rollout import (
     RewardFn,
     Samples,
@@ -122,6 +122,7 @@ class CriticFreeTrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         self.check_at_least_one()
+        parse_reward(self.reward)  # malformed: refused before anything is loaded
 
 
 def check_groups(prompts: list[list[int]], group_size: int) -> None:

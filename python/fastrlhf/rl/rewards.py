@@ -15,7 +15,7 @@ from torch import Tensor
 from fastrlhf.models import ScalarHeadModel, left_pad_layout
 from fastrlhf.rl.rollout import RewardFn
 
-_TERM = re.compile(r"^\s*(?:(?P<w>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<src>\S.*?)\s*$")
+_TERM = re.compile(r"^\s*(?:(?P<w>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<src>[^\s*][^*]*?)\s*$")
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -65,7 +65,7 @@ def import_function(source: str) -> Callable[[list[str], list[str]], Sequence[fl
     except AttributeError:
         raise ValueError(f"reward source {source!r}: module {module!r} has no {name!r}") from None
     if not callable(fn):
-        raise ValueError(f"reward source {source!r} is not callable; got {type(fn).__name__}")
+        raise ValueError(f"reward source {source!r} is not callable; got {type(fn).__name__}")  # noqa: TRY004
     return fn
 
 
