@@ -246,6 +246,7 @@ class CriticFreeTrainer(OnlineTrainer):
             self.count_step(str(exc))
             return {"nonfinite_steps": self.nonfinite_total, **{k: math.nan for k in LOGGED}}
         check_groups(prompts, h.group_size)
+        rewards = rewards.to(s.logprobs.device)  # (B,) the scores come back on the CPU
         t_gen = time.perf_counter()
         mask = s.mask
         if h.overlong_filter and self.eos is not None:

@@ -59,7 +59,7 @@ class RLOOConfig:
 def sequence_kl(logprobs: Tensor, ref: Tensor | None, mask: Tensor) -> Tensor:
     """(B,) k1 KL to the reference summed over each answer's tokens (0 without a reference)."""
     if ref is None:
-        return torch.zeros(mask.shape[0])
+        return torch.zeros(mask.shape[0], device=mask.device)
     return (kl_penalty(logprobs, ref, "k1") * mask).sum(dim=1).float()
 
 
