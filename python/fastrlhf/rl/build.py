@@ -1,9 +1,12 @@
-"""Step 3 of the recipe, PPO with PPO-ptx, from checkpoints (InstructGPT section 3.5):
+"""The online trainers built from their configs. Step 3 of the recipe, PPO with PPO-ptx, from checkpoints
+(InstructGPT section 3.5):
 
     python -m fastrlhf ppo --config configs/ppo_arithmetic.toml [section.field=value ...]
 
 [models] names the SFT checkpoint (policy and reference) and the reward model checkpoint (reward and,
-by default, the value model's start); [train] prompts is a text file with one prompt per line."""
+by default, the value model's start); [train] prompts is a text file with one prompt per line.
+The critic-free ones (build_critic_free: grpo, rloo, reinforce_pp) take any model source as the policy
+and a reward from rl/rewards.py."""
 
 from __future__ import annotations
 
@@ -157,7 +160,7 @@ def build_critic_free(
             rm = load_reward_model(_need(source, "train.reward", "python -m fastrlhf rm"))[0].to(device)
             fn = rm_reward_fn(rm, tok.eot_id)
         sources.append((source, weight, fn))
-    reward_fn = sources[0][2] if len(sources) == 1 and sources[0][1] == 1.0 else WeightedReward(sources)
+    reward_fn = WeightedReward(sources)  # one source too: its wrong counts and NaNs are named
     ref = from_pretrained(cfg.policy).to(device) if cfg.hyper.uses_ref() else None
     truth = text(lambda ps, rs: [true_score(p, r) for p, r in zip(ps, rs)]) if true_score else None
     torch.manual_seed(t.seed)
