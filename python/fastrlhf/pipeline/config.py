@@ -189,12 +189,16 @@ def needs_rm(cfg: PipelineConfig, algo: str) -> bool:
     return algo == "ppo" or any(src == "rm" for _, src in parse_reward(cfg.algo(algo).train.reward))
 
 
+def inputs(cfg: PipelineConfig, algo: str) -> tuple[str, ...]:
+    """The stages between sft and an RL algorithm's own that it reads: label and rm for one that reads the
+    reward model, none otherwise (DPO, when it joins, reads label's rankings only)."""
+    return ("label", "rm") if needs_rm(cfg, algo) else ()
+
+
 def run_stages(cfg: PipelineConfig, algos: tuple[str, ...]) -> tuple[str, ...]:
-    """The stages the algorithms need, in STAGES order: label and rm only for one that reads the RM."""
-    rm = any(needs_rm(cfg, a) for a in algos)
-    return tuple(
-        s for s in STAGES if s in ("data", "pretrain", "sft", "eval", *algos) or (rm and s in ("label", "rm"))
-    )
+    """The stages the algorithms need, in STAGES order."""
+    needed = {"data", "pretrain", "sft", "eval", *algos, *(s for a in algos for s in inputs(cfg, a))}
+    return tuple(s for s in STAGES if s in needed)
 
 
 def requires(cfg: PipelineConfig, stage: str, algos: tuple[str, ...]) -> tuple[str, ...]:
