@@ -192,3 +192,19 @@ def test_bad_settings_are_named(tmp_path):
     check_groups([[1], [1], [2], [2]], 2)
     with pytest.raises(ValueError, match="must return 16 scores"):
         trainer(tmp_path, "rloo", reward=lambda ps, rs: [0.0]).step()
+
+
+def test_group_response_hidden_equals_the_full_forward(tmp_path):
+    from fastrlhf.rl.rollout import group_response_hidden, response_hidden, sample
+
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    prompts = [p for p in ([1, 2, 3], [4], [7, 8, 9, 10]) for _ in range(3)]  # ragged: left pads
+    s = sample(
+        model, prompts, 5, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=EOS, generator=torch.Generator()
+    )
+    rows = torch.tensor([6, 7, 8, 0, 1, 2])  # groups 2 and 0
+    with torch.no_grad():
+        want = response_hidden(model, s, rows)  # (6, Tr, C)
+        got = group_response_hidden(model, s, rows, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

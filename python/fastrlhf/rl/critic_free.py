@@ -25,6 +25,7 @@ from fastrlhf.rl.rewards import NonFiniteReward, check_scores, parse_reward
 from fastrlhf.rl.rollout import (
     RewardFn,
     Samples,
+    group_response_hidden,
     masked_responses,
     merge_samples,
     response_hidden,
@@ -296,11 +297,22 @@ class CriticFreeTrainer(OnlineTrainer):
         total_updates = self.t.max_steps * h.epochs * max(B // mb, 1)
         sums: dict[str, float] = {}
         n = 0
+        G = h.group_size
+        whole = G > 1 and mb % G == 0  # minibatches of whole groups: each prompt runs once in the update
         for epoch in range(h.epochs):
-            perm = torch.randperm(B, generator=self.gens["shuffle"])
+            if whole:  # the groups shuffled, each group's rows kept together
+                perm = (
+                    torch.randperm(B // G, generator=self.gens["shuffle"])[:, None] * G + torch.arange(G)
+                ).view(-1)
+            else:
+                perm = torch.randperm(B, generator=self.gens["shuffle"])
             for k in range(0, B - mb + 1, mb):
                 rows = perm[k : k + mb]
-                hid = response_hidden(self.policy, s, rows)  # (b, Tr, C)
+                hid = (
+                    group_response_hidden(self.policy, s, rows, G)
+                    if whole
+                    else response_hidden(self.policy, s, rows)
+                )  # (b, Tr, C)
                 lp, ent = ops.token_logprobs(
                     self.policy.lm_head(hid),
                     s.responses[rows],

@@ -87,6 +87,28 @@ def response_hidden(model: CausalLM, s: Samples, rows: Tensor | slice = slice(No
     return h[:, :-1]  # (b, Tr, C)
 
 
+def group_response_hidden(model: CausalLM, s: Samples, rows: Tensor, group_size: int) -> Tensor:
+    """(b, Tr, C): response_hidden(model, s, rows) for rows made of whole groups (each group_size consecutive
+    rows answer one prompt), each group's prompt run once (models/shared.py): 1 / group_size of the prompt's
+    arithmetic, the gradients of the group's answers summed back into its one prompt pass."""
+    from fastrlhf.models.shared import SharedBatch
+
+    first = rows[::group_size]  # (g,) each group's first row
+    Tp = s.Tp
+    b = SharedBatch(
+        prefix=s.sequences[first, :Tp],  # (g, Tp) the prompts, left-padded
+        prefix_pos=s.positions[first, :Tp],
+        suffix=s.responses[rows],  # (b, Tr)
+        suffix_pos=s.positions[rows, Tp:],
+        group=torch.arange(len(first), device=rows.device).repeat_interleave(group_size),
+        prefix_seg=s.segment_ids[first, :Tp],
+        seg=s.segment_ids[rows],  # (b, Tp + Tr) over [the group's prompt | the response]
+    )
+    prompt, answer = model.shared_states(b)  # (g, Tp, C), (b, Tr, C)
+    # the prompt's last token predicts the first response token, each response token the next
+    return torch.cat([prompt[b.group, -1:], answer[:, :-1]], dim=1)  # (b, Tr, C)
+
+
 def response_logprobs(model: CausalLM, s: Samples, temperature: float) -> Tensor:
     """(B, Tr) log-probs of each response token under `model` at `temperature` (e.g. the reference's)."""
     logits = model.lm_head(response_hidden(model, s))  # (B, Tr, V)
