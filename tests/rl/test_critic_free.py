@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastrlhf.config import load_config
 from fastrlhf.models import GPT, GPTConfig
-from fastrlhf.rl.critic_free import check_groups
+from fastrlhf.rl.advantages import check_groups
 from fastrlhf.rl.reinforce_pp import ReinforcePPConfig, ReinforcePPHyperConfig, ReinforcePPTrainer
 from fastrlhf.rl.rewards import NonFiniteReward, WeightedReward, check_scores, parse_reward
 from fastrlhf.rl.rloo import RLOOConfig, RLOOHyperConfig, RLOOTrainer

@@ -20,7 +20,7 @@ from torch import Tensor
 from fastrlhf import ops
 from fastrlhf.config import INF, check_choice, check_range, to_dict
 from fastrlhf.models import CausalLM
-from fastrlhf.rl.advantages import zero_variance_groups
+from fastrlhf.rl.advantages import check_groups, zero_variance_groups
 from fastrlhf.rl.rewards import NonFiniteReward, check_scores, parse_reward
 from fastrlhf.rl.rollout import (
     RewardFn,
@@ -124,16 +124,6 @@ class CriticFreeTrainConfig(LoopConfig):
     def __post_init__(self) -> None:
         self.check_at_least_one()
         parse_reward(self.reward)  # malformed: refused before anything is loaded
-
-
-def check_groups(prompts: list[list[int]], group_size: int) -> None:
-    """Every group of group_size consecutive rows must hold one prompt (its samples are its baseline)."""
-    for i in range(0, len(prompts), group_size):
-        if any(p != prompts[i] for p in prompts[i : i + group_size]):
-            raise ValueError(
-                f"group {i // group_size} (rows {i}..{i + group_size - 1}) holds different prompts; each "
-                f"group's {group_size} samples must answer the same prompt"
-            )
 
 
 class CriticFreeTrainer(OnlineTrainer):
