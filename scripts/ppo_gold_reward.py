@@ -57,7 +57,7 @@ def main() -> None:
     trainer.train()
     # the evaluation stage's prompts, seeds and metrics, with the gold-reward policy in PPO's place
     prompts = _task(run).prompts("heldout")[: run.cfg.eval.prompts]
-    m = eval_metrics(answer_and_score(run, prompts, ppo=trainer.policy))
+    m = eval_metrics(answer_and_score(run, prompts, policies={"ppo": trainer.policy}))
     n, sft, gold, mean, se = len(prompts), m["sft_score"], m["ppo_score"], m["gain"], m["gain_sem"]
     print(
         f"\n| held-out prompts | SFT | PPO, gold reward | gain (paired SE) |\n| --- | --- | --- | --- |\n"

@@ -10,6 +10,8 @@ from fastrlhf.pipeline.config import load_pipeline_config
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.grpo import GRPOConfig
 from fastrlhf.train.dpo import DPOConfig
+from fastrlhf.rl.reinforce_pp import ReinforcePPConfig
+from fastrlhf.rl.rloo import RLOOConfig
 from fastrlhf.train.pretrain import PretrainConfig
 from fastrlhf.train.reward import RMConfig
 from fastrlhf.train.sft import SFTConfig
@@ -22,6 +24,8 @@ CLASSES = {
     "ppo": PPOConfig,
     "grpo": GRPOConfig,
     "dpo": DPOConfig,
+    "rloo": RLOOConfig,
+    "reinforce_pp": ReinforcePPConfig,
 }
 
 
@@ -35,7 +39,7 @@ def test_every_cited_config_exists():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_config_loads(path):
-    kind = path.stem.split("_")[0]
+    kind = path.stem.rsplit("_", 1)[0]  # configs/<command>_<task>.toml
     if kind == "pipeline":
         load_pipeline_config("sentiment", str(path))
     else:

@@ -24,6 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "GRPO (Dr. GRPO, DAPO options): critic-free RL on a task's scorer or an RM",
     ),
     "dpo": ("fastrlhf.commands.dpo", "DPO / IPO / Plackett-Luce on K-wise rankings, from any model"),
+    "rloo": ("fastrlhf.commands.rloo", "RLOO: critic-free RL with a leave-one-out baseline"),
+    "reinforce_pp": (
+        "fastrlhf.commands.reinforce_pp",
+        "REINFORCE++: critic-free RL, batch-normalised returns",
+    ),
     "pipeline": (
         "fastrlhf.commands.pipeline",
         "the whole recipe: data, pretrain, SFT, label, RM, PPO, eval, report",

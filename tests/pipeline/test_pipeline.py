@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastrlhf.cli import main
-from fastrlhf.pipeline.config import STAGES, fingerprints, load_pipeline_config
+from fastrlhf.pipeline.config import STAGES, fingerprints, load_pipeline_config, run_stages
 from fastrlhf.pipeline.run import run_pipeline
 
 # few distinct words, half of them charged: the BPE makes them whole tokens, so that even a barely trained
@@ -74,7 +74,7 @@ def finished(corpus, tmp_path_factory):
 
 def test_every_stage_runs_and_the_report_has_goals_tables_samples_and_plots(finished):
     out, report = finished
-    for stage in STAGES:
+    for stage in ("data", "pretrain", "sft", "label", "rm", "ppo", "eval"):
         done = json.loads((out / stage / "DONE.json").read_text())
         assert done["seconds"] >= 0 and done["summary"]
     text = report.read_text()
@@ -123,11 +123,14 @@ def test_gold_reward_script_names_a_folder_that_is_not_a_run(tmp_path, monkeypat
 
 def test_a_rerun_skips_every_finished_stage(finished, corpus, capsys):
     out, _ = finished
-    before = {s: (out / s / "DONE.json").read_text() for s in STAGES}
+    stages = run_stages(tiny(corpus), ("ppo",))
+    assert stages == ("data", "pretrain", "sft", "label", "rm", "ppo", "eval")
+    before = {s: (out / s / "DONE.json").read_text() for s in stages}
     run_pipeline(out, tiny(corpus), quiet=True)
     printed = capsys.readouterr().out
-    assert all(f" {s}: done" in printed for s in STAGES), printed
-    assert {s: (out / s / "DONE.json").read_text() for s in STAGES} == before
+    assert all(f" {s}: done" in printed for s in stages), printed
+    assert {s: (out / s / "DONE.json").read_text() for s in stages} == before
+    assert not any((out / s).exists() for s in STAGES if s not in stages)  # the critic-free ones
 
 
 def test_an_unfinished_stage_resumes_from_its_checkpoint(finished, corpus, capsys):
@@ -163,6 +166,68 @@ def test_redo_remakes_a_stage_and_every_later_one(finished, corpus, tmp_path):
     shutil.rmtree(out / "sft")
     with pytest.raises(ValueError, match=r"the stage it needs, sft, is missing or unfinished .* --redo sft"):
         run_pipeline(out, tiny(corpus, "eval.samples=2"), quiet=True)
+
+
+def critic_free(*algos):
+    """Tiny settings for the critic-free stages (2 prompts x 2 answers a step, 2 steps)."""
+    return [
+        f"{a}.{a}.{k}"
+        for a in algos
+        for k in ("prompts_per_step=2", "group_size=2", "minibatch=4", "max_new_tokens=6")
+    ] + [f"{a}.train.max_steps=2" for a in algos]
+
+
+def test_critic_free_stages_join_a_ppo_run_and_the_report_compares_them(finished, corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished[0], out)
+    algos = ("grpo", "rloo", "reinforce_pp")
+    cfg = tiny(corpus, *critic_free(*algos), "grpo.train.reward=task + 0.5 * rm")
+    before = {s: (out / s / "DONE.json").read_text() for s in ("sft", "rm", "ppo")}
+    report = run_pipeline(out, cfg, algos=algos, quiet=True)
+    printed = capsys.readouterr().out
+    assert "== eval: redone, to compare ppo, grpo, rloo, reinforce_pp" in printed
+    assert {s: (out / s / "DONE.json").read_text() for s in ("sft", "rm", "ppo")} == before  # reused
+    for algo in algos:
+        steps = [json.loads(x) for x in (out / algo / "log.jsonl").read_text().splitlines()]
+        steps = [r for r in steps if "reward_mean" in r]
+        assert len(steps) == 2 and all(r["first_ratio_dev"] < 1e-3 for r in steps), algo
+    summary = json.loads((out / "eval" / "DONE.json").read_text())["summary"]
+    assert {f"{a}_score" for a in ("ppo", *algos)} <= set(summary)
+    rows = [json.loads(x) for x in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert list(rows[0]) == ["prompt", "sft", "ppo", *algos]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["grpo_gain"] == pytest.approx(metrics["grpo_score"] - metrics["sft_score"])
+    text = report.read_text()
+    assert text.startswith("# fastrlhf pipeline: sentiment (PPO, GRPO, RLOO, REINFORCE++)")
+    for name in ("GRPO", "RLOO", "REINFORCE++"):
+        assert (
+            f"| {name} mean VADER compound beats SFT's" in text and f"## {name}, mean of the last 10" in text
+        )
+    assert "| prompt | SFT answer | score | PPO answer | score | GRPO answer |" in text
+    run_pipeline(out, cfg, algos=algos, quiet=True)  # a rerun skips everything, eval included
+    assert "eval: done" in capsys.readouterr().out
+
+
+def test_a_critic_free_run_on_the_task_reward_skips_label_and_rm(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    report = run_pipeline(out, tiny(corpus, *critic_free("grpo")), algos=("grpo",), quiet=True)
+    assert "== 4/5 grpo" in capsys.readouterr().out
+    assert not (out / "label").exists() and not (out / "rm").exists() and not (out / "ppo").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "grpo" in config and "rloo" not in config
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert (
+        "grpo_score" in metrics
+        and "ppo_score" not in metrics
+        and metrics["grpo_reward"] != metrics["grpo_reward"]
+    )
+    assert "# fastrlhf pipeline: sentiment (GRPO)" in report.read_text()
+    with pytest.raises(ValueError, match=r"--algo must be one or more of .*got \['dpo'\]"):
+        run_pipeline(out, tiny(corpus), algos=("dpo",), quiet=True)
+    with pytest.raises(ValueError, match=r"\[grpo\] .*train.reward must be sources joined by ' \+ '"):
+        tiny(corpus, "grpo.train.reward=2 * ")
 
 
 @pytest.mark.parametrize(

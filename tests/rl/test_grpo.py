@@ -7,7 +7,7 @@ import pytest
 import torch
 from fastrlhf.config import load_config
 from fastrlhf.models import GPT, GPTConfig
-from fastrlhf.rl.grpo import GRPOConfig, GRPOHyperConfig, GRPOTrainer, policy_loss
+from fastrlhf.rl.grpo import GRPOConfig, GRPOHyperConfig, GRPOTrainer, grpo_loss
 
 CFG = GPTConfig(vocab_size=20, block_size=32, n_layer=1, n_head=2, n_embd=16)
 EOS = 19
@@ -55,7 +55,7 @@ def test_policy_loss_equals_its_formula_in_float64(agg, eps_high, beta):
     mask = torch.rand(4, 7) > 0.3
     mask[2] = False  # an all-masked answer
     mask[0, 0] = True
-    got, stats = policy_loss(lp, old, A, mask, g, ref)
+    got, stats = grpo_loss(lp, old, A, mask, g, ref)
     want = loss_by_hand(lp.detach(), old, A, mask, g, ref)
     torch.testing.assert_close(got.detach(), want)
     got.backward()

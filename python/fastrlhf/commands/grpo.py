@@ -1,12 +1,13 @@
-"""`python -m fastrlhf grpo --config FILE [section.field=value ...]`: GRPO / Dr. GRPO / DAPO-style critic-free
-RL (fastrlhf.rl.grpo) from any model, on a task's exact scorer or a reward model. Resumes from out_dir."""
+"""`python -m fastrlhf grpo --config FILE [section.field=value ...]`: GRPO / Dr. GRPO / DAPO-style critic-free RL (fastrlhf.rl.grpo)
+from any model, on a task's exact scorer, a reward model, a Python function or several weighted. Resumes
+from out_dir."""
 
 from __future__ import annotations
 
 import argparse
 
 from fastrlhf.config import load_config
-from fastrlhf.rl.build import build_grpo
+from fastrlhf.rl.build import build_critic_free
 from fastrlhf.rl.grpo import GRPOConfig
 
 
@@ -17,4 +18,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    build_grpo(load_config(GRPOConfig, args.config, args.overrides), quiet=args.quiet).train()
+    build_critic_free(load_config(GRPOConfig, args.config, args.overrides), quiet=args.quiet).train()

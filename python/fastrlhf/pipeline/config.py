@@ -1,4 +1,5 @@
-"""The pipeline's settings: one section per stage (the trainers' own configs for pretrain, sft, rm and ppo),
+"""The pipeline's settings: one section per stage (the trainers' own configs for pretrain, sft, rm, ppo and
+the critic-free grpo, rloo and reinforce_pp),
 the run's task and its options (the table named after the task), loaded as code defaults, then the task's
 defaults (tasks/<task>.toml), then a TOML file, then command-line overrides; and the fingerprint of each
 stage's settings that lets a rerun skip, resume or refuse a stage."""
@@ -14,12 +15,21 @@ from typing import Any
 
 from fastrlhf.config import check_range, from_dict, merge, parse_overrides, to_dict
 from fastrlhf.rl.config import PPOConfig
+from fastrlhf.rl.grpo import GRPOConfig
+from fastrlhf.rl.reinforce_pp import ReinforcePPConfig
+from fastrlhf.rl.rewards import parse_reward
+from fastrlhf.rl.rloo import RLOOConfig
 from fastrlhf.tasks.registry import task_defaults, task_module, task_names, task_options
 from fastrlhf.train.pretrain import PretrainConfig
 from fastrlhf.train.reward import RMConfig
 from fastrlhf.train.sft import SFTConfig
 
-STAGES = ("data", "pretrain", "sft", "label", "rm", "ppo", "eval")
+ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp")
+"""The RL algorithms `--algo` picks, each a stage after sft (and after label and rm when it reads the reward
+model). DPO will join them as a stage that reads the label stage's rankings and needs no rm."""
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+STAGES = ("data", "pretrain", "sft", "label", "rm", *ALGOS, "eval")
+_RECIPE = ("data", "pretrain", "sft", "label", "rm", "ppo")  # the fingerprint chain of the original recipe
 # fields that change how a stage runs, not what it makes: editing them never invalidates a stage
 _RUNTIME_FIELDS = {"device", "threads", "max_minutes", "log_interval", "tensorboard", "dtype"}
 
@@ -65,9 +75,10 @@ class LabelStage:
 @dataclass
 class EvalStage:
     prompts: int = 256
-    """Held-out prompts answered by the SFT and the PPO model (same prompts, same sampling seed)."""
+    """Held-out prompts answered by the SFT model and each RL model (same prompts, same sampling seed; the
+    sampling settings are [ppo.ppo]'s temperature and max_new_tokens, whichever algorithms ran)."""
     samples: int = 12
-    """Rows of the report's SFT-vs-PPO sample table."""
+    """Rows of the report's SFT-vs-RL sample table."""
     batch: int = 64
     seed: int = 0
 
@@ -114,6 +125,17 @@ def _rm_defaults() -> RMConfig:
     return cfg
 
 
+def _critic_free_defaults(cls: type) -> Any:
+    """A critic-free algorithm on the pipeline's task, its exact scorer as the reward (no label or rm stage);
+    'rm' in train.reward names the run's reward model. Sized like the PPO stage (5 minutes, 2 CPU cores)."""
+    cfg = cls()
+    h = cfg.hyper
+    h.prompts_per_step, h.group_size, h.minibatch, h.max_new_tokens = 8, 4, 16, 16
+    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps = 1e-4, 1e-5, 5
+    cfg.train.max_steps, cfg.train.ckpt_interval, cfg.train.max_minutes = 300, 25, 5.0
+    return cfg
+
+
 @dataclass
 class PipelineConfig:
     """Every stage's settings; the defaults fit 2 CPU cores and 20 minutes for the sentiment task."""
@@ -125,6 +147,9 @@ class PipelineConfig:
     label: LabelStage = field(default_factory=LabelStage)
     rm: RMConfig = field(default_factory=_rm_defaults)
     ppo: PPOConfig = field(default_factory=_ppo_defaults)
+    grpo: GRPOConfig = field(default_factory=lambda: _critic_free_defaults(GRPOConfig))
+    rloo: RLOOConfig = field(default_factory=lambda: _critic_free_defaults(RLOOConfig))
+    reinforce_pp: ReinforcePPConfig = field(default_factory=lambda: _critic_free_defaults(ReinforcePPConfig))
     eval: EvalStage = field(default_factory=EvalStage)
     options: Any = None
     """The task's Options (its [<task>] table); None = the task's defaults."""
@@ -143,11 +168,56 @@ class PipelineConfig:
             check_range(f"eval.{name}", getattr(self.eval, name), 1, float("inf"))
         check_range("eval.samples", self.eval.samples, 0, self.eval.prompts)
 
+    def algo(self, name: str) -> Any:
+        """The config section of RL algorithm `name` (one of ALGOS)."""
+        return {"ppo": self.ppo, "grpo": self.grpo, "rloo": self.rloo, "reinforce_pp": self.reinforce_pp}[
+            name
+        ]
 
-def config_data(cfg: PipelineConfig) -> dict[str, Any]:
-    """cfg as plain data, the task's options under the task's name (what config.json holds)."""
+
+def check_algos(algos: tuple[str, ...]) -> tuple[str, ...]:
+    """algos in ALGOS order, each known, at least one."""
+    unknown = [a for a in algos if a not in ALGOS]
+    if unknown or not algos:
+        raise ValueError(f"--algo must be one or more of {list(ALGOS)} (comma-separated); got {list(algos)}")
+    return tuple(a for a in ALGOS if a in algos)
+
+
+def needs_rm(cfg: PipelineConfig, algo: str) -> bool:
+    """Whether an algorithm reads the run's reward model (PPO always; a critic-free one when its
+    train.reward has an 'rm' term)."""
+    return algo == "ppo" or any(src == "rm" for _, src in parse_reward(cfg.algo(algo).train.reward))
+
+
+def inputs(cfg: PipelineConfig, algo: str) -> tuple[str, ...]:
+    """The stages between sft and an RL algorithm's own that it reads: label and rm for one that reads the
+    reward model, none otherwise (DPO, when it joins, reads label's rankings only)."""
+    return ("label", "rm") if needs_rm(cfg, algo) else ()
+
+
+def run_stages(cfg: PipelineConfig, algos: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages the algorithms need, in STAGES order."""
+    needed = {"data", "pretrain", "sft", "eval", *algos, *(s for a in algos for s in inputs(cfg, a))}
+    return tuple(s for s in STAGES if s in needed)
+
+
+def requires(cfg: PipelineConfig, stage: str, algos: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages `stage` builds on (eval: those of the algorithms it compares), in STAGES order."""
+    if stage == "eval":
+        return run_stages(cfg, algos)[:-1]
+    if stage in ALGOS:
+        return tuple(s for s in run_stages(cfg, (stage,)) if s not in (stage, "eval"))
+    return _RECIPE[: _RECIPE.index(stage)]
+
+
+def config_data(cfg: PipelineConfig, algos: tuple[str, ...] = ALGOS) -> dict[str, Any]:
+    """cfg as plain data, the task's options under the task's name (what config.json holds), with the
+    critic-free sections of `algos` only (a PPO run's config.json is the recipe's)."""
     d = to_dict(cfg)
     d[cfg.run.task] = d.pop("options")
+    for algo in CRITIC_FREE:
+        if algo not in algos:
+            del d[algo]
     return d
 
 
@@ -202,9 +272,15 @@ def _settings(section: Any) -> Any:
     return section
 
 
-def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
-    """Per stage, a hash of its own settings and of every earlier stage's (a change upstream redoes it).
-    The task's options belong to the data stage, but those its Options.LABEL_FIELDS names to the label stage."""
+def _hash(chain: str, settings: Any) -> str:
+    return hashlib.sha256((chain + json.dumps(_settings(settings), sort_keys=True)).encode()).hexdigest()
+
+
+def fingerprints(cfg: PipelineConfig, algos: tuple[str, ...] = ("ppo",)) -> dict[str, str]:
+    """Per stage, a hash of its own settings and of every stage it builds on (a change upstream redoes it):
+    the recipe's stages (data .. ppo) chain in order; a critic-free stage builds on rm when it reads the RM,
+    else on sft; eval on the algorithms it compares (`algos`). The task's options belong to the data stage,
+    but those its Options.LABEL_FIELDS names to the label stage."""
     d = to_dict(cfg)
     options, label_fields = d.pop("options"), type(cfg.options).LABEL_FIELDS
     task, label = [d["run"]["task"]], d["label"]
@@ -218,12 +294,18 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
         "label": label,
         "rm": d["rm"],
         "ppo": d["ppo"],
-        "eval": [d["eval"], d["ppo"]["ppo"]["temperature"]],
     }
     out, chain = {}, ""
-    for stage in STAGES:
-        chain = hashlib.sha256(
-            (chain + json.dumps(_settings(own[stage]), sort_keys=True)).encode()
-        ).hexdigest()
-        out[stage] = chain[:16]
-    return out
+    for stage in _RECIPE:
+        out[stage] = chain = _hash(chain, own[stage])
+    for algo in CRITIC_FREE:
+        out[algo] = _hash(out["rm" if needs_rm(cfg, algo) else "sft"], d[algo])
+    sampling = d["ppo"]["ppo"]
+    if algos == ("ppo",):  # the recipe's eval, fingerprinted as it always was
+        out["eval"] = _hash(out["ppo"], [d["eval"], sampling["temperature"]])
+    else:
+        upstream = "".join(out[a] for a in algos)
+        out["eval"] = _hash(
+            upstream, [d["eval"], sampling["temperature"], sampling["max_new_tokens"], list(algos)]
+        )
+    return {stage: h[:16] for stage, h in out.items()}

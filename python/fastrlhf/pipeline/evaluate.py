@@ -1,8 +1,10 @@
-"""The pipeline's evaluation: the SFT and the PPO policy answer the same held-out prompts, and every
-answer is scored three ways: the task's true score, the reward model's, and its KL to the SFT model."""
+"""The pipeline's evaluation: the SFT policy and each RL policy answer the same held-out prompts, and every
+answer is scored three ways: the task's true score, the reward model's (when the run has one), and its KL
+to the SFT model."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,11 +37,12 @@ def rm_scores(rm: ScalarHeadModel, gen: Generation) -> Tensor:
 
 @torch.no_grad()
 def answer_and_score(
-    run: Any, prompts: list[str], progress: bool = True, ppo: GPT | None = None
+    run: Any, prompts: list[str], progress: bool = True, policies: dict[str, GPT] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per prompt: {"prompt", "sft": {...}, "ppo": {...}} with each model's response, true score,
-    reward-model score, KL to the SFT model (sum over tokens of log pi - log pi_sft) and length. `ppo` is the
-    policy compared with SFT (default: the run's PPO checkpoint)."""
+    """One row per prompt: {"prompt", "sft": {...}, "<algo>": {...} ...} with each model's response, true
+    score, reward-model score (NaN without an rm stage), KL to the SFT model (sum over tokens of log pi -
+    log pi_sft) and length. `policies`: name -> policy compared with SFT (default: the run's checkpoint of
+    each algorithm in run.algos)."""
     from tqdm import tqdm
 
     from fastrlhf.models.load import load_model
@@ -47,8 +50,10 @@ def answer_and_score(
 
     cfg = run.cfg
     sft, tok = load_model(run.dir("sft"))
-    policies = {"sft": sft, "ppo": ppo if ppo is not None else load_model(run.dir("ppo"))[0]}
-    rm = load_reward_model(run.dir("rm"))[0]
+    if policies is None:
+        policies = {a: load_model(run.dir(a))[0] for a in run.algos}
+    policies = {"sft": sft, **policies}
+    rm = load_reward_model(run.dir("rm"))[0] if run.done("rm") is not None else None
     score = task_module(cfg.run.task).score
     p = cfg.ppo.ppo
     rows: list[dict[str, Any]] = [{"prompt": x} for x in prompts]
@@ -65,7 +70,8 @@ def answer_and_score(
             kl = (
                 torch.zeros_like(ref) if model is sft else sequence_logprobs(model, gen, p.temperature) - ref
             )  # (B,)
-            reward, lengths = rm_scores(rm, gen), gen.response_mask.sum(dim=1)
+            reward = rm_scores(rm, gen) if rm is not None else torch.full((len(ids),), math.nan)  # (B,)
+            lengths = gen.response_mask.sum(dim=1)
             for j, (resp, mask) in enumerate(zip(gen.responses.tolist(), gen.response_mask.tolist())):
                 text = decode_response(tok, [t for t, m in zip(resp, mask) if m])
                 rows[i + j][who] = {

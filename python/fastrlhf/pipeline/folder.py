@@ -3,21 +3,23 @@ started with) and, once finished, DONE.json (fingerprint, seconds, summary); con
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from fastrlhf.io.files import atomic_write_text
-from fastrlhf.pipeline.config import STAGES, PipelineConfig, fingerprints
+from fastrlhf.pipeline.config import ALGOS, STAGES, PipelineConfig, fingerprints
 
 
 class Run:
     """The folder runs/NAME: one subfolder per stage with STAGE.json (fingerprint) and, once finished,
-    DONE.json (fingerprint, seconds, summary)."""
+    DONE.json (fingerprint, seconds, summary). `algos`: the RL stages the eval compares."""
 
-    def __init__(self, out: str | Path, cfg: PipelineConfig):
-        self.out, self.cfg, self.prints = Path(out), cfg, fingerprints(cfg)
+    def __init__(self, out: str | Path, cfg: PipelineConfig, algos: tuple[str, ...] = ("ppo",)):
+        self.out, self.cfg, self.algos = Path(out), cfg, algos
+        self.prints = fingerprints(cfg, algos)
 
     def dir(self, stage: str) -> Path:
         return self.out / stage
@@ -34,6 +36,19 @@ class Run:
                 f"{self.dir(stage)} was made with other settings (its [{stage}] table or an earlier stage's changed); "
                 f"rerun with --redo {stage} to redo it and every later stage, or choose a new --out"
             )
+
+    def refresh_eval(self) -> bool:
+        """Delete the eval stage when only the algorithms it compares changed (its settings did not): it is
+        remade from the finished RL stages. True when it was deleted."""
+        path = self.dir("eval") / "STAGE.json"
+        if not path.is_file() or json.loads(path.read_text())["fingerprint"] == self.prints["eval"]:
+            return False
+        saved = json.loads(path.read_text())["fingerprint"]
+        subsets = (c for n in range(1, len(ALGOS) + 1) for c in itertools.combinations(ALGOS, n))
+        if not any(fingerprints(self.cfg, c)["eval"] == saved for c in subsets):
+            return False  # its own settings changed: check() refuses it
+        shutil.rmtree(self.dir("eval"))
+        return True
 
     def redo(self, stage: str) -> None:
         for later in STAGES[STAGES.index(stage) :]:

@@ -1,6 +1,7 @@
-"""runs/NAME/report.md: the goals, a table per stage, SFT-vs-PPO samples on the same held-out prompts,
-and PNG plots (matplotlib) of the losses, the reward model's accuracy, and PPO's reward, KL and entropy.
-Written from the stages' logs alone, so it can be rebuilt at any time; missing stages are left out."""
+"""runs/NAME/report.md: the goals, a table per stage, SFT-vs-RL samples on the same held-out prompts (every
+RL algorithm the run trained side by side), and PNG plots (matplotlib) of the losses, the reward model's
+accuracy, PPO's reward, KL and entropy, and the critic-free algorithms' rewards. Written from the stages'
+logs alone, so it can be rebuilt at any time; missing stages are left out."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fastrlhf.pipeline.config import STAGES
+from fastrlhf.pipeline.config import ALGOS, CRITIC_FREE, STAGES
 from fastrlhf.tasks.registry import task_module
 from fastrlhf.train.log import read_jsonl
 
@@ -64,22 +65,41 @@ def _plot(
     return f"![{title}](plots/{name}.png)"
 
 
+def _name(algo: str) -> str:
+    return {"reinforce_pp": "REINFORCE++"}.get(algo, algo.upper())
+
+
+def _evaluated(metrics: dict[str, float]) -> list[str]:
+    """The RL algorithms the eval compared with SFT, in ALGOS order."""
+    return [a for a in ALGOS if f"{a}_score" in metrics]
+
+
 def _goals(run: Any, metrics: dict[str, float], rm_acc: float) -> list[str]:
     goal = task_module(run.cfg.run.task).GOAL
     what, gain, rm_goal = goal.metric, goal.min_gain, goal.rm_accuracy
     lines = ["| goal | measured | met |", "| --- | --- | --- |"]
-    if metrics:
-        delta = metrics["ppo_score"] - metrics["sft_score"]
+    for algo in _evaluated(metrics):
+        name, g = _name(algo), ("gain" if algo == "ppo" else f"{algo}_gain")
+        delta = metrics[f"{algo}_score"] - metrics["sft_score"]
         # paired (same prompts, same seed); runs from before it was recorded fall back to the unpaired error
-        sem = metrics.get("gain_sem", math.hypot(metrics["ppo_score_sem"], metrics["sft_score_sem"]))
-        aim = f"PPO {what} beats SFT's by >= {gain:g}" if gain > 1e-6 else f"PPO {what} higher than SFT's"
+        sem = metrics.get(f"{g}_sem", math.hypot(metrics[f"{algo}_score_sem"], metrics["sft_score_sem"]))
+        aim = (
+            f"{name} {what} beats SFT's by >= {gain:g}" if gain > 1e-6 else f"{name} {what} higher than SFT's"
+        )
         # a gain inside two standard errors may be noise: it is not called met
         met = delta >= gain and delta > 2 * sem
         lines.append(
             f"| {aim}, by more than 2 paired standard errors (held-out prompts) | SFT {metrics['sft_score']:.3f}, "
-            f"PPO {metrics['ppo_score']:.3f}: {delta:+.3f} ± {sem:.3f} (paired standard error) | "
+            f"{name} {metrics[f'{algo}_score']:.3f}: {delta:+.3f} ± {sem:.3f} (paired standard error) | "
             f"{'yes' if met else 'no'} |"
         )
+        if algo != "ppo":
+            kl_name, kl_value = run.cfg.algo(algo).hyper.kl_setting()
+            lines.append(
+                f"| {name}: KL to the SFT model ({kl_name} {kl_value:g}) | "
+                f"{metrics[f'{algo}_kl']:.3f} nats per answer | - |"
+            )
+            continue
         p = run.cfg.ppo.ppo
         if p.adaptive_kl:
             lines.append(
@@ -107,15 +127,17 @@ def write_report(run: Any) -> Path:
     import torch
 
     out, cfg = run.out, run.cfg
-    logs = {s: run.dir(s) / "log.jsonl" for s in ("pretrain", "sft", "rm", "ppo")}
+    logs = {s: run.dir(s) / "log.jsonl" for s in ("pretrain", "sft", "rm", *ALGOS)}
+    critic_free = [a for a in CRITIC_FREE if logs[a].is_file()]
     eval_dir = run.dir("eval")
     metrics = (
         json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else {}
     )
     samples = read_jsonl(eval_dir / "samples.jsonl") if (eval_dir / "samples.jsonl").is_file() else []
     rm_acc = _rows(logs["rm"], "val_accuracy")
+    trained = [a for a in ALGOS if logs[a].is_file()]
     md = [
-        f"# fastrlhf pipeline: {cfg.run.task}",
+        f"# fastrlhf pipeline: {cfg.run.task}" + (f" ({', '.join(map(_name, trained))})" if trained else ""),
         "",
         (
             f"Run folder `{out}`; torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device "
@@ -190,6 +212,13 @@ def write_report(run: Any) -> Path:
             {"true_score": _rows(logs["ppo"], "true_score")},
             "PPO step",
         ),
+        _plot(
+            out,
+            "critic_free",
+            "critic-free RL: true score of the rollouts (the task's scorer)",
+            {_name(a): _rows(logs[a], "true_score") for a in critic_free},
+            "step",
+        ),
     ]
     md += ["## Plots", ""] + [p + "\n" for p in plots if p]
     if logs["ppo"].is_file():
@@ -218,6 +247,8 @@ def write_report(run: Any) -> Path:
             "| " + " | ".join(_fmt(sum(r.get(k) or 0.0 for r in last) / len(last)) for k in keys) + " |",
             "",
         ]
+    for algo in critic_free:
+        md += _last_steps(algo, logs[algo])
     if metrics:
         md += [
             "## Evaluation on held-out prompts",
@@ -225,9 +256,9 @@ def write_report(run: Any) -> Path:
             "| model | true score | reward model | KL to SFT | length |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for who in ("sft", "ppo"):
+        for who in ("sft", *_evaluated(metrics)):
             md.append(
-                f"| {who.upper()} | "
+                f"| {_name(who)} | "
                 + " | ".join(
                     f"{metrics[f'{who}_{k}']:.3f} ± {metrics[f'{who}_{k}_sem']:.3f}"
                     for k in ("score", "reward", "kl", "length")
@@ -236,18 +267,43 @@ def write_report(run: Any) -> Path:
             )
         md.append("")
     if samples:
+        models = [k for k in samples[0] if k != "prompt"]  # sft, then the RL models
         md += [
-            f"## Samples (the first {cfg.eval.samples} held-out prompts, the same sampling seed for both models)",
+            f"## Samples (the first {cfg.eval.samples} held-out prompts, the same sampling seed for every model)",
             "",
-            "| prompt | SFT answer | score | PPO answer | score |",
-            "| --- | --- | --- | --- | --- |",
+            "| prompt | " + " | ".join(f"{_name(m)} answer | score" for m in models) + " |",
+            "|" + " --- |" * (1 + 2 * len(models)),
         ]
         for r in samples[: cfg.eval.samples]:
-            md.append(
-                f"| {_cell(r['prompt'], 60)} | {_cell(r['sft']['response'])} | {r['sft']['score']:.2f} | "
-                f"{_cell(r['ppo']['response'])} | {r['ppo']['score']:.2f} |"
-            )
+            cells = [f"{_cell(r[m]['response'])} | {r[m]['score']:.2f}" for m in models]
+            md.append(f"| {_cell(r['prompt'], 60)} | " + " | ".join(cells) + " |")
         md.append("")
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def _last_steps(algo: str, log: Path) -> list[str]:
+    """A critic-free algorithm's training metrics, the mean of its last 10 logged steps."""
+    last = [r for r in read_jsonl(log) if "reward_mean" in r][-10:]
+    if not last:
+        return []
+    keys = ("true_score", "reward_mean", "reward_std", "kl_ref", "approx_kl", "entropy", "clipfrac_low")
+    keys += (
+        "clipfrac_high",
+        "zero_variance_frac",
+        "response_length",
+        "time_generate",
+        "time_score",
+        "time_train",
+    )
+    keys = tuple(k for k in keys if any(k in r for r in last))
+    mean = [_fmt(sum(r.get(k) or 0.0 for r in last) / len(last)) for k in keys]
+    return [
+        f"## {_name(algo)}, mean of the last 10 logged steps",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + " --- |" * len(keys),
+        "| " + " | ".join(mean) + " |",
+        "",
+    ]

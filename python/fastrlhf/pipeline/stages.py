@@ -4,6 +4,7 @@ matching trainer's config, runs it, and returns a small summary for DONE.json an
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import sys
@@ -164,6 +165,38 @@ def stage_ppo(run: Run, quiet: bool) -> dict[str, Any]:
     )
 
 
+def stage_critic_free(algo: str, run: Run, quiet: bool) -> dict[str, Any]:
+    """GRPO, RLOO or REINFORCE++ from the SFT model on the task's train prompts; its reward is
+    [<algo>.train] reward with 'task' = the task's exact scorer and 'rm' = this run's reward model."""
+    from fastrlhf.rl.build import build_critic_free
+    from fastrlhf.rl.rewards import parse_reward
+
+    cfg = copy.deepcopy(run.cfg.algo(algo))
+    _runtime(cfg.train, run)
+    cfg.policy, cfg.train.prompts, cfg.train.out_dir = (
+        str(run.dir("sft")),
+        run.cfg.run.task,
+        str(run.dir(algo)),
+    )
+    cfg.train.reward = " + ".join(
+        f"{w!r} * {run.dir('rm') if src == 'rm' else src}" for w, src in parse_reward(cfg.train.reward)
+    )
+    score = task_module(run.cfg.run.task).score
+    history = build_critic_free(
+        cfg, quiet=quiet, lines=_task(run).prompts("train"), task_score=score, true_score=score
+    ).train()
+    tail = [m for m in history[-10:] if math.isfinite(m.get("reward_mean", math.nan))]
+    keys = ("true_score", "reward_mean", "approx_kl", "entropy", "zero_variance_frac")
+    return (
+        {
+            "steps": _last(run.dir(algo) / "log.jsonl", "step"),
+            **{k: sum(m[k] for m in tail) / len(tail) for k in keys},
+        }
+        if tail
+        else {}
+    )
+
+
 def _mean_sem(values: list[float]) -> tuple[float, float]:
     """The mean and its standard error (sample standard deviation / sqrt(n))."""
     mean = sum(values) / len(values)
@@ -171,23 +204,32 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
     return mean, std / math.sqrt(len(values))
 
 
+def gain_key(algo: str) -> str:
+    """The metrics' name of an algorithm's paired gain over SFT ('gain' for PPO, as the recipe's reports)."""
+    return "gain" if algo == "ppo" else f"{algo}_gain"
+
+
 def eval_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean and standard error of each model's score, reward, KL and length over answer_and_score's rows, and
-    the paired gain of PPO's true score over SFT's."""
+    the paired gain of each RL model's true score over SFT's."""
     metrics = {}
-    for who in ("sft", "ppo"):
+    models = [k for k in rows[0] if k != "prompt"]  # sft, then the RL models
+    for who in models:
         for key in ("score", "reward", "kl", "length"):
             metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = _mean_sem([r[who][key] for r in rows])
-    # the same prompts and sampling seed for both models: the per-prompt differences give a paired error
-    metrics["gain"], metrics["gain_sem"] = _mean_sem([r["ppo"]["score"] - r["sft"]["score"] for r in rows])
+    # the same prompts and sampling seed for every model: the per-prompt differences give a paired error
+    for who in models[1:]:
+        g = gain_key(who)
+        metrics[g], metrics[f"{g}_sem"] = _mean_sem([r[who]["score"] - r["sft"]["score"] for r in rows])
     return metrics
 
 
 @torch.no_grad()
 def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
-    """The SFT and the PPO model answer the same held-out prompts with the same sampling seed; each answer
-    gets the task's true score (VADER compound, or 1/0 for a right/wrong sum), the reward model's score,
-    and its log-ratio to the SFT model summed over its tokens (a one-sample estimate of the sequence KL)."""
+    """The SFT model and each RL model the run compares answer the same held-out prompts with the same
+    sampling seed; each answer gets the task's true score (VADER compound, or 1/0 for a right/wrong sum), the
+    reward model's score (NaN without an rm stage), and its log-ratio to the SFT model summed over its tokens
+    (a one-sample estimate of the sequence KL)."""
     from fastrlhf.pipeline.evaluate import answer_and_score
 
     e, task = run.cfg.eval, _task(run)
@@ -197,12 +239,10 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     metrics = eval_metrics(rows)
     (run.dir("eval") / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    return {
-        "prompts": len(rows),
-        "sft_score": metrics["sft_score"],
-        "ppo_score": metrics["ppo_score"],
-        "ppo_kl": metrics["ppo_kl"],
-    }
+    summary = {"prompts": len(rows), "sft_score": metrics["sft_score"]}
+    for algo in run.algos:
+        summary[f"{algo}_score"], summary[f"{algo}_kl"] = metrics[f"{algo}_score"], metrics[f"{algo}_kl"]
+    return summary
 
 
 STAGE_FUNCTIONS = {
@@ -212,5 +252,6 @@ STAGE_FUNCTIONS = {
     "label": stage_label,
     "rm": stage_rm,
     "ppo": stage_ppo,
+    **{a: functools.partial(stage_critic_free, a) for a in ("grpo", "rloo", "reinforce_pp")},
     "eval": stage_eval,
 }

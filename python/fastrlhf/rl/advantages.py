@@ -66,3 +66,13 @@ def reinforce_pp_returns(token_rewards: Tensor, mask: Tensor) -> Tensor:
         return torch.zeros_like(returns)
     mean, std = returns[m].mean(), returns[m].std() if int(m.sum()) > 1 else returns.new_tensor(1.0)
     return torch.where(m, (returns - mean) / (std + 1e-8), 0.0)
+
+
+def check_groups(prompts: list[list[int]], group_size: int) -> None:
+    """Every group of group_size consecutive rows must hold one prompt (its samples are its baseline)."""
+    for i in range(0, len(prompts), group_size):
+        if any(p != prompts[i] for p in prompts[i : i + group_size]):
+            raise ValueError(
+                f"group {i // group_size} (rows {i}..{i + group_size - 1}) holds different prompts; each "
+                f"group's {group_size} samples must answer the same prompt"
+            )

@@ -1,9 +1,12 @@
-"""Step 3 of the recipe, PPO with PPO-ptx, from checkpoints (InstructGPT section 3.5):
+"""The online trainers built from their configs. Step 3 of the recipe, PPO with PPO-ptx, from checkpoints
+(InstructGPT section 3.5):
 
     python -m fastrlhf ppo --config configs/ppo_arithmetic.toml [section.field=value ...]
 
 [models] names the SFT checkpoint (policy and reference) and the reward model checkpoint (reward and,
-by default, the value model's start); [train] prompts is a text file with one prompt per line."""
+by default, the value model's start); [train] prompts is a text file with one prompt per line.
+The critic-free ones (build_critic_free: grpo, rloo, reinforce_pp) take any model source as the policy
+and a reward from rl/rewards.py."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from fastrlhf.data.prompts import read_prompts
 from fastrlhf.models import GPT
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.ppo import PPOTrainer
+from fastrlhf.rl.rewards import WeightedReward, import_function, is_function, parse_reward, rm_reward_fn
 from fastrlhf.train.reward import load_reward_model
 
 
@@ -98,41 +102,74 @@ def build_trainer(
     )
 
 
-def build_grpo(cfg, quiet: bool = False):
-    """The GRPO trainer cfg names: the policy (any model source), its prompts (a task's train prompts or a
-    file) and its reward (the task's exact scorer, or a reward model's score)."""
+def critic_free_algorithms() -> dict[str, tuple[type, type]]:
+    """name -> (config class, trainer class) of the critic-free algorithms (one TOML section each)."""
+    from fastrlhf.rl.grpo import GRPOConfig, GRPOTrainer
+    from fastrlhf.rl.reinforce_pp import ReinforcePPConfig, ReinforcePPTrainer
+    from fastrlhf.rl.rloo import RLOOConfig, RLOOTrainer
+
+    return {
+        "grpo": (GRPOConfig, GRPOTrainer),
+        "rloo": (RLOOConfig, RLOOTrainer),
+        "reinforce_pp": (ReinforcePPConfig, ReinforcePPTrainer),
+    }
+
+
+def build_critic_free(
+    cfg,
+    quiet: bool = False,
+    *,
+    lines: list[str] | None = None,
+    task_score: Callable[[str, str], float] | None = None,
+    true_score: Callable[[str, str], float] | None = None,
+):
+    """The GRPO / RLOO / REINFORCE++ trainer cfg names (the algorithm follows cfg's class): the policy (any
+    model source), its prompts (a task's train prompts or a file; or `lines`, e.g. the pipeline's) and its
+    reward (train.reward: the task's exact scorer, a reward model, a Python function, several weighted;
+    `task_score` replaces the task's scorer). true_score(prompt, response) is logged, never trained on."""
     from fastrlhf import from_pretrained, load_tokenizer
-    from fastrlhf.data import decode_response, encode_prompt
-    from fastrlhf.rl.grpo import GRPOTrainer
+    from fastrlhf.data import encode_prompt
     from fastrlhf.tasks.registry import load_task, task_module, task_names
     from fastrlhf.train import dist
 
+    trainers = {c: t for c, t in critic_free_algorithms().values()}
+    if type(cfg) not in trainers:
+        raise ValueError(f"cfg must be one of {[c.__name__ for c in trainers]}; got {type(cfg).__name__}")
     t = cfg.train
     device = dist.setup(t.device, t.threads)
     if not cfg.policy:
         raise ValueError("policy is empty: give a run folder, an HF folder, a .gguf file or a model name")
+    terms = parse_reward(t.reward)  # a malformed reward fails before any model is loaded
     policy, tok = from_pretrained(cfg.policy), load_tokenizer(cfg.policy)
     task = t.prompts if t.prompts in task_names() else None
-    lines = (
-        load_task(task).prompts("train") if task else read_prompts(_need(t.prompts, "train.prompts", "label"))
-    )
+    if lines is None:
+        lines = (
+            load_task(task).prompts("train")
+            if task
+            else read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"), "train.prompts")
+        )
     prompts = [encode_prompt(tok, x) for x in lines]
-    text = {tuple(ids): line for ids, line in zip(prompts, lines)}
-    if t.reward == "task":
-        if task is None:
-            raise ValueError(
-                "train.reward = 'task' needs train.prompts to name a task (its scorer rates the answers)"
-            )
-        score = task_module(task).score
-
-        def reward_fn(ps: list[list[int]], rs: list[list[int]]) -> list[float]:
-            return [score(text[tuple(p)], decode_response(tok, r)) for p, r in zip(ps, rs)]
-    else:
-        rm = load_reward_model(_need(t.reward, "train.reward", "python -m fastrlhf rm"))[0].to(device)
-        reward_fn = rm_reward_fn(rm, tok.eot_id)
-    ref = from_pretrained(cfg.policy).to(device) if cfg.grpo.beta > 0 else None
+    text = _as_text(tok, prompts, lines)
+    sources = []
+    for weight, source in terms:
+        if source == "task":
+            if task_score is None and task is None:
+                raise ValueError(
+                    "train.reward 'task' needs train.prompts to name a task (its scorer rates the answers)"
+                )
+            score = task_score or task_module(task).score
+            fn = text(lambda ps, rs, score=score: [score(p, r) for p, r in zip(ps, rs)])
+        elif is_function(source):
+            fn = text(import_function(source))
+        else:
+            rm = load_reward_model(_need(source, "train.reward", "python -m fastrlhf rm"))[0].to(device)
+            fn = rm_reward_fn(rm, tok.eot_id)
+        sources.append((source, weight, fn))
+    reward_fn = WeightedReward(sources)  # one source too: its wrong counts and NaNs are named
+    ref = from_pretrained(cfg.policy).to(device) if cfg.hyper.uses_ref() else None
+    truth = text(lambda ps, rs: [true_score(p, r) for p, r in zip(ps, rs)]) if true_score else None
     torch.manual_seed(t.seed)
-    return GRPOTrainer(
+    return trainers[type(cfg)](
         cfg,
         policy.to(device),
         reward_fn,
@@ -141,33 +178,20 @@ def build_grpo(cfg, quiet: bool = False):
         eos_token_id=tok.eot_id,
         tokenizer=tok,
         quiet=quiet,
+        true_score=truth,
     )
 
 
-def rm_reward_fn(rm, pad_id: int):
-    """reward_fn(prompts, responses) of a reward model: its score at each answer's last token."""
-    from fastrlhf.models import left_pad_layout
+def _as_text(tok, prompts: list[list[int]], lines: list[str]):
+    """Wraps fn(prompt texts, response texts) into a reward_fn on token ids (the pool's prompts only)."""
+    from fastrlhf.data import decode_response
 
-    @torch.no_grad()
-    def reward_fn(ps: list[list[int]], rs: list[list[int]]) -> torch.Tensor:
-        seqs = [p + r for p, r in zip(ps, rs)]
-        T = max(map(len, seqs))
-        idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-        real = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            idx[b, T - len(s) :], real[b, T - len(s) :] = torch.tensor(s), 1
-        positions, segments = left_pad_layout(real)
-        device = next(rm.parameters()).device
-        last = torch.full((len(seqs),), T - 1)
-        return (
-            rm.score(
-                idx.to(device),
-                last.to(device),
-                positions=positions.to(device),
-                segment_ids=segments.to(device),
-            )
-            .float()
-            .cpu()
-        )
+    by_ids = {tuple(ids): line for ids, line in zip(prompts, lines)}
 
-    return reward_fn
+    def wrap(fn):
+        def on_ids(ps: list[list[int]], rs: list[list[int]]):
+            return fn([by_ids[tuple(p)] for p in ps], [decode_response(tok, r) for r in rs])
+
+        return on_ids
+
+    return wrap

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf import ops
-from fastrlhf.models import CausalLM, ScalarHeadModel, generate, last_token_index
+from fastrlhf.models import CausalLM, ScalarHeadModel, generate, last_token_index, left_pad_layout
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], "Sequence[float] | Tensor"]
 """reward_fn(prompts, responses) -> (B,) scores; token-id lists, responses cut after EOS (EOS included)."""
@@ -87,6 +87,28 @@ def response_hidden(model: CausalLM, s: Samples, rows: Tensor | slice = slice(No
     return h[:, :-1]  # (b, Tr, C)
 
 
+def group_response_hidden(model: CausalLM, s: Samples, rows: Tensor, group_size: int) -> Tensor:
+    """(b, Tr, C): response_hidden(model, s, rows) for rows made of whole groups (each group_size consecutive
+    rows answer one prompt), each group's prompt run once (models/shared.py): 1 / group_size of the prompt's
+    arithmetic, the gradients of the group's answers summed back into its one prompt pass."""
+    from fastrlhf.models.shared import SharedBatch
+
+    first = rows[::group_size]  # (g,) each group's first row
+    Tp = s.Tp
+    b = SharedBatch(
+        prefix=s.sequences[first, :Tp],  # (g, Tp) the prompts, left-padded
+        prefix_pos=s.positions[first, :Tp],
+        suffix=s.responses[rows],  # (b, Tr)
+        suffix_pos=s.positions[rows, Tp:],
+        group=torch.arange(len(first), device=rows.device).repeat_interleave(group_size),
+        prefix_seg=s.segment_ids[first, :Tp],
+        seg=s.segment_ids[rows],  # (b, Tp + Tr) over [the group's prompt | the response]
+    )
+    prompt, answer = model.shared_states(b)  # (g, Tp, C), (b, Tr, C)
+    # the prompt's last token predicts the first response token, each response token the next
+    return torch.cat([prompt[b.group, -1:], answer[:, :-1]], dim=1)  # (b, Tr, C)
+
+
 def response_logprobs(model: CausalLM, s: Samples, temperature: float) -> Tensor:
     """(B, Tr) log-probs of each response token under `model` at `temperature` (e.g. the reference's)."""
     logits = model.lm_head(response_hidden(model, s))  # (B, Tr, V)
@@ -112,3 +134,35 @@ def function_scores(reward_fn: RewardFn, prompts: list[list[int]], s: Samples) -
     if scores.shape != (len(prompts),):
         raise ValueError(f"reward_fn must return {len(prompts)} scores; got shape {tuple(scores.shape)}")
     return scores
+
+
+def take_samples(s: Samples, n: int) -> Samples:
+    """The first n episodes of s."""
+    return Samples(**{k: (v[:n] if isinstance(v, Tensor) else v) for k, v in s.fields().items()})
+
+
+def merge_samples(parts: list[tuple[Samples, Tensor]]) -> Samples:
+    """The kept rows (keep: (B,) bool) of several sampling rounds as one batch: prompts re-padded on the left
+    and responses on the right to the longest of each (positions and segments follow, as generate lays them
+    out). Hidden states are dropped."""
+    rows = [(s, i) for s, keep in parts for i in keep.nonzero().squeeze(1).tolist()]
+    Tp = max(s.Tp for s, _ in rows)
+    Tr = max(s.responses.shape[1] for s, _ in rows)
+    B = len(rows)
+    seq = torch.zeros(B, Tp + Tr, dtype=torch.long)
+    prompt_real = torch.zeros(B, Tp, dtype=torch.long)
+    responses = torch.zeros(B, Tr, dtype=torch.long)
+    mask = torch.zeros(B, Tr, dtype=torch.bool)
+    logprobs = torch.zeros(B, Tr)
+    for b, (s, i) in enumerate(rows):
+        real = s.segment_ids[i, : s.Tp].bool()  # the prompt's real tokens
+        p = s.sequences[i, : s.Tp][real]
+        seq[b, Tp - len(p) : Tp] = p
+        prompt_real[b, Tp - len(p) :] = 1
+        r = s.responses.shape[1]
+        responses[b, :r], mask[b, :r], logprobs[b, :r] = s.responses[i], s.mask[i], s.logprobs[i]
+    seq[:, Tp:] = responses
+    positions, segment_ids = left_pad_layout(
+        torch.cat([prompt_real, torch.ones(B, Tr, dtype=torch.long)], dim=1)
+    )  # (B, Tp + Tr) each
+    return Samples(seq, positions, segment_ids, Tp, responses, mask, logprobs, None)

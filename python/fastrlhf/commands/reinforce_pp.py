@@ -1,0 +1,21 @@
+"""`python -m fastrlhf reinforce_pp --config FILE [section.field=value ...]`: REINFORCE++ (fastrlhf.rl.reinforce_pp)
+from any model, on a task's exact scorer, a reward model, a Python function or several weighted. Resumes
+from out_dir."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastrlhf.config import load_config
+from fastrlhf.rl.build import build_critic_free
+from fastrlhf.rl.reinforce_pp import ReinforcePPConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with policy and [reinforce_pp], [optim], [train] tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. reinforce_pp.kl_coef=0.01")
+
+
+def run(args: argparse.Namespace) -> None:
+    build_critic_free(load_config(ReinforcePPConfig, args.config, args.overrides), quiet=args.quiet).train()
