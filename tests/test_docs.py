@@ -9,9 +9,9 @@ from fastrlhf.config import load_config
 from fastrlhf.pipeline.config import load_pipeline_config
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.grpo import GRPOConfig
-from fastrlhf.train.dpo import DPOConfig
 from fastrlhf.rl.reinforce_pp import ReinforcePPConfig
 from fastrlhf.rl.rloo import RLOOConfig
+from fastrlhf.train.dpo import DPOConfig
 from fastrlhf.train.pretrain import PretrainConfig
 from fastrlhf.train.reward import RMConfig
 from fastrlhf.train.sft import SFTConfig

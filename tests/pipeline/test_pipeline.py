@@ -224,10 +224,34 @@ def test_a_critic_free_run_on_the_task_reward_skips_label_and_rm(corpus, tmp_pat
         and metrics["grpo_reward"] != metrics["grpo_reward"]
     )
     assert "# fastrlhf pipeline: sentiment (GRPO)" in report.read_text()
-    with pytest.raises(ValueError, match=r"--algo must be one or more of .*got \['dpo'\]"):
-        run_pipeline(out, tiny(corpus), algos=("dpo",), quiet=True)
+    with pytest.raises(ValueError, match=r"--algo must be one or more of .*'dpo'\].*got \['a2c'\]"):
+        run_pipeline(out, tiny(corpus), algos=("a2c",), quiet=True)
     with pytest.raises(ValueError, match=r"\[grpo\] .*train.reward must be sources joined by ' \+ '"):
         tiny(corpus, "grpo.train.reward=2 * ")
+
+
+def test_dpo_trains_on_the_label_stages_rankings_and_joins_the_report(finished, corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished[0], out)
+    before = {s: (out / s / "DONE.json").read_text() for s in ("sft", "label", "rm", "ppo")}
+    dpo = [
+        "dpo.train.max_steps=3",
+        "dpo.train.batch_size=2",
+        "dpo.train.eval_interval=3",
+        "dpo.train.log_interval=1",
+    ]
+    report = run_pipeline(out, tiny(corpus, *dpo), algos=("dpo",), quiet=True)
+    assert "== eval: redone, to compare ppo, dpo" in capsys.readouterr().out
+    assert {s: (out / s / "DONE.json").read_text() for s in ("sft", "label", "rm", "ppo")} == before
+    rows = [json.loads(x) for x in (out / "dpo" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and any("val_accuracy" in r for r in rows)
+    assert json.loads((out / "dpo" / "DONE.json").read_text())["summary"]["steps"] == 3
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert {"ppo_score", "dpo_score", "dpo_gain"} <= set(metrics)
+    assert "dpo" in json.loads((out / "config.json").read_text())
+    assert report.read_text().startswith("# fastrlhf pipeline: sentiment (PPO, DPO)")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """`python -m fastrlhf pipeline --task T --out runs/NAME [--algo A[,B..]] [--config F] [section.field=value ...]`:
 the whole recipe, stage by stage, resumable, with a report (fastrlhf.pipeline). --algo picks the RL stage(s):
-ppo (the default), grpo, rloo, reinforce_pp; stages an algorithm does not need are skipped, and the report
+ppo (the default), grpo, rloo, reinforce_pp, dpo; stages an algorithm does not need are skipped, and the report
 puts every RL stage finished in the run folder side by side on the same held-out prompts."""
 
 from __future__ import annotations

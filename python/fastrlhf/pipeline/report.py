@@ -94,7 +94,10 @@ def _goals(run: Any, metrics: dict[str, float], rm_acc: float) -> list[str]:
             f"{'yes' if met else 'no'} |"
         )
         if algo != "ppo":
-            kl_name, kl_value = run.cfg.algo(algo).hyper.kl_setting()
+            section = run.cfg.algo(algo)
+            kl_name, kl_value = (
+                ("dpo.beta", section.dpo.beta) if algo == "dpo" else section.hyper.kl_setting()
+            )
             lines.append(
                 f"| {name}: KL to the SFT model ({kl_name} {kl_value:g}) | "
                 f"{metrics[f'{algo}_kl']:.3f} nats per answer | - |"

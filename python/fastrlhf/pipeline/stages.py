@@ -245,6 +245,22 @@ def stage_eval(run: Run, quiet: bool) -> dict[str, Any]:
     return summary
 
 
+def stage_dpo(run: Run, quiet: bool) -> dict[str, Any]:
+    """DPO from the SFT model on the label stage's rankings (train; held-out for its val metrics)."""
+    from fastrlhf.train.dpo import dpo
+
+    cfg = copy.deepcopy(run.cfg.dpo)
+    _runtime(cfg.train, run)
+    cfg.policy, cfg.train.out_dir = str(run.dir("sft")), str(run.dir("dpo"))
+    cfg.data.train, cfg.data.val = (
+        str(run.dir("label") / "train.jsonl"),
+        str(run.dir("label") / "heldout.jsonl"),
+    )
+    last = dpo(cfg, quiet=quiet)
+    keys = ("loss", "accuracy", "val_accuracy", "val_reward_margin", "kl_ref")
+    return {"steps": _last(run.dir("dpo") / "log.jsonl", "step"), **{k: last[k] for k in keys if k in last}}
+
+
 STAGE_FUNCTIONS = {
     "data": stage_data,
     "pretrain": stage_pretrain,
@@ -253,5 +269,6 @@ STAGE_FUNCTIONS = {
     "rm": stage_rm,
     "ppo": stage_ppo,
     **{a: functools.partial(stage_critic_free, a) for a in ("grpo", "rloo", "reinforce_pp")},
+    "dpo": stage_dpo,
     "eval": stage_eval,
 }
