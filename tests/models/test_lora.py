@@ -11,9 +11,11 @@ from fastrlhf.models.llama import LlamaForCausalLM, config_to_hf
 from fastrlhf.models.lora import (
     LoraConfig,
     adapter_state,
+    adapters_off,
     add_lora,
     load_adapter,
     lora_enabled,
+    lora_layers,
     merge_lora,
     save_adapter,
     unmerge_lora,
@@ -109,3 +111,27 @@ def test_bad_targets_and_folders_name_the_problem(tmp_path):
         add_lora(m, LoraConfig(r=0))
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_adapter(m, tmp_path)
+
+
+def test_gpt2_blocks_run_their_adapters_and_equal_the_merged_model():
+    """GPT-2's blocks call their linears' weights directly for speed; an adapted linear must run its own
+    forward there (full forward, KV-cache decode and the q-only / kv-only projections alike)."""
+    import copy
+
+    from fastrlhf.models import GPT, GPTConfig
+    from fastrlhf.models.generate import generate
+    from fastrlhf.models.lora import merge_and_unload
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    add_lora(m, LoraConfig(r=2, alpha=4.0, targets=["c_attn", "c_proj", "c_fc"]))
+    for layer in lora_layers(m):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    merged = merge_and_unload(copy.deepcopy(m)).eval()
+    x = torch.randint(0, 64, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], merged(x)[0], rtol=1e-5, atol=1e-5)
+        with adapters_off(m):
+            assert (m(x)[0] - merged(x)[0]).abs().max() > 1e-3  # the adapters do change the model
+    ours = generate(m, x[:, :4], max_new_tokens=6, temperature=0.0).responses
+    assert torch.equal(ours, generate(merged, x[:, :4], max_new_tokens=6, temperature=0.0).responses)

@@ -208,3 +208,40 @@ def test_group_response_hidden_equals_the_full_forward(tmp_path):
         want = response_hidden(model, s, rows)  # (6, Tr, C)
         got = group_response_hidden(model, s, rows, 3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_trains_the_adapters_with_the_base_as_the_reference(tmp_path):
+    """issue 20: with LoRA no reference copy is passed or loaded; the reference's log-probs are the policy's
+    with its adapters off, so at the first step (B = 0) the KL to it is 0; only the adapters move, and a
+    resumed LoRA run repeats the uninterrupted one."""
+    from fastrlhf.models.lora import LoraConfig, add_lora, adapters_off, lora_layers
+
+    def lora_trainer(path):
+        tr = trainer(path, "rloo", "rloo.kl_coef=0", with_ref=False)  # its config and policy, built again:
+        tr.cfg.rloo.kl_coef = 0.1
+        torch.manual_seed(1)
+        add_lora(tr.policy, LoraConfig(r=2, alpha=4.0, targets=["c_attn", "c_fc"]))
+        return type(tr)(tr.cfg, tr.policy, count_fives, tr.prompts, eos_token_id=EOS, quiet=True)
+
+    tr = lora_trainer(tmp_path / "full")
+    base = {k: v.clone() for k, v in tr.policy.state_dict().items() if ".lora_" not in k}
+    first = tr.step()
+    assert abs(first["kl_ref"]) < 1e-6 and first["first_ratio_dev"] < 1e-3  # fp32 rounding: decode vs full
+    history = [first] + [tr.step() for _ in range(5)]
+    assert any(abs(m["kl_ref"]) > 1e-4 for m in history[1:])  # the adapters moved the policy off its base
+    state = tr.policy.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in base.items())  # the base never moves
+    assert all(m.lora_B.weight.abs().max() > 0 for m in lora_layers(tr.policy))
+    x = torch.tensor([[1, 2, 3, 5, 5]])
+    with torch.no_grad(), adapters_off(tr.policy):
+        plain = GPT(CFG)
+        plain.load_state_dict(base, strict=False)
+        torch.testing.assert_close(tr.policy(x)[0], plain.eval()(x)[0])
+    half = lora_trainer(tmp_path / "half")
+    for _ in range(4):
+        half.step()
+    half.save(tmp_path / "half", {})
+    again = lora_trainer(tmp_path / "half")
+    again.train()
+    for k, v in state.items():
+        assert torch.equal(v, again.policy.state_dict()[k]), k

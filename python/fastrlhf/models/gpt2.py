@@ -23,6 +23,13 @@ _CONV1D = (
     "mlp.c_proj.weight",
 )  # HF: (in, out)
 TIED = "lm_head.weight"  # the output matrix is transformer.wte.weight; checkpoints store it once
+
+
+def _linear(lin: nn.Linear, x: Tensor) -> Tensor:
+    """A block linear without nn.Module.__call__ (see GPT2Block), unless it is an adapted one (LoRA)."""
+    return ops.linear(x, lin.weight, lin.bias) if type(lin) is Linear else lin(x)
+
+
 _PARTS = {"qkv": slice(0, 3), "q": slice(0, 1), "kv": slice(1, 3)}  # rows of c_attn, in units of C
 
 
@@ -71,6 +78,10 @@ class Block(nn.Module):
         the fused c_attn they need (positions are unused: GPT-2 adds them at the embedding)."""
         B, T, C = h.shape
         rows, lin = _PARTS[parts], self.attn.c_attn
+        if type(lin) is not Linear:  # an adapted linear (LoRA): its own forward, then the rows it needs
+            y = lin(h)[..., rows.start * C : rows.stop * C]
+            H, D = self.attn.n_head, self.attn.head_dim
+            return [t.view(B, T, H, D).transpose(1, 2) for t in y.split(C, dim=2)]
         w, b = lin.weight, lin.bias
         if parts != "qkv":  # ((stop - start) C, C): a contiguous row slice
             w = w[rows.start * C : rows.stop * C]
@@ -83,11 +94,11 @@ class Block(nn.Module):
         a, m, ln = self.attn, self.mlp, self.ln_2
         y = ops.causal_attention(q, k, v, segment_ids=segment_ids)  # (B, H, Tq, D)
         y = y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C): heads side by side
-        x = x + _drop(ops.linear(y, a.c_proj.weight, a.c_proj.bias), a.resid_dropout)
+        x = x + _drop(_linear(a.c_proj, y), a.resid_dropout)
         h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         # GPT-2's "gelu_new" is the tanh approximation; HF weights only match with it.
-        h = ops.gelu(ops.linear(h, m.c_fc.weight, m.c_fc.bias))
-        return x + _drop(ops.linear(h, m.c_proj.weight, m.c_proj.bias), m.dropout)
+        h = ops.gelu(_linear(m.c_fc, h))
+        return x + _drop(_linear(m.c_proj, h), m.dropout)
 
 
 class GPT(CausalLM):

@@ -12,9 +12,11 @@ ours and we load PEFT's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +146,20 @@ def lora_enabled(model: nn.Module, on: bool) -> None:
     """Switch every adapter on or off (off = the base model, e.g. PPO's reference)."""
     for m in lora_layers(model):
         m.enabled = on
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model for the block's duration (PPO's and GRPO's reference with no second copy)."""
+    layers = lora_layers(model)
+    was = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, on in zip(layers, was):
+            m.enabled = on
 
 
 def merge_lora(model: nn.Module) -> None:

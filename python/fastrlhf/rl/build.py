@@ -129,6 +129,7 @@ def build_critic_free(
     `task_score` replaces the task's scorer). true_score(prompt, response) is logged, never trained on."""
     from fastrlhf import from_pretrained, load_tokenizer
     from fastrlhf.data import encode_prompt
+    from fastrlhf.models.lora import add_lora
     from fastrlhf.tasks.registry import load_task, task_module, task_names
     from fastrlhf.train import dist
 
@@ -166,9 +167,12 @@ def build_critic_free(
             fn = rm_reward_fn(rm, tok.eot_id)
         sources.append((source, weight, fn))
     reward_fn = WeightedReward(sources)  # one source too: its wrong counts and NaNs are named
-    ref = from_pretrained(cfg.policy).to(device) if cfg.hyper.uses_ref() else None
+    # with LoRA the reference is the policy's own base (adapters off): no second copy
+    ref = from_pretrained(cfg.policy).to(device) if cfg.hyper.uses_ref() and not cfg.lora.r else None
     truth = text(lambda ps, rs: [true_score(p, r) for p, r in zip(ps, rs)]) if true_score else None
     torch.manual_seed(t.seed)
+    if cfg.lora.r:
+        add_lora(policy, cfg.lora)
     return trainers[type(cfg)](
         cfg,
         policy.to(device),

@@ -20,6 +20,7 @@ from torch import Tensor
 from fastrlhf import ops
 from fastrlhf.config import INF, check_choice, check_range, to_dict
 from fastrlhf.models import CausalLM
+from fastrlhf.models.lora import adapters_off, lora_layers
 from fastrlhf.rl.advantages import check_groups, zero_variance_groups
 from fastrlhf.rl.rewards import NonFiniteReward, check_scores, parse_reward
 from fastrlhf.rl.rollout import (
@@ -156,7 +157,7 @@ class CriticFreeTrainer(OnlineTrainer):
         )
         self.cfg, self.h, self.ref, self.reward_fn = cfg, h, ref, reward_fn
         self.eos, self.true_score = eos_token_id, true_score
-        if h.uses_ref() and ref is None:
+        if h.uses_ref() and ref is None and not lora_layers(policy):
             name, value = h.kl_setting()
             raise ValueError(f"{name} = {value} needs a reference model ({name} = 0 needs none); pass ref")
         longest = max(map(len, self.prompts))
@@ -224,6 +225,14 @@ class CriticFreeTrainer(OnlineTrainer):
         n = min(h.batch, len(keep_p)) // h.group_size * h.group_size
         return keep_p[:n], take_samples(merged, n), torch.cat(keep_r)[:n], dropped, refills
 
+    def ref_logprobs(self, s: Samples) -> Tensor:
+        """(B, Tr) the reference's log-probs of the answers: its own model's, or with LoRA the policy's base
+        (the adapters switched off)."""
+        if self.ref is not None:
+            return response_logprobs(self.ref, s, self.h.temperature)
+        with adapters_off(self.policy):
+            return response_logprobs(self.policy, s, self.h.temperature)
+
     def step(self) -> dict[str, float]:
         with autocast_for(self.device, self.t.dtype):
             return self._step()
@@ -244,7 +253,7 @@ class CriticFreeTrainer(OnlineTrainer):
             ended = ((s.responses == self.eos) & mask).any(dim=1)  # (B,)
             mask = mask & ended[:, None]
         with torch.no_grad():
-            ref = response_logprobs(self.ref, s, h.temperature) if h.uses_ref() else None  # (B, Tr)
+            ref = self.ref_logprobs(s) if h.uses_ref() else None  # (B, Tr)
         advantages, extra = self.advantages(rewards, s, mask, ref)
         t_score = time.perf_counter()
         stats, why = self.update_or_undo(lambda: self._update(s, mask, advantages, ref))

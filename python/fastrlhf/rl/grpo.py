@@ -12,6 +12,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from fastrlhf.config import INF, check_choice, check_range
+from fastrlhf.models.lora import LoraConfig
 from fastrlhf.rl.advantages import SCALES, group_advantages
 from fastrlhf.rl.critic_free import (
     CriticFreeHyperConfig,
@@ -57,6 +58,9 @@ class GRPOConfig:
     grpo: GRPOHyperConfig = field(default_factory=GRPOHyperConfig)
     optim: OptimConfig = field(default_factory=_optim)
     train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    """LoRA adapters on the policy (lora.r > 0): the base frozen, and the reference is the base itself with the
+    adapters switched off (no second copy in memory)."""
 
     @property
     def hyper(self) -> GRPOHyperConfig:

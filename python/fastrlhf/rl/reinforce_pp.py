@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.config import INF, check_range
+from fastrlhf.models.lora import LoraConfig
 from fastrlhf.rl.advantages import reinforce_pp_returns
 from fastrlhf.rl.critic_free import CriticFreeHyperConfig, CriticFreeTrainConfig, CriticFreeTrainer
 from fastrlhf.rl.kl import kl_penalty, shape_rewards
@@ -52,6 +53,9 @@ class ReinforcePPConfig:
     reinforce_pp: ReinforcePPHyperConfig = field(default_factory=ReinforcePPHyperConfig)
     optim: OptimConfig = field(default_factory=_optim)
     train: ReinforcePPTrainConfig = field(default_factory=ReinforcePPTrainConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    """LoRA adapters on the policy (lora.r > 0): the base frozen, and the reference is the base itself with the
+    adapters switched off (no second copy in memory)."""
 
     @property
     def hyper(self) -> ReinforcePPHyperConfig:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.config import INF, check_range
+from fastrlhf.models.lora import LoraConfig
 from fastrlhf.rl.advantages import leave_one_out_advantages
 from fastrlhf.rl.critic_free import CriticFreeHyperConfig, CriticFreeTrainConfig, CriticFreeTrainer
 from fastrlhf.rl.kl import kl_penalty
@@ -50,6 +51,9 @@ class RLOOConfig:
     rloo: RLOOHyperConfig = field(default_factory=RLOOHyperConfig)
     optim: OptimConfig = field(default_factory=_optim)
     train: RLOOTrainConfig = field(default_factory=RLOOTrainConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    """LoRA adapters on the policy (lora.r > 0): the base frozen, and the reference is the base itself with the
+    adapters switched off (no second copy in memory)."""
 
     @property
     def hyper(self) -> RLOOHyperConfig:
