@@ -214,7 +214,7 @@ def test_lora_trains_the_adapters_with_the_base_as_the_reference(tmp_path):
     """issue 20: with LoRA no reference copy is passed or loaded; the reference's log-probs are the policy's
     with its adapters off, so at the first step (B = 0) the KL to it is 0; only the adapters move, and a
     resumed LoRA run repeats the uninterrupted one."""
-    from fastrlhf.models.lora import LoraConfig, add_lora, adapters_off, lora_layers
+    from fastrlhf.models.lora import LoraConfig, adapters_off, add_lora, lora_layers
 
     def lora_trainer(path):
         tr = trainer(path, "rloo", "rloo.kl_coef=0", with_ref=False)  # its config and policy, built again:
