@@ -129,12 +129,13 @@ def _rm_defaults() -> RMConfig:
 
 def _critic_free_defaults(cls: type) -> Any:
     """A critic-free algorithm on the pipeline's task, its exact scorer as the reward (no label or rm stage);
-    'rm' in train.reward names the run's reward model. Sized like the PPO stage (5 minutes, 2 CPU cores)."""
+    'rm' in train.reward names the run's reward model. At most 5 minutes on 2 CPU cores, as the PPO stage: 3000
+    steps fit there on arithmetic (GRPO 217 s on one thread: 30.9 % -> 70.1 % held-out; 300 steps gave +4)."""
     cfg = cls()
     h = cfg.hyper
     h.prompts_per_step, h.group_size, h.minibatch, h.max_new_tokens = 8, 4, 16, 16
     cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps = 1e-4, 1e-5, 5
-    cfg.train.max_steps, cfg.train.ckpt_interval, cfg.train.max_minutes = 300, 25, 5.0
+    cfg.train.max_steps, cfg.train.ckpt_interval, cfg.train.max_minutes = 3000, 250, 5.0
     return cfg
 
 
