@@ -445,3 +445,24 @@ def test_a_non_finite_loss_skips_the_update():
     assert m["nonfinite_steps"] == 1 and math.isnan(m["pg_loss"]) and tr.updates == 0
     assert all(torch.equal(v, dict(tr.trained.named_parameters())[k]) for k, v in before.items())
     assert tr.kl_ctl.value == 0.05
+
+
+def test_lora_ppo_uses_the_base_as_its_reference_and_trains_only_adapters_and_the_value_head():
+    """issue 20: one copy of the base weights; the reference log-probs are the policy's with its adapters
+    off, so the first step's KL is 0 up to fp32 rounding, and the base never moves."""
+    from fastrlhf.models.lora import LoraConfig, add_lora, lora_layers
+
+    cfg = config("ppo.value_model=policy_head", "train.max_steps=4", "optim.lr=1e-2")
+    torch.manual_seed(0)
+    policy = GPT(TINY)
+    add_lora(policy, LoraConfig(r=2, alpha=4.0, targets=["c_attn", "c_fc"]))
+    base = {k: v.clone() for k, v in policy.state_dict().items() if ".lora_" not in k}
+    tr = PPOTrainer(cfg, policy, None, ScalarHeadModel(TINY), prompts(), eos_token_id=EOS, quiet=True)
+    first = tr.step()
+    assert abs(first["kl"]) < 1e-5 and first["first_ratio_dev"] < 1e-3
+    later = [tr.step() for _ in range(3)]
+    assert any(abs(m["kl"]) > 1e-4 for m in later)
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in base.items())
+    assert all(m.lora_B.weight.abs().max() > 0 for m in lora_layers(policy))
+    with pytest.raises(ValueError, match="ref is None: only a LoRA policy"):
+        PPOTrainer(cfg, GPT(TINY), None, ScalarHeadModel(TINY), prompts(), eos_token_id=EOS, quiet=True)

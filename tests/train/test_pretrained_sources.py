@@ -81,6 +81,11 @@ def test_sft_rm_and_ppo_start_from_a_hugging_face_folder(hf_folder, tmp_path):
     assert len(rows) == 2 and all(abs(r["ratio_mean"] - 1) < 1e-2 for r in rows)
     policy, _ = load_model(tmp_path / "ppo")
     assert isinstance(policy, LlamaForCausalLM)
+    lora = [a.replace(str(tmp_path / "ppo"), str(tmp_path / "ppo_lora")) for a in ppo] + ["lora.r=4"]
+    assert main(["ppo", "--quiet", *lora]) == 0  # no reference copy: the base with its adapters off
+    rows = [r for r in read_jsonl(tmp_path / "ppo_lora" / "log.jsonl") if "kl" in r]
+    assert len(rows) == 2 and abs(rows[0]["kl"]) < 1e-4
+    assert isinstance(load_model(tmp_path / "ppo_lora")[0], LlamaForCausalLM)  # merged for the next stage
 
 
 def test_a_missing_source_names_every_kind_it_accepts(tmp_path):

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from fastrlhf.data.prompts import read_prompts
-from fastrlhf.models import GPT
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.ppo import PPOTrainer
 from fastrlhf.rl.rewards import WeightedReward, import_function, is_function, parse_reward, rm_reward_fn
@@ -52,10 +51,10 @@ def build_trainer(
     policy, tok = load_model(_need(m.policy, "models.policy", "python -m fastrlhf sft"))
     if tok is None:
         raise ValueError(f"models.policy = {m.policy} has no tokenizer/ folder to encode prompts with")
-    ref: GPT = (
+    ref = (  # with LoRA and no models.ref: the policy's own base, its adapters off (trainer)
         load_model(_need(m.ref, "models.ref", "python -m fastrlhf sft"))[0]
         if m.ref
-        else load_model(m.policy)[0]
+        else (None if cfg.lora.r else load_model(m.policy)[0])
     )
     reward, reward_tok, value = None, None, None
     if not gold_reward:
@@ -77,6 +76,10 @@ def build_trainer(
             )
         ptx = TokenFile(_need(t.ptx_data, "train.ptx_data", "python -m fastrlhf data")).tokens
     torch.manual_seed(t.seed)
+    if cfg.lora.r:
+        from fastrlhf.models.lora import add_lora
+
+        add_lora(policy, cfg.lora)
     models = [x.to(device) if x is not None else None for x in (policy, ref, reward, value)]
     truth = None
     if true_score is not None:  # the trainer hands over ids: map them back to the file's text

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastrlhf.config import INF, check_choice, check_range
+from fastrlhf.models.lora import LoraConfig
 from fastrlhf.train.loop import LoopConfig
 from fastrlhf.train.optim import OptimConfig
 
@@ -188,3 +189,6 @@ class PPOConfig:
     ppo: PPOHyperConfig = field(default_factory=PPOHyperConfig)
     optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    """LoRA adapters on the policy (lora.r > 0): its base frozen and, unless models.ref is given, the reference
+    is that base with the adapters switched off (no second copy of the weights)."""

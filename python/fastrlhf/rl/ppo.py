@@ -31,6 +31,7 @@ from fastrlhf import ops
 from fastrlhf.config import to_dict
 from fastrlhf.data import random_batch
 from fastrlhf.models import CausalLM, ScalarHeadModel
+from fastrlhf.models.lora import adapters_off
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import AdaptiveKLController, KLController, kl_penalty, shape_rewards
 from fastrlhf.rl.ppo_inputs import ValueHead, check_ppo_inputs
@@ -79,7 +80,7 @@ class PPOTrainer(OnlineTrainer):
         self,
         cfg: PPOConfig,
         policy: CausalLM,
-        ref: CausalLM,
+        ref: CausalLM | None,
         reward: ScalarHeadModel | RewardFn,
         prompts: Sequence[Sequence[int]],
         *,
@@ -181,7 +182,11 @@ class PPOTrainer(OnlineTrainer):
     def rollout(self, s: Samples, prompts: list[list[int]]) -> Rollout:
         """Score sampled episodes: reference log-probs, values, the reward, KL-shaped rewards, GAE."""
         p, moments, mask = self.cfg.ppo, global_masked_moments, s.mask  # whitening over every rank's episodes
-        ref_logprobs = response_logprobs(self.ref, s, p.temperature)  # (B, Tr)
+        if self.ref is not None:
+            ref_logprobs = response_logprobs(self.ref, s, p.temperature)  # (B, Tr)
+        else:  # LoRA: the reference is the policy's own base, the adapters off (no second copy)
+            with adapters_off(self.policy):
+                ref_logprobs = response_logprobs(self.policy, s, p.temperature)
         # policy_head: V(s_t) from the states that sampled the rollout (equal to a re-run of the policy
         # trunk up to fp32 rounding), so the trunk is not run a second time
         values = (self.value(s.hidden) if s.hidden is not None else self._rollout_values(s)) * mask

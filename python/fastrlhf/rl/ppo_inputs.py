@@ -9,6 +9,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from fastrlhf.models import CausalLM
+from fastrlhf.models.lora import lora_layers
 from fastrlhf.models.transformer import load_checked
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.train import dist
@@ -46,7 +47,7 @@ def same_tokenizer(a: Any, b: Any) -> bool:
 def check_ppo_inputs(
     cfg: PPOConfig,
     policy: CausalLM,
-    ref: CausalLM,
+    ref: CausalLM | None,
     reward: Any,
     prompts: list[list[int]],
     value_model: Any,
@@ -67,7 +68,12 @@ def check_ppo_inputs(
             "ref must be a copy of the policy, and value_model a copy of the reward model, not the "
             "same objects: the frozen ones must not move"
         )
-    if ref.config != policy.config:
+    if ref is None:
+        if not lora_layers(policy):
+            raise ValueError(
+                "ref is None: only a LoRA policy (lora.r > 0) has its reference built in (its base)"
+            )
+    elif ref.config != policy.config:
         raise ValueError(f"the reference's config {ref.config} differs from the policy's {policy.config}")
     if isinstance(reward, nn.Module):
         if reward.config.vocab_size != policy.config.vocab_size:
