@@ -254,6 +254,31 @@ def test_dpo_trains_on_the_label_stages_rankings_and_joins_the_report(finished, 
     assert report.read_text().startswith("# fastrlhf pipeline: sentiment (PPO, DPO)")
 
 
+def test_a_pretrained_model_skips_pretraining_and_keeps_its_chat_template(corpus, tmp_path, capsys):
+    """issue 20: --model (run.model) starts the recipe from a Hugging Face folder: the data stage tokenizes with
+    the model's tokenizer, no pretrain stage, SFT fine-tunes the model (LoRA here), PPO (with its ptx mix in the
+    model's ids) and GRPO follow, and the eval compares them, every prompt in the model's chat template."""
+    pytest.importorskip("transformers")
+    from fastrlhf.models.llama import LlamaForCausalLM
+    from fastrlhf.models.load import load_model
+    from helpers.hf_models import tiny_llama_folder
+
+    hf = tiny_llama_folder(tmp_path / "hf", context=512)  # chat-formatted sentiment demos run long
+    extra = [f"run.model={hf}", "sft.lora.r=4", "ppo.ppo.ptx_coef=0.5", *critic_free("grpo")]
+    out = tmp_path / "run"
+    report = run_pipeline(out, tiny(corpus, *extra), algos=("ppo", "grpo"), quiet=True)
+    printed = capsys.readouterr().out
+    assert "pretrain" not in printed and not (out / "pretrain").exists()
+    assert "== 1/7 data" in printed and "== 2/7 sft" in printed and "== 7/7 eval" in printed
+    meta = json.loads((out / "data" / "DONE.json").read_text())["summary"]
+    model, tok = load_model(out / "sft")
+    assert isinstance(model, LlamaForCausalLM) and meta["vocab_size"] == tok.vocab_size and tok.chat_template
+    assert json.loads((out / "config.json").read_text())["run"]["model"] == str(hf)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert {"sft_score", "ppo_score", "grpo_score"} <= set(metrics)
+    assert "# fastrlhf pipeline: sentiment (PPO, GRPO)" in report.read_text()
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

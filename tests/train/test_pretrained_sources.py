@@ -8,7 +8,7 @@ from fastrlhf.cli import main
 from fastrlhf.models.llama import LlamaForCausalLM
 from fastrlhf.models.load import from_pretrained, is_pretrained_source, load_model
 from fastrlhf.train.log import read_jsonl
-from helpers.hf_tokenizers import save_transformers_folder
+from helpers.hf_models import tiny_llama_folder
 from helpers.sft import arithmetic_rankings, write_demos, write_ranking_file
 
 pytestmark = pytest.mark.slow
@@ -16,23 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf_llama")
-    save_transformers_folder("smollm2", folder)
-    vocab = len(transformers.PreTrainedTokenizerFast.from_pretrained(folder))
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=96,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    pytest.importorskip("transformers")
+    return tiny_llama_folder(tmp_path_factory.mktemp("hf_llama"))
 
 
 def test_sft_rm_and_ppo_start_from_a_hugging_face_folder(hf_folder, tmp_path):

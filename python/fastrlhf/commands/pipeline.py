@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="ppo",
         help=f"RL algorithm(s), comma-separated, of {list(ALGOS)} (default: %(default)s)",
     )
+    p.add_argument(
+        "--model",
+        help="start from this pretrained model (HF folder, .gguf, smollm2-135m-instruct) instead of pretraining",
+    )
     p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage")
     p.add_argument("--redo", choices=STAGES, default="", help="delete this stage and every later one first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -32,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = load_pipeline_config(args.task, args.config, args.overrides)
+    overrides = [*args.overrides, *([f"run.model={args.model}"] if args.model else [])]
+    cfg = load_pipeline_config(args.task, args.config, overrides)
     algos = tuple(a.strip() for a in args.algo.split(",") if a.strip())
     report = run_pipeline(args.out, cfg, algos=algos, until=args.until, redo=args.redo, quiet=args.quiet)
     print(f"report: {report}")

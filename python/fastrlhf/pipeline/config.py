@@ -45,6 +45,10 @@ class RunSection:
     """'cpu', 'cuda' or 'auto' for every stage."""
     threads: int = 0
     """torch CPU threads for every stage; 0 = torch's default."""
+    model: str = ""
+    """A pretrained model to start from (HF folder, .gguf file, 'smollm2-135m-instruct'): no pretrain stage,
+    the data stage tokenizes with the model's tokenizer, SFT fine-tunes the model (its chat template kept).
+    "" = pretrain a small GPT on the task's text first."""
 
 
 @dataclass
@@ -214,7 +218,8 @@ def inputs(cfg: PipelineConfig, algo: str) -> tuple[str, ...]:
 
 def run_stages(cfg: PipelineConfig, algos: tuple[str, ...]) -> tuple[str, ...]:
     """The stages the algorithms need, in STAGES order."""
-    needed = {"data", "pretrain", "sft", "eval", *algos, *(s for a in algos for s in inputs(cfg, a))}
+    needed = {"data", "sft", "eval", *algos, *(s for a in algos for s in inputs(cfg, a))}
+    needed |= set() if cfg.run.model else {"pretrain"}  # a pretrained model needs no pretraining
     return tuple(s for s in STAGES if s in needed)
 
 
@@ -224,7 +229,7 @@ def requires(cfg: PipelineConfig, stage: str, algos: tuple[str, ...]) -> tuple[s
         return run_stages(cfg, algos)[:-1]
     if stage in ALGOS:
         return tuple(s for s in run_stages(cfg, (stage,)) if s not in (stage, "eval"))
-    return _RECIPE[: _RECIPE.index(stage)]
+    return tuple(s for s in _RECIPE[: _RECIPE.index(stage)] if not (s == "pretrain" and cfg.run.model))
 
 
 def config_data(cfg: PipelineConfig, algos: tuple[str, ...] = ALGOS) -> dict[str, Any]:
@@ -300,7 +305,7 @@ def fingerprints(cfg: PipelineConfig, algos: tuple[str, ...] = ("ppo",)) -> dict
     but those its Options.LABEL_FIELDS names to the label stage."""
     d = to_dict(cfg)
     options, label_fields = d.pop("options"), type(cfg.options).LABEL_FIELDS
-    task, label = [d["run"]["task"]], d["label"]
+    task, label = [d["run"]["task"], *([d["run"]["model"]] if d["run"]["model"] else [])], d["label"]
     if options:
         late = [options.pop(k) for k in label_fields]
         task, label = [*task, options], ([label, *late] if late else label)

@@ -51,9 +51,14 @@ def stage_data(run: Run, quiet: bool) -> dict[str, Any]:
     from fastrlhf.data import corpus
     from fastrlhf.data.formats import write_sft
 
-    d = run.cfg.data
+    d, model = run.cfg.data, run.cfg.run.model
     docs = corpus_docs(run)
-    tok = corpus.build_tokenizer("bpe", docs, d.vocab_size, split_digits=d.split_digits)
+    if model:  # the pretrained model's own tokenizer: the task's text then feeds PPO-ptx in its ids
+        from fastrlhf.data import load_tokenizer
+
+        tok = load_tokenizer(model)
+    else:
+        tok = corpus.build_tokenizer("bpe", docs, d.vocab_size, split_digits=d.split_digits)
     meta = corpus.prepare(docs, tok, run.dir("data"), d.val_fraction)
     write_sft(run.dir("data") / "sft.jsonl", _task(run).demonstrations())  # what the SFT stage trains on
     return {k: meta[k] for k in ("documents", "characters", "train_tokens", "val_tokens", "vocab_size")}
@@ -86,7 +91,8 @@ def stage_sft(run: Run, quiet: bool) -> dict[str, Any]:
     cfg = copy.deepcopy(run.cfg.sft)
     _runtime(cfg.train, run)
     cfg.data.source = str(run.dir("data") / "sft.jsonl")
-    cfg.train.init_from, cfg.train.out_dir = str(run.dir("pretrain")), str(run.dir("sft"))
+    cfg.train.init_from = run.cfg.run.model or str(run.dir("pretrain"))
+    cfg.train.out_dir = str(run.dir("sft"))
     last = sft(cfg, quiet=quiet)
     return {"loss": last.get("loss", math.nan), "val_loss": _last(run.dir("sft") / "log.jsonl", "val_loss")}
 
