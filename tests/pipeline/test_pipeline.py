@@ -286,6 +286,7 @@ def test_a_pretrained_model_skips_pretraining_and_keeps_its_chat_template(corpus
         ("eval.samples=999", r"eval.samples must be in \[0, 256\]; got 999"),
         ("ppo.ppo.clip_range=2", r"\[ppo\] ppo.clip_range must be in \(0.0, 1.0\); got 2.0"),
         ("sft.nope=1", r"\[sft\] unknown section\(s\) \['nope'\]"),
+        ("run.model=/nowhere/model", r"run.model '/nowhere/model' is neither a Hugging Face model folder"),
         ("data.vocab_size=abc", r"\[data\] vocab_size must be int; got 'abc'"),
     ],
 )

@@ -54,9 +54,9 @@ def stage_data(run: Run, quiet: bool) -> dict[str, Any]:
     d, model = run.cfg.data, run.cfg.run.model
     docs = corpus_docs(run)
     if model:  # the pretrained model's own tokenizer: the task's text then feeds PPO-ptx in its ids
-        from fastrlhf.data import load_tokenizer
+        from fastrlhf.models.load import load_pretrained_tokenizer
 
-        tok = load_tokenizer(model)
+        tok = load_pretrained_tokenizer(model)
     else:
         tok = corpus.build_tokenizer("bpe", docs, d.vocab_size, split_digits=d.split_digits)
     meta = corpus.prepare(docs, tok, run.dir("data"), d.val_fraction)
