@@ -21,17 +21,10 @@ def _seed():
 def cpu_path(request):
     """Runs the test on each CPU code path of the kernels (fastrlhf._C.set_cpu_path), skipping only the
     paths this CPU cannot run; the path in use before is restored after."""
-    import fastrlhf
+    from helpers.cpu_paths import on_path
 
-    info = fastrlhf.build_info()
-    if request.param not in info["cpu_paths_supported"]:
-        pytest.skip(
-            f"this CPU lacks the {request.param} path (it runs {', '.join(info['cpu_paths_supported'])})"
-        )
-    before = info["cpu_path"]
-    fastrlhf._ext._C.set_cpu_path(request.param)
-    yield request.param
-    fastrlhf._ext._C.set_cpu_path(before)
+    with on_path(request.param):
+        yield request.param
 
 
 from helpers.pretrain import make_text

@@ -1,10 +1,10 @@
 """ops.rms_norm against the reference in float64 and against HF's formula's own error in fp32/bf16/fp16,
 on every CPU path; gradcheck, opcheck, torch.compile and bad input."""
 
-import fastrlhf
 import pytest
 import torch
 from fastrlhf.ops import reference, rms_norm
+from helpers.cpu_paths import avx2_and_avx512
 
 EPS = 1e-5
 LOW = [torch.float32, torch.bfloat16, torch.float16]
@@ -70,21 +70,11 @@ def test_gradcheck_float64(cpu_path):
 def test_vector_paths_agree_bit_for_bit():
     """The AVX2 and AVX-512 builds reduce the same 16 lanes in the same tree: same bits (CPUs differ
     between development and CI machines, results must not)."""
-    paths = fastrlhf.build_info()["cpu_paths_supported"]
-    if "avx512" not in paths:
-        pytest.skip(f"this CPU lacks the avx512 path (it runs {', '.join(paths)})")
-    before = fastrlhf.build_info()["cpu_path"]
     x, w, dy = inputs((200, 83))
-    try:
-        for dtype in LOW:
-            runs = []
-            for path in ("avx2", "avx512"):
-                fastrlhf._ext._C.set_cpu_path(path)
-                runs.append(fwd_bwd(rms_norm, x.to(dtype), w.to(dtype), dy.to(dtype)))
-            for a, b in zip(*runs):
-                assert torch.equal(a, b), dtype
-    finally:
-        fastrlhf._ext._C.set_cpu_path(before)
+    for dtype in LOW:
+        runs = avx2_and_avx512(lambda: fwd_bwd(rms_norm, x.to(dtype), w.to(dtype), dy.to(dtype)))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b), dtype
 
 
 def test_independent_of_thread_count():

@@ -2,10 +2,10 @@
 apply_rotary_pos_emb in fp32 and torch's own error in fp32/bf16/fp16, on every CPU path; strided inputs,
 gradcheck, opcheck, torch.compile and bad input."""
 
-import fastrlhf
 import pytest
 import torch
 from fastrlhf.ops import reference, rope
+from helpers.cpu_paths import avx2_and_avx512
 
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -118,21 +118,11 @@ def test_gradcheck_float64(cpu_path):
 
 
 def test_vector_paths_agree_bit_for_bit():
-    paths = fastrlhf.build_info()["cpu_paths_supported"]
-    if "avx512" not in paths:
-        pytest.skip(f"this CPU lacks the avx512 path (it runs {', '.join(paths)})")
-    before = fastrlhf.build_info()["cpu_path"]
     q, k, dq, dk, pos = inputs(2, 41, 9, 3, 80, max_pos=100000)
-    try:
-        for dtype in LOW:
-            runs = []
-            for path in ("avx2", "avx512"):
-                fastrlhf._ext._C.set_cpu_path(path)
-                lo = [t.to(dtype) for t in (q, k, dq, dk)]
-                runs.append(fwd_bwd(rope, lo[0], lo[1], pos, inv_freq(80), lo[2], lo[3]))
-            assert all(torch.equal(a, b) for a, b in zip(*runs)), dtype
-    finally:
-        fastrlhf._ext._C.set_cpu_path(before)
+    for dtype in LOW:
+        lo = [t.to(dtype) for t in (q, k, dq, dk)]
+        runs = avx2_and_avx512(lambda: fwd_bwd(rope, lo[0], lo[1], pos, inv_freq(80), lo[2], lo[3]))
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), dtype
 
 
 def test_opcheck():

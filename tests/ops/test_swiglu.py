@@ -1,11 +1,11 @@
 """ops.swiglu against the reference in float64 and against torch's own error (F.silu(gate) * up) in
 fp32/bf16/fp16, on every CPU path; the infinities, gradcheck, opcheck, torch.compile and bad input."""
 
-import fastrlhf
 import pytest
 import torch
 import torch.nn.functional as F
 from fastrlhf.ops import reference, swiglu
+from helpers.cpu_paths import avx2_and_avx512
 
 INF, NAN = float("inf"), float("nan")
 LOW = [torch.float32, torch.bfloat16, torch.float16]
@@ -85,20 +85,10 @@ def test_gradcheck_float64(cpu_path):
 
 
 def test_vector_paths_agree_bit_for_bit():
-    paths = fastrlhf.build_info()["cpu_paths_supported"]
-    if "avx512" not in paths:
-        pytest.skip(f"this CPU lacks the avx512 path (it runs {', '.join(paths)})")
-    before = fastrlhf.build_info()["cpu_path"]
     g, u, dy = inputs(1001)
-    try:
-        for dtype in LOW:
-            runs = []
-            for path in ("avx2", "avx512"):
-                fastrlhf._ext._C.set_cpu_path(path)
-                runs.append(fwd_bwd(swiglu, g.to(dtype), u.to(dtype), dy.to(dtype)))
-            assert all(torch.equal(a, b) for a, b in zip(*runs)), dtype
-    finally:
-        fastrlhf._ext._C.set_cpu_path(before)
+    for dtype in LOW:
+        runs = avx2_and_avx512(lambda: fwd_bwd(swiglu, g.to(dtype), u.to(dtype), dy.to(dtype)))
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), dtype
 
 
 def test_shapes_strides_and_empty():

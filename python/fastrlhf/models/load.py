@@ -50,6 +50,12 @@ def is_pretrained_source(path: str | os.PathLike) -> bool:
     return is_gguf_file(p) or is_hf_folder(p)
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """A fastrlhf run folder (with `latest`) or checkpoint folder (with state.json)."""
+    p = Path(path)
+    return p.is_dir() and ((p / STATE_FILE).is_file() or (p / "latest").is_file())
+
+
 def load_model(path: str | os.PathLike, name: str = "model"):
     """(language model, tokenizer or None) from any source the trainers start from: a checkpoint or run folder
     written by a fastrlhf trainer (`name`: which of its models), a Hugging Face model folder, a GGUF file or
@@ -119,7 +125,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     elif is_hf_folder(p):
         folder = read_hf_folder(p)
         model = model_from_hf(folder.config, folder.tensors, str(p))
-    elif Path(p).is_dir() and ((Path(p) / STATE_FILE).is_file() or (Path(p) / "latest").is_file()):
+    elif is_run_folder(p):
         model = load_model(p)[0]
     else:
         raise FileNotFoundError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastrlhf.config import check_range, from_dict, merge, parse_overrides, to_dict
-from fastrlhf.models.load import is_pretrained_source
+from fastrlhf.models.load import is_pretrained_source, is_run_folder
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.grpo import GRPOConfig
 from fastrlhf.rl.reinforce_pp import ReinforcePPConfig
@@ -176,13 +176,12 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         task_module(self.run.task)  # an unknown task is named with the valid ones
-        if self.run.model:  # refused before any stage runs, not at the data stage's tokenizer
-            m = Path(self.run.model)
-            if not (is_pretrained_source(m) or (m / "latest").is_file() or (m / "state.json").is_file()):
-                raise ValueError(
-                    f"run.model {self.run.model!r} is neither a Hugging Face model folder (config.json + "
-                    f"safetensors), a .gguf file, a known name ('smollm2-135m-instruct') nor a fastrlhf run folder"
-                )
+        m = self.run.model  # refused before any stage runs, not at the data stage's tokenizer
+        if m and not (is_pretrained_source(m) or is_run_folder(m)):
+            raise ValueError(
+                f"run.model {m!r} is neither a Hugging Face model folder (config.json + safetensors), a .gguf "
+                f"file, a known name ('smollm2-135m-instruct') nor a fastrlhf run folder"
+            )
         if self.options is None:
             self.options = task_options(self.run.task)
         check_range("data.vocab_size", self.data.vocab_size, 257, 65536)
