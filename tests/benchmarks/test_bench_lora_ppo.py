@@ -31,3 +31,5 @@ def test_smoke_run_validates_and_reports():
     row = json.loads(next(line for line in out.splitlines() if line.startswith("JSON "))[5:])
     lora = row["LoRA r16, value on the policy"]["peak_mib"]
     assert 0 < lora < row["full, value on the policy"]["peak_mib"] < row["full, value separate"]["peak_mib"]
+    one_base = row["LoRA r16, RM + critic on one base"]["peak_mib"]
+    assert 0 < one_base < row["full, value separate"]["peak_mib"] and 0 < row["one_base_over_full"] < 1

@@ -276,7 +276,17 @@ def test_a_pretrained_model_skips_pretraining_and_keeps_its_chat_template(corpus
     assert json.loads((out / "config.json").read_text())["run"]["model"] == str(hf)
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert {"sft_score", "ppo_score", "grpo_score"} <= set(metrics)
-    assert "# fastrlhf pipeline: sentiment (PPO, GRPO)" in report.read_text()
+    # the pretrained model answers too, and judges every model's answers (perplexity), as does distinct-2
+    assert {"base_score", "ppo_over_base", "grpo_over_base_sem"} <= set(metrics)
+    for who in ("base", "sft", "ppo", "grpo"):
+        assert 1.0 < metrics[f"{who}_perplexity"] < float("inf") and 0 <= metrics[f"{who}_distinct2"] <= 1
+    rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert all(r[who]["base_nll"] > 0 for r in rows for who in ("base", "sft", "ppo"))
+    text = report.read_text()
+    assert "# fastrlhf pipeline: sentiment (PPO, GRPO)" in text
+    assert "PPO: the frozen base model's perplexity of its answers <= 1.5x SFT's" in text
+    assert "GRPO: distinct-2 of its answers >= 0.8x SFT's" in text
+    assert "| base model | " in text and "PPO against the pretrained model the run started from" in text
 
 
 @pytest.mark.parametrize(
@@ -297,7 +307,9 @@ def test_bad_settings_name_the_field(override, match):
 
 def test_the_command_line_names_an_unknown_task(tmp_path, capsys):
     assert main(["pipeline", "--task", "poetry", "--out", str(tmp_path / "x")]) == 2
-    assert "--task must be one of ['arithmetic', 'sentiment']; got 'poetry'" in capsys.readouterr().err
+    assert (
+        "--task must be one of ['arithmetic', 'sentiment', 'tone']; got 'poetry'" in capsys.readouterr().err
+    )
 
 
 def test_the_shipped_gpu_config_loads():

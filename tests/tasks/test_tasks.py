@@ -208,19 +208,19 @@ def test_bad_sentiment_arguments(kwargs, exc, match):
 
 
 def test_load_task_builds_each_task_with_its_labeler(tmp_path):
-    assert task_names() == ["arithmetic", "sentiment"]
+    assert task_names() == ["arithmetic", "sentiment", "tone"]
     arith = load_task("arithmetic", task_options("arithmetic", {"train_problems": 10, "heldout_problems": 5}))
     assert isinstance(arith, ArithmeticTask) and len(arith.prompts("heldout")) == 5
     corpus = tmp_path / "lines.txt"
     corpus.write_text("\n".join(LINES * 3) + "\n")
     senti = load_task("sentiment", corpus=str(corpus))
     assert isinstance(senti, SentimentTask) and all(isinstance(d, SFTExample) for d in senti.demonstrations())
-    for task in (arith, senti):
+    for task in (arith, senti, load_task("tone")):
         assert make_labeler(task.name).name == task.name
 
 
 def test_load_task_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown task 'poetry'; valid names: arithmetic, sentiment"):
+    with pytest.raises(ValueError, match=r"unknown task 'poetry'; valid names: arithmetic, sentiment, tone"):
         load_task("poetry")
 
 
@@ -236,3 +236,39 @@ def test_task_split_name_is_checked():
         make_sentiment_task(LINES * 3, prompt_words=2).prompts("dev")
     with pytest.raises(ValueError, match=r"split must be 'train' or 'heldout'; got 'dev'"):
         ArithmeticTask().prompts("dev")
+
+
+# --- tone ----------------------------------------------------------------------------------------------
+
+
+def test_tone_splits_partition_the_topics_and_demonstrations_are_train_only():
+    from fastrlhf.tasks.tone import ToneTask, prompt_for, topics
+
+    task = load_task("tone")
+    assert isinstance(task, ToneTask)
+    train, heldout = task.prompts("train"), task.prompts("heldout")
+    assert sorted(train + heldout) == sorted(prompt_for(t) for t in topics())
+    assert not set(train) & set(heldout) and len(heldout) > 90  # enough for a paired error of ~0.05
+    assert train[0] == "Write a sentence about the ocean."
+    demos = task.demonstrations()
+    assert len(demos) > 200 and {d.prompt for d in demos} <= set(train)
+    # kept for their form: one sentence, no preamble or list
+    assert all(d.response[-1] in ".!?" and "\n" not in d.response and ":" not in d.response for d in demos)
+    with pytest.raises(ValueError, match="split must be 'train' or 'heldout'"):
+        task.prompts("test")
+
+
+def test_tone_scores_tone_with_vader():
+    from fastrlhf.tasks import tone
+
+    assert (
+        tone.score("", "What a lovely, wonderful day.") > 0.5 > tone.score("", "The chair is brown.") > -0.5
+    )
+    assert tone.preference is tone.score and tone.GOAL.max_minutes == 30 and "tone" in task_names()
+
+
+def test_distinct_n_counts_distinct_word_ngrams():
+    from fastrlhf.pipeline.evaluate import distinct_n
+
+    assert distinct_n(["a b c", "a b d"]) == 3 / 4  # (a b) twice, (b c), (b d)
+    assert distinct_n(["Good good good"]) == 1 / 2 and distinct_n(["one", ""]) == 0.0

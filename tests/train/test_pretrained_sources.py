@@ -118,3 +118,46 @@ def test_sft_with_lora_trains_only_the_adapters_and_the_next_stage_gets_the_merg
     with_adapters.load_weights(saved)
     with torch.no_grad():
         torch.testing.assert_close(merged(x)[0], with_adapters(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_reward_model_and_critic_share_the_policys_base(hf_folder, tmp_path):
+    """issue 20, one base copy: a LoRA reward model trained on a LoRA SFT run sits as adapters + head on the
+    PPO policy's own base weights, and the critic copied from it too (its adapters and head train); the
+    base, the reference (adapters off) and the reward model's adapters stay as they were."""
+    from fastrlhf.config import load_config
+    from fastrlhf.rl.build import build_trainer
+    from fastrlhf.rl.config import PPOConfig
+
+    common = ["train.device=cpu", "train.threads=1", "train.batch_size=4", "lora.r=4"]
+    demos, sft_run, rm_run = write_demos(tmp_path / "demos.jsonl", n=32), tmp_path / "sft", tmp_path / "rm"
+    sft = [f"train.init_from={hf_folder}", f"data.source={demos}", f"train.out_dir={sft_run}"]
+    assert main(["sft", "--quiet", *sft, *common, "train.max_steps=2", "train.eval_interval=2"]) == 0
+    rankings = write_ranking_file(tmp_path / "rankings.jsonl", arithmetic_rankings(24))
+    rm = [f"train.sft={sft_run}", f"data.train={rankings}", f"train.out_dir={rm_run}", "train.max_steps=2"]
+    assert main(["rm", "--quiet", *rm, *common, "data.val_fraction=0.3", "optim.lr=1e-2"]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"What is {a}+{b}?\n" for a in range(3) for b in range(4)))
+    cfg = load_config(PPOConfig, None, [
+        f"models.policy={sft_run}", f"models.reward={rm_run}", f"train.prompts={prompts}",
+        f"train.out_dir={tmp_path / 'ppo'}", "train.threads=1", "train.max_steps=2", "ppo.rollout_batch=4",
+        "ppo.minibatch=2", "ppo.max_new_tokens=4", "lora.r=4", "optim.lr=1e-2",
+    ])  # fmt: skip
+    tr = build_trainer(cfg, quiet=True)
+    frozen = {id(p) for p in tr.policy.parameters() if not p.requires_grad}
+    for m in (tr.reward.trunk, tr.value.trunk):
+        base = [p for n, p in m.named_parameters() if ".lora_" not in n]
+        assert base and all(id(p) in frozen for p in base)  # the policy's own tensors: one copy
+    trainable = {n for n, p in tr.value.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith("head.") for n in trainable)
+    before = {
+        n: p.detach().clone() for n, p in [*tr.policy.named_parameters(), *tr.reward.named_parameters()]
+    }
+    value_before = {n: p.detach().clone() for n, p in tr.value.named_parameters() if p.requires_grad}
+    tr.train()
+    after = dict([*tr.policy.named_parameters(), *tr.reward.named_parameters()])
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".lora_" in n for n in changed)  # only the policy's adapters moved
+    assert not any(n.startswith("head") or "trunk" in n for n in changed)  # the reward model is frozen
+    assert any(
+        not torch.equal(p, value_before[n]) for n, p in tr.value.named_parameters() if n in value_before
+    )

@@ -311,3 +311,44 @@ def test_score_batch_shared_equals_plain_with_gradients(sft_run, rankings_file):
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-10)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_lora_reward_model_trains_adapters_and_head_only_resumes_and_loads_merged(
+    sft_run, rankings_file, tmp_path
+):
+    """[lora] r > 0: the trunk's base weights stay the SFT model's, the adapters and the scalar head learn; a
+    resume rebuilds the adapters and gives the same numbers; load_reward_model merges them (equal scores) or,
+    with merge=False, keeps them on the frozen trunk."""
+    from fastrlhf.models.load import load_scalar_model
+    from fastrlhf.models.lora import lora_layers
+
+    extra = [
+        "train.max_steps=4",
+        "train.ckpt_interval=2",
+        "train.eval_interval=2",
+        "lora.r=4",
+        "optim.lr=1e-2",
+    ]
+    extra.append("lora.targets=c_attn,c_proj,c_fc")  # GPT-2's linears
+    out = tmp_path / "a"
+    train_rm(rm_config(sft_run, rankings_file, out, *extra), quiet=True)
+    sft = load_model(sft_run)[0].weights()
+    rm, _ = load_scalar_model(out, merge=False)
+    assert lora_layers(rm.trunk) and rm.trunk.lora_config.r == 4
+    base = {k: v for k, v in rm.trunk.weights().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], sft[k]) for k in sft)  # the frozen trunk is the SFT model's
+    assert any(v.abs().sum() > 0 for k, v in rm.trunk.weights().items() if "lora_B" in k)  # B starts at 0
+    merged = load_reward_model(out)[0]
+    assert not lora_layers(merged.trunk)
+    idx = torch.randint(0, merged.config.vocab_size, (2, 9))
+    torch.testing.assert_close(merged(idx), rm(idx), rtol=1e-4, atol=1e-5)
+    # resume from the middle: the same log
+    shutil.copytree(out / "step_0000002", tmp_path / "b" / "step_0000002")
+    (tmp_path / "b" / "latest").write_text("step_0000002\n")
+    train_rm(rm_config(sft_run, rankings_file, tmp_path / "b", *extra), quiet=True)
+    key = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}
+    want = [key(r) for r in read_jsonl(out / "log.jsonl") if r["step"] > 2]
+    assert [key(r) for r in read_jsonl(tmp_path / "b" / "log.jsonl")] == want
+    # a full-fine-tuning run refuses to resume a LoRA one
+    with pytest.raises(ValueError, match="was trained with model"):
+        train_rm(rm_config(sft_run, rankings_file, out, "train.max_steps=6"), quiet=True)

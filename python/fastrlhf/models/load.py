@@ -40,8 +40,10 @@ def lm_record(model: CausalLM) -> dict[str, Any]:
 
 
 def scalar_record(model: ScalarHeadModel) -> dict[str, Any]:
-    """The checkpoint record of a reward or value model."""
-    return model_record(arch_of(model.config), model.config.to_dict(), "scalar")
+    """The checkpoint record of a reward or value model, with its trunk's LoRA config when it has adapters."""
+    record = model_record(arch_of(model.config), model.config.to_dict(), "scalar")
+    lora = getattr(model.trunk, "lora_config", None)
+    return record if lora is None else {**record, "lora": to_dict(lora)}
 
 
 def is_pretrained_source(path: str | os.PathLike) -> bool:
@@ -87,8 +89,10 @@ def load_model(path: str | os.PathLike, name: str = "model"):
     return model.eval(), tok
 
 
-def load_scalar_model(path: str | os.PathLike) -> tuple[ScalarHeadModel, Any]:
-    """(reward model, tokenizer or None) from a checkpoint or run folder written by `python -m fastrlhf rm`."""
+def load_scalar_model(path: str | os.PathLike, merge: bool = True) -> tuple[ScalarHeadModel, Any]:
+    """(reward model, tokenizer or None) from a checkpoint or run folder written by `python -m fastrlhf rm`.
+    A LoRA reward model comes merged into a plain trunk, or with merge=False as its adapters on the frozen
+    trunk (rm.trunk.lora_config set)."""
     ckpt = resolve_checkpoint(path)
     meta = read_state(ckpt)
     record = read_model_record(meta, ckpt / STATE_FILE)
@@ -97,7 +101,11 @@ def load_scalar_model(path: str | os.PathLike) -> tuple[ScalarHeadModel, Any]:
             f"{path} holds a language model, not a reward model: give the folder `python -m fastrlhf rm` wrote"
         )
     rm = ScalarHeadModel(config_from_dict(record["arch"], record["config"]))
+    if "lora" in record:
+        add_lora(rm.trunk, from_dict(LoraConfig, record["lora"], "lora."))
     rm.load_weights(read_verified(ckpt, "model.safetensors", meta), source=str(ckpt / "model.safetensors"))
+    if "lora" in record and merge:
+        merge_and_unload(rm.trunk)
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     return rm.eval(), tok
 

@@ -172,6 +172,37 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of an adapted model's CausalLM(s) but the adapters (after a requires_grad_(True)
+    on a model whose other parts, e.g. a scalar head, train)."""
+    for m in model.modules():
+        if isinstance(m, CausalLM) and lora_layers(m):
+            for name, q in m.named_parameters():
+                q.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def share_base(model: nn.Module, donor: nn.Module) -> bool:
+    """Point every non-adapter parameter of `model` (e.g. a LoRA reward model's trunk) at `donor`'s parameter
+    of the same path (the policy, whose base is the same frozen model), so both hold one copy of the base.
+    Tied weights stay tied. Nothing changes and False comes back unless every such parameter has a donor of
+    the same shape and values (within float rounding of two merges of the same adapters)."""
+    pairs = []
+    for path, m in model.named_modules():
+        for name, q in m._parameters.items():  # every holder of a tied weight, not only the first
+            if q is None or isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+                continue
+            try:
+                d = donor.get_submodule(path)._parameters.get(name)
+            except AttributeError:
+                return False
+            if d is None or d.shape != q.shape or not torch.allclose(d, q, rtol=1e-5, atol=1e-6):
+                return False
+            pairs.append((m, name, d))
+    for m, name, d in pairs:
+        m._parameters[name] = d
+    return True
+
+
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     """The adapters' tensors under our names (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}

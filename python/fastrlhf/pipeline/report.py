@@ -66,7 +66,7 @@ def _plot(
 
 
 def _name(algo: str) -> str:
-    return {"reinforce_pp": "REINFORCE++"}.get(algo, algo.upper())
+    return {"reinforce_pp": "REINFORCE++", "base": "base model"}.get(algo, algo.upper())
 
 
 def _evaluated(metrics: dict[str, float]) -> list[str]:
@@ -93,6 +93,7 @@ def _goals(run: Any, metrics: dict[str, float], rm_acc: float) -> list[str]:
             f"{name} {metrics[f'{algo}_score']:.3f}: {delta:+.3f} ± {sem:.3f} (paired standard error) | "
             f"{'yes' if met else 'no'} |"
         )
+        lines += _fluency(name, algo, metrics)
         if algo != "ppo":
             section = run.cfg.algo(algo)
             kl_name, kl_value = (
@@ -120,9 +121,41 @@ def _goals(run: Any, metrics: dict[str, float], rm_acc: float) -> list[str]:
         )
     total = sum((run.done(s) or {}).get("seconds", 0.0) for s in STAGES)
     lines.append(
-        f"| whole pipeline in <= 20 minutes (2 CPU cores) | {total / 60:.1f} min of stage time | "
-        f"{'yes' if total <= 1200 else 'no'} |"
+        f"| whole pipeline in <= {goal.max_minutes:g} minutes (2 CPU cores) | {total / 60:.1f} min of stage "
+        f"time | {'yes' if total <= 60 * goal.max_minutes else 'no'} |"
     )
+    return lines
+
+
+MAX_PERPLEXITY_RATIO, MIN_DISTINCT_RATIO = 1.5, 0.8
+"""The fluency bars of an RL model's answers against SFT's: perplexity under the frozen base model at most
+1.5x, distinct-2 at least 0.8x (answers that drift into lists of rewarded words fail one or both)."""
+
+
+def _fluency(name: str, algo: str, metrics: dict[str, float]) -> list[str]:
+    """The goal rows that check an RL model's answers stay English: its gain over the base model (when the
+    run starts from one), perplexity under the frozen base and distinct-2, each against SFT's."""
+    lines = []
+    if f"{algo}_over_base" in metrics:
+        lines.append(
+            f"| {name} against the pretrained model the run started from (same prompts and draws) | base "
+            f"{metrics['base_score']:.3f}, {name} {metrics[f'{algo}_score']:.3f}: {metrics[f'{algo}_over_base']:+.3f} "
+            f"± {metrics[f'{algo}_over_base_sem']:.3f} | - |"
+        )
+    ppl, sft_ppl = metrics.get(f"{algo}_perplexity", math.nan), metrics.get("sft_perplexity", math.nan)
+    if math.isfinite(ppl) and math.isfinite(sft_ppl):
+        ratio = ppl / sft_ppl
+        lines.append(
+            f"| {name}: the frozen base model's perplexity of its answers <= {MAX_PERPLEXITY_RATIO:g}x SFT's | "
+            f"SFT {sft_ppl:.2f}, {name} {ppl:.2f}: {ratio:.2f}x | {'yes' if ratio <= MAX_PERPLEXITY_RATIO else 'no'} |"
+        )
+    d, sft_d = metrics.get(f"{algo}_distinct2"), metrics.get("sft_distinct2")
+    if d is not None and sft_d:
+        ratio = d / sft_d
+        lines.append(
+            f"| {name}: distinct-2 of its answers >= {MIN_DISTINCT_RATIO:g}x SFT's | SFT {sft_d:.3f}, {name} "
+            f"{d:.3f}: {ratio:.2f}x | {'yes' if ratio >= MIN_DISTINCT_RATIO else 'no'} |"
+        )
     return lines
 
 
@@ -256,21 +289,23 @@ def write_report(run: Any) -> Path:
         md += [
             "## Evaluation on held-out prompts",
             "",
-            "| model | true score | reward model | KL to SFT | length |",
-            "| --- | --- | --- | --- | --- |",
+            "| model | true score | reward model | KL to SFT | length | base-model perplexity | distinct-2 |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for who in ("sft", *_evaluated(metrics)):
+        base = ("base",) if "base_score" in metrics else ()
+        for who in (*base, "sft", *_evaluated(metrics)):
             md.append(
                 f"| {_name(who)} | "
                 + " | ".join(
                     f"{metrics[f'{who}_{k}']:.3f} ± {metrics[f'{who}_{k}_sem']:.3f}"
                     for k in ("score", "reward", "kl", "length")
                 )
-                + " |"
+                + f" | {_fmt(metrics.get(f'{who}_perplexity', math.nan))} | "
+                + f"{_fmt(metrics.get(f'{who}_distinct2', math.nan))} |"
             )
         md.append("")
     if samples:
-        models = [k for k in samples[0] if k != "prompt"]  # sft, then the RL models
+        models = [k for k in samples[0] if k != "prompt"]  # (the base model,) SFT, then the RL models
         md += [
             f"## Samples (the first {cfg.eval.samples} held-out prompts, the same sampling seed for every model)",
             "",

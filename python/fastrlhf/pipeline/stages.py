@@ -216,17 +216,27 @@ def gain_key(algo: str) -> str:
 
 
 def eval_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean and standard error of each model's score, reward, KL and length over answer_and_score's rows, and
-    the paired gain of each RL model's true score over SFT's."""
+    """Mean and standard error of each model's score, reward, KL and length over answer_and_score's rows, the
+    paired gain of each other model's true score over SFT's, and each model's perplexity under the frozen base
+    model (exp of the mean NLL per answer token) and distinct-2 over all its answers."""
+    from fastrlhf.pipeline.evaluate import distinct_n
+
     metrics = {}
-    models = [k for k in rows[0] if k != "prompt"]  # sft, then the RL models
+    models = [k for k in rows[0] if k != "prompt"]  # (the base model,) sft, then the RL models
     for who in models:
         for key in ("score", "reward", "kl", "length"):
             metrics[f"{who}_{key}"], metrics[f"{who}_{key}_sem"] = _mean_sem([r[who][key] for r in rows])
+        nll = sum(r[who].get("base_nll", math.nan) for r in rows)
+        metrics[f"{who}_perplexity"] = math.exp(nll / max(sum(r[who]["length"] for r in rows), 1))
+        metrics[f"{who}_distinct2"] = distinct_n([r[who]["response"] for r in rows], 2)
     # the same prompts and sampling seed for every model: the per-prompt differences give a paired error
-    for who in models[1:]:
+    for who in (m for m in models if m != "sft"):
         g = gain_key(who)
         metrics[g], metrics[f"{g}_sem"] = _mean_sem([r[who]["score"] - r["sft"]["score"] for r in rows])
+        if "base" in models and who != "base":  # against the pretrained model the run started from
+            metrics[f"{who}_over_base"], metrics[f"{who}_over_base_sem"] = _mean_sem(
+                [r[who]["score"] - r["base"]["score"] for r in rows]
+            )
     return metrics
 
 

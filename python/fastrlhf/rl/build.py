@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from fastrlhf.data.prompts import read_prompts
+from fastrlhf.models.load import load_scalar_model
+from fastrlhf.models.lora import lora_layers, merge_and_unload, share_base
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.ppo import PPOTrainer
 from fastrlhf.rl.rewards import WeightedReward, import_function, is_function, parse_reward, rm_reward_fn
@@ -58,11 +60,17 @@ def build_trainer(
     )
     reward, reward_tok, value = None, None, None
     if not gold_reward:
-        reward, reward_tok = load_reward_model(_need(m.reward, "models.reward", "python -m fastrlhf rm"))
+        reward, reward_tok = load_scalar_model(
+            _need(m.reward, "models.reward", "python -m fastrlhf rm"), merge=not cfg.lora.r
+        )
         if reward_tok is None:
             raise ValueError(
                 f"models.reward = {m.reward} has no tokenizer/ folder; cannot check it matches the policy's"
             )
+        # a LoRA reward model trained on the policy's base keeps its adapters on the policy's own base weights
+        # (one copy for policy, reference, reward model and, copied from it, the critic); any other is merged
+        if lora_layers(reward.trunk) and not share_base(reward.trunk, policy):
+            merge_and_unload(reward.trunk)
     if cfg.ppo.value_model == "separate" and m.value:
         value = load_reward_model(_need(m.value, "models.value", "python -m fastrlhf rm"))[0]
     lines = read_prompts(_need(t.prompts, "train.prompts", "python -m fastrlhf label"), "train.prompts")

@@ -31,7 +31,7 @@ from fastrlhf import ops
 from fastrlhf.config import to_dict
 from fastrlhf.data import random_batch
 from fastrlhf.models import CausalLM, ScalarHeadModel
-from fastrlhf.models.lora import adapters_off
+from fastrlhf.models.lora import adapters_off, freeze_base
 from fastrlhf.rl.config import PPOConfig
 from fastrlhf.rl.kl import AdaptiveKLController, KLController, kl_penalty, shape_rewards
 from fastrlhf.rl.ppo_inputs import ValueHead, check_ppo_inputs
@@ -113,11 +113,14 @@ class PPOTrainer(OnlineTrainer):
             self.value: nn.Module = ValueHead(policy.config.n_embd).to(self.device)
         elif value_model is not None:
             self.value = value_model
-        else:  # own trunk: from the RM, or (with a reward_fn) from the policy's weights
+        else:  # own trunk: from the RM (a base it shares with the policy stays shared), or the policy's weights
             self.value = (
-                copy.deepcopy(reward) if isinstance(reward, nn.Module) else ScalarHeadModel.from_gpt(policy)
+                copy.deepcopy(reward, {id(q): q for q in policy.parameters()})
+                if isinstance(reward, nn.Module)
+                else ScalarHeadModel.from_gpt(policy)
             )
         self.value.requires_grad_(True)  # a copy of an already-frozen RM must still train
+        freeze_base(self.value)  # a LoRA critic: its adapters and head train, its base is frozen
         for frozen in (ref, reward):
             if isinstance(frozen, nn.Module):
                 frozen.eval().requires_grad_(False)

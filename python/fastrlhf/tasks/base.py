@@ -25,6 +25,8 @@ class Goal:
     """The held-out gain of the aligned model over SFT that counts as met (and beyond two paired SEs)."""
     rm_accuracy: float
     """The reward model's held-out pairwise accuracy goal."""
+    max_minutes: float = 20.0
+    """The whole pipeline's stage time goal on 2 CPU cores with the task's defaults."""
 
 
 class Task(Protocol):

@@ -27,6 +27,7 @@ from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.checkpoint import read_model_record
 from fastrlhf.models import ScalarHeadModel
 from fastrlhf.models.load import is_pretrained_source, load_model, load_scalar_model, scalar_record
+from fastrlhf.models.lora import LoraConfig, add_lora
 from fastrlhf.models.shared import shared_layout
 from fastrlhf.train import dist
 from fastrlhf.train.loop import (
@@ -113,6 +114,10 @@ class RMConfig:
     )
     data: RMDataConfig = field(default_factory=RMDataConfig)
     train: RMTrainConfig = field(default_factory=RMTrainConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    """LoRA adapters on the reward model's trunk (lora.r > 0; models/lora.py): the trunk frozen, the adapters
+    and the scalar head trained. The checkpoint keeps them apart; load_reward_model merges them (or keeps
+    them, to share the trunk's base weights with a policy that has the same base, rl/build.py)."""
 
 
 # --- data and loss -------------------------------------------------------------------------------------
@@ -313,16 +318,17 @@ def train_rm(cfg: RMConfig, quiet: bool = False) -> dict[str, float]:
 
     dist.check_divides("train.batch_size", t.batch_size)
     torch.manual_seed(t.seed)
-    rm = ScalarHeadModel.from_gpt(gpt).to(device)
+    rm = ScalarHeadModel.from_gpt(gpt)
+    if cfg.lora.r:
+        add_lora(rm.trunk, cfg.lora)  # the trunk frozen; the head stays trainable
+    rm = rm.to(device)
     optimizer = make_adamw(rm, cfg.optim)
     step = 0
     latest = ckpt.latest_checkpoint(out)
     if latest is not None:
-        saved = read_model_record(ckpt.read_state(latest), latest)["config"]
-        if saved != gpt.config.to_dict():
-            raise ValueError(
-                f"{latest} was trained with model config {saved}, not the SFT model's {gpt.config}"
-            )
+        saved = read_model_record(ckpt.read_state(latest), latest)
+        if saved != scalar_record(rm):
+            raise ValueError(f"{latest} was trained with model {saved}, not {scalar_record(rm)}")
         step = ckpt.load_checkpoint(latest, models={"model": rm}, optimizers={"optim": optimizer})["step"]
 
     batches = EpochStream(lambda e: shuffled(as_pairs(train_enc) if t.pairwise else train_enc, t.seed, e))

@@ -48,7 +48,7 @@ class SFTDataConfig:
     """Where the demonstrations come from and what to do with those that do not fit."""
 
     source: str = "arithmetic"
-    """A built-in task name (arithmetic, sentiment) or an SFT JSONL file ({"prompt", "response"} lines)."""
+    """A built-in task name (arithmetic, sentiment, tone) or an SFT JSONL file ({"prompt", "response"} lines)."""
     corpus: str = ""
     """sentiment only: a UTF-8 text file whose lines make the task; "" = Shakespeare (fetched once)."""
     val_file: str = ""
