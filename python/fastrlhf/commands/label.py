@@ -14,7 +14,9 @@ from fastrlhf.labeling.answers import label_to_file, task_or_file_prompts
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft", required=True, help="SFT checkpoint or run folder")
-    p.add_argument("--prompts", required=True, help="a task name (arithmetic, sentiment, tone) or a prompts file")
+    p.add_argument(
+        "--prompts", required=True, help="a task name (arithmetic, sentiment, tone) or a prompts file"
+    )
     p.add_argument("--k", type=int, default=4, help="answers per prompt (K >= 2; default: %(default)s)")
     p.add_argument(
         "--labeler",
