@@ -4,7 +4,8 @@ same threads. Validates first (same loss, same greedy tokens), then times:
 
 - a training step (forward, backward, AdamW), B x T tokens, fp32; with --bf16 also under bf16 autocast
   (ours and HF's, both against HF fp32), where the CPU has AVX512-BF16/AMX;
-- sampling n prompts x new tokens, top-k 50, top-p 0.9, against HF generate;
+- sampling n prompts x new tokens, top-k 50, top-p 0.9, against HF generate; with --bf16 also both sides
+  with bf16 weights (ours against HF fp32 and HF bf16);
 - peak memory of the training step, each side in a fresh child process (ru_maxrss above the model's);
 - the split of our step's time by kind of op (torch.profiler), so the next bottleneck is visible.
 Ratio = HF / ours (higher is better)."""
@@ -12,6 +13,7 @@ Ratio = HF / ours (higher is better)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -164,21 +166,41 @@ def gen_rows(args, cfg: LlamaConfig) -> list[dict]:
     assert greedy > 0.9, f"greedy tokens agree on only {greedy:.0%} of positions"
     print(f"validated: greedy tokens agree on {greedy:.0%} of positions")
     kw = dict(top_k=50, top_p=0.9)
-    base, mine = interleaved_ms(
-        [lambda: run_hf(do_sample=True, **kw), lambda: generate(ours, prompts, new, **kw, generator=g)],
-        args.reps,
-    )
-    return [
+    fns = [lambda: run_hf(do_sample=True, **kw), lambda: generate(ours, prompts, new, **kw, generator=g)]
+    if args.bf16:  # bf16 weights for sampling: half the bytes each decode step reads
+        ours16, hf16 = copy.deepcopy(ours).bfloat16(), copy.deepcopy(hf).bfloat16()
+        fns += [
+            lambda: hf16.generate(
+                ids, attention_mask=attn, max_new_tokens=new, min_new_tokens=new, do_sample=True, **kw
+            ),
+            lambda: generate(ours16, prompts, new, **kw, generator=g),
+        ]
+    ms = interleaved_ms(fns, args.reps)
+    shape = f"{n} prompts x {new} new"
+    rows = [
         dict(
             op="generate",
-            shape=f"{n} prompts x {new} new",
+            shape=shape,
             baseline="HF generate",
-            base_ms=base,
-            ours_ms=mine,
+            base_ms=ms[0],
+            ours_ms=ms[1],
             goal=">= 5x",
-            tokens_per_s_ours=n * new / mine * 1e3,
+            tokens_per_s_ours=n * new / ms[1] * 1e3,
         )
     ]
+    if args.bf16:
+        for baseline, base in (("HF generate", ms[0]), ("HF generate, bf16 weights", ms[2])):
+            rows.append(
+                dict(
+                    op="generate, bf16 weights",
+                    shape=shape,
+                    baseline=baseline,
+                    base_ms=base,
+                    ours_ms=ms[3],
+                    tokens_per_s_ours=n * new / ms[3] * 1e3,
+                )
+            )
+    return rows
 
 
 def peak_child(which: str, args) -> None:
@@ -252,7 +274,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=30, help="fewer layers for a quick run")
     ap.add_argument("--only", choices=("train", "generate", "memory"), help="run one part")
-    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast steps")
+    ap.add_argument(
+        "--bf16", action="store_true", help="also time bf16 autocast steps and sampling with bf16 weights"
+    )
     ap.add_argument("--peak-child", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:

@@ -115,3 +115,19 @@ def test_convert_writes_a_folder_transformers_loads(tmp_path):
     with torch.no_grad():
         assert (hf(x).logits - model.eval()(x)[0]).abs().max() < 1e-4
         assert torch.equal(from_pretrained(tmp_path / "out")(x)[0], model(x)[0])
+
+
+def test_generate_and_chat_sample_with_bf16_weights(tmp_path, capsys):
+    """--dtype bf16 loads the weights as bf16 for sampling (half the bytes a decoded token reads)."""
+    import pytest
+    from fastrlhf.cli import main
+    from fastrlhf.models.generate import sampling_dtype
+
+    tiny_chat_model(tmp_path / "m")
+    args = ["--checkpoint", str(tmp_path / "m"), "--max-new-tokens", "4", "--temperature", "0", "--chat"]
+    assert main(["generate", "hello there", *args, "--dtype", "bf16"]) == 0
+    assert "=== " in capsys.readouterr().out
+    assert sampling_dtype("bf16") is torch.bfloat16 and sampling_dtype("fp32") is torch.float32
+    with pytest.raises(ValueError, match="--dtype must be 'fp32' or 'bf16'; got 'fp16'"):
+        sampling_dtype("fp16")
+    assert from_pretrained(tmp_path / "m", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16

@@ -158,3 +158,22 @@ def generate(
         response_mask=mask[:, :steps],
         hidden=hidden[:, :steps] if hidden is not None else None,
     )
+
+
+def sampling_dtype(name: str) -> torch.dtype:
+    """The weights' dtype for a `--dtype` of 'fp32' or 'bf16' (on a CPU without AVX512-BF16 or AMX, bf16 runs
+    far slower than fp32: a warning says so)."""
+    if name not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be 'fp32' or 'bf16'; got {name!r}")
+    if name == "fp32":
+        return torch.float32
+    from fastrlhf._ext import build_info
+
+    if not any(build_info().get("cpu_bf16", {}).values()):
+        import warnings
+
+        warnings.warn(
+            "--dtype bf16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls run far slower than fp32 here",
+            stacklevel=2,
+        )
+    return torch.bfloat16
