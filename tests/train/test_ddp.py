@@ -44,6 +44,7 @@ PRE_ARGS = [
     "train.threads=1",
 ]
 SFT_ARGS = ["train.max_steps=6", "train.ckpt_interval=3", "train.eval_interval=3", "train.threads=1"]
+SFT_LORA = [*SFT_ARGS, "lora.r=2", "lora.alpha=4", "lora.targets=c_attn,c_fc", "optim.lr=1e-2"]
 RM_ARGS = [
     "train.device=cpu",
     "train.batch_size=4",
@@ -139,6 +140,10 @@ def _worker(rank, port, root, sft_run, data_dir):
     _capture(sft_mod, "sft", root)
     _capture(reward_mod, "rm", root)
     pretrain(pretrain_config(data_dir, root / "pre2"), quiet=True)
+    sft(  # LoRA first: the plain run after it leaves its weights in sft_rank<r>.safetensors
+        sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft2_lora'}", *SFT_LORA),
+        quiet=True,
+    )
     sft(
         sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft2'}", *SFT_ARGS),
         quiet=True,
@@ -216,6 +221,12 @@ def runs(sft_run, data_dir, tmp_path_factory):
         pretrain(pretrain_config(data_dir, root / "pre1"), quiet=True)
         sft(
             sft_config(f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft1'}", *SFT_ARGS),
+            quiet=True,
+        )
+        sft(
+            sft_config(
+                f"data.source={root / 'demos.jsonl'}", f"train.out_dir={root / 'sft1_lora'}", *SFT_LORA
+            ),
             quiet=True,
         )
         train_rm(
@@ -301,6 +312,17 @@ def test_sft_two_ranks_match_one_process(runs):
     assert_same_weights(runs, "sft")
     one, two = (load_file(runs / f"sft{n}" / "step_0000006" / "model.safetensors") for n in (1, 2))
     assert all(torch.allclose(one[k], two[k], rtol=1e-3, atol=1e-4) for k in one)
+
+
+def test_lora_sft_two_ranks_match_one_process(runs):
+    """LoRA under DDP: the frozen base takes no part in the all-reduce, the adapters' gradients do."""
+    keys = ["step", "loss", "grad_norm", "lr"]
+    one, two = (curve(runs / f"sft{n}_lora" / "log.jsonl", keys) for n in (1, 2))
+    assert_close_curves(one, two)
+    a, b = (load_file(runs / f"sft{n}_lora" / "step_0000006" / "model.safetensors") for n in (1, 2))
+    adapters = [k for k in a if ".lora_" in k]
+    assert adapters and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in adapters)
+    assert all(torch.equal(a[k], b[k]) for k in a if ".lora_" not in k)  # the base never moved
 
 
 def test_sft_resume_under_two_ranks_repeats_the_run(runs):
