@@ -331,3 +331,31 @@ def test_two_ranks_match_one_process(full_run, sft_run, rankings, tmp_path):
         assert all(math.isclose(x, y, rel_tol=2e-4, abs_tol=1e-5) for x, y in zip(r1, r2)), (r1, r2)
     a, b = load_model(out)[0].weights(), load_model(tmp_path)[0].weights()
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+
+
+def test_lora_trains_the_adapters_against_the_base_and_resumes(full_run, sft_run, rankings, tmp_path):
+    """[lora] r > 0: the reference is the policy's own base (the same reference log-probs as full fine-tuning
+    from the same SFT model); only the adapters move; a resume whose reference cache was lost recomputes it
+    from the base with the adapters off and repeats the run; the next stage loads the merged model."""
+    from fastrlhf.models.lora import LoraLinear
+
+    lora = [*STEPS, "lora.r=2", "lora.alpha=4", "lora.targets=c_attn,c_fc", "optim.lr=1e-2"]
+    out = tmp_path / "a"
+    dpo(dpo_config(sft_run, rankings, out, *lora), quiet=True)
+    full_out, _ = full_run
+    assert (out / REFERENCE_FILE).read_text() == (full_out / REFERENCE_FILE).read_text()
+    rows = [r for r in read_jsonl(out / "log.jsonl") if "loss" in r]
+    assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"]
+    merged, sft = load_model(out)[0], load_model(sft_run)[0]
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    assert any(not torch.equal(v, sft.weights()[k]) for k, v in merged.weights().items())
+    resumed = tmp_path / "b"
+    shutil.copytree(out / "step_0000004", resumed / "step_0000004")
+    (resumed / "latest").write_text("step_0000004\n")
+    dpo(dpo_config(sft_run, rankings, resumed, *lora), quiet=True)  # no reference file: recomputed
+    assert (resumed / REFERENCE_FILE).read_text() == (out / REFERENCE_FILE).read_text()
+    assert key(read_jsonl(resumed / "log.jsonl")) == key(
+        [r for r in read_jsonl(out / "log.jsonl") if r["step"] > 4]
+    )
+    with pytest.raises(ValueError, match="was trained from policy"):  # full fine-tuning cannot resume it
+        dpo(dpo_config(sft_run, rankings, out, "train.max_steps=9"), quiet=True)

@@ -37,6 +37,7 @@ from fastrlhf.io import checkpoint as ckpt
 from fastrlhf.io.files import atomic_write_text
 from fastrlhf.io.lock import RunLock
 from fastrlhf.models.load import from_pretrained, lm_record, load_pretrained_tokenizer
+from fastrlhf.models.lora import LoraConfig, adapters_off, add_lora
 from fastrlhf.models.transformer import CausalLM
 from fastrlhf.train import dist
 from fastrlhf.train.loop import (
@@ -127,6 +128,9 @@ class DPOConfig:
     )
     data: DPODataConfig = field(default_factory=DPODataConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    """LoRA adapters on the policy (lora.r > 0): its base frozen; the reference is that base (the adapters
+    start at zero, so the reference log-probs are the initial policy's as for full fine-tuning)."""
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -168,7 +172,8 @@ def reference_logps(
     dtype: str,
     progress: bool = False,
 ) -> list[list[float]]:
-    """log pi_ref(y | x) of every answer of every ranking, computed batch_size rankings at a time."""
+    """log pi_ref(y | x) of every answer of every ranking, computed batch_size rankings at a time (a LoRA
+    model's adapters switched off: its base is the reference)."""
     out: list[list[float]] = []
     bar = tqdm(
         range(0, len(data), batch_size),
@@ -179,7 +184,7 @@ def reference_logps(
     )
     for i in bar:
         b = ranking_batch(data[i : i + batch_size], pad_id).to(device)
-        with autocast_for(device, dtype):
+        with autocast_for(device, dtype), adapters_off(model):
             lp = sequence_logprobs(model, b.layout, b.answer_len).float().cpu().tolist()  # (N,)
         for e in data[i : i + batch_size]:
             out.append(lp[: len(e.seqs)])
@@ -250,20 +255,27 @@ def dpo(cfg: DPOConfig, quiet: bool = False) -> dict[str, float]:
     device = resolve_device(t)
     out = Path(t.out_dir)
     latest = ckpt.latest_checkpoint(out)
-    source = latest if latest is not None else cfg.policy  # a resume needs no initial weights
+    # a full fine-tuning resume needs no initial weights; a LoRA one rebuilds its adapters on them
+    source = latest if latest is not None and not cfg.lora.r else cfg.policy
     if not source:
         raise ValueError("policy is empty: give a run folder, an HF folder, a .gguf file or a model name")
     model, tok = from_pretrained(source), load_pretrained_tokenizer(source)
     T = model.config.block_size
     train_enc, val_enc, counts = load_split(cfg, tok, T)
     dist.check_divides("train.batch_size", t.batch_size)
+    if cfg.lora.r:
+        torch.manual_seed(t.seed)  # the adapters' initial A, as every weight a run makes
+        add_lora(model, cfg.lora)
     model = model.to(device).eval()  # dropout off: the policy starts equal to the reference
     optimizer = make_adamw(model, cfg.optim)
     step = 0
     if latest is not None:
         saved = from_dict(DPOConfig, ckpt.read_state(latest)["state"]["config"])
-        if saved.policy != cfg.policy:
-            raise ValueError(f"{latest} was trained from policy {saved.policy!r}, not {cfg.policy!r}")
+        if saved.policy != cfg.policy or saved.lora != cfg.lora:
+            raise ValueError(
+                f"{latest} was trained from policy {saved.policy!r} with {saved.lora}, not {cfg.policy!r} with "
+                f"{cfg.lora}"
+            )
         step = ckpt.load_checkpoint(latest, models={"model": model}, optimizers={"optim": optimizer})["step"]
 
     t0 = time.perf_counter()
@@ -275,7 +287,8 @@ def dpo(cfg: DPOConfig, quiet: bool = False) -> dict[str, float]:
             out / REFERENCE_FILE,
             key,
             lambda: reference_logps(
-                model if latest is None else from_pretrained(cfg.policy).to(device),  # the initial weights
+                # the initial weights: the policy itself before step 1, a LoRA policy's base on a resume
+                model if latest is None or cfg.lora.r else from_pretrained(cfg.policy).to(device),
                 train_enc + val_enc,
                 tok.eot_id,
                 device,
