@@ -39,8 +39,9 @@ def test_every_cited_config_exists():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_config_loads(path):
-    kind = path.stem.rsplit("_", 1)[0]  # configs/<command>_<task>.toml
+    # configs/<command>_<task>.toml, or pipeline_[<task>_]<where>.toml
+    kind = max((k for k in ("pipeline", *CLASSES) if path.stem.startswith(k + "_")), key=len)
     if kind == "pipeline":
-        load_pipeline_config("sentiment", str(path))
+        load_pipeline_config("tone" if "_tone" in path.stem else "sentiment", str(path))
     else:
         load_config(CLASSES[kind], path)
