@@ -6,9 +6,11 @@ fresh child process (the whole step: the models it holds, rollout, scoring, upda
 - full, value on the policy: the same with `ppo.value_model = "policy_head"` (no critic trunk).
 - LoRA r16 on every linear, value on the policy: the reference is the policy's base with its adapters off,
   so the base weights are held once beside the reward model; AdamW state for the adapters and the head only.
-- LoRA r16 everywhere, one base: the reward model is LoRA adapters + a scalar head on the policy's own base
-  weights (a LoRA RM trained on the SFT model, as `rm` with [lora] writes), and the critic, copied from it,
-  trains its own adapters and head: policy, reference, reward model and critic hold the base once.
+- LoRA r16, RM on the base: the reward model is LoRA adapters + a scalar head on the policy's own base
+  weights (a LoRA RM trained on the SFT model, as `rm` with [lora] writes), the value a head on the policy.
+- LoRA r16 everywhere, one base: the same, and a critic copied from the reward model that trains its own
+  adapters and head: policy, reference, reward model and critic hold the base once (the critic's own forward
+  and backward still keep their activations).
 
 Each child's peak is measured from just before the trainer is built (the models held, the trainer's state
 and one step), so the one-off copies of building the models (a reference or reward model loaded, then
@@ -42,6 +44,7 @@ SETUPS = {  # name -> (LoRA, ppo.value_model, the reward model LoRA on the polic
     "full, value separate": (False, "separate", False),
     "full, value on the policy": (False, "policy_head", False),
     "LoRA r16, value on the policy": (True, "policy_head", False),
+    "LoRA r16, RM on the base, value on the policy": (True, "policy_head", True),
     "LoRA r16, RM + critic on one base": (True, "separate", True),
 }
 
@@ -139,10 +142,10 @@ def main() -> None:
     print(
         f"\nPPO step, SmolLM2-135M shape ({shape}): peak memory above the bare process, and the step's time"
     )
-    print(f"{'setup':<36} {'peak MiB':>9} {'step s':>7} {'LoRA / this':>12}")
+    print(f"{'setup':<46} {'peak MiB':>9} {'step s':>7} {'LoRA / this':>12}")
     for name, r in runs.items():
         print(
-            f"{name:<36} {r['peak_mib']:>9.0f} {r['step_s']:>7.1f} {lora['peak_mib'] / r['peak_mib']:>11.2f}x"
+            f"{name:<46} {r['peak_mib']:>9.0f} {r['step_s']:>7.1f} {lora['peak_mib'] / r['peak_mib']:>11.2f}x"
         )
     full = runs["full, value separate"]
     row = {"bench": "lora_ppo_memory", "shape": shape, "goal": "LoRA <= 0.5x full", **machine()}
