@@ -185,7 +185,8 @@ def share_base(model: nn.Module, donor: nn.Module) -> bool:
     """Point every non-adapter parameter of `model` (e.g. a LoRA reward model's trunk) at `donor`'s parameter
     of the same path (the policy, whose base is the same frozen model), so both hold one copy of the base.
     Tied weights stay tied. Nothing changes and False comes back unless every such parameter has a donor of
-    the same shape and values (within float rounding of two merges of the same adapters)."""
+    the same shape and values (within float rounding of two merges of the same adapters). While shared, the
+    donor's base must stay frozen and unmerged: a merge writes into the tensors both models read."""
     pairs = []
     for path, m in model.named_modules():
         for name, q in m._parameters.items():  # every holder of a tied weight, not only the first
