@@ -105,7 +105,7 @@ def test_jsonl_labeler_reports_a_malformed_file(tmp_path):
 
 def test_make_labeler_builds_each_registered_name(tmp_path):
     write_rankings(tmp_path / "r.jsonl", [])
-    assert labeler_names() == ["arithmetic", "jsonl", "sentiment", "terminal"]
+    assert labeler_names() == ["arithmetic", "jsonl", "sentiment", "terminal", "tone"]
     assert (
         isinstance(make_labeler("arithmetic"), ScoreLabeler)
         and make_labeler("arithmetic").name == "arithmetic"
