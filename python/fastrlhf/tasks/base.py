@@ -11,6 +11,7 @@ and ships its pipeline defaults as tasks/<name>.toml beside the module."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +28,12 @@ class Goal:
     """The reward model's held-out pairwise accuracy goal."""
     max_minutes: float = 20.0
     """The whole pipeline's stage time goal on 2 CPU cores with the task's defaults."""
+
+
+def held_out_by_text(text: str, every: int) -> bool:
+    """A split that depends on the text alone (not on order or a seed): held out when the CRC-32 of its UTF-8
+    bytes is divisible by `every`."""
+    return zlib.crc32(text.encode("utf-8")) % every == 0
 
 
 class Task(Protocol):

@@ -9,13 +9,12 @@ the text alone (not on corpus order or a seed), and every line sharing an openin
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fastrlhf.data import corpus as corpora
 from fastrlhf.data.formats import SFTExample
-from fastrlhf.tasks.base import Goal
+from fastrlhf.tasks.base import Goal, held_out_by_text
 
 __all__ = ["HELDOUT_EVERY", "SentimentTask", "make_sentiment_task", "split_line"]
 
@@ -33,7 +32,7 @@ def split_line(line: str, prompt_words: int, min_response_words: int = 1) -> tup
 
 
 def _held_out(prompt: str) -> bool:
-    return zlib.crc32(prompt.encode("utf-8")) % HELDOUT_EVERY == 0
+    return held_out_by_text(prompt, HELDOUT_EVERY)
 
 
 @dataclass(frozen=True)

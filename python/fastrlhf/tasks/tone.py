@@ -11,13 +11,12 @@ HELDOUT_EVERY, so the split depends on the text alone."""
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastrlhf.data import corpus as corpora
 from fastrlhf.data.formats import SFTExample
-from fastrlhf.tasks.base import Goal
+from fastrlhf.tasks.base import Goal, held_out_by_text
 from fastrlhf.tasks.sentiment import vader_compound
 
 __all__ = ["HELDOUT_EVERY", "ToneTask", "prompt_for", "topics"]
@@ -37,7 +36,7 @@ def prompt_for(topic: str) -> str:
 
 
 def held_out(topic: str) -> bool:
-    return zlib.crc32(topic.encode("utf-8")) % HELDOUT_EVERY == 0
+    return held_out_by_text(topic, HELDOUT_EVERY)
 
 
 @dataclass(frozen=True)
